@@ -1,0 +1,105 @@
+"""Feature fingerprints: everything that changes the numbers in a feature cache.
+
+A fingerprint is a flat dict of plain values. It is stored as attributes of
+every cache file and inside every checkpoint; appending to, training from or
+scoring against features whose fingerprint differs is refused, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Mapping, Optional
+
+import torch
+import transformers
+
+import mirip
+
+CACHE_FORMAT_VERSION = 1
+# Fields that record the software, not the numbers' meaning: compared only when appending to a cache.
+ENVIRONMENT_FIELDS = ("mirip_version", "torch_version", "transformers_version")
+
+
+class FingerprintMismatch(ValueError):
+    """Two fingerprints differ; ``fields`` lists the differing field names."""
+
+    def __init__(self, fields: dict, what: str = "feature cache"):
+        self.fields = fields
+        detail = "; ".join(f"{k}: expected {a!r}, found {b!r}" for k, (a, b) in fields.items())
+        super().__init__(f"{what} fingerprint does not match ({detail})")
+
+
+def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", views: int = 0) -> dict:
+    """The fingerprint of features made by ``extractor`` (a DINOv2FeatureExtractor) from ``preprocessor``."""
+    info = extractor.info
+    pre = preprocessor.config()
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "backbone": info.name,
+        "backbone_revision": info.revision or "",
+        "pretrained": bool(info.pretrained),
+        "random_init_seed": -1 if info.random_init_seed is None else int(info.random_init_seed),
+        "feature_dim": int(extractor.output_dim),
+        "image_size": int(pre["image_size"]),
+        "resize_mode": pre["resize_mode"],
+        "patch_size": int(pre["patch_size"]),
+        "mean": [float(x) for x in pre["mean"]],
+        "std": [float(x) for x in pre["std"]],
+        "pooling": extractor.pooling,
+        "precision": extractor.precision,
+        "feature_dtype": feature_dtype,
+        "views": int(views),
+        "mirip_version": mirip.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+
+
+def _norm(value):
+    # HDF5 attributes come back as numpy scalars/arrays; compare as JSON-level values.
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, tuple):
+        value = list(value)
+    return value
+
+
+def diff_fingerprints(
+    expected: Mapping, actual: Mapping, ignore: Iterable[str] = ENVIRONMENT_FIELDS, only: Optional[Iterable[str]] = None
+) -> dict:
+    """Fields whose values differ, as {field: (expected, actual)}; a field missing on one side differs."""
+    keys = set(only) if only is not None else (set(expected) | set(actual))
+    keys -= set(ignore)
+    return {
+        k: (_norm(expected.get(k)), _norm(actual.get(k)))
+        for k in sorted(keys)
+        if _norm(expected.get(k)) != _norm(actual.get(k))
+    }
+
+
+def check_fingerprint(
+    expected: Mapping, actual: Mapping, what: str = "feature cache", ignore: Iterable[str] = ENVIRONMENT_FIELDS,
+    only: Optional[Iterable[str]] = None,
+) -> None:
+    """Raise FingerprintMismatch naming every differing field."""
+    diff = diff_fingerprints(expected, actual, ignore=ignore, only=only)
+    if diff:
+        raise FingerprintMismatch(diff, what)
+
+
+def to_attrs(fingerprint: Mapping) -> dict:
+    """HDF5-safe attribute values (lists as JSON strings keep dtypes exact)."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) or v is None else v for k, v in fingerprint.items()}
+
+
+def from_attrs(attrs: Mapping, keys: Iterable[str]) -> dict:
+    out = {}
+    for k in keys:
+        v = _norm(attrs[k])
+        if isinstance(v, str) and v[:1] in "[{" or v == "null":
+            v = json.loads(v)
+        if isinstance(v, (bool, int, float, str, list, dict)) or v is None:
+            out[k] = v
+    return out

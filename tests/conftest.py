@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny offline DINOv2 saved to a temp dir, synthetic images and features."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Dinov2Config, Dinov2Model
+
+torch.set_num_threads(2)
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=28)
+
+
+def save_tiny_backbone(directory, seed: int = 0) -> str:
+    """A tiny DINOv2 with fixed random weights, saved like a hub download."""
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(**TINY)).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny-dinov2"))
+
+
+def make_image(path, size=(40, 30), seed=0, mode="RGB", fmt=None):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+    return str(path)
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    """Eight small RGB images with a metadata frame of two per tier."""
+    import pandas as pd
+
+    d = tmp_path / "images"
+    d.mkdir()
+    rows = []
+    for i, tier in enumerate("SSAABBCC"):
+        make_image(d / f"img_{i}.png", seed=i)
+        rows.append({"filename": f"img_{i}.png", "tier": tier})
+    return d, pd.DataFrame(rows)
