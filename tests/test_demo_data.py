@@ -1,0 +1,172 @@
+"""Tests for the procedural demo dataset and its command-line wrapper."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mirip.demo_data import (
+    TIERS,
+    assign_tiers,
+    degrade,
+    draw_picture,
+    make_demo_dataset,
+    sample_degradation,
+    tier_counts,
+)
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_demo_data.py"
+
+
+def _load_script() -> ModuleType:
+    # scripts/ is not a package, so load the CLI module from its file.
+    spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sharpness(path: Path) -> float:
+    """Mean absolute 4-neighbour Laplacian of the grey image."""
+    a = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    lap = a[1:-1, :-2] + a[1:-1, 2:] + a[:-2, 1:-1] + a[2:, 1:-1] - 4 * a[1:-1, 1:-1]
+    return float(np.abs(lap).mean())
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    out = tmp_path_factory.mktemp("demo")
+    return out, make_demo_dataset(out, num_images=40, image_size=96, seed=7)
+
+
+@pytest.mark.parametrize("num_images", [1, 4, 10, 41])
+def test_tier_counts_exact(tmp_path: Path, num_images: int) -> None:
+    df = make_demo_dataset(tmp_path, num_images=num_images, image_size=16)
+    expected = tier_counts(num_images)
+    assert df["tier"].value_counts().to_dict() == {t: n for t, n in expected.items() if n}
+    assert sum(expected.values()) == num_images
+    assert max(expected.values()) - min(expected.values()) <= 1
+
+
+def test_default_counts_are_fifty_each() -> None:
+    assert tier_counts(200) == {"S": 50, "A": 50, "B": 50, "C": 50}
+
+
+def test_tiers_are_shuffled_but_prefix_stable() -> None:
+    tiers = assign_tiers(40, seed=0)
+    assert tiers != [TIERS[i % 4] for i in range(40)]
+    assert assign_tiers(41, seed=0)[:40] == tiers
+
+
+def test_metadata_columns_and_files(dataset: tuple[Path, pd.DataFrame]) -> None:
+    out, df = dataset
+    assert list(df.columns) == ["filename", "tier"]
+    on_disk = pd.read_csv(out / "metadata.csv")
+    pd.testing.assert_frame_equal(on_disk, df)
+    assert set(df["tier"]) <= set(TIERS)
+    assert df["filename"].iloc[0] == "img_00000.jpg"
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(df["filename"])
+
+
+def test_image_size_and_mode(dataset: tuple[Path, pd.DataFrame]) -> None:
+    out, df = dataset
+    for name in df["filename"]:
+        with Image.open(out / "images" / name) as img:
+            assert img.size == (96, 96)
+            assert img.mode == "RGB"
+            assert img.format == "JPEG"
+
+
+def test_deterministic_bytes(tmp_path: Path) -> None:
+    for run in ("a", "b"):
+        make_demo_dataset(tmp_path / run, num_images=8, image_size=48, seed=3, image_format="png")
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_seed_changes_pictures(tmp_path: Path) -> None:
+    make_demo_dataset(tmp_path / "a", num_images=4, image_size=32, seed=0)
+    make_demo_dataset(tmp_path / "b", num_images=4, image_size=32, seed=1)
+    assert _files(tmp_path / "a") != _files(tmp_path / "b")
+
+
+def test_rerun_overwrites_and_removes_stale_files(tmp_path: Path) -> None:
+    make_demo_dataset(tmp_path, num_images=6, image_size=16, image_format="jpg")
+    df = make_demo_dataset(tmp_path, num_images=3, image_size=16, image_format="png")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == list(df["filename"])
+
+
+def test_sharpness_ordered_by_tier(dataset: tuple[Path, pd.DataFrame]) -> None:
+    out, df = dataset
+    scores = df.assign(sharp=[_sharpness(out / "images" / f) for f in df["filename"]])
+    means = scores.groupby("tier")["sharp"].mean()
+    assert means["S"] > means["A"] > means["B"] > means["C"]
+
+
+def test_degradation_monotone_with_jitter() -> None:
+    rng = np.random.default_rng(0)
+    params = {t: [sample_degradation(t, rng) for _ in range(30)] for t in TIERS}
+    for worse, better in zip(TIERS[1:], TIERS[:-1]):
+        assert min(p.blur_radius for p in params[worse]) > max(p.blur_radius for p in params[better])
+        assert min(p.noise_sigma for p in params[worse]) > max(p.noise_sigma for p in params[better])
+        assert max(p.contrast for p in params[worse]) < min(p.contrast for p in params[better])
+        assert max(p.jpeg_quality for p in params[worse]) < min(p.jpeg_quality for p in params[better])
+    # Within a tier the strength varies, so no single constant identifies it.
+    assert len({p.blur_radius for p in params["B"]}) > 1
+
+
+def test_helpers_keep_size() -> None:
+    rng = np.random.default_rng([0, 0])
+    img = draw_picture(rng, 40)
+    assert img.size == (40, 40)
+    assert degrade(img, "C", rng).size == (40, 40)
+    with pytest.raises(ValueError):
+        degrade(img, "D", rng)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_images": 0}, {"image_size": -1}, {"seed": -1}, {"image_format": "gif"}],
+)
+def test_library_rejects_bad_args(tmp_path: Path, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        make_demo_dataset(tmp_path, **kwargs)
+
+
+def test_main_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    argv = ["--output", str(out), "--num-images", "5", "--image-size", "24", "--format", "png", "--seed", "2"]
+    assert _load_script().main(argv) == 0
+    df = pd.read_csv(out / "metadata.csv")
+    assert len(df) == 5 and df["filename"].str.endswith(".png").all()
+    summary = capsys.readouterr().out
+    assert "S=2, A=1, B=1, C=1" in summary and str(out) in summary
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--num-images", "0"],
+        ["--num-images", "-3"],
+        ["--image-size", "0"],
+        ["--image-size", "abc"],
+        ["--seed", "-1"],
+        ["--format", "gif"],
+    ],
+)
+def test_main_rejects_bad_args(tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        _load_script().main(["--output", str(tmp_path / "never"), *argv])
+    assert excinfo.value.code == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
