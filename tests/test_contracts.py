@@ -1,0 +1,152 @@
+"""Contracts between the stages: fingerprint, feature cache, checkpoint files, pair sampling."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mirip.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
+from mirip.features.cache import CacheError, FeatureCache, open_cache, write_cache
+from mirip.fingerprint import FingerprintMismatch, check_fingerprint, make_fingerprint
+from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.preprocessing import Preprocessor
+from mirip.tiers import tier_ranks
+from mirip.training.datasets.pair_sampling import count_cross_tier_pairs, sample_pairs
+
+FP = {"feature_dim": 4, "feature_dtype": "float32", "backbone": "b", "image_size": 28, "mean": [0.1, 0.2, 0.3]}
+
+
+def test_fingerprint_names_the_differing_field(tiny_backbone):
+    ext = DINOv2FeatureExtractor(tiny_backbone, device="cpu")
+    a = make_fingerprint(ext, Preprocessor(image_size=28))
+    b = make_fingerprint(ext, Preprocessor(image_size=56))
+    assert a["pretrained"] is True and a["feature_dim"] == 32 and a["pooling"] == "cls"
+    with pytest.raises(FingerprintMismatch, match="image_size: expected 28, found 56") as info:
+        check_fingerprint(a, b)
+    assert list(info.value.fields) == ["image_size"]
+    check_fingerprint(a, dict(a, torch_version="0.0"))  # software versions alone do not block reading
+    with pytest.raises(FingerprintMismatch, match="torch_version"):
+        check_fingerprint(a, dict(a, torch_version="0.0"), ignore=())
+
+
+def test_cache_roundtrip_keeps_fingerprint_types(tmp_path):
+    feats = np.arange(12, dtype=np.float32).reshape(3, 4)
+    write_cache(str(tmp_path / "c.h5"), FP, ["a.png", "sub/b.png", "ü.png"], feats, sizes=[1, 2, 3], mtimes=[4, 5, 6])
+    with open_cache(str(tmp_path / "c.h5")) as cache:
+        assert cache.fingerprint == FP
+        assert cache.paths == ["a.png", "sub/b.png", "ü.png"] and cache.index["ü.png"] == 2
+        assert np.array_equal(cache.features([2, 0]), feats[[2, 0]])
+        assert cache.load_features().shape == (3, 4)
+        assert cache.source_facts()[0].tolist() == [1, 2, 3]
+        with pytest.raises(CacheError, match="2 image\\(s\\) have no cached feature.*x.png, y.png"):
+            cache.rows_for(["a.png", "x.png", "y.png"])
+        cache.check_fingerprint(FP)
+        with pytest.raises(FingerprintMismatch, match="image_size"):
+            cache.check_fingerprint(dict(FP, image_size=56))
+
+
+def test_uncommitted_rows_are_invisible_and_overwritten(tmp_path):
+    path = str(tmp_path / "c.h5")
+    with FeatureCache.create(path, FP) as cache:
+        cache.append(["a"], np.ones((1, 4)), [1], [1])
+        # Simulate a kill after data was written but before the counter was committed.
+        cache.h5["features"].resize(3, axis=0)
+        cache.h5["paths"].resize(3, axis=0)
+        cache.h5["paths"][1:3] = ["ghost1", "ghost2"]
+    with open_cache(path, "a") as cache:
+        assert cache.paths == ["a"] and len(cache) == 1
+        cache.append(["b"], np.full((1, 4), 2.0), [2], [2])
+        assert cache.paths == ["a", "b"] and cache.features().tolist()[1] == [2.0] * 4
+
+
+def test_cache_refuses_duplicates_overwrite_and_junk(tmp_path):
+    path = str(tmp_path / "c.h5")
+    write_cache(path, FP, ["a"], np.zeros((1, 4)))
+    with pytest.raises(CacheError, match="already exists"):
+        write_cache(path, FP, ["a"], np.zeros((1, 4)))
+    with open_cache(path, "a") as cache, pytest.raises(CacheError, match="already cached"):
+        cache.append(["a"], np.zeros((1, 4)), [0], [0])
+    (tmp_path / "junk.h5").write_bytes(b"nope")
+    with pytest.raises(CacheError, match="not a readable HDF5"):
+        open_cache(str(tmp_path / "junk.h5"))
+    with pytest.raises(CacheError, match="not found"):
+        open_cache(str(tmp_path / "missing.h5"))
+
+
+def test_cache_failures_and_replace(tmp_path):
+    path = str(tmp_path / "c.h5")
+    write_cache(path, FP, ["a", "b"], np.zeros((2, 4)))
+    with open_cache(path, "a") as cache:
+        cache.set_failures({"bad.png": ("not a recognised image format", 10, 20)})
+        cache.replace([1], np.ones((1, 4)), [7], [8])
+    with open_cache(path) as cache:
+        assert cache.failures() == {"bad.png": "not a recognised image format"}
+        assert cache.features()[1].tolist() == [1.0] * 4 and cache.source_facts()[0].tolist() == [0, 7]
+
+
+def test_checkpoint_roundtrip_and_atomic(tmp_path):
+    path = tmp_path / "ck" / "best.pt"
+    payload = {"model_state_dict": {"w": torch.ones(2)}, "epoch": 3, "config": {"lr": 1e-4}, "fingerprint": None}
+    save_checkpoint_file(path, payload)
+    assert load_checkpoint_file(path)["epoch"] == 3
+    assert os.listdir(path.parent) == ["best.pt"]  # no temporary left behind
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["model_state_dict"]["w"], torch.ones(2))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_malicious_and_truncated_checkpoints_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "payload": _Exploit()}, evil)
+    with pytest.raises(CheckpointError, match="arbitrary unpickling"):
+        load_checkpoint_file(evil)
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"model_state_dict": _Exploit()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint_file(raw)
+    good = tmp_path / "good.pt"
+    save_checkpoint_file(good, {"model_state_dict": {"w": torch.ones(1000)}})
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint_file(cut)
+
+
+def test_tier_validation_names_row_and_value():
+    df = pd.DataFrame({"tier": ["S", " a ", "B", "D"]}, index=[10, 11, 12, 13])
+    with pytest.raises(ValueError, match="Invalid tier value 'D' in row 13"):
+        tier_ranks(df)
+    assert tier_ranks(df.iloc[:3]).tolist() == [3, 2, 1]
+
+
+def test_pairs_are_cross_tier_balanced_and_deterministic():
+    ranks = np.array([3] * 5 + [2] * 50 + [1] * 20 + [0] * 3)
+    a, b, y = sample_pairs(ranks, 1200, seed=1, epoch=0)
+    assert np.all(ranks[a] != ranks[b])
+    assert np.all(np.sign(ranks[a] - ranks[b]) == y)  # label 1 exactly when the first is better
+    assert (y == 1).sum() == 600 and (y == -1).sum() == 600
+    combos = pd.Series([tuple(sorted((int(p), int(q)))) for p, q in zip(ranks[a], ranks[b])]).value_counts()
+    assert len(combos) == 6 and combos.min() == combos.max() == 200  # every tier pair equally often
+    again = sample_pairs(ranks, 1200, seed=1, epoch=0)
+    assert all(np.array_equal(u, v) for u, v in zip((a, b, y), again))
+    assert not np.array_equal(a, sample_pairs(ranks, 1200, seed=1, epoch=1)[0])  # fresh pairs per epoch
+
+
+def test_uniform_balance_and_errors():
+    ranks = np.array([3, 3, 2, 0])
+    assert count_cross_tier_pairs(ranks) == 5
+    a, b, y = sample_pairs(ranks, 101, seed=0, balance="uniform")
+    assert len(a) == 101 and (y == 1).sum() == 50 and np.all(ranks[a] != ranks[b])
+    with pytest.raises(ValueError, match="at least two different tiers, found only: A"):
+        sample_pairs(np.array([2, 2, 2]), 10)
+    with pytest.raises(ValueError, match="balance"):
+        sample_pairs(ranks, 10, balance="nope")
