@@ -50,7 +50,7 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
         "feature_dtype": feature_dtype,
         "views": int(views),
         "mirip_version": mirip.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is a str subclass h5py cannot store
         "transformers_version": transformers.__version__,
     }
 
