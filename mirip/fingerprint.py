@@ -98,7 +98,7 @@ def from_attrs(attrs: Mapping, keys: Iterable[str]) -> dict:
     out = {}
     for k in keys:
         v = _norm(attrs[k])
-        if isinstance(v, str) and v[:1] in "[{" or v == "null":
+        if isinstance(v, str) and v[:1] in ("[", "{") or v == "null":  # "" is in any str
             v = json.loads(v)
         if isinstance(v, (bool, int, float, str, list, dict)) or v is None:
             out[k] = v
