@@ -6,6 +6,7 @@ Layout (format 1)::
     /paths             (N,)   UTF-8               image path relative to the image directory
     /source_size       (N,)   int64               file size when extracted  } detect a changed file
     /source_mtime_ns   (N,)   int64               file mtime when extracted }
+    /views             (N, K, D)                  K augmented views per image (only when fingerprint views > 0)
     /failed/{paths,reasons,source_size,source_mtime_ns}   images that could not be read, and why
     attrs: the feature fingerprint (mirip.fingerprint) + num_rows + num_failed
 
@@ -41,6 +42,7 @@ class FeatureCache:
     def __init__(self, h5: h5py.File, path: str):
         self.h5, self.path = h5, path
         self._paths: Optional[List[str]] = None
+        self._index: Optional[Dict[str, int]] = None
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -49,10 +51,17 @@ class FeatureCache:
         if os.path.exists(path) and not overwrite:
             raise CacheError(f"cache {path} already exists; open it to append, or pass overwrite=True to start over")
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        h5 = h5py.File(path, "w")
+        # Built under a temporary name and renamed: a kill mid-create never leaves a half-made cache behind.
+        tmp = f"{path}.tmp-{os.getpid()}"
+        h5 = h5py.File(tmp, "w")
         dim, dtype = int(fingerprint["feature_dim"]), np.dtype(fingerprint.get("feature_dtype", "float32"))
         rows = max(1, min(256, (1 << 20) // (dim * dtype.itemsize)))  # ~1 MiB chunks
         h5.create_dataset("features", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(rows, dim))
+        views = int(fingerprint.get("views", 0) or 0)
+        if views > 0:
+            vrows = max(1, rows // views)
+            h5.create_dataset("views", (0, views, dim), dtype=dtype, maxshape=(None, views, dim),
+                              chunks=(vrows, views, dim))
         for name in _ROW_FIELDS:
             h5.create_dataset(name, (0,), dtype=_STR if name == "paths" else np.int64, maxshape=(None,), chunks=(4096,))
         failed = h5.create_group("failed")
@@ -62,8 +71,9 @@ class FeatureCache:
         h5.attrs.update(to_attrs(fingerprint))
         h5.attrs["fingerprint_keys"] = list(fingerprint)
         h5.attrs["num_rows"], h5.attrs["num_failed"] = 0, 0
-        h5.flush()
-        return cls(h5, path)
+        h5.close()
+        os.replace(tmp, path)
+        return cls(h5py.File(path, "a"), path)
 
     @classmethod
     def open(cls, path: str, mode: str = "r") -> "FeatureCache":
@@ -117,8 +127,16 @@ class FeatureCache:
 
     @property
     def index(self) -> Dict[str, int]:
-        """Relative path -> row."""
-        return {p: i for i, p in enumerate(self.paths)}
+        """Relative path -> row (kept up to date by ``append``, so appending stays O(batch), not O(N))."""
+        if self._index is None:
+            self._index = {p: i for i, p in enumerate(self.paths)}
+        return dict(self._index)
+
+    def row_of(self, path: str) -> Optional[int]:
+        """The row of one relative path, or None (no copy of the whole index)."""
+        if self._index is None:
+            self.index
+        return self._index.get(path)
 
     def features(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
         """The committed feature rows (all, or the given ones in the given order)."""
@@ -139,6 +157,28 @@ class FeatureCache:
     def load_features(self, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The whole matrix as one tensor (stage two indexes it in memory or on the GPU)."""
         tensor = torch.from_numpy(self.features())
+        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    @property
+    def num_views(self) -> int:
+        """K augmented views stored per image (0 when the cache has none)."""
+        return int(self.h5["views"].shape[1]) if "views" in self.h5 else 0
+
+    def views(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
+        """(rows, K, D) augmented-view features; row order as in ``features``."""
+        if "views" not in self.h5:
+            raise CacheError(f"{self.path} holds no augmented views (extract with --views K)")
+        data = self.h5["views"]
+        if rows is None:
+            return data[: self.num_rows]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"row out of range for cache with {self.num_rows} rows")
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        return data[uniq][inverse]
+
+    def load_views(self, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        tensor = torch.from_numpy(self.views())
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
     def source_facts(self) -> Tuple[np.ndarray, np.ndarray]:
@@ -162,6 +202,13 @@ class FeatureCache:
         dec = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
         return {dec(p): dec(r) for p, r in zip(g["paths"][:n], g["reasons"][:n])}
 
+    def failure_records(self) -> Dict[str, Tuple[str, int, int]]:
+        """Relative path -> (reason, size, mtime_ns): the form ``set_failures`` takes."""
+        g, n = self.h5["failed"], int(self.h5.attrs["num_failed"])
+        dec = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
+        sizes, mtimes = g["source_size"][:n], g["source_mtime_ns"][:n]
+        return {dec(p): (dec(r), int(s), int(m)) for p, r, s, m in zip(g["paths"][:n], g["reasons"][:n], sizes, mtimes)}
+
     def check_fingerprint(self, expected: Mapping, ignore: Iterable[str] = ENVIRONMENT_FIELDS, only=None) -> None:
         check_fingerprint(expected, self.fingerprint, what=f"feature cache {self.path}", ignore=ignore, only=only)
 
@@ -172,32 +219,55 @@ class FeatureCache:
             self.h5.attrs[k] = int(v)
         self.h5.flush()  # ... then the counter that makes it visible
 
-    def append(self, paths: Sequence[str], features: np.ndarray, sizes: Sequence[int], mtimes: Sequence[int]) -> range:
+    def _check_views(self, views: Optional[np.ndarray], k: int) -> Optional[np.ndarray]:
+        if self.num_views == 0:
+            if views is not None:
+                raise ValueError(f"{self.path} was created without augmented views; cannot store views")
+            return None
+        if views is None:
+            raise ValueError(f"{self.path} stores {self.num_views} augmented views per image; pass views=")
+        views = np.asarray(views)
+        if views.shape != (k, self.num_views, self.dim):
+            raise ValueError(f"expected views of shape ({k}, {self.num_views}, {self.dim}), got {views.shape}")
+        return views
+
+    def append(self, paths: Sequence[str], features: np.ndarray, sizes: Sequence[int], mtimes: Sequence[int],
+               views: Optional[np.ndarray] = None) -> range:
         """Add rows for new images and commit them; returns the new rows."""
         features = np.asarray(features)
         n, k = self.num_rows, len(paths)
         if features.shape != (k, self.dim):
             raise ValueError(f"expected features of shape ({k}, {self.dim}), got {features.shape}")
-        known = self.index
+        views = self._check_views(views, k)
+        self.row_of("")  # builds the index once
+        known = self._index
         dup = [p for p in paths if p in known]
         if dup or len(set(paths)) != k:
             raise CacheError(f"paths already cached (use replace): {dup[:5] or 'duplicates within the batch'}")
         for name in ("features",) + _ROW_FIELDS:
             self.h5[name].resize(n + k, axis=0)
         self.h5["features"][n:n + k] = features.astype(self.dtype, copy=False)
+        if views is not None:
+            self.h5["views"].resize(n + k, axis=0)
+            self.h5["views"][n:n + k] = views.astype(self.dtype, copy=False)
         self.h5["paths"][n:n + k] = list(paths)
         self.h5["source_size"][n:n + k] = np.asarray(sizes, dtype=np.int64)
         self.h5["source_mtime_ns"][n:n + k] = np.asarray(mtimes, dtype=np.int64)
         self._commit(num_rows=n + k)
-        self._paths = None
+        self.paths.extend(paths)
+        self._index.update((p, n + i) for i, p in enumerate(paths))
         return range(n, n + k)
 
-    def replace(self, rows: Sequence[int], features: np.ndarray, sizes: Sequence[int], mtimes: Sequence[int]) -> None:
+    def replace(self, rows: Sequence[int], features: np.ndarray, sizes: Sequence[int], mtimes: Sequence[int],
+                views: Optional[np.ndarray] = None) -> None:
         """Overwrite rows of changed images. Features go first: a kill before the facts leaves them stale, so
         the next run re-extracts again rather than trusting a half-written row."""
         rows = np.asarray(rows, dtype=np.int64)
+        views = self._check_views(views, len(rows))
         for i, r in enumerate(rows):
             self.h5["features"][r] = np.asarray(features[i]).astype(self.dtype, copy=False)
+            if views is not None:
+                self.h5["views"][r] = views[i].astype(self.dtype, copy=False)
         self.h5.flush()
         for i, r in enumerate(rows):
             self.h5["source_size"][r] = int(sizes[i])

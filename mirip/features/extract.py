@@ -1,0 +1,361 @@
+"""Stage one: extract frozen-backbone features for a set of images into an HDF5 cache.
+
+    list images -> load backbone -> open/create cache (fingerprint checked) -> plan
+    -> reader (DataLoader workers) -> mapper (backbone) -> writer (background thread) -> summary
+
+The plan is what makes reruns cheap and kills harmless: an image is extracted
+only when it has no row yet, its file changed (size or mtime), or it failed
+before and ``retry_failed`` is set. Rows are committed batch by batch, so a
+killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mirip.devices import PRECISIONS
+from mirip.features.cache import CacheError, FeatureCache
+from mirip.features.distributed import DistContext, leftover_parts, merge_parts, part_path
+from mirip.features.mapper import Mapper
+from mirip.features.reader import ImageFileDataset, ReadBatch, collate, list_images, source_facts
+from mirip.features.writer import CacheWriter, WriteJob
+from mirip.fingerprint import ENVIRONMENT_FIELDS, make_fingerprint
+from mirip.ml.feature_extractor import POOLINGS, DINOv2FeatureExtractor
+from mirip.preprocessing import RESIZE_MODES, Preprocessor
+
+FEATURE_DTYPES = ("float32", "float16")
+Item = Tuple[str, int, int]  # (relative path, size, mtime_ns)
+
+
+@dataclass
+class ExtractConfig:
+    """Every choice of an extraction run; saved as JSON beside the cache (``<cache>.json``)."""
+
+    image_dir: str
+    metadata: Optional[str] = None
+    output: Optional[str] = None  # default: cache_dir/<backbone>-<size>px-<pooling>-<hash8>.h5
+    filename_column: str = "filename"
+    backbone: str = "facebook/dinov2-large"
+    random_init: bool = False
+    image_size: int = 768
+    resize_mode: str = "pad"
+    pooling: str = "cls"
+    precision: Optional[str] = None  # None: bf16 on CUDA, fp32 on CPU
+    batch_size: int = 32
+    num_workers: Optional[int] = None  # None: from the CPU count
+    device: Optional[str] = None
+    feature_dtype: str = "float32"
+    views: int = 0
+    retry_failed: bool = False
+    overwrite: bool = False
+    strict: bool = False
+    cache_dir: str = "cache"
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.image_size >= 14, f"image_size must be >= 14, got {self.image_size}"),
+            (self.resize_mode in RESIZE_MODES, f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}"),
+            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
+            (self.precision is None or self.precision in PRECISIONS,
+             f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.feature_dtype in FEATURE_DTYPES, f"feature_dtype must be one of {FEATURE_DTYPES}, got {self.feature_dtype!r}"),
+            (self.views >= 0, f"views must be >= 0, got {self.views}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def workers(self, device: str) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        cpus = os.cpu_count() or 1
+        # On CPU the backbone needs the cores itself; on a GPU, decoding is the CPU's only job.
+        return min(16, max(1, cpus - 1)) if device.startswith("cuda") else min(2, max(0, cpus // 2))
+
+
+@dataclass
+class Plan:
+    """Which listed images to extract now, and why the others are skipped."""
+
+    todo: List[Item]
+    new: int = 0
+    changed: int = 0
+    retried: int = 0
+    cached: int = 0  # unchanged rows, skipped
+    known_failed: Dict[str, str] = field(default_factory=dict)  # failed before, unchanged, skipped
+    had_row: set = field(default_factory=set)  # paths in todo whose (stale) row a success will overwrite
+
+    @property
+    def total(self) -> int:
+        return len(self.todo) + self.cached + len(self.known_failed)
+
+
+@dataclass
+class ExtractSummary:
+    output: str
+    total: int
+    extracted: int
+    replaced: int  # of extracted: changed files whose rows were overwritten
+    skipped_cached: int
+    failed: Dict[str, str]  # this run: path -> reason
+    known_failed: Dict[str, str]  # failed in an earlier run, not retried
+    seconds: float
+    read_s: float
+    infer_s: float
+    write_s: float
+    rows: int  # rows in the cache after the run
+    world_size: int = 1
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.extracted + len(self.failed)) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def all_failed(self) -> Dict[str, str]:
+        return {**self.known_failed, **self.failed}
+
+    def to_text(self) -> str:
+        lines = [
+            f"cache: {self.output} ({self.rows} rows)",
+            f"images listed: {self.total}",
+            f"  extracted:            {self.extracted} ({self.replaced} changed files re-extracted)",
+            f"  skipped, cached:      {self.skipped_cached}",
+            f"  failed:               {len(self.failed)}",
+        ]
+        lines += [f"    {p}: {r}" for p, r in sorted(self.failed.items())]
+        if self.known_failed:
+            lines.append(f"  failed before, skipped: {len(self.known_failed)} (pass --retry-failed to try again)")
+            lines += [f"    {p}: {r}" for p, r in sorted(self.known_failed.items())]
+        lines.append(f"speed: {self.images_per_s:.1f} images/s over {self.seconds:.1f} s "
+                     f"(read wait {self.read_s:.1f} s, infer {self.infer_s:.1f} s, write {self.write_s:.1f} s"
+                     + (f", {self.world_size} ranks" if self.world_size > 1 else "") + ")")
+        return "\n".join(lines)
+
+
+# --- pieces of the run ---------------------------------------------------------------------------
+def fingerprint_hash(fingerprint: dict) -> str:
+    meaning = {k: v for k, v in fingerprint.items() if k not in ENVIRONMENT_FIELDS}
+    return hashlib.sha256(json.dumps(meaning, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def default_output(fingerprint: dict, cache_dir: str = "cache") -> str:
+    """``cache/dinov2-large-768px-cls-1a2b3c4d.h5``: readable, and distinct for every fingerprint."""
+    short = os.path.basename(str(fingerprint["backbone"]).rstrip("/")) or "backbone"
+    name = f"{short}-{fingerprint['image_size']}px-{fingerprint['pooling']}-{fingerprint_hash(fingerprint)}.h5"
+    return os.path.join(cache_dir, name)
+
+
+def make_plan(items: Sequence[Item], cache: FeatureCache, retry_failed: bool = False) -> Plan:
+    index, (sizes, mtimes) = cache.index, cache.source_facts()
+    failures = cache.failure_records()
+    plan = Plan(todo=[])
+    for rel, size, mtime in items:
+        row, failed = index.get(rel), failures.get(rel)
+        if failed is not None and (failed[1], failed[2]) == (size, mtime) and not retry_failed:
+            plan.known_failed[rel] = failed[0]
+        elif failed is not None and (failed[1], failed[2]) == (size, mtime):
+            plan.todo.append((rel, size, mtime))
+            plan.retried += 1
+        elif row is not None and (int(sizes[row]), int(mtimes[row])) == (size, mtime):
+            plan.cached += 1
+        else:
+            plan.todo.append((rel, size, mtime))
+            if row is None:
+                plan.new += 1
+            else:
+                plan.changed += 1
+        if row is not None and plan.todo and plan.todo[-1][0] == rel:
+            plan.had_row.add(rel)
+    return plan
+
+
+def verify_complete(cache: FeatureCache, items: Sequence[Item]) -> None:
+    """After a run every listed image has a current row or a recorded failure (DINOv2's eval asserts the same)."""
+    index, (sizes, mtimes) = cache.index, cache.source_facts()
+    failures = cache.failure_records()
+    missing = [rel for rel, size, mtime in items
+               if rel not in failures and not (rel in index and (sizes[index[rel]], mtimes[index[rel]]) == (size, mtime))]
+    if missing:
+        raise CacheError(f"{cache.path} is incomplete after extraction: {len(missing)} image(s) have neither a "
+                         f"current row nor a recorded failure, e.g. {missing[:5]}")
+    if len(set(cache.paths)) != len(cache.paths):
+        raise CacheError(f"{cache.path} holds duplicate rows")
+
+
+def write_config_json(config: ExtractConfig, output: str, fingerprint: dict) -> str:
+    path = output + ".json"
+    payload = {"config": config.to_dict(), "fingerprint": fingerprint}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def open_for_append(output: str, fingerprint: dict, overwrite: bool) -> FeatureCache:
+    """Create the cache, or open it for appending after checking that every fingerprint field matches."""
+    if overwrite or not os.path.exists(output):
+        for part in leftover_parts(output):
+            os.remove(part)
+        return FeatureCache.create(output, fingerprint, overwrite=overwrite)
+    cache = FeatureCache.open(output, "a")
+    try:
+        # Versions count too: rows from another torch/transformers could differ in the last bits.
+        cache.check_fingerprint(fingerprint, ignore=())
+    except ValueError as exc:
+        cache.close()
+        raise CacheError(f"{exc}. Refusing to append; pass --overwrite to start over, "
+                         "or a different --output for these settings") from None
+    return cache
+
+
+@dataclass
+class RunStats:
+    extracted: int = 0
+    failed: Dict[str, str] = field(default_factory=dict)
+    read_s: float = 0.0
+    infer_s: float = 0.0
+    write_s: float = 0.0
+    seconds: float = 0.0
+
+
+def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2FeatureExtractor,
+                 preprocessor: Preprocessor, config: ExtractConfig, progress: bool = True) -> RunStats:
+    """reader -> mapper -> writer over ``items``; the writer commits to ``cache``."""
+    stats = RunStats()
+    if not items:
+        return stats
+    cuda = str(extractor.device).startswith("cuda")
+    workers = config.workers(str(extractor.device))
+    dataset = ImageFileDataset(config.image_dir, items, preprocessor, config.views)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                        pin_memory=cuda, prefetch_factor=4 if workers else None)
+    mapper, writer = Mapper(extractor), CacheWriter(cache)
+    bar = tqdm(total=len(items), unit="img", desc="extract", disable=not progress, dynamic_ncols=True)
+    views = config.views
+
+    def hand_over(batch: ReadBatch, pending) -> None:
+        feats = pending.result() if pending is not None else None
+        per_view = None
+        if feats is not None and views:
+            feats = feats.reshape(len(batch.paths), 1 + views, -1)
+            feats, per_view = feats[:, 0], feats[:, 1:]
+        writer.put(WriteJob(batch.paths, batch.sizes, batch.mtimes, feats, per_view, batch.failed))
+        stats.failed.update({p: r for p, (r, _, _) in batch.failed.items()})
+        bar.update(len(batch))
+
+    start = time.perf_counter()
+    previous = None
+    batches = iter(loader)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            stats.read_s += t1 - t0
+            if batch is None:
+                break
+            pending = mapper(batch.pixels) if batch.pixels is not None else None
+            if previous is not None:
+                hand_over(*previous)  # waits for the previous batch only, while this one runs
+            previous = (batch, pending)
+            stats.infer_s += time.perf_counter() - t1
+        if previous is not None:
+            t1 = time.perf_counter()
+            hand_over(*previous)
+            stats.infer_s += time.perf_counter() - t1
+    finally:
+        bar.close()
+        writer.close()
+    stats.seconds = time.perf_counter() - start
+    stats.extracted, stats.write_s = writer.appended + writer.replaced, writer.write_s
+    return stats
+
+
+def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2FeatureExtractor, Preprocessor]:
+    extractor = DINOv2FeatureExtractor(config.backbone, device=device, random_init=config.random_init,
+                                       pooling=config.pooling, precision=config.precision)
+    preprocessor = Preprocessor(image_size=config.image_size, resize_mode=config.resize_mode,
+                                patch_size=extractor.patch_size)
+    return extractor, preprocessor
+
+
+# --- the runner ----------------------------------------------------------------------------------
+def extract_features(config: ExtractConfig) -> ExtractSummary:
+    """Run stage one as configured (one process, or one rank of a ``torchrun`` job); returns the summary."""
+    ctx = DistContext.from_env()
+    # Bad metadata is reported before any backbone or GPU work.
+    paths = list_images(config.image_dir, config.metadata, config.filename_column)
+    ctx.init()
+    try:
+        return _extract(config, ctx, paths)
+    finally:
+        ctx.shutdown()
+
+
+def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> ExtractSummary:
+    device = config.device
+    if ctx.enabled and torch.cuda.is_available() and (device is None or device == "cuda"):
+        device = f"cuda:{ctx.local_rank}"
+        torch.cuda.set_device(device)
+    extractor, preprocessor = build_models(config, device)
+    fingerprint = make_fingerprint(extractor, preprocessor, config.feature_dtype, config.views)
+    output = config.output or default_output(fingerprint, config.cache_dir)
+    order = {p: i for i, p in enumerate(paths)}
+    items = [(rel, *source_facts(config.image_dir, rel)) for rel in paths] if ctx.is_main else None
+
+    def prepare() -> Tuple[List[Item], Plan]:
+        # Rank 0 alone touches the main cache here; the others get the plan through the process group.
+        with open_for_append(output, fingerprint, config.overwrite) as cache:
+            merge_parts(cache, leftover_parts(output), order)
+            cache.h5.attrs["extract_config"] = json.dumps(config.to_dict())
+            write_config_json(config, output, fingerprint)
+            return items, make_plan(items, cache, config.retry_failed)
+
+    items, plan = ctx.on_main(prepare)
+    shard = plan.todo[ctx.rank::ctx.world_size]
+    target = part_path(output, ctx.rank, ctx.world_size) if ctx.enabled else output
+    if ctx.enabled:
+        cache = FeatureCache.create(target, fingerprint, overwrite=True)
+    else:
+        cache = open_for_append(output, fingerprint, overwrite=False)
+    with cache:
+        stats = run_pipeline(shard, cache, extractor, preprocessor, config, progress=config.progress and ctx.is_main)
+    all_stats = ctx.gather(stats)
+    ctx.barrier()  # every part is complete and closed
+
+    def finish() -> int:
+        with FeatureCache.open(output, "a") as cache:
+            if ctx.enabled:
+                merge_parts(cache, [part_path(output, r, ctx.world_size) for r in range(ctx.world_size)], order)
+            verify_complete(cache, items)
+            return cache.num_rows
+
+    rows = ctx.on_main(finish)
+    failed: Dict[str, str] = {}
+    for s in all_stats:
+        failed.update(s.failed)
+    return ExtractSummary(
+        output=output, total=plan.total, extracted=sum(s.extracted for s in all_stats),
+        replaced=len(plan.had_row - set(failed)), skipped_cached=plan.cached, failed=failed,
+        known_failed=plan.known_failed, seconds=max(s.seconds for s in all_stats),
+        read_s=max(s.read_s for s in all_stats), infer_s=max(s.infer_s for s in all_stats),
+        write_s=max(s.write_s for s in all_stats), rows=rows, world_size=ctx.world_size,
+    )

@@ -1,0 +1,112 @@
+"""Stage one: cache frozen DINOv2 features of every image in an HDF5 file.
+
+Examples, from the repository root:
+
+    python scripts/extract.py --metadata data/demo/metadata.csv --image-dir data/demo/images
+    python scripts/extract.py --image-dir data/images --output cache/features.h5 --batch-size 64
+    torchrun --nproc_per_node=4 scripts/extract.py --metadata data/metadata.csv --image-dir data/images
+
+Rerunning the same command extracts only new, changed, or (with --retry-failed) failed images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+try:
+    import mirip  # noqa: F401
+except ImportError:
+    # ``python scripts/extract.py`` puts scripts/ on the path, not the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mirip.devices import PRECISIONS
+from mirip.features.extract import FEATURE_DTYPES, ExtractConfig, extract_features
+from mirip.ml.feature_extractor import POOLINGS
+from mirip.preprocessing import RESIZE_MODES
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Extract frozen-backbone features of images into an HDF5 feature cache (stage one). "
+                    "Resumable: rerun the same command after an interruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--image-dir", required=True, help="directory holding the images; cached paths are relative to it")
+    io.add_argument("--metadata", default=None,
+                    help="CSV listing the images (column --filename-column); without it --image-dir is walked recursively")
+    io.add_argument("--filename-column", default="filename", help="metadata column holding image paths")
+    io.add_argument("--output", default=None,
+                    help="cache file to create or extend (default: cache/<backbone>-<size>px-<pooling>-<hash>.h5)")
+    io.add_argument("--cache-dir", default="cache", help="where the default-named cache goes")
+    model = p.add_argument_group("backbone and preprocessing (all part of the cache fingerprint)")
+    model.add_argument("--backbone", default="facebook/dinov2-large", help="hub id or local directory of a DINOv2 model")
+    model.add_argument("--random-init", action="store_true",
+                       help="random weights from the built-in architecture (benchmarks and tests only)")
+    model.add_argument("--image-size", type=_positive, default=768, help="square input size in pixels")
+    model.add_argument("--resize-mode", choices=RESIZE_MODES, default="pad", help="how images are fitted to the square")
+    model.add_argument("--pooling", choices=POOLINGS, default="cls", help="which tokens make the feature")
+    model.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    model.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default="float32", help="dtype stored in the cache")
+    model.add_argument("--views", type=_non_negative, default=0,
+                       help="also cache K deterministic augmented views per image (flip, crops)")
+    run = p.add_argument_group("run")
+    run.add_argument("--batch-size", type=_positive, default=32, help="images per backbone batch")
+    run.add_argument("--num-workers", type=_non_negative, default=None,
+                     help="DataLoader decoding processes (default: from the CPU count)")
+    run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    run.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
+    run.add_argument("--overwrite", action="store_true", help="delete the existing cache and start over")
+    run.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be read")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config = ExtractConfig(
+        image_dir=args.image_dir, metadata=args.metadata, output=args.output, filename_column=args.filename_column,
+        backbone=args.backbone, random_init=args.random_init, image_size=args.image_size, resize_mode=args.resize_mode,
+        pooling=args.pooling, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers,
+        device=args.device, feature_dtype=args.feature_dtype, views=args.views, retry_failed=args.retry_failed,
+        overwrite=args.overwrite, strict=args.strict, cache_dir=args.cache_dir, progress=not args.no_progress,
+    )
+    try:
+        summary = extract_features(config)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary.to_text())
+    if args.strict and summary.all_failed:
+        print(f"error: {len(summary.all_failed)} image(s) could not be read (--strict)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
