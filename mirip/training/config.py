@@ -26,6 +26,11 @@ class TrainingConfig:
     wandb_run_name: Optional[str] = None
     device: str = "cuda"
     seed: int = 42
+    # Additions beyond the seed (stage two on cached features); defaults keep the seed's behaviour.
+    pairs_per_epoch: int = 10_000  # training pairs sampled afresh each epoch
+    eval_pairs: int = 10_000  # validation / test pairs, sampled once (epoch 0)
+    pair_balance: str = "tier_pair"  # "tier_pair": even over S-A, S-B, ...; "uniform": over all cross-tier pairs
+    num_workers: int = 0  # DataLoader workers for image-file datasets (features need none)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,119 @@
+"""Evaluator: pairwise accuracy of a ranking model, and the detailed report (per tier pair, Spearman, Kendall).
+
+Datasets that can list their images (``FeaturePairDataset``, ``PairwiseDataset``)
+are scored one image at a time - each image once, however many pairs it is in -
+and every metric is read off those scores. Any other loader of
+``(x1, x2, labels)`` batches still gets the seed's keys, computed pair by pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from mirip.devices import resolve_device
+from mirip.training.metrics import score_metrics
+
+
+def _dataset_of(loader: Any) -> Any:
+    return getattr(loader, "dataset", loader)
+
+
+def can_score_images(loader: Any) -> bool:
+    ds = _dataset_of(loader)
+    return all(hasattr(ds, a) for a in ("image_batches", "pair_arrays", "ranks"))
+
+
+@torch.no_grad()
+def score_images(model: nn.Module, dataset: Any, device: str, batch_size: Optional[int] = None) -> np.ndarray:
+    """One score per image of the dataset, in its image order (model in eval mode)."""
+    model.eval()
+    batch_size = batch_size or getattr(dataset, "SCORE_BATCH", 64)
+    scores = np.empty(dataset.num_images, dtype=np.float64)
+    for idx, inputs in dataset.image_batches(batch_size):
+        scores[idx] = model.get_score(inputs.to(device)).reshape(-1).double().cpu().numpy()
+    return scores
+
+
+class Evaluator:
+    """``Evaluator(model, device=None)``: ``evaluate``, ``evaluate_detailed``, ``predict_pair``."""
+
+    def __init__(self, model: nn.Module, device: Optional[str] = None, *, score_batch_size: Optional[int] = None):
+        self.device = resolve_device(device if device is not None else getattr(model, "device", None))
+        self.model = model.to(self.device)
+        self.score_batch_size = score_batch_size
+
+    def _pairwise(self, dataloader: Iterable) -> Tuple[int, int]:
+        """(correct, total) pair by pair, for loaders that cannot list their images."""
+        self.model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x1, x2, labels in dataloader:
+                s1, s2 = self.model(x1.to(self.device), x2.to(self.device))
+                labels = torch.as_tensor(labels, device=self.device)
+                correct += int((torch.sign(s1 - s2).reshape(-1) == labels.to(s1.dtype).reshape(-1)).sum())
+                total += int(labels.numel())
+        return correct, total
+
+    def evaluate(self, dataloader: Iterable) -> float:
+        """Pairwise accuracy in [0, 1]; a tie counts as wrong."""
+        return float(self.evaluate_detailed(dataloader)["accuracy"])
+
+    def evaluate_detailed(self, dataloader: Iterable) -> Dict[str, Any]:
+        """The seed's accuracy / total_pairs / correct_predictions, plus tier_pair_accuracy
+        ({"S-A": {"accuracy", "pairs"}, ...}), spearman and kendall (scores vs tiers) and num_images."""
+        if can_score_images(dataloader):
+            ds = _dataset_of(dataloader)
+            scores = score_images(self.model, ds, self.device, self.score_batch_size)
+            first, second, labels = ds.pair_arrays()
+            return score_metrics(scores, ds.ranks, first, second, labels)
+        correct, total = self._pairwise(dataloader)
+        return {
+            "accuracy": correct / total if total else float("nan"),
+            "total_pairs": total,
+            "correct_predictions": correct,
+            "tier_pair_accuracy": {},
+            "spearman": float("nan"),
+            "kendall": float("nan"),
+            "num_images": None,
+        }
+
+    @torch.no_grad()
+    def predict_pair(self, img1: torch.Tensor, img2: torch.Tensor) -> Tuple[int, float, float]:
+        """(prediction, score1, score2): 1 when img1 is better, -1 when worse, 0 on an exact tie."""
+        self.model.eval()
+        s1, s2 = self.model(img1.to(self.device), img2.to(self.device))
+        a, b = float(s1.reshape(-1)[0]), float(s2.reshape(-1)[0])
+        return (1 if a > b else -1 if a < b else 0), a, b
+
+
+def format_metrics(metrics: Dict[str, Any], baseline: Optional[Dict[str, Any]] = None, title: str = "") -> str:
+    """A plain-text table of a detailed report, with the linear baseline in a second column when given."""
+    rows = [("pairwise accuracy", "accuracy"), ("pairs", "total_pairs"), ("correct", "correct_predictions"),
+            ("Spearman (score vs tier)", "spearman"), ("Kendall tau-b", "kendall"), ("images", "num_images")]
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return "nan" if v != v else f"{v:.4f}"
+        return str(v)
+
+    header = ["metric", "model"] + (["linear baseline"] if baseline else [])
+    table = [header]
+    for label, key in rows:
+        table.append([label, fmt(metrics.get(key))] + ([fmt(baseline.get(key))] if baseline else []))
+    for pair, entry in (metrics.get("tier_pair_accuracy") or {}).items():
+        base = (baseline or {}).get("tier_pair_accuracy", {}).get(pair, {})
+        table.append([f"  {pair} ({entry['pairs']} pairs)", fmt(entry["accuracy"])]
+                     + ([fmt(base.get("accuracy"))] if baseline else []))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = [title] if title else []
+    for i, r in enumerate(table):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,340 @@
+"""A training run on cached features, start to finish: what ``scripts/train.py`` and ``scripts/evaluate.py`` call.
+
+    metadata.csv + cache.h5 -> split by image -> FeaturePairDataset per split
+    -> Trainer.fit (best.pt, last.pt) -> best head + ridge baseline on the test pairs
+    -> config.json, history.json, test_metrics.json, curves.png
+
+Every choice lives in one ``RunConfig`` (data paths, split, head dims, and a
+``TrainingConfig``), saved as ``config.json`` beside the run and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mirip.checkpoint import load_checkpoint_file
+from mirip.devices import resolve_device
+from mirip.features.cache import CacheError, open_cache
+from mirip.fingerprint import FingerprintMismatch, check_fingerprint
+from mirip.ml.ranking_model import RankingHead
+from mirip.tiers import tier_ranks
+from mirip.training.baseline import RidgeBaseline
+from mirip.training.config import TrainingConfig
+from mirip.training.datasets.data_splitter import DataSplitter
+from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
+from mirip.training.evaluator import Evaluator, format_metrics
+from mirip.training.metrics import score_metrics
+from mirip.training.trainer import Trainer, history_to_json
+
+SPLITS = ("train", "val", "test")
+OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; ``training.checkpoint_dir`` is the output directory."""
+
+    features: str
+    metadata: str
+    output_dir: str
+    filename_column: str = "filename"
+    tier_column: str = "tier"
+    train_ratio: float = 0.8
+    val_ratio: float = 0.1
+    test_ratio: float = 0.1
+    stratify: bool = True
+    margin: float = 1.0
+    hidden_dim: int = 512
+    projector_dim: int = 256
+    dropout: float = 0.1
+    ridge_alpha: Optional[float] = None  # None: chosen on the val split
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self):
+        if isinstance(self.training, dict):
+            self.training = TrainingConfig.from_dict(self.training)
+        for name in ("hidden_dim", "projector_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be non-negative, got {self.margin}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["training"] = self.training.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> "RunConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def splitter(self) -> DataSplitter:
+        return DataSplitter(self.train_ratio, self.val_ratio, self.test_ratio, seed=self.training.seed,
+                            stratify_column=self.tier_column if self.stratify else None,
+                            group_column=self.filename_column)
+
+    def make_head(self, input_dim: int) -> RankingHead:
+        """The head, initialised from ``torch.manual_seed(training.seed)`` (the training-step contract)."""
+        torch.manual_seed(self.training.seed)
+        return RankingHead(input_dim, self.projector_dim, self.margin, self.hidden_dim, self.dropout)
+
+
+# --- data ----------------------------------------------------------------------------------------
+def read_metadata(path: str, filename_column: str = "filename", tier_column: str = "tier") -> pd.DataFrame:
+    """The metadata CSV, checked: columns present, tiers valid, each image named once."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"metadata file not found: {path}")
+    meta = pd.read_csv(path, dtype={filename_column: str})
+    for col in (filename_column, tier_column):
+        if col not in meta.columns:
+            raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, meta.columns))})")
+    if meta.empty:
+        raise ValueError(f"{path}: no rows")
+    blank = meta.index[meta[filename_column].isna()].tolist()
+    if blank:
+        raise ValueError(f"{path}: empty {filename_column!r} in data row(s) {blank[:10]} (0-based, header excluded)")
+    try:
+        tier_ranks(meta, tier_column)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc} (rows are 0-based, header excluded)") from None
+    dup = meta[meta[filename_column].duplicated(keep=False)]
+    if len(dup):
+        shown = "; ".join(f"{name} in rows {list(g.index)}" for name, g in list(dup.groupby(filename_column))[:5])
+        raise ValueError(f"{path}: images listed more than once ({shown}); each image needs exactly one row")
+    return meta
+
+
+@dataclass
+class RunData:
+    """The metadata, the features of its rows (loaded once, in metadata order) and the split."""
+
+    metadata: pd.DataFrame
+    features: torch.Tensor  # (N, D) on the CPU, the cache's dtype
+    ranks: np.ndarray
+    names: list
+    fingerprint: Dict[str, Any]
+    splits: Dict[str, np.ndarray]  # split -> row positions into metadata / features
+    split_info: Dict[str, Any]
+
+
+def load_features(cache_path: str, names: list, expected_fingerprint: Optional[Dict[str, Any]] = None
+                  ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """The cached features of ``names`` in that order; refuses a fingerprint mismatch and lists missing images."""
+    with open_cache(cache_path) as cache:
+        if expected_fingerprint is not None:
+            cache.check_fingerprint(expected_fingerprint)
+        rows = cache.rows_for(names)
+        return torch.from_numpy(cache.features(rows)), cache.fingerprint
+
+
+def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]] = None) -> RunData:
+    meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column)
+    names = meta[cfg.filename_column].astype(str).tolist()
+    features, fingerprint = load_features(cfg.features, names, expected_fingerprint)
+    splitter = cfg.splitter()
+    positions = pd.Series(np.arange(len(meta)), index=meta.index)
+    frames = splitter.split(meta)
+    splits = {name: positions.loc[frame.index].to_numpy() for name, frame in zip(SPLITS, frames)}
+    return RunData(meta, features, tier_ranks(meta, cfg.tier_column), names, fingerprint, splits,
+                   splitter.get_split_info())
+
+
+def split_dataset(data: RunData, split: str, features: torch.Tensor, tc: TrainingConfig, *, train: bool
+                  ) -> Optional[FeaturePairDataset]:
+    """The pairs of one split: fresh per epoch for training, fixed (epoch 0) for val/test; None if empty."""
+    rows = data.splits[split]
+    if len(rows) == 0:
+        return None
+    return FeaturePairDataset(
+        features, data.ranks[rows], rows=rows, names=[data.names[i] for i in rows],
+        num_pairs=tc.pairs_per_epoch if train else tc.eval_pairs, batch_size=tc.batch_size,
+        seed=tc.seed, epoch=0, balance=tc.pair_balance, what=f"{split} split",
+    )
+
+
+def baseline_metrics(data: RunData, datasets: Dict[str, Optional[FeaturePairDataset]], split: str,
+                     alpha: Optional[float]) -> Tuple[Dict[str, Any], float]:
+    """Ridge fitted on the train split (alpha picked on val), scored on ``split``'s pairs."""
+    train_rows = data.splits["train"]
+    val = datasets.get("val")
+    val_args = {}
+    if alpha is None and val is not None:
+        val_args = dict(val_features=data.features[data.splits["val"]], val_pairs=val.pair_arrays())
+    ridge = RidgeBaseline.fit(data.features[train_rows], data.ranks[train_rows], alpha=alpha, **val_args)
+    ds = datasets[split]
+    scores = ridge.predict(data.features[data.splits[split]])
+    return score_metrics(scores, ds.ranks, *ds.pair_arrays()), ridge.alpha
+
+
+# --- outputs -------------------------------------------------------------------------------------
+def write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2)
+    os.replace(tmp, path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
+
+
+def save_curves(history: Dict[str, list], path: str) -> bool:
+    """Loss and accuracy per epoch as a PNG; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    epochs = np.arange(1, len(history["train_loss"]) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
+        for split in ("train", "val"):
+            values = history.get(f"{split}_{key}") or []
+            if values:
+                ax.plot(epochs[: len(values)], values, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("pairwise accuracy" if key == "acc" else "margin ranking loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# --- the run -------------------------------------------------------------------------------------
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Split, train, keep the best head, evaluate it and the ridge baseline on the test split, write the outputs."""
+    out = cfg.output_dir
+    last = os.path.join(out, "last.pt")
+    if not resume and not overwrite and any(os.path.exists(os.path.join(out, f)) for f in ("best.pt", "last.pt")):
+        raise FileExistsError(f"{out} already holds a run (best.pt / last.pt); pass resume to continue it, "
+                              "overwrite to start over, or choose another output directory")
+    if resume and not os.path.isfile(last):
+        raise FileNotFoundError(f"cannot resume: {last} does not exist")
+    os.makedirs(out, exist_ok=True)
+    tc = dataclasses.replace(cfg.training, checkpoint_dir=out)
+    cfg = dataclasses.replace(cfg, training=tc)
+
+    expected = load_checkpoint_file(last).get("fingerprint") if resume else None
+    data = load_run_data(cfg, expected_fingerprint=expected)
+    device = resolve_device(tc.device)
+    features = data.features.to(device)  # the whole matrix, once
+    datasets = {s: split_dataset(data, s, features, tc, train=(s == "train")) for s in SPLITS}
+    if datasets["train"] is None:
+        raise ValueError("the train split is empty; raise train_ratio")
+    sizes = {s: int(len(data.splits[s])) for s in SPLITS}
+    log(f"data: {len(data.names)} images, {features.shape[1]}-d features ({data.features.dtype}) | "
+        + " | ".join(f"{s} {n}" for s, n in sizes.items()) + f" | device {device}")
+
+    model = cfg.make_head(features.shape[1])
+    cfg.save(os.path.join(out, "config.json"))
+    trainer = Trainer(model, tc, fingerprint=data.fingerprint, extra={"run_config": cfg.to_dict()}, progress=progress)
+    if resume:
+        trainer.load_checkpoint(last)
+        log(f"resuming from {last} after epoch {trainer.epoch}")
+    history = trainer.fit(datasets["train"], datasets["val"])
+    write_json(os.path.join(out, "history.json"), history_to_json(history))
+    trainer.restore_best()
+
+    result: Dict[str, Any] = {"best_epoch": trainer.best_epoch, "best_accuracy": trainer.best_accuracy,
+                              "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
+                              "split_sizes": sizes, "split": "test"}
+    if datasets["test"] is None:
+        log("no test split (test_ratio is 0): nothing to report on held-out data")
+        result.update(model=None, linear_baseline=None)
+    else:
+        result["model"] = Evaluator(model, device).evaluate_detailed(datasets["test"])
+        result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(data, datasets, "test", cfg.ridge_alpha)
+        log(format_metrics(result["model"], result["linear_baseline"],
+                           title=f"test split (best epoch {trainer.best_epoch}):"))
+    write_json(os.path.join(out, "test_metrics.json"), result)
+    if save_curves(history, os.path.join(out, "curves.png")):
+        result["curves"] = os.path.join(out, "curves.png")
+    result["history"] = history
+    return result
+
+
+def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split: str = "all",
+                        device: Optional[str] = None, eval_pairs: Optional[int] = None,
+                        filename_column: Optional[str] = None, tier_column: Optional[str] = None) -> Dict[str, Any]:
+    """Detailed metrics of a trained head on a cache + metadata: all of it, or one split of the run it came from.
+
+    A split is rebuilt from the run config stored in the checkpoint, so ``split="test"`` reproduces the
+    run's test pairs and numbers. The ridge baseline (fitted on the train split) comes along for splits.
+    """
+    ckpt = load_checkpoint_file(checkpoint)
+    if ckpt.get("head") is None:
+        raise ValueError(f"{checkpoint} has no head dims (key 'head'); it was not written by mirip's Trainer")
+    run_cfg = ckpt.get("run_config") or {}
+    tc = TrainingConfig.from_dict(ckpt.get("config") or {})
+    if eval_pairs is not None:
+        tc.eval_pairs = int(eval_pairs)
+    filename_column = filename_column or run_cfg.get("filename_column", "filename")
+    tier_column = tier_column or run_cfg.get("tier_column", "tier")
+    cfg = RunConfig.from_dict({**run_cfg, "features": features, "metadata": metadata,
+                               "output_dir": run_cfg.get("output_dir", ""), "training": tc.to_dict(),
+                               "filename_column": filename_column, "tier_column": tier_column})
+    if split != "all" and not run_cfg:
+        raise ValueError(f"{checkpoint} holds no run config, so its {split} split cannot be rebuilt; use split='all'")
+    with open_cache(features) as cache:
+        fingerprint = cache.fingerprint
+    if ckpt.get("fingerprint") is not None:
+        check_fingerprint(ckpt["fingerprint"], fingerprint, what=f"feature cache {features} (for checkpoint {checkpoint})")
+    else:
+        warnings.warn(f"{checkpoint} records no feature fingerprint; cannot verify that {features} matches it")
+    data = load_run_data(cfg)
+    if split == "all":
+        data.splits = {"all": np.arange(len(data.names)), **data.splits}
+    elif split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use all, train, val or test")
+    dev = resolve_device(device or tc.device)
+    head = RankingHead(**ckpt["head"])
+    head.load_head_state_dict(ckpt["model_state_dict"])
+    feats = data.features.to(dev)
+    datasets = {s: split_dataset(data, s, feats, tc, train=False) for s in data.splits}
+    if datasets[split] is None:
+        raise ValueError(f"the {split} split is empty")
+    result: Dict[str, Any] = {"checkpoint": checkpoint, "split": split, "epoch": ckpt.get("epoch"),
+                              "model": Evaluator(head, dev).evaluate_detailed(datasets[split])}
+    if split != "all" and datasets["train"] is not None:
+        result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(
+            data, datasets, split, cfg.ridge_alpha)
+    return result
+
+
+__all__ = ["RunConfig", "RunData", "read_metadata", "load_features", "load_run_data", "split_dataset",
+           "baseline_metrics", "train", "evaluate_checkpoint", "save_curves", "OUTPUT_FILES",
+           "CacheError", "FingerprintMismatch"]

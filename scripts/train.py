@@ -1,0 +1,151 @@
+"""Train a ranking head on cached features (stage two) and report it on the held-out test split.
+
+Example, from the repository root:
+
+    python scripts/train.py --features cache/features.h5 --metadata data/demo/metadata.csv --output-dir runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+try:
+    import mirip  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mirip.checkpoint import CheckpointError
+from mirip.features.cache import CacheError
+from mirip.training.config import TrainingConfig
+from mirip.training.datasets.pair_sampling import BALANCES
+from mirip.training.run import OUTPUT_FILES, RunConfig, train
+
+TRAINING_HELP = {
+    "learning_rate": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "batch_size": "pairs per optimisation step",
+    "max_epochs": "maximum number of epochs",
+    "gradient_clip_norm": "clip the gradient norm to this value",
+    "early_stopping_patience": "stop after this many epochs without a better val accuracy (0: never)",
+    "scheduler_t_max": "CosineAnnealingLR period in epochs",
+    "scheduler_eta_min": "CosineAnnealingLR minimum learning rate",
+    "save_every_n_epochs": "also keep checkpoint_epoch_N.pt every N epochs",
+    "wandb_enabled": "log to Weights & Biases (needs `pip install wandb`)",
+    "wandb_project": "wandb project name",
+    "wandb_run_name": "wandb run name",
+    "device": "cuda or cpu (cuda falls back to cpu with a warning when absent); default: cuda when available",
+    "seed": "seed of the split, the head's init, dropout and every epoch's pairs",
+    "pairs_per_epoch": "training pairs sampled afresh each epoch",
+    "eval_pairs": "validation and test pairs (sampled once)",
+    "pair_balance": "'tier_pair': pairs spread evenly over S-A, S-B, ..., B-C; 'uniform': over all cross-tier pairs",
+    "num_workers": "DataLoader workers (image datasets only; cached features need none)",
+}
+SKIPPED = {"checkpoint_dir"}  # the output directory is the checkpoint directory
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainingConfig field (``--learning-rate``, ``--max-epochs``, ...), defaults from the dataclass."""
+    group = parser.add_argument_group("training (TrainingConfig)")
+    hints = typing.get_type_hints(TrainingConfig)
+    for f in dataclasses.fields(TrainingConfig):
+        if f.name in SKIPPED:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        help_text = TRAINING_HELP.get(f.name, f.name)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif f.name == "pair_balance":
+            group.add_argument(flag, choices=BALANCES, default=f.default, help=help_text)
+        elif f.name == "device":
+            group.add_argument(flag, default=None, help=help_text)
+        else:
+            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+            group.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train the Projector + score head on cached DINOv2 features. Splits the metadata by image "
+                    "(train/val/test), trains with early stopping on val accuracy, keeps the best head, and "
+                    "prints its test-split metrics beside a ridge-regression baseline. Writes "
+                    + ", ".join(OUTPUT_FILES) + " (curves.png needs matplotlib) into --output-dir.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--features", required=True, metavar="H5", help="feature cache written by scripts/extract.py")
+    data.add_argument("--metadata", required=True, metavar="CSV", help="CSV with one row per image")
+    data.add_argument("--output-dir", required=True, metavar="DIR", help="run directory for checkpoints and reports")
+    data.add_argument("--filename-column", default="filename", help="metadata column with the image path "
+                      "(relative to the image directory, as in the cache)")
+    data.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
+    data.add_argument("--train-ratio", type=float, default=0.8, help="share of images for training")
+    data.add_argument("--val-ratio", type=float, default=0.1, help="share of images for validation")
+    data.add_argument("--test-ratio", type=float, default=0.1, help="share of images for the final test")
+    data.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=True,
+                      help="keep tier proportions equal across splits")
+    model = parser.add_argument_group("model")
+    model.add_argument("--margin", type=float, default=1.0, help="MarginRankingLoss margin")
+    model.add_argument("--hidden-dim", type=_positive(int), default=512, help="Projector hidden width")
+    model.add_argument("--projector-dim", type=_positive(int), default=256, help="Projector output (embedding) dim")
+    model.add_argument("--dropout", type=float, default=0.1, help="Projector dropout")
+    model.add_argument("--ridge-alpha", type=float, default=None, help="ridge strength of the linear baseline "
+                       "(default: picked on the val split)")
+    add_training_arguments(parser)
+    run = parser.add_argument_group("run")
+    run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig) if f.name not in SKIPPED}
+    if training["device"] is None:
+        import torch
+
+        training["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    training["checkpoint_dir"] = args.output_dir
+    return RunConfig(
+        features=args.features, metadata=args.metadata, output_dir=args.output_dir,
+        filename_column=args.filename_column, tier_column=args.tier_column,
+        train_ratio=args.train_ratio, val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
+        margin=args.margin, hidden_dim=args.hidden_dim, projector_dim=args.projector_dim, dropout=args.dropout,
+        ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError, CacheError, CheckpointError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model, base = result.get("model"), result.get("linear_baseline")
+    print(f"\nbest epoch {result['best_epoch']} of {result['epochs_run']} (val accuracy {result['best_accuracy']:.4f})"
+          + (" - stopped early" if result["stopped_early"] else ""))
+    if model is not None:
+        print(f"test pairwise accuracy {model['accuracy']:.4f} (ridge baseline {base['accuracy']:.4f}), "
+              f"Spearman {model['spearman']:.4f}, Kendall {model['kendall']:.4f}")
+    print(f"outputs in {args.output_dir}: " + ", ".join(
+        f for f in OUTPUT_FILES if (Path(args.output_dir) / f).exists()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""Synthetic stage-two data: features with a known best pairwise accuracy, written as a real cache."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Tuple
+
+import numpy as np
+import pandas as pd
+
+from mirip.features.cache import write_cache
+from mirip.tiers import TIERS
+
+
+def fake_fingerprint(dim: int, **overrides) -> dict:
+    fp = {"format_version": 1, "backbone": "synthetic", "pretrained": False, "feature_dim": dim,
+          "feature_dtype": "float32", "image_size": 28, "pooling": "cls"}
+    fp.update(overrides)
+    return fp
+
+
+def tiered_features(per_tier: int = 50, dim: int = 16, separation: float = 1.0, noise: float = 1.0,
+                    seed: int = 0) -> Tuple[np.ndarray, np.ndarray, list]:
+    """Features whose mean along one unit direction is ``separation * rank``, plus isotropic Gaussian noise.
+
+    Returns (features (N, dim) float32, ranks (N,), tiers). Only that direction carries signal, so the
+    Bayes-optimal score is the projection on it.
+    """
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    tiers = [t for t in TIERS for _ in range(per_tier)]
+    ranks = np.array([3 - TIERS.index(t) for t in tiers], dtype=np.int64)
+    feats = rng.normal(scale=noise, size=(len(tiers), dim)) + np.outer(ranks * separation, direction)
+    return feats.astype(np.float32), ranks, tiers
+
+
+def best_pairwise_accuracy(separation: float, noise: float) -> float:
+    """Bayes accuracy over pairs spread evenly across the six tier combinations.
+
+    For tiers k apart, the projection difference is N(k * sep, 2 noise^2): P(correct) = Phi(k sep / (noise sqrt 2)).
+    Combinations S-A, A-B, B-C are 1 apart, S-B, A-C 2 apart, S-C 3 apart.
+    """
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    gaps = [1, 1, 1, 2, 2, 3]
+    return sum(phi(k * separation / (noise * math.sqrt(2))) for k in gaps) / len(gaps)
+
+
+def write_dataset(directory, per_tier: int = 50, dim: int = 16, separation: float = 1.0, noise: float = 1.0,
+                  seed: int = 0, fingerprint: dict = None, dtype: str = "float32") -> Tuple[str, str]:
+    """A cache + metadata.csv pair on disk; returns (cache path, metadata path)."""
+    feats, _, tiers = tiered_features(per_tier, dim, separation, noise, seed)
+    names = [f"img_{i:04d}.png" for i in range(len(tiers))]
+    cache = os.path.join(directory, "features.h5")
+    write_cache(cache, fingerprint or fake_fingerprint(dim, feature_dtype=dtype), names, feats.astype(dtype))
+    meta = os.path.join(directory, "metadata.csv")
+    pd.DataFrame({"filename": names, "tier": tiers}).to_csv(meta, index=False)
+    return cache, meta
