@@ -1,0 +1,314 @@
+"""Full-image mode from a checkpoint alone: rebuild backbone + preprocessing + head, then score image files.
+
+A checkpoint carries the head's weights and dims and the fingerprint of the
+features it was trained on (``mirip.checkpoint``). From the fingerprint we
+rebuild the same backbone (name, pretrained or seeded-random weights, pooling)
+and the same ``Preprocessor`` (image size, resize mode, mean/std), so a freshly
+scored image gets the score its cached feature would get through the same head.
+
+Two substitutions are allowed, and announced in ``Scorer.notes``: a local
+backbone directory in place of the checkpoint's backbone (e.g. a downloaded copy
+of the hub model), and random weights in place of pretrained ones. Anything else
+that would change the features (another hub backbone, image size or pooling) is
+refused with a ``FingerprintMismatch`` naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mirip.checkpoint import CheckpointError, load_checkpoint_file
+from mirip.devices import check_precision, default_precision, resolve_device
+from mirip.fingerprint import FingerprintMismatch, check_fingerprint, make_fingerprint
+from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.ml.ranking_model import PairwiseRankingModel
+from mirip.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Fields of the fingerprint that decide the features' numbers (besides the backbone's identity).
+FEATURE_FIELDS = ("feature_dim", "patch_size", "image_size", "resize_mode", "mean", "std", "pooling")
+BACKBONE_FIELDS = ("backbone", "pretrained", "random_init_seed")
+PathLike = Union[str, os.PathLike]
+
+
+def _is_hub_id(name: str) -> bool:
+    # "org/name" with no other separators and not a local directory.
+    return not os.path.isdir(name) and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+
+
+@dataclass
+class ScoreResult:
+    """Scores of the images that could be read, and (path, reason) for those that could not."""
+
+    paths: List[str]
+    scores: List[float]
+    failures: List[Tuple[str, str]] = field(default_factory=list)
+
+    def ranked(self) -> List[Tuple[int, str, float]]:
+        """(rank, path, score), best first; rank 1 is the highest score, ties keep input order."""
+        order = sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
+        return [(r + 1, self.paths[i], self.scores[i]) for r, i in enumerate(order)]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    path_a: str
+    path_b: str
+    score_a: float
+    score_b: float
+
+    @property
+    def margin(self) -> float:
+        return abs(self.score_a - self.score_b)
+
+    @property
+    def prediction(self) -> int:
+        """1 if A is better, -1 if B is better, 0 for a tie (the seed's ``predict_pair`` convention)."""
+        return 1 if self.score_a > self.score_b else -1 if self.score_a < self.score_b else 0
+
+    @property
+    def better(self) -> Optional[str]:
+        return {1: self.path_a, -1: self.path_b}.get(self.prediction)
+
+
+class _ImageFiles(Dataset):
+    """Decodes one file per item; a failure becomes (index, None, reason) instead of an exception."""
+
+    def __init__(self, paths: Sequence[str], preprocessor: Preprocessor):
+        self.paths, self.preprocessor = list(paths), preprocessor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocessor(self.paths[i]), None
+        except (FileNotFoundError, ImageReadError) as exc:
+            return i, None, getattr(exc, "reason", None) or str(exc)
+        except (OSError, ValueError, MemoryError) as exc:
+            return i, None, f"{exc.__class__.__name__}: {exc}"
+
+
+def _collate(items):
+    good = [(i, t) for i, t, _ in items if t is not None]
+    bad = [(i, r) for i, _, r in items if r is not None]
+    idx = [i for i, _ in good]
+    batch = torch.stack([t for _, t in good]) if good else None
+    return idx, batch, bad
+
+
+class Scorer:
+    """A full-image ``PairwiseRankingModel`` plus the ``Preprocessor`` its head was trained with."""
+
+    def __init__(self, model: PairwiseRankingModel, preprocessor: Preprocessor, fingerprint: Optional[dict] = None,
+                 notes: Sequence[str] = (), checkpoint: Optional[dict] = None, checkpoint_path: Optional[str] = None):
+        self.model = model.eval()
+        self.preprocessor = preprocessor
+        self.fingerprint = fingerprint
+        self.notes = list(notes)
+        self.checkpoint = checkpoint or {}
+        self.checkpoint_path = checkpoint_path
+
+    @classmethod
+    def from_checkpoint(cls, path: PathLike, **kwargs) -> "Scorer":
+        return load_scorer(path, **kwargs)
+
+    @property
+    def device(self) -> str:
+        return self.model.device
+
+    @property
+    def pretrained(self) -> bool:
+        return bool(self.model.feature_extractor.info.pretrained)
+
+    @property
+    def weights(self) -> str:
+        """'pretrained' or 'random', as written into every output file."""
+        return "pretrained" if self.pretrained else "random"
+
+    def describe(self) -> Dict[str, object]:
+        ext = self.model.feature_extractor
+        return {
+            "checkpoint": self.checkpoint_path,
+            "backbone": ext.info.name,
+            "weights": self.weights,
+            "image_size": self.preprocessor.image_size,
+            "resize_mode": self.preprocessor.resize_mode,
+            "pooling": ext.pooling,
+            "precision": ext.precision,
+            "device": str(self.device),
+            "epoch": self.checkpoint.get("epoch"),
+            "accuracy": self.checkpoint.get("accuracy"),
+        }
+
+    @torch.inference_mode()
+    def score_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) for a preprocessed (B, 3, H, W) batch."""
+        return self.model.get_score(images).reshape(-1).float().cpu()
+
+    def score_paths(self, paths: Iterable[PathLike], batch_size: int = 16, num_workers: int = 0,
+                    progress: bool = True) -> ScoreResult:
+        """Score image files in batches; unreadable files are collected as (path, reason), not raised."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        paths = [os.fspath(p) for p in paths]
+        loader = DataLoader(_ImageFiles(paths, self.preprocessor), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=_collate, pin_memory=str(self.device).startswith("cuda"))
+        scores: Dict[int, float] = {}
+        failures: Dict[int, str] = {}
+        bar = tqdm(total=len(paths), desc="score", unit="img", disable=not progress)
+        for idx, batch, bad in loader:
+            failures.update(bad)
+            if batch is not None:
+                scores.update(zip(idx, self.score_tensor(batch).tolist()))
+            bar.update(len(idx) + len(bad))
+        bar.close()
+        ok = sorted(scores)
+        return ScoreResult([paths[i] for i in ok], [scores[i] for i in ok],
+                           [(paths[i], failures[i]) for i in sorted(failures)])
+
+    def compare(self, path_a: PathLike, path_b: PathLike) -> Comparison:
+        """Score two drawings in one batch; raises ImageReadError / FileNotFoundError naming a bad file."""
+        a, b = os.fspath(path_a), os.fspath(path_b)
+        scores = self.score_tensor(torch.stack([self.preprocessor(a), self.preprocessor(b)])).tolist()
+        return Comparison(a, b, scores[0], scores[1])
+
+
+def _fingerprint_from(ckpt: dict, path: str, backbone: Optional[str], image_size: Optional[int],
+                      notes: List[str]) -> dict:
+    """The checkpoint's fingerprint; an old/foreign checkpoint without one needs the caller's backbone + image size."""
+    fp = ckpt.get("fingerprint")
+    if fp:
+        return dict(fp)
+    info = ckpt.get("backbone") or {}
+    name = backbone or info.get("name")
+    if not name or image_size is None:
+        raise CheckpointError(
+            f"checkpoint {path} has no feature fingerprint, so the backbone and preprocessing it was trained with are "
+            "unknown; pass the backbone and image size explicitly (--backbone, --image-size)"
+        )
+    notes.append("checkpoint has no feature fingerprint: using the backbone and image size given; "
+                 "that they match the training features is NOT verified")
+    return {"backbone": name, "pretrained": bool(info.get("pretrained", True)), "image_size": int(image_size),
+            "resize_mode": "pad", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "pooling": "cls",
+            "patch_size": int(info.get("patch_size", 14)), "random_init_seed": info.get("random_init_seed", -1)}
+
+
+def load_scorer(
+    checkpoint_path: PathLike,
+    *,
+    backbone: Optional[str] = None,
+    random_init: Optional[bool] = None,
+    image_size: Optional[int] = None,
+    pooling: Optional[str] = None,
+    device: Optional[str] = None,
+    precision: Optional[str] = None,
+) -> Scorer:
+    """Rebuild the full-image model a checkpoint was trained for.
+
+    ``backbone``: a local directory substitutes for the checkpoint's backbone (announced); a different hub
+    id is refused. ``random_init``: True substitutes random weights for pretrained ones (announced); None
+    follows the checkpoint. ``image_size`` / ``pooling``: if given, must equal the checkpoint's (else refused,
+    naming the field). ``precision`` defaults to bf16 on CUDA and fp32 on CPU.
+    """
+    path = os.fspath(checkpoint_path)
+    ckpt = load_checkpoint_file(path)
+    what = f"checkpoint {path}"
+    notes: List[str] = []
+    fp = _fingerprint_from(ckpt, path, backbone, image_size, notes)
+    head = ckpt.get("head")
+    if not head or "input_dim" not in head:
+        raise CheckpointError(f"{what} has no head config ('head' with input_dim, hidden_dim, projector_output_dim, "
+                              "dropout, margin); it was not written by a mirip trainer")
+
+    requested = {k: v for k, v in (("image_size", image_size), ("pooling", pooling)) if v is not None}
+    check_fingerprint(fp, requested, what=what, ignore=(), only=requested)
+
+    trained_name, trained_pretrained = str(fp["backbone"]), bool(fp.get("pretrained", True))
+    name, substituted = trained_name, []
+    if backbone is not None:
+        name = os.path.expanduser(str(backbone))
+        if name.rstrip("/") != trained_name.rstrip("/"):
+            if not os.path.isdir(name):
+                if _is_hub_id(name):
+                    raise FingerprintMismatch({"backbone": (trained_name, name)}, what)
+                raise FileNotFoundError(f"backbone directory {name!r} does not exist")
+            notes.append(f"substituted local backbone directory {name} for the checkpoint's backbone {trained_name}")
+            substituted.append("backbone")
+    rand = (not trained_pretrained) if random_init is None else bool(random_init)
+    if rand != (not trained_pretrained):
+        substituted += ["pretrained", "random_init_seed"]
+        if rand:
+            notes.append(f"substituted RANDOM weights for the pretrained backbone {trained_name}: "
+                         "scores carry no learned meaning")
+        else:
+            notes.append("substituted pretrained weights for the random backbone the head was trained on: "
+                         "scores will not match training")
+    if rand:
+        notes.append("the backbone has RANDOM (untrained) weights: scores only exercise the pipeline")
+
+    device = resolve_device(device)
+    precision = check_precision(precision or default_precision(device))
+    if fp.get("precision") and fp["precision"] != precision:
+        notes.append(f"features were made in {fp['precision']}, scoring runs in {precision}: "
+                     "scores agree within that precision's tolerance")
+    extractor = DINOv2FeatureExtractor(name, device=device, random_init=rand, pooling=fp.get("pooling", "cls"),
+                                       precision=precision)
+    preprocessor = Preprocessor(
+        image_size=int(fp["image_size"]), resize_mode=fp.get("resize_mode", "pad"),
+        mean=tuple(fp.get("mean", IMAGENET_MEAN)), std=tuple(fp.get("std", IMAGENET_STD)),
+        patch_size=int(fp.get("patch_size", extractor.patch_size)),
+    )
+    rebuilt = make_fingerprint(extractor, preprocessor)
+    compare = [k for k in FEATURE_FIELDS + BACKBONE_FIELDS if k in fp and k not in substituted]
+    check_fingerprint(fp, rebuilt, what=what, ignore=(), only=compare)
+    if int(head["input_dim"]) != extractor.output_dim:
+        raise FingerprintMismatch({"feature_dim": (int(head["input_dim"]), extractor.output_dim)}, what)
+
+    model = PairwiseRankingModel(
+        name, projector_output_dim=int(head["projector_output_dim"]), margin=float(head.get("margin", 1.0)),
+        hidden_dim=int(head["hidden_dim"]), dropout=float(head.get("dropout", 0.1)), feature_extractor=extractor,
+    )
+    model.load_head_state_dict(ckpt["model_state_dict"])
+    # The head's tensors came from map_location="cpu"; move them to where the backbone lives.
+    model.to(extractor.device)
+    return Scorer(model, preprocessor, fingerprint=fp, notes=notes, checkpoint=ckpt, checkpoint_path=path)
+
+
+def find_images(inputs: Iterable[PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[List[str], List[str]]:
+    """Expand files and directories (recursively, image extensions only, sorted) into image paths.
+
+    Returns (images, missing): a named file is always included (so a broken one is reported, not skipped);
+    a path that does not exist goes to ``missing``.
+    """
+    images: List[str] = []
+    missing: List[str] = []
+    seen = set()
+    exts = tuple(e.lower() for e in extensions)
+    for item in inputs:
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            found = []
+            for root, dirs, files in os.walk(item):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [os.path.join(root, f) for f in files if f.lower().endswith(exts) and not f.startswith(".")]
+            candidates = sorted(found)
+        elif os.path.exists(item):
+            candidates = [item]
+        else:
+            missing.append(item)
+            continue
+        for c in candidates:
+            if c not in seen:
+                seen.add(c)
+                images.append(c)
+    return images, missing
