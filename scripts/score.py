@@ -1,0 +1,204 @@
+"""Score drawings with a trained head in full-image mode (backbone + head), write a CSV and an HTML report.
+
+Examples, from the repository root:
+
+    python scripts/score.py --checkpoint runs/demo/best.pt data/demo/images --output scores.csv \\
+        --html report.html --metadata data/demo/metadata.csv
+    python scripts/score.py --checkpoint runs/demo/best.pt --compare a.jpg b.jpg
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+try:
+    import mirip  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd
+
+from mirip.checkpoint import CheckpointError
+from mirip.fingerprint import FingerprintMismatch
+from mirip.inference import Scorer, ScoreResult, find_images, load_scorer
+from mirip.preprocessing import ImageReadError
+from mirip.tiers import tier_ranks, rank_to_tier
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Score drawings with a trained ranking head in full-image mode. The backbone and preprocessing "
+                    "are rebuilt from the checkpoint's feature fingerprint, so scores match those of the cached "
+                    "features the head was trained on. Unreadable files are listed, not fatal.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("images", nargs="*", metavar="IMAGES_OR_DIRS",
+                        help="image files and/or directories (searched recursively for image files)")
+    parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint written by scripts/train.py")
+    parser.add_argument("--output", default=None, metavar="CSV",
+                        help="CSV with columns path, score, rank, weights (+ tier with --metadata); "
+                             "default scores.csv when scoring IMAGES_OR_DIRS")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="say which of two drawings is better")
+    parser.add_argument("--html", metavar="HTML", help="also write a self-contained page of thumbnails by score")
+    parser.add_argument("--metadata", metavar="CSV", help="CSV with a filename and a tier column: groups the HTML "
+                        "report by tier and adds a tier column to the CSV")
+    parser.add_argument("--filename-column", default="filename", help="metadata column with the image path")
+    parser.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--backbone", metavar="DIR", default=None,
+                        help="use this local backbone directory instead of the checkpoint's (announced)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="use random backbone weights when the pretrained ones cannot be had (announced; "
+                             "scores then carry no learned meaning)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="needed only for a checkpoint without a feature fingerprint; otherwise must match it")
+    parser.add_argument("--top", type=int, default=5, help="how many of the best and worst to print")
+    parser.add_argument("--title", default=None, help="title of the HTML report")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _print_header(scorer: Scorer) -> None:
+    info = scorer.describe()
+    print(f"model: {info['checkpoint']} (epoch {info['epoch']}, val accuracy {info['accuracy']})")
+    print(f"  backbone {info['backbone']} | weights {info['weights']} | {info['image_size']} px {info['resize_mode']} "
+          f"| pooling {info['pooling']} | {info['precision']} on {info['device']}")
+    for note in scorer.notes:
+        print(f"NOTE: {note}")
+
+
+def match_tiers(paths: Sequence[str], metadata: pd.DataFrame, roots: Sequence[str], filename_column: str,
+                tier_column: str) -> Dict[str, str]:
+    """path -> tier, matching metadata filenames relative to an input directory, else by unique basename."""
+    if filename_column not in metadata.columns:
+        raise ValueError(f"metadata has no filename column {filename_column!r} "
+                         f"(columns: {', '.join(map(str, metadata.columns))})")
+    tiers = [rank_to_tier(r) for r in tier_ranks(metadata, tier_column)]
+    by_name = {os.path.normpath(str(f)): t for f, t in zip(metadata[filename_column], tiers)}
+    base_counts: Dict[str, int] = {}
+    for f in by_name:
+        base_counts[os.path.basename(f)] = base_counts.get(os.path.basename(f), 0) + 1
+    by_base = {os.path.basename(f): t for f, t in by_name.items() if base_counts[os.path.basename(f)] == 1}
+    out = {}
+    for p in paths:
+        rels = [os.path.normpath(os.path.relpath(p, r)) for r in roots if os.path.isdir(r)]
+        tier = next((by_name[r] for r in rels if r in by_name), None) or by_base.get(os.path.basename(p))
+        if tier is not None:
+            out[p] = tier
+    return out
+
+
+def _frame(result: ScoreResult, weights: str, tiers: Optional[Dict[str, str]]) -> pd.DataFrame:
+    rows = [{"path": p, "score": s, "rank": r, "weights": weights} for r, p, s in result.ranked()]
+    frame = pd.DataFrame(rows, columns=["path", "score", "rank", "weights"])
+    if tiers is not None:
+        frame["tier"] = [tiers.get(p, "") for p in frame["path"]]
+    return frame
+
+
+def _print_ranking(frame: pd.DataFrame, top: int) -> None:
+    def show(part: pd.DataFrame) -> None:
+        for row in part.itertuples():
+            tier = f"  [{row.tier}]" if "tier" in frame.columns and row.tier else ""
+            print(f"  #{row.rank:<5d} {row.score:+.4f}  {row.path}{tier}")
+
+    if len(frame) <= 2 * top:
+        print(f"ranking ({len(frame)} images, best first):")
+        show(frame)
+        return
+    print(f"top {top} of {len(frame)}:")
+    show(frame.head(top))
+    print(f"bottom {top}:")
+    show(frame.tail(top))
+
+
+def run_compare(scorer: Scorer, a: str, b: str) -> int:
+    try:
+        cmp = scorer.compare(a, b)
+    except (FileNotFoundError, ImageReadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"A  {cmp.score_a:+.4f}  {a}")
+    print(f"B  {cmp.score_b:+.4f}  {b}")
+    if cmp.prediction == 0:
+        print("tie: both drawings get the same score")
+    else:
+        print(f"better: {'A' if cmp.prediction == 1 else 'B'} ({cmp.better}), margin {cmp.margin:.4f}")
+    return 0
+
+
+def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
+    paths, missing = find_images(args.images)
+    for m in missing:
+        print(f"warning: {m} does not exist", file=sys.stderr)
+    if not paths:
+        print("error: no image files found in " + ", ".join(args.images), file=sys.stderr)
+        return 1
+    result = scorer.score_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
+                                progress=not args.no_progress)
+    tiers = None
+    if args.metadata:
+        try:
+            meta = pd.read_csv(args.metadata)
+            tiers = match_tiers(result.paths, meta, args.images, args.filename_column, args.tier_column)
+        except ValueError as exc:
+            raise ValueError(f"metadata {args.metadata}: {exc}") from exc
+        print(f"metadata: tiers for {len(tiers)} of {len(result.paths)} scored images")
+    frame = _frame(result, scorer.weights, tiers)
+    output = args.output or "scores.csv"
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    frame.to_csv(output, index=False, float_format="%.6f")
+    if len(frame):
+        _print_ranking(frame, args.top)
+    if result.failures:
+        print(f"could not read {len(result.failures)} file(s):")
+        for p, reason in result.failures:
+            print(f"  {p}: {reason}")
+    if args.html:
+        from mirip.report_html import write_html_report
+
+        info = {k: v for k, v in scorer.describe().items() if v is not None}
+        write_html_report(args.html, frame.to_dict("records"), title=args.title or "mirip scores", info=info,
+                          notes=scorer.notes, failures=result.failures, progress=not args.no_progress)
+    print(f"scored {len(frame)} of {len(paths)} images ({scorer.weights} backbone weights); wrote {output}"
+          + (f" and {args.html}" if args.html else ""))
+    return 0 if len(frame) else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare and args.images:
+        parser.error("--compare A B scores two drawings; do not also pass IMAGES_OR_DIRS")
+    if args.compare and (args.output or args.html or args.metadata):
+        parser.error("--output, --html and --metadata apply to scoring IMAGES_OR_DIRS, not to --compare")
+    if not args.compare and not args.images:
+        parser.error("give IMAGES_OR_DIRS to score, or --compare A B")
+    if args.batch_size <= 0:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    try:
+        scorer = load_scorer(args.checkpoint, backbone=args.backbone, random_init=True if args.random_init else None,
+                             image_size=args.image_size, device=args.device, precision=args.precision)
+    except (FileNotFoundError, CheckpointError, FingerprintMismatch, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_header(scorer)
+    if args.compare:
+        return run_compare(scorer, *args.compare)
+    try:
+        return run_scoring(scorer, args)
+    except (FileNotFoundError, ValueError) as exc:  # metadata problems: name the file/row/column
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

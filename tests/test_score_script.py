@@ -1,0 +1,158 @@
+"""scripts/score.py: a folder with a broken file, CSV, top/bottom, --compare, the HTML report, refusals."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import os
+import re
+import sys
+
+import pandas as pd
+import pytest
+
+from _inference_helpers import make_cache_and_checkpoint
+from conftest import make_image
+from mirip.report_html import render_html, tier_agreement
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("score_script", os.path.join(ROOT, "scripts", "score.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+score = _load_script()
+
+
+@pytest.fixture
+def scored_folder(tiny_backbone, image_dir, tmp_path):
+    d, meta = image_dir
+    _, ckpt, _, _ = make_cache_and_checkpoint(tiny_backbone, str(d), list(meta["filename"]), str(tmp_path))
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (d / "readme.txt").write_text("not an image, not listed")
+    meta_path = tmp_path / "metadata.csv"
+    meta.to_csv(meta_path, index=False)
+    return d, meta, ckpt, meta_path
+
+
+def test_score_folder_with_broken_file(scored_folder, tmp_path, capsys):
+    d, meta, ckpt, meta_path = scored_folder
+    out, page = tmp_path / "out" / "scores.csv", tmp_path / "report.html"
+    rc = score.main(["--checkpoint", ckpt, str(d), "--output", str(out), "--html", str(page), "--metadata",
+                     str(meta_path), "--batch-size", "3", "--top", "2", "--device", "cpu", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    frame = pd.read_csv(out)
+    assert list(frame.columns[:3]) == ["path", "score", "rank"]
+    assert len(frame) == 8 and list(frame["rank"]) == list(range(1, 9))
+    assert frame["score"].is_monotonic_decreasing
+    assert set(frame["weights"]) == {"pretrained"}
+    assert sorted(os.path.basename(p) for p in frame["path"]) == sorted(meta["filename"])
+    tiers = dict(zip(meta["filename"], meta["tier"]))
+    assert all(tiers[os.path.basename(p)] == t for p, t in zip(frame["path"], frame["tier"]))
+    assert "top 2 of 8" in printed and "bottom 2" in printed
+    assert "could not read 1 file(s)" in printed and "broken.jpg" in printed
+    assert "readme.txt" not in printed
+    assert "scored 8 of 9 images" in printed
+
+    text = page.read_text()
+    imgs = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)"', text)
+    assert len(imgs) == 8 and all(base64.b64decode(b)[:2] == b"\xff\xd8" for b in imgs)
+    for p in frame["path"]:
+        assert f'data-path="{p}"' in text
+    for tier in "SABC":
+        assert f"Tier {tier} &middot; 2 drawings" in text
+    assert text.index("Tier S") < text.index("Tier A") < text.index("Tier B") < text.index("Tier C")
+    assert "broken.jpg" in text and "cross-tier pairs" in text
+    assert "src=\"http" not in text and "<link" not in text  # self-contained
+
+
+def test_html_without_metadata_is_ordered_by_score(scored_folder, tmp_path):
+    d, _, ckpt, _ = scored_folder
+    page = tmp_path / "r.html"
+    assert score.main(["--checkpoint", ckpt, str(d), "--output", str(tmp_path / "s.csv"), "--html", str(page),
+                       "--device", "cpu", "--no-progress"]) == 0
+    frame = pd.read_csv(tmp_path / "s.csv")
+    text = page.read_text()
+    positions = [text.index(f'data-path="{p}"') for p in frame["path"]]
+    assert positions == sorted(positions) and "Tier" not in text
+
+
+def test_compare(scored_folder, capsys):
+    d, _, ckpt, _ = scored_folder
+    a, b = str(d / "img_0.png"), str(d / "img_7.png")
+    assert score.main(["--checkpoint", ckpt, "--compare", a, b, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    sa = float(re.search(r"^A\s+(\S+)", out, re.M).group(1))
+    sb = float(re.search(r"^B\s+(\S+)", out, re.M).group(1))
+    winner = "A" if sa > sb else "B"
+    assert f"better: {winner}" in out and f"margin {abs(sa - sb):.4f}" in out
+
+
+def test_compare_with_broken_file(scored_folder, capsys):
+    d, _, ckpt, _ = scored_folder
+    assert score.main(["--checkpoint", ckpt, "--compare", str(d / "img_0.png"), str(d / "broken.jpg"),
+                       "--device", "cpu"]) == 1
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_random_init_is_announced_everywhere(scored_folder, tmp_path, capsys):
+    d, _, ckpt, _ = scored_folder
+    page = tmp_path / "r.html"
+    assert score.main(["--checkpoint", ckpt, str(d / "img_0.png"), str(d / "img_1.png"), "--random-init",
+                       "--output", str(tmp_path / "s.csv"), "--html", str(page), "--device", "cpu",
+                       "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "NOTE: substituted RANDOM weights" in out and "random backbone weights" in out
+    assert set(pd.read_csv(tmp_path / "s.csv")["weights"]) == {"random"}
+    assert "RANDOM" in page.read_text()
+
+
+def test_refusals_and_errors(scored_folder, tmp_path, capsys):
+    d, _, ckpt, _ = scored_folder
+    assert score.main(["--checkpoint", ckpt, str(d), "--image-size", "112", "--device", "cpu"]) == 2
+    assert "image_size" in capsys.readouterr().err
+    assert score.main(["--checkpoint", str(tmp_path / "none.pt"), str(d)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert score.main(["--checkpoint", ckpt, str(empty), "--device", "cpu", "--output", str(tmp_path / "x.csv")]) == 1
+    assert "no image files found" in capsys.readouterr().err
+    bad_meta = tmp_path / "bad.csv"
+    pd.DataFrame({"filename": ["img_0.png"], "tier": ["Z"]}).to_csv(bad_meta, index=False)
+    assert score.main(["--checkpoint", ckpt, str(d), "--metadata", str(bad_meta), "--device", "cpu",
+                       "--output", str(tmp_path / "y.csv"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and "Invalid tier value 'Z'" in err and "row 0" in err
+    with pytest.raises(SystemExit):
+        score.main(["--checkpoint", ckpt])  # nothing to score
+
+
+def test_only_broken_files_fails(scored_folder, tmp_path, capsys):
+    d, _, ckpt, _ = scored_folder
+    assert score.main(["--checkpoint", ckpt, str(d / "broken.jpg"), "--device", "cpu",
+                       "--output", str(tmp_path / "s.csv"), "--no-progress"]) == 1
+    assert "scored 0 of 1" in capsys.readouterr().out
+
+
+def test_tier_agreement_counts_pairs():
+    # S above both A's: 2 wins; A(1.0) vs C(1.0) tie, A(0.0) below C: 0.5 + 0 ; S vs C: 1
+    agreement, pairs = tier_agreement([2.0, 1.0, 0.0, 1.0], ["S", "A", "A", "C"])
+    assert pairs == 2 + 1 + 2
+    assert agreement == pytest.approx((2 + 1 + 0.5) / 5)
+
+
+def test_render_html_escapes_names():
+    entries = [{"path": "/x/<b>evil</b>.png", "score": 1.0, "rank": 1}]
+    page = render_html(entries, {"/x/<b>evil</b>.png": None})
+    assert "<b>evil</b>" not in page and "&lt;b&gt;evil&lt;/b&gt;.png" in page and "thumbnail unavailable" in page
+
+
+def test_script_help_runs():
+    with pytest.raises(SystemExit) as exc:
+        score.main(["--help"])
+    assert exc.value.code == 0
