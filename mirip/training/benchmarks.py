@@ -276,7 +276,8 @@ class PerformanceBenchmarks:
         head = RankingHead(**dims).to(self.device).train()
         features = torch.randn(4096, head.input_dim, device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(0)
-        pairs = torch.randint(0, features.shape[0], (steps + 10, 2, batch_size), device=self.device, generator=gen)
+        warmup = max(1, min(10, steps))
+        pairs = torch.randint(0, features.shape[0], (steps + warmup, 2, batch_size), device=self.device, generator=gen)
         labels = torch.ones(batch_size, device=self.device)
         labels[::2] = -1
         optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4, weight_decay=0.01)
@@ -290,7 +291,7 @@ class PerformanceBenchmarks:
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
             optimizer.step()
 
-        self._timed(step, 10, 0)  # warm-up only: allocations, kernel selection
+        self._timed(step, warmup, 0)  # warm-up only: allocations, kernel selection
         t0 = time.perf_counter()
         for _ in range(steps):
             step()

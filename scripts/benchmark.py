@@ -1,0 +1,194 @@
+"""Run mirip's benchmarks and write benchmark.json + benchmark.md.
+
+Each benchmark is a module ``mirip.bench.<name>`` with ``add_arguments(parser)``,
+``run(args) -> dict`` and ``to_markdown(result) -> str``. Examples:
+
+    python scripts/benchmark.py --only full_image --backbone facebook/dinov2-large --random-init \\
+        --image-size 768 --precision bf16 --device cuda --output-dir runs/bench
+    python scripts/benchmark.py --backbone facebook/dinov2-small --random-init --image-size 224 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Dict, List, Optional, Tuple
+
+try:
+    import mirip  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mirip
+from mirip.devices import PRECISIONS, default_precision, resolve_device
+
+BENCHMARKS = ("full_image", "extraction", "training", "sweep")
+
+
+def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, ModuleType], Dict[str, str]]:
+    """Import ``mirip.bench.<name>`` for each name; one that does not exist (yet) is skipped with a reason."""
+    modules, skipped = {}, {}
+    for name in names:
+        try:
+            module = importlib.import_module(f"mirip.bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"mirip.bench.{name}":
+                skipped[name] = "module mirip.bench.%s does not exist" % name
+            else:
+                skipped[name] = f"cannot import: {exc}"
+            continue
+        except ImportError as exc:
+            skipped[name] = f"cannot import: {exc}"
+            continue
+        missing = [f for f in ("add_arguments", "run", "to_markdown") if not hasattr(module, f)]
+        if missing:
+            skipped[name] = f"mirip.bench.{name} lacks {', '.join(missing)}"
+        else:
+            modules[name] = module
+    return modules, skipped
+
+
+def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Run mirip's benchmarks (full-image mode, stage-one extraction, stage-two training, sweeps) "
+                    "and write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
+                    "image size, every figure, and whether the seed's 100 ms/pair and 12 GB requirements are met).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    common = parser.add_argument_group("common")
+    common.add_argument("--only", default=",".join(BENCHMARKS),
+                        help="comma-separated benchmarks to run, from: " + ", ".join(BENCHMARKS))
+    common.add_argument("--backbone", default="facebook/dinov2-large", help="hub id or local backbone directory")
+    common.add_argument("--random-init", action="store_true",
+                        help="random weights of the same architecture: no download needed, real speed and memory")
+    common.add_argument("--image-size", type=int, default=768, help="input size in pixels (square)")
+    common.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+    common.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    common.add_argument("--quick", action="store_true", help="tiny sizes and repeat counts: a smoke run for CPUs")
+    common.add_argument("--output-dir", default="runs/benchmark", help="where benchmark.json and benchmark.md go")
+    for module in modules.values():
+        module.add_arguments(parser)
+    return parser
+
+
+def machine_info(device: str) -> Dict[str, Any]:
+    import torch
+    import transformers
+
+    from mirip.training.benchmarks import device_name
+
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+        # Other work on the machine slows CPU figures down; the load at the start says how busy it was.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "mirip": mirip.__version__,
+    }
+
+
+def _requirements_line(results: Dict[str, Any]) -> Optional[str]:
+    full = results.get("full_image")
+    if not isinstance(full, dict) or "report" not in full:
+        return None
+    r = full["report"]
+    return (f"Seed requirements: {r['requirements']['max_inference_time_ms']:.0f} ms per pair — "
+            f"{'met' if r['meets_inference_requirement'] else 'NOT met'} ({r['inference_time_ms']:.2f} ms); "
+            f"{r['requirements']['max_memory_gb']:.0f} GB — "
+            f"{'met' if r['meets_memory_requirement'] else 'NOT met'} ({r['memory_usage_gb']:.2f} GB at batch "
+            f"{r['batch_size']}).")
+
+
+def render_markdown(header: Dict[str, Any], results: Dict[str, Any], sections: Dict[str, str],
+                    skipped: Dict[str, str]) -> str:
+    rows = [("date (UTC)", header["machine"]["date"]), ("machine", header["machine"]["platform"]),
+            ("CPU cores", header["machine"]["cpu_cores"]),
+            ("load average at start", header["machine"]["load_average_1min"]), ("device", header["machine"]["device"]),
+            ("device name", header["machine"]["device_name"]), ("backbone", header["backbone"]),
+            ("weights", header["weights"]), ("precision", header["precision"]),
+            ("image size", f"{header['image_size']} px"), ("quick", header["quick"]),
+            ("torch / transformers / mirip", f"{header['machine']['torch']} / {header['machine']['transformers']}"
+                                             f" / {header['machine']['mirip']}")]
+    lines = ["# mirip benchmarks", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    requirement = _requirements_line(results)
+    if requirement:
+        lines += [requirement, ""]
+    if header["weights"] == "random":
+        lines += ["Backbone weights are RANDOM (same architecture, no download): timings and memory are real, "
+                  "scores and accuracies are not.", ""]
+    for name, text in sections.items():
+        lines += [text.rstrip(), ""]
+    for name, reason in skipped.items():
+        lines += [f"- `{name}` skipped: {reason}"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    modules, import_skips = load_benchmarks()
+    parser = build_parser(modules)
+    args = parser.parse_args(argv)
+    wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) in --only: {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    args.device = resolve_device(args.device)
+    args.precision = args.precision or default_precision(args.device)
+    header = {"machine": machine_info(args.device), "backbone": args.backbone,
+              "weights": "random" if args.random_init else "pretrained", "precision": args.precision,
+              "image_size": args.image_size, "quick": args.quick, "only": wanted}
+    print(f"mirip benchmarks on {header['machine']['device_name']} ({args.device}): {args.backbone} "
+          f"({header['weights']} weights), {args.image_size} px, {args.precision}"
+          + (", quick" if args.quick else ""))
+
+    results: Dict[str, Any] = {}
+    sections: Dict[str, str] = {}
+    skipped = {n: r for n, r in import_skips.items() if n in wanted}
+    failed = []
+    for name in wanted:
+        if name not in modules:
+            print(f"[{name}] skipped: {skipped[name]}")
+            continue
+        print(f"[{name}] running ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            result = modules[name].run(args)
+            sections[name] = modules[name].to_markdown(result)
+        except Exception as exc:  # one broken benchmark must not lose the others' figures
+            failed.append(name)
+            result = {"error": f"{exc.__class__.__name__}: {exc}", "traceback": traceback.format_exc()}
+            sections[name] = f"### {name}\n\nFAILED: {result['error']}\n"
+            print(f"[{name}] FAILED: {result['error']}", file=sys.stderr)
+        results[name] = result
+        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    json_path = os.path.join(args.output_dir, "benchmark.json")
+    md_path = os.path.join(args.output_dir, "benchmark.md")
+    with open(json_path, "w") as f:
+        json.dump({**header, "results": results, "skipped": skipped}, f, indent=2, default=str)
+    markdown = render_markdown(header, results, sections, skipped)
+    with open(md_path, "w") as f:
+        f.write(markdown)
+    print()
+    print(markdown)
+    print(f"wrote {json_path} and {md_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
