@@ -139,7 +139,7 @@ def render_markdown(header: Dict[str, Any], results: Dict[str, Any], sections: D
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    modules, import_skips = load_benchmarks()
+    modules, import_skips = load_benchmarks(BENCHMARKS)
     parser = build_parser(modules)
     args = parser.parse_args(argv)
     wanted = [n.strip() for n in args.only.split(",") if n.strip()]
