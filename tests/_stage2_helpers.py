@@ -20,18 +20,24 @@ def fake_fingerprint(dim: int, **overrides) -> dict:
     return fp
 
 
+def signal_direction(dim: int, direction_seed: int = 0) -> np.ndarray:
+    """The unit direction that carries the tier signal in ``tiered_features``."""
+    direction = np.random.default_rng([direction_seed, 7919]).normal(size=dim)
+    return direction / np.linalg.norm(direction)
+
+
 def tiered_features(per_tier: int = 50, dim: int = 16, separation: float = 1.0, noise: float = 1.0,
-                    seed: int = 0) -> Tuple[np.ndarray, np.ndarray, list]:
+                    seed: int = 0, direction_seed: int = 0) -> Tuple[np.ndarray, np.ndarray, list]:
     """Features whose mean along one unit direction is ``separation * rank``, plus isotropic Gaussian noise.
 
     Returns (features (N, dim) float32, ranks (N,), tiers). Only that direction carries signal, so the
-    Bayes-optimal score is the projection on it.
+    Bayes-optimal score is the projection on it. The direction depends on ``direction_seed`` only, so
+    sets drawn with different ``seed`` share it.
     """
-    rng = np.random.default_rng(seed)
-    direction = rng.normal(size=dim)
-    direction /= np.linalg.norm(direction)
+    direction = signal_direction(dim, direction_seed)
     tiers = [t for t in TIERS for _ in range(per_tier)]
     ranks = np.array([3 - TIERS.index(t) for t in tiers], dtype=np.int64)
+    rng = np.random.default_rng(seed)
     feats = rng.normal(scale=noise, size=(len(tiers), dim)) + np.outer(ranks * separation, direction)
     return feats.astype(np.float32), ranks, tiers
 
@@ -57,3 +63,14 @@ def write_dataset(directory, per_tier: int = 50, dim: int = 16, separation: floa
     meta = os.path.join(directory, "metadata.csv")
     pd.DataFrame({"filename": names, "tier": tiers}).to_csv(meta, index=False)
     return cache, meta
+
+
+def single_thread():
+    """Generator for an autouse fixture: tiny heads run fastest on one thread, and two threads on two busy
+    cores can spin-wait 100x slower; the previous setting is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

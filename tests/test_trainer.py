@@ -1,0 +1,252 @@
+"""Trainer: the training-step contract, determinism, exact resume, checkpoints, early stopping, full-image mode."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from mirip.checkpoint import CheckpointError, load_checkpoint_file
+from mirip.ml.ranking_model import PairwiseRankingModel, RankingHead
+from mirip.preprocessing import Preprocessor
+from mirip.training.config import TrainingConfig
+from mirip.training.datasets.pair_sampling import sample_pairs
+from mirip.training.datasets.pairwise_dataset import FeaturePairDataset, PairwiseDataset
+from mirip.training.evaluator import Evaluator
+from mirip.training.trainer import Trainer
+
+from _stage2_helpers import (best_pairwise_accuracy, fake_fingerprint, signal_direction, single_thread,
+                             tiered_features)
+
+DIM = 12
+_one_thread = pytest.fixture(autouse=True)(single_thread)
+
+
+def _config(tmp_path=None, **kw) -> TrainingConfig:
+    base = dict(device="cpu", max_epochs=4, pairs_per_epoch=200, eval_pairs=300, batch_size=32, learning_rate=1e-3,
+                seed=3, checkpoint_dir=str(tmp_path) if tmp_path else "", save_every_n_epochs=2,
+                scheduler_t_max=4)
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def _data(cfg: TrainingConfig, per_tier=20, seed=0):
+    feats, ranks, _ = tiered_features(per_tier, DIM, seed=seed)
+    feats = torch.from_numpy(feats)
+    n = len(ranks)
+    train_rows, val_rows = np.arange(0, n, 2), np.arange(1, n, 2)
+    train = FeaturePairDataset(feats, ranks[train_rows], rows=train_rows, num_pairs=cfg.pairs_per_epoch,
+                               batch_size=cfg.batch_size, seed=cfg.seed, balance=cfg.pair_balance)
+    val = FeaturePairDataset(feats, ranks[val_rows], rows=val_rows, num_pairs=cfg.eval_pairs,
+                             batch_size=cfg.batch_size, seed=cfg.seed)
+    return feats, ranks, train_rows, val_rows, train, val
+
+
+def _head(cfg: TrainingConfig) -> RankingHead:
+    torch.manual_seed(cfg.seed)
+    return RankingHead(DIM, projector_output_dim=8, hidden_dim=16, dropout=0.1)
+
+
+def _fit(cfg, **trainer_kw):
+    *_, train, val = _data(cfg)
+    trainer = Trainer(_head(cfg), cfg, progress=False, **trainer_kw)
+    return trainer, trainer.fit(train, val)
+
+
+def test_same_seed_gives_identical_history():
+    cfg = _config()
+    (t1, h1), (t2, h2) = _fit(cfg), _fit(cfg)
+    assert h1 == h2 and len(h1["train_loss"]) == 4 and len(h1["val_acc"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(t1.model.state_dict().values(), t2.model.state_dict().values()))
+    _, h3 = _fit(_config(seed=4))
+    assert h3["train_loss"] != h1["train_loss"]
+
+
+def test_trainer_follows_the_training_step_contract():
+    """A hand-written loop of the documented contract reproduces the Trainer exactly (what a stacked sweep must match)."""
+    cfg = _config(max_epochs=3, early_stopping_patience=5)
+    trainer, history = _fit(cfg)
+    feats, ranks, train_rows, val_rows, *_ = _data(cfg)
+    model = _head(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.scheduler_t_max, eta_min=cfg.scheduler_eta_min)
+    vf, vs, vl = sample_pairs(ranks[val_rows], cfg.eval_pairs, seed=cfg.seed, epoch=0, balance=cfg.pair_balance)
+    losses, accs, val_accs = [], [], []
+    for epoch in range(cfg.max_epochs):
+        first, second, labels = sample_pairs(ranks[train_rows], cfg.pairs_per_epoch, seed=cfg.seed, epoch=epoch,
+                                             balance=cfg.pair_balance)
+        total_loss, correct = 0.0, 0
+        for s in range(0, len(labels), cfg.batch_size):
+            f1 = feats[train_rows[first[s:s + cfg.batch_size]]]
+            f2 = feats[train_rows[second[s:s + cfg.batch_size]]]
+            y = torch.from_numpy(labels[s:s + cfg.batch_size])
+            model.train()
+            s1, s2 = model(f1, f2)
+            loss = model.compute_loss(s1, s2, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_norm)
+            opt.step()
+            total_loss += loss.item() * len(y)
+            correct += int((torch.sign(s1 - s2).reshape(-1) == y).sum())
+        model.eval()
+        with torch.no_grad():
+            sv = model.get_score(feats[val_rows]).reshape(-1)
+        val_accs.append(int((torch.sign(sv[vf] - sv[vs]) == torch.from_numpy(vl)).sum()) / len(vl))
+        sched.step()
+        losses.append(total_loss / len(labels))
+        accs.append(correct / len(labels))
+    assert history["train_loss"] == pytest.approx(losses, rel=1e-5)
+    assert history["train_acc"] == accs
+    assert history["val_acc"] == pytest.approx(val_accs, abs=1e-9)
+    for a, b in zip(trainer.model.state_dict().values(), model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full_cfg = _config(tmp_path / "full", max_epochs=6, scheduler_t_max=6)
+    full, full_hist = _fit(full_cfg)
+
+    # The same run stopped after 3 epochs (max_epochs=3), then a fresh process resumes from last.pt.
+    part_cfg = _config(tmp_path / "part", max_epochs=3, scheduler_t_max=6)
+    _fit(part_cfg)
+    torch.manual_seed(12345)  # whatever the global RNG did in between must not matter
+    resume_cfg = _config(tmp_path / "part", max_epochs=6, scheduler_t_max=6)
+    *_, train, val = _data(resume_cfg)
+    resumed = Trainer(_head(resume_cfg), resume_cfg, progress=False)
+    ckpt = resumed.load_checkpoint(str(tmp_path / "part" / "last.pt"))
+    assert ckpt["epoch"] == 3 and resumed.epoch == 3
+    hist = resumed.fit(train, val)
+    assert hist == full_hist
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.best_epoch == full.best_epoch and resumed.best_accuracy == full.best_accuracy
+
+
+def test_checkpoint_files_and_contents(tmp_path):
+    cfg = _config(tmp_path, max_epochs=4)
+    fp = fake_fingerprint(DIM)
+    trainer, _ = _fit(cfg, fingerprint=fp, extra={"run_config": {"note": "x"}})
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "checkpoint_epoch_2.pt", "checkpoint_epoch_4.pt", "last.pt"]
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert set(raw["model_state_dict"]) == set(trainer.model.head_state_dict())
+    assert all(k.startswith(("projector.", "score_head.")) for k in raw["model_state_dict"])
+    assert raw["fingerprint"] == fp and raw["backbone"] is None and raw["epoch"] == 4
+    assert raw["head"] == {"input_dim": DIM, "hidden_dim": 16, "projector_output_dim": 8, "dropout": 0.1, "margin": 1.0}
+    assert raw["config"]["seed"] == 3 and raw["run_config"] == {"note": "x"}
+    best = load_checkpoint_file(tmp_path / "best.pt")
+    assert best["epoch"] == trainer.best_epoch and best["accuracy"] == trainer.best_accuracy
+    head = RankingHead(**best["head"])
+    head.load_head_state_dict(best["model_state_dict"])
+    trainer.restore_best()
+    for k, v in head.head_state_dict().items():
+        assert torch.equal(v, trainer.model.head_state_dict()[k])
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_and_truncated_checkpoints_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "payload": _Exploit(str(marker))}, evil)
+    cfg = _config()
+    trainer = Trainer(_head(cfg), cfg, progress=False)
+    with pytest.raises(CheckpointError, match="arbitrary unpickling"):
+        trainer.load_checkpoint(str(evil))
+    assert not marker.exists()
+    with open(tmp_path / "raw.pkl", "wb") as f:
+        pickle.dump(_Exploit(str(marker)), f)
+    with pytest.raises(CheckpointError):
+        trainer.load_checkpoint(str(tmp_path / "raw.pkl"))
+    assert not marker.exists()
+    trainer.save_checkpoint(str(tmp_path / "good.pt"), 1, 0.5)
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        trainer.load_checkpoint(str(tmp_path / "cut.pt"))
+
+
+def test_early_stopping_and_best_without_val():
+    cfg = _config(max_epochs=10, early_stopping_patience=2, learning_rate=1e-12, scheduler_eta_min=0.0)
+    *_, train, _ = _data(cfg)
+    trainer = Trainer(_head(cfg), cfg, progress=False, log=lambda m: None)
+    hist = trainer.fit(train)  # no val: train accuracy decides; lr ~0 and dropout noise, so it stalls
+    assert trainer.stopped_early and trainer.epoch < 10
+    assert hist["val_acc"] == [] and len(hist["train_acc"]) == trainer.epoch
+    best = int(np.argmax(hist["train_acc"])) + 1  # first maximum: improvement must be strict
+    assert trainer.best_epoch == best and trainer.epoch == best + 2
+
+
+def test_config_checks_wandb_and_device_fallback():
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        Trainer(_head(_config()), _config(batch_size=0))
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="wandb_enabled=True but wandb is not installed"):
+            Trainer(_head(_config()), _config(wandb_enabled=True))
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="CUDA is not available"):
+            trainer = Trainer(_head(_config()), _config(device="cuda"))
+        assert trainer.device == "cpu"
+
+
+def test_head_learns_close_to_the_bayes_accuracy():
+    """Signal along one direction + Gaussian noise: the best possible pairwise accuracy is known in closed form."""
+    sep, noise, dim = 1.0, 1.0, 8
+    cfg = _config(max_epochs=15, pairs_per_epoch=4000, batch_size=64, learning_rate=1e-3, scheduler_t_max=15,
+                  early_stopping_patience=5)
+    feats, ranks, _ = tiered_features(1000, dim, sep, noise, seed=1)
+    test_feats, test_ranks, _ = tiered_features(1000, dim, sep, noise, seed=2)
+    val_mask = np.arange(len(ranks)) % 5 == 0
+    train = FeaturePairDataset(torch.from_numpy(feats[~val_mask]), ranks[~val_mask], num_pairs=cfg.pairs_per_epoch,
+                               batch_size=cfg.batch_size, seed=cfg.seed)
+    val = FeaturePairDataset(torch.from_numpy(feats[val_mask]), ranks[val_mask], num_pairs=5000, seed=cfg.seed)
+    test = FeaturePairDataset(torch.from_numpy(test_feats), test_ranks, num_pairs=20_000, seed=99)
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(RankingHead(dim, 32, hidden_dim=64), cfg, progress=False, log=lambda m: None)
+    trainer.fit(train, val)
+    trainer.restore_best()
+    acc = Evaluator(trainer.model, "cpu").evaluate(test)
+    # The best possible score is the projection on the signal direction: on these very pairs it gets `oracle`,
+    # which itself sits within sampling noise (~0.3 points for 20k pairs) of the closed-form Bayes accuracy.
+    first, second, labels = test.pair_arrays()
+    proj = test_feats @ signal_direction(dim)
+    oracle = float((np.sign(proj[first] - proj[second]) == labels).mean())
+    bayes = best_pairwise_accuracy(sep, noise)
+    assert abs(oracle - bayes) < 0.01
+    assert acc <= oracle + 0.01
+    assert acc >= bayes - 0.02 and acc >= oracle - 0.02, f"head {acc:.4f}, oracle {oracle:.4f}, Bayes {bayes:.4f}"
+
+
+def test_full_image_model_trains_with_the_same_trainer(image_dir, tiny_backbone, tmp_path):
+    directory, meta = image_dir
+    cfg = _config(tmp_path, max_epochs=2, batch_size=4, save_every_n_epochs=5)
+    ds = PairwiseDataset(meta, str(directory), transform=Preprocessor(image_size=28), num_pairs=8, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(cfg.seed)
+        model = PairwiseRankingModel(tiny_backbone, projector_output_dim=8, device="cpu", hidden_dim=16)
+    backbone_before = {k: v.clone() for k, v in model.feature_extractor.state_dict().items()}
+    trainer = Trainer(model, cfg, progress=False)
+    hist = trainer.fit(loader, loader)
+    assert len(hist["train_loss"]) == 2 and 0.0 <= hist["val_acc"][-1] <= 1.0
+    assert all(torch.equal(v, model.feature_extractor.state_dict()[k]) for k, v in backbone_before.items())
+    ckpt = load_checkpoint_file(tmp_path / "last.pt")
+    assert ckpt["fingerprint"] is None and ckpt["backbone"]["hidden_size"] == 32
+    assert all(k.startswith(("projector.", "score_head.")) for k in ckpt["model_state_dict"])
+    assert "trainable_state_dict" not in ckpt
+    detailed = Evaluator(model, "cpu").evaluate_detailed(loader)
+    assert detailed["num_images"] == 8 and detailed["total_pairs"] == 8
