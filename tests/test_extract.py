@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import ImageOps
 
-from _extract_helpers import (SIZE, config, extract, make_images, noise_image, reference_features, script_main, touch_later,
+from _extract_helpers import (SIZE, one_torch_thread,  # noqa: F401  (autouse fixture)
+                               config, extract, make_images, noise_image, reference_features, script_main, touch_later,
                               write_bad_files, write_metadata, write_mode_images)
 from mirip.features.cache import CacheError, open_cache
 from mirip.features.extract import ExtractConfig, default_output, extract_features

@@ -203,6 +203,13 @@ class ReadBatch:
     def __len__(self) -> int:
         return len(self.paths) + len(self.failed)
 
+    def pin_memory(self) -> "ReadBatch":
+        # Called by the DataLoader's pin-memory thread (pin_memory=True): page-locked pixels make the
+        # host-to-GPU copy asynchronous.
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
 
 def collate(items: Sequence[ReadItem]) -> ReadBatch:
     ok = [it for it in items if it.pixels is not None]

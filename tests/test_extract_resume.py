@@ -1,0 +1,168 @@
+"""Stage one across processes: kill -9 and resume, torchrun with 2 ranks, and merging rank parts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from _extract_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+from _extract_helpers import SIZE, extract, make_images, noise_image, touch_later
+from mirip.features.cache import FeatureCache, open_cache, write_cache
+from mirip.features.distributed import leftover_parts, merge_parts, part_path
+
+ROOT = Path(__file__).resolve().parent.parent
+ATOL = 1e-5
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _args(image_dir, output, backbone, batch_size: int = 1) -> list:
+    return ["--image-dir", str(image_dir), "--output", str(output), "--backbone", backbone, "--image-size", str(SIZE),
+            "--batch-size", str(batch_size), "--num-workers", "0", "--device", "cpu", "--no-progress"]
+
+
+def _committed_rows(path) -> int:
+    try:
+        with h5py.File(path, "r", locking=False) as h5:
+            return int(h5.attrs["num_rows"])
+    except (OSError, KeyError):
+        return -1  # not created yet, or caught between writes
+
+
+def _kill_when(output, backbone, image_dir, at_least: int, timeout: float = 60.0) -> int:
+    """Start the extractor, SIGKILL it once ``at_least`` rows are committed; returns the rows seen."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "extract.py"), *_args(image_dir, output, backbone)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            rows = _committed_rows(output)
+            if rows >= at_least:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return rows
+            time.sleep(0.005)
+        pytest.fail(f"extractor ended (rc={proc.poll()}) or timed out before {at_least} rows were committed")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_backbone):
+    d = tmp_path / "images"
+    n = 200
+    names = make_images(d, n)
+    extract(d, tmp_path / "ref.h5", tiny_backbone)
+    out = tmp_path / "killed.h5"
+    seen = [_kill_when(out, tiny_backbone, d, at_least) for at_least in (1, 60, 130)]
+    assert all(0 < s < n for s in seen), seen
+    summary = extract(d, out, tiny_backbone)
+    assert summary.skipped_cached >= seen[-1] and summary.extracted == n - summary.skipped_cached
+    with open_cache(str(out)) as cache, open_cache(str(tmp_path / "ref.h5")) as ref:
+        assert cache.num_rows == n and cache.paths == names and len(set(cache.paths)) == n
+        np.testing.assert_allclose(cache.features(), ref.features(), atol=ATOL)
+        np.testing.assert_array_equal(cache.source_facts()[0], ref.source_facts()[0])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(image_dir, output, backbone, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(ROOT / "scripts" / "extract.py"), *_args(image_dir, output, backbone, 3)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _assert_same_cache(a_path, b_path, same_order: bool = True) -> None:
+    with open_cache(str(a_path)) as a, open_cache(str(b_path)) as b:
+        if same_order:
+            assert a.paths == b.paths
+        assert sorted(a.paths) == sorted(b.paths) and len(set(b.paths)) == len(b.paths)
+        rows = b.rows_for(a.paths)
+        np.testing.assert_allclose(a.features(), b.features(rows), atol=ATOL)
+        for x, y in zip(a.source_facts(), b.source_facts()):
+            np.testing.assert_array_equal(x, y[rows])
+        assert a.failure_records() == b.failure_records()
+        assert a.fingerprint == b.fingerprint
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_same_cache_as_one_process(tmp_path, tiny_backbone):
+    d = tmp_path / "images"
+    make_images(d, 11)
+    (d / "broken.png").write_bytes(b"not a png")
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    extract(d, one, tiny_backbone, batch_size=3)
+    done = _torchrun(d, two, tiny_backbone)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "extracted:            11" in done.stdout and "broken.png" in done.stdout
+    _assert_same_cache(one, two)
+    assert leftover_parts(str(two)) == []
+    # Second round: new images and a changed one; ranks append and replace through the merge.
+    make_images(d, 3, start=11)
+    noise_image(seed=77).save(d / "img_004.png")
+    touch_later(d / "img_004.png")
+    extract(d, one, tiny_backbone, batch_size=3)
+    done = _torchrun(d, two, tiny_backbone)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "extracted:            4 (1 changed files re-extracted)" in done.stdout
+    _assert_same_cache(one, two)
+
+
+def _fp(dim=4):
+    return {"format_version": 1, "backbone": "x", "feature_dim": dim, "feature_dtype": "float32", "views": 0}
+
+
+def test_merge_orders_rows_replaces_known_paths_and_combines_failures(tmp_path):
+    out = str(tmp_path / "main.h5")
+    f = np.arange(40, dtype=np.float32).reshape(10, 4)
+    write_cache(out, _fp(), ["b", "old"], f[:2], sizes=[1, 1], mtimes=[1, 1])
+    with FeatureCache.create(part_path(out, 0, 2), _fp()) as p0:
+        p0.append(["c", "old"], f[2:4], [2, 2], [2, 2])
+    with FeatureCache.create(part_path(out, 1, 2), _fp()) as p1:
+        p1.append(["a"], f[4:5], [3], [3])
+        p1.set_failures({"bad": ("not a recognised image format", 5, 5)})
+    with FeatureCache.open(out, "a") as cache:
+        merged = merge_parts(cache, leftover_parts(out), order={"a": 0, "old": 1, "c": 2})
+        assert merged == 3
+        assert cache.paths == ["b", "old", "a", "c"]
+        np.testing.assert_array_equal(cache.features(), np.stack([f[0], f[3], f[4], f[2]]))
+        assert cache.source_facts()[0].tolist() == [1, 2, 3, 2]
+        assert cache.failures() == {"bad": "not a recognised image format"}
+    assert leftover_parts(out) == []
+
+
+def test_leftover_parts_of_a_killed_distributed_run_are_merged_by_the_next_run(tmp_path, tiny_backbone):
+    d = tmp_path / "images"
+    names = make_images(d, 5)
+    ref = tmp_path / "ref.h5"
+    extract(d, ref, tiny_backbone)
+    out = tmp_path / "out.h5"
+    with open_cache(str(ref)) as r:
+        feats, (sizes, mtimes), fp = r.features(), r.source_facts(), r.fingerprint
+    # As a killed 2-rank run leaves it: the main cache has nothing yet, the rank parts a few rows.
+    FeatureCache.create(str(out), fp, overwrite=True).close()
+    with FeatureCache.create(part_path(str(out), 1, 2), fp) as part:
+        part.append([names[3], names[1]], feats[[3, 1]], sizes[[3, 1]], mtimes[[3, 1]])
+    summary = extract(d, out, tiny_backbone)
+    assert (summary.extracted, summary.skipped_cached) == (3, 2)
+    _assert_same_cache(ref, out, same_order=False)  # merged rows come first; the path -> feature map is the same
+    assert leftover_parts(str(out)) == []
