@@ -69,6 +69,10 @@ class RunConfig:
             raise ValueError(f"margin must be non-negative, got {self.margin}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        try:
+            self.splitter()
+        except AssertionError as exc:  # the seed's DataSplitter asserts; a run reports it as bad input
+            raise ValueError(str(exc)) from None
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -155,7 +159,7 @@ def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]]
     splitter = cfg.splitter()
     positions = pd.Series(np.arange(len(meta)), index=meta.index)
     frames = splitter.split(meta)
-    splits = {name: positions.loc[frame.index].to_numpy() for name, frame in zip(SPLITS, frames)}
+    splits = {name: np.array(positions.loc[frame.index].to_numpy(), dtype=np.int64) for name, frame in zip(SPLITS, frames)}
     return RunData(meta, features, tier_ranks(meta, cfg.tier_column), names, fingerprint, splits,
                    splitter.get_split_info())
 
