@@ -8,6 +8,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import ImageOps
 
 from _extract_helpers import (SIZE, one_torch_thread,  # noqa: F401  (autouse fixture)
@@ -273,3 +274,31 @@ def test_fingerprint_mismatch_error_type_is_kept(images, tiny_backbone, tmp_path
     with open_cache(str(out)) as cache:
         with pytest.raises(FingerprintMismatch, match="image_size"):
             cache.check_fingerprint({**cache.fingerprint, "image_size": 1})
+
+
+def test_uint8_pixels_normalised_on_the_device_equal_the_shared_preprocessing(images, tmp_path):
+    from mirip.features.mapper import Normalizer
+    from mirip.features.reader import ImageFileDataset
+    from mirip.preprocessing import Preprocessor
+
+    d, names = images
+    pre = Preprocessor(image_size=SIZE)
+    items = [(n, 0, 0) for n in names]
+    floats = ImageFileDataset(str(d), items, pre, views=1)[2].pixels
+    small = ImageFileDataset(str(d), items, pre, views=1, uint8=True)[2].pixels
+    assert small.dtype == torch.uint8 and small.shape == floats.shape == (2, 3, SIZE, SIZE)
+    torch.testing.assert_close(Normalizer(pre.mean, pre.std, "cpu")(small), floats, atol=1e-6, rtol=0)
+    torch.testing.assert_close(floats[0], pre(d / names[2]))
+
+
+def test_a_failing_writer_stops_the_run_with_the_error(images, tiny_backbone, tmp_path, monkeypatch):
+    from mirip.features import writer
+
+    d, _ = images
+
+    def broken(self, job):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer.CacheWriter, "write", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        extract(d, tmp_path / "f.h5", tiny_backbone, batch_size=1)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mirip.devices import PRECISIONS
 from mirip.features.cache import CacheError, FeatureCache
 from mirip.features.distributed import DistContext, leftover_parts, merge_parts, part_path
-from mirip.features.mapper import Mapper
+from mirip.features.mapper import Mapper, Normalizer
 from mirip.features.reader import ImageFileDataset, ReadBatch, collate, list_images, source_facts
 from mirip.features.writer import CacheWriter, WriteJob
 from mirip.fingerprint import ENVIRONMENT_FIELDS, make_fingerprint
@@ -234,6 +234,7 @@ class RunStats:
     infer_s: float = 0.0
     write_s: float = 0.0
     seconds: float = 0.0
+    startup_s: float = 0.0  # until the first batch arrives (worker start-up, first decode)
 
 
 def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2FeatureExtractor,
@@ -244,10 +245,12 @@ def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2Fe
         return stats
     cuda = str(extractor.device).startswith("cuda")
     workers = config.workers(str(extractor.device))
-    dataset = ImageFileDataset(config.image_dir, items, preprocessor, config.views)
+    # On a GPU, workers ship 8-bit pixels and the GPU normalises them (4x less data to move and pin).
+    dataset = ImageFileDataset(config.image_dir, items, preprocessor, config.views, uint8=cuda)
+    normalizer = Normalizer(preprocessor.mean, preprocessor.std, str(extractor.device)) if cuda else None
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                        pin_memory=cuda, prefetch_factor=4 if workers else None)
-    mapper, writer = Mapper(extractor), CacheWriter(cache)
+                        pin_memory=cuda, prefetch_factor=2 if workers else None)
+    mapper, writer = Mapper(extractor, normalizer), CacheWriter(cache)
     bar = tqdm(total=len(items), unit="img", desc="extract", disable=not progress, dynamic_ncols=True)
     views = config.views
 
@@ -270,6 +273,8 @@ def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2Fe
             batch = next(batches, None)
             t1 = time.perf_counter()
             stats.read_s += t1 - t0
+            if previous is None and batch is not None:
+                stats.startup_s = t1 - start
             if batch is None:
                 break
             pending = mapper(batch.pixels) if batch.pixels is not None else None

@@ -9,7 +9,7 @@ the host is still handing batch i-1 to the writer.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,14 +29,28 @@ class PendingFeatures:
         return self.host.numpy()
 
 
-class Mapper:
-    """Callable: (B, 3, H, W) CPU tensor -> PendingFeatures of shape (B, D), float32."""
+class Normalizer:
+    """uint8 (B, 3, H, W) -> normalised float32 on the device: the last step of ``Preprocessor``, moved to the GPU."""
 
-    def __init__(self, extractor: DINOv2FeatureExtractor):
-        self.extractor = extractor
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: str):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.mean.device, non_blocking=True).float()
+        return x.div_(255.0).sub_(self.mean).div_(self.std)
+
+
+class Mapper:
+    """Callable: (B, 3, H, W) CPU tensor (float, or uint8 with a ``normalizer``) -> PendingFeatures (B, D) float32."""
+
+    def __init__(self, extractor: DINOv2FeatureExtractor, normalizer: Optional[Normalizer] = None):
+        self.extractor, self.normalizer = extractor, normalizer
         self.cuda = torch.device(extractor.device).type == "cuda"
 
     def __call__(self, pixels: torch.Tensor) -> PendingFeatures:
+        if self.normalizer is not None:
+            pixels = self.normalizer(pixels)
         if not self.cuda:
             return PendingFeatures(self.extractor.extract(pixels), None)
         # Pinned source (from the DataLoader) + non_blocking: the upload overlaps the previous batch's compute.

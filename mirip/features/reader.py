@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from mirip.preprocessing import ImageReadError, Preprocessor
+from mirip.preprocessing import ImageReadError, Preprocessor, resize
 
 MISSING = -1  # size / mtime recorded for a file that does not exist
 
@@ -168,19 +168,31 @@ def failure_reason(exc: BaseException) -> str:
 
 
 class ImageFileDataset(Dataset):
-    """``items[i]`` -> ReadItem; decoding and resizing run in whichever process calls it (DataLoader workers)."""
+    """``items[i]`` -> ReadItem; decoding and resizing run in whichever process calls it (DataLoader workers).
 
-    def __init__(self, image_dir: str, items: Sequence[Tuple[str, int, int]], preprocessor: Preprocessor, views: int = 0):
+    With ``uint8=True`` the pixels stay 8-bit (normalised later on the GPU by ``mapper.Normalizer``):
+    a quarter of the bytes through shared memory, pinning and the PCIe bus, and no float work in workers.
+    """
+
+    def __init__(self, image_dir: str, items: Sequence[Tuple[str, int, int]], preprocessor: Preprocessor,
+                 views: int = 0, uint8: bool = False):
         self.image_dir, self.items, self.pre, self.views = os.fspath(image_dir), list(items), preprocessor, int(views)
+        self.uint8 = uint8
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def pixels(self, img: Image.Image) -> torch.Tensor:
+        if not self.uint8:
+            return self.pre(img)
+        p = self.pre
+        arr = np.asarray(resize(img, p.image_size, p.resize_mode, p.patch_size), dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
     def load(self, rel: str) -> torch.Tensor:
         img = self.pre.load(os.path.join(self.image_dir, rel))
-        if self.views == 0:
-            return self.pre(img)[None]
-        return torch.stack([self.pre(img)] + [self.pre(augment(img, v, rel)) for v in range(1, self.views + 1)])
+        views = [img] + [augment(img, v, rel) for v in range(1, self.views + 1)]
+        return torch.stack([self.pixels(v) for v in views])
 
     def __getitem__(self, i: int) -> ReadItem:
         rel, size, mtime = self.items[i]

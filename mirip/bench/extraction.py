@@ -1,0 +1,280 @@
+"""Benchmark of stage one: the extraction pipeline's images/s against the bare backbone's, in one run.
+
+    bare backbone   the same preprocessed batches already in memory (on the device), extract() only
+    pipeline        JPEG files -> DataLoader workers -> backbone -> background HDF5 writer
+
+The ratio pipeline / bare says how close extraction is to being backbone-bound
+(goal >= 0.85). The pipeline runs twice, on N/4 and N images, with the peak RSS
+of the process and its workers sampled during each: peak memory must not grow
+with N. Standalone (no scripts/benchmark.py needed)::
+
+    python -m mirip.bench.extraction --device cuda --backbone facebook/dinov2-large --random-init \\
+        --image-size 768 --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mirip.devices import default_precision, resolve_device
+from mirip.features.cache import FeatureCache
+from mirip.features.extract import ExtractConfig, build_models, run_pipeline
+from mirip.features.reader import source_facts
+from mirip.fingerprint import make_fingerprint
+from mirip.ml.backbones import RandomWeightsWarning
+
+GOAL_RATIO = 0.85
+GOAL_GPU_IMAGES_PER_S = 150.0
+# (full default, --quick default)
+DEFAULTS = {"images": (2000, 96), "source_size": (1024, 320), "batch_size": (32, 16), "bare_batches": (8, 3)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("extraction: stage-one pipeline vs bare backbone")
+    g.add_argument("--extract-images", type=int, default=None,
+                   help="synthetic JPEGs in the big pipeline run (2000; --quick 96); the small run uses a quarter")
+    g.add_argument("--extract-source-size", type=int, default=None,
+                   help="longer side of the synthetic JPEGs in pixels (1024; --quick 320)")
+    g.add_argument("--extract-batch-size", type=int, default=None, help="images per batch (32; --quick 16)")
+    g.add_argument("--extract-num-workers", type=int, default=None,
+                   help="DataLoader workers (default: CPU count - 1 on CUDA, 1 on CPU)")
+    g.add_argument("--extract-bare-batches", type=int, default=None,
+                   help="distinct in-memory batches the bare backbone cycles through (8; --quick 3)")
+    g.add_argument("--extract-image-dir", default=None,
+                   help="use the images in this directory instead of synthetic ones (first N, walked recursively)")
+
+
+def _opt(args: argparse.Namespace, name: str) -> int:
+    value = getattr(args, f"extract_{name}", None)
+    return int(value) if value is not None else DEFAULTS[name][1 if getattr(args, "quick", False) else 0]
+
+
+# --- synthetic input -----------------------------------------------------------------------------
+def _write_jpeg(job) -> None:
+    path, index, size = job
+    rng = np.random.default_rng(index)
+    # Smooth colour fields plus mild grain: compresses like a scanned drawing, not like white noise.
+    small = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(small, "RGB").resize((size, size * 3 // 4), Image.BICUBIC)
+    grain = rng.integers(-12, 13, size=(size * 3 // 4, size, 3))
+    arr = np.clip(np.asarray(img, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path, quality=90)
+
+
+def write_synthetic_images(directory: str, n: int, size: int) -> List[str]:
+    names = [f"bench_{i:06d}.jpg" for i in range(n)]
+    jobs = [(os.path.join(directory, name), i, size) for i, name in enumerate(names)]
+    workers = max(1, min(16, (os.cpu_count() or 1)))
+    if workers > 1 and n > 64:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_jpeg, jobs, chunksize=16))
+    else:
+        for job in jobs:
+            _write_jpeg(job)
+    return names
+
+
+# --- memory --------------------------------------------------------------------------------------
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> List[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+class PeakRSS:
+    """Samples the resident memory of this process plus its children (DataLoader workers) in a thread."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak_main, self.peak_total = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while not self._stop.is_set():
+            main = _rss_bytes(pid)
+            total = main + sum(_rss_bytes(c) for c in _children(pid))
+            self.peak_main, self.peak_total = max(self.peak_main, main), max(self.peak_total, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- the two measurements ------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bare_backbone(extractor, batches: List[torch.Tensor], repeats: int) -> float:
+    """images/s of ``extract`` alone on batches already on the device."""
+    extractor.extract(batches[0])  # warm-up: kernels, autocast caches
+    _sync(extractor.device)
+    n, start = 0, time.perf_counter()
+    for _ in range(repeats):
+        for b in batches:
+            extractor.extract(b)
+            n += b.shape[0]
+    _sync(extractor.device)
+    return n / (time.perf_counter() - start)
+
+
+def pipeline(config: ExtractConfig, names: List[str], extractor, preprocessor, fingerprint, out: str) -> Dict:
+    items = [(name, *source_facts(config.image_dir, name)) for name in names]
+    with PeakRSS() as rss, FeatureCache.create(out, fingerprint, overwrite=True) as cache:
+        stats = run_pipeline(items, cache, extractor, preprocessor, config, progress=False)
+        rows = cache.num_rows
+    if rows != len(names) or stats.failed:
+        raise RuntimeError(f"pipeline wrote {rows} rows for {len(names)} images (failed: {stats.failed})")
+    steady = len(names) / max(1e-9, stats.seconds - stats.startup_s)
+    return {"images": len(names), "seconds": stats.seconds, "startup_s": stats.startup_s,
+            "images_per_s": len(names) / stats.seconds, "steady_images_per_s": steady,
+            "read_wait_s": stats.read_s, "infer_s": stats.infer_s, "write_s": stats.write_s,
+            "peak_rss_main_mb": rss.peak_main / 2**20, "peak_rss_total_mb": rss.peak_total / 2**20}
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = resolve_device(getattr(args, "device", None))
+    precision = getattr(args, "precision", None) or default_precision(device)
+    n, batch, bare_batches = _opt(args, "images"), _opt(args, "batch_size"), _opt(args, "bare_batches")
+    cuda = device.startswith("cuda")
+    workers = getattr(args, "extract_num_workers", None)
+    if workers is None:
+        workers = max(1, min(16, (os.cpu_count() or 2) - 1)) if cuda else 1
+    with tempfile.TemporaryDirectory(prefix="mirip-bench-extract-") as tmp:
+        image_dir = getattr(args, "extract_image_dir", None)
+        if image_dir:
+            from mirip.features.reader import walk_image_dir
+
+            names = walk_image_dir(image_dir)[:n]
+        else:
+            image_dir = os.path.join(tmp, "images")
+            os.makedirs(image_dir)
+            t0 = time.perf_counter()
+            names = write_synthetic_images(image_dir, n, _opt(args, "source_size"))
+            print(f"extraction bench: wrote {n} synthetic JPEGs in {time.perf_counter() - t0:.1f} s", flush=True)
+        config = ExtractConfig(image_dir=image_dir, backbone=getattr(args, "backbone", "facebook/dinov2-large"),
+                               random_init=bool(getattr(args, "random_init", False)),
+                               image_size=int(getattr(args, "image_size", 768) or 768), precision=precision,
+                               batch_size=batch, num_workers=workers, device=device, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            extractor, pre = build_models(config, device)
+        fingerprint = make_fingerprint(extractor, pre)
+        # Warm-up pass (kernels, allocator, page cache) that neither figure counts.
+        pipeline(config, names[: 2 * batch], extractor, pre, fingerprint, os.path.join(tmp, "warm.h5"))
+
+        in_memory = [torch.stack([pre(os.path.join(image_dir, names[(i * batch + j) % len(names)]))
+                                  for j in range(batch)]).to(device) for i in range(bare_batches)]
+        repeats = max(1, min(4, n // (batch * bare_batches)))
+        bare_before = bare_backbone(extractor, in_memory, repeats)
+        small = pipeline(config, names[: max(batch, n // 4)], extractor, pre, fingerprint, os.path.join(tmp, "s.h5"))
+        big = pipeline(config, names, extractor, pre, fingerprint, os.path.join(tmp, "b.h5"))
+        bare_after = bare_backbone(extractor, in_memory, repeats)
+    bare = (bare_before + bare_after) / 2
+    result = {
+        "device": device, "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
+        "cpu_cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+        "torch_threads": torch.get_num_threads(), "backbone": config.backbone, "random_init": config.random_init,
+        "image_size": config.image_size, "precision": precision, "batch_size": batch, "num_workers": workers,
+        "source_size": None if getattr(args, "extract_image_dir", None) else _opt(args, "source_size"),
+        "bare_images_per_s": bare, "bare_runs_images_per_s": [bare_before, bare_after],
+        "pipeline_small": small, "pipeline": big,
+        "ratio": big["images_per_s"] / bare, "steady_ratio": big["steady_images_per_s"] / bare,
+        "rss_growth_mb": big["peak_rss_total_mb"] - small["peak_rss_total_mb"],
+        "goal_ratio": GOAL_RATIO,
+    }
+    result["meets_ratio_goal"] = result["ratio"] >= GOAL_RATIO
+    if cuda:
+        result["goal_images_per_s"] = GOAL_GPU_IMAGES_PER_S
+        result["meets_images_per_s_goal"] = big["images_per_s"] >= GOAL_GPU_IMAGES_PER_S
+    return result
+
+
+def to_markdown(r: dict) -> str:
+    p, s = r["pipeline"], r["pipeline_small"]
+    lines = [
+        f"**Stage-one extraction** — {r['backbone']} ({'random' if r['random_init'] else 'pretrained'} weights), "
+        f"{r['image_size']} px, {r['precision']}, batch {r['batch_size']}, {r['num_workers']} workers, "
+        f"on {r['device_name']} ({r['cpu_cores']} CPU cores, load {r['load_average_1min']:.1f}).",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| bare backbone, batches in memory | {r['bare_images_per_s']:.1f} images/s "
+        f"(runs: {', '.join(f'{x:.1f}' for x in r['bare_runs_images_per_s'])}) |",
+        f"| pipeline, {p['images']} JPEGs, end to end | {p['images_per_s']:.1f} images/s ({p['seconds']:.1f} s, "
+        f"worker start-up {p['startup_s']:.1f} s) |",
+        f"| pipeline after the first batch | {p['steady_images_per_s']:.1f} images/s |",
+        f"| **ratio pipeline / bare** | **{r['ratio']:.2f}** (after first batch {r['steady_ratio']:.2f}; "
+        f"goal >= {r['goal_ratio']}) |",
+        f"| time in the loop: read wait / infer / write (thread) | {p['read_wait_s']:.1f} / {p['infer_s']:.1f} / "
+        f"{p['write_s']:.1f} s |",
+        f"| peak RSS, {s['images']} vs {p['images']} images (process + workers) | {s['peak_rss_total_mb']:.0f} vs "
+        f"{p['peak_rss_total_mb']:.0f} MB (growth {r['rss_growth_mb']:+.0f} MB) |",
+    ]
+    if "goal_images_per_s" in r:
+        lines.append(f"| goal >= {r['goal_images_per_s']:.0f} images/s | "
+                     f"{'met' if r['meets_images_per_s_goal'] else 'NOT met'} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark stage-one extraction: pipeline vs bare backbone.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backbone", default="facebook/dinov2-large", help="hub id or local backbone directory")
+    parser.add_argument("--random-init", action="store_true", help="random weights of the same architecture")
+    parser.add_argument("--image-size", type=int, default=768, help="input size in pixels (square)")
+    parser.add_argument("--precision", default=None, help="fp32, bf16, fp16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="small sizes for a CPU smoke run")
+    parser.add_argument("--output-dir", default=None, help="also write extraction.json and extraction.md here")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    result = run(args)
+    text = to_markdown(result)
+    print(text)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "extraction.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(args.output_dir, "extraction.md"), "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

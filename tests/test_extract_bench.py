@@ -1,0 +1,32 @@
+"""The extraction benchmark runs end to end on a tiny backbone (a smoke test; the figures come from real runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+from _extract_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+from mirip.bench import extraction
+
+
+def test_benchmark_measures_pipeline_and_bare_backbone(tiny_backbone, tmp_path):
+    parser = argparse.ArgumentParser()
+    extraction.add_arguments(parser)
+    args = parser.parse_args(["--extract-images", "12", "--extract-batch-size", "4", "--extract-bare-batches", "2",
+                              "--extract-num-workers", "0", "--extract-source-size", "64"])
+    args.backbone, args.random_init, args.image_size, args.device, args.quick = tiny_backbone, False, 28, "cpu", True
+    result = extraction.run(args)
+    assert result["pipeline"]["images"] == 12 and result["pipeline_small"]["images"] == 4
+    assert result["bare_images_per_s"] > 0 and result["pipeline"]["images_per_s"] > 0
+    assert result["ratio"] == result["pipeline"]["images_per_s"] / result["bare_images_per_s"]
+    assert result["pipeline"]["peak_rss_total_mb"] > 0
+    text = extraction.to_markdown(result)
+    assert "ratio pipeline / bare" in text and "peak RSS" in text
+
+
+def test_standalone_entry_point_has_help(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        extraction.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--extract-images" in capsys.readouterr().out
