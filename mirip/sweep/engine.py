@@ -1,0 +1,231 @@
+"""Training one group of a sweep: K stacked heads, one pass over the same batches per epoch.
+
+The loop is the Trainer's (``mirip.training.trainer``, whose docstring states the
+training-step contract) with a K axis: the same pairs per epoch, the same batches,
+the same step, validation scoring each val image once, best = strictly higher
+val accuracy, early stopping per head. A head that stops leaves the stack: the
+stack is rebuilt from the heads still training, so its compute is not spent
+on heads whose result is already fixed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from mirip.sweep.grid import HeadConfig
+from mirip.sweep.stacked import StackedHeads, StackedOptimizer, build_head, clip_grad_norm_per_head
+from mirip.training.config import TrainingConfig
+
+HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "lr")
+SCORE_BATCH = 4096
+
+
+@dataclass
+class HeadOutcome:
+    """What one head of a group ended with: its best epoch's weights and optimizer state, and its history."""
+
+    config: HeadConfig
+    best_epoch: int  # 1-based (epochs completed when the best val accuracy was reached), as the Trainer counts
+    best_val_acc: float
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    state: Dict[str, torch.Tensor]  # RankingHead.head_state_dict() form, CPU
+    optimizer_state: dict  # torch AdamW state_dict form for that head alone, at the best epoch
+    scheduler_state: dict
+    rng_state: Dict[str, object]  # as the Trainer checkpoints it: {"torch": ..., "cuda": [...]}
+    history: Dict[str, List[float]] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+    @property
+    def head_config(self) -> dict:
+        return {"input_dim": int(self.state["projector.net.0.weight"].shape[1]), "hidden_dim": self.config.hidden_dim,
+                "projector_output_dim": self.config.projector_dim, "dropout": float(self.config.dropout),
+                "margin": float(self.config.margin)}
+
+
+class _Head:
+    """Book-keeping of one head while it trains (its slot in the stack changes when others leave)."""
+
+    def __init__(self, config: HeadConfig, cpu_rng: torch.Tensor):
+        self.config = config
+        self.cpu_rng = cpu_rng  # the CPU RNG state after init: where a single run's CPU stream stands
+        self.history: Dict[str, List[float]] = {k: [] for k in HISTORY_KEYS}
+        self.best_acc = -math.inf
+        self.best_loss = math.nan
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.best: Optional[dict] = None
+
+
+def _stack(heads: Sequence[_Head], models: Sequence, rng_states, tc: TrainingConfig, fused: Optional[bool]):
+    model = StackedHeads(models, rng_states)
+    opt = StackedOptimizer(model, [h.config.learning_rate for h in heads], [h.config.weight_decay for h in heads],
+                           tc.scheduler_t_max, tc.scheduler_eta_min, fused=fused)
+    return model, opt
+
+
+def _compact(model: StackedHeads, opt: StackedOptimizer, keep: List[int], heads: Sequence[_Head],
+             tc: TrainingConfig) -> tuple:
+    """A new stack of heads ``keep`` that continues exactly where they were: weights, moments, steps, lrs, RNG."""
+    models = [model.to_ranking_head(k).to(model.device) for k in keep]
+    new_model, new_opt = _stack([heads[k] for k in keep], models, [model.rng_states[k] for k in keep], tc, opt.fused)
+    old_groups = opt.optimizer.param_groups
+    for j, k in enumerate(keep):
+        for old_view, new_view in zip(opt.views[k], new_opt.views[j]):
+            old = opt.optimizer.state.get(old_view)
+            if old:
+                new_opt.optimizer.state[new_view] = {n: t.clone() if torch.is_tensor(t) else t for n, t in old.items()}
+    sched = opt.scheduler.state_dict()
+    for key in ("base_lrs", "_last_lr"):
+        if isinstance(sched.get(key), list):
+            sched[key] = [sched[key][k] for k in keep]
+    new_opt.scheduler.load_state_dict(sched)
+    for j, k in enumerate(keep):
+        # The cosine schedule is recursive in the group's current lr: carry it over as it is.
+        new_opt.optimizer.param_groups[j]["lr"] = old_groups[k]["lr"]
+        new_opt.optimizer.param_groups[j]["initial_lr"] = old_groups[k]["initial_lr"]
+    return new_model, new_opt
+
+
+@torch.no_grad()
+def _validate(model: StackedHeads, dataset) -> tuple:
+    """(loss (K,), accuracy (K,)) of every head on the dataset's fixed pairs, each image scored once."""
+    model.eval()
+    scores = torch.cat([model(f.to(model.device)) for _, f in dataset.image_batches(SCORE_BATCH)], dim=1)
+    first, second, labels = (torch.from_numpy(a).to(model.device) for a in dataset.pair_arrays())
+    s1, s2 = scores[:, first], scores[:, second]
+    loss = model.pair_losses(s1, s2, labels)
+    correct = (torch.sign(s1 - s2) == labels.to(s1.dtype)).sum(dim=1)
+    return loss, correct.to(torch.float64) / labels.shape[0]
+
+
+def train_group(
+    configs: Sequence[HeadConfig],
+    train_data,
+    val_data,
+    training: TrainingConfig,
+    device: str = "cpu",
+    *,
+    fused: Optional[bool] = None,
+    on_epoch: Optional[Callable[[int, int], None]] = None,
+    on_finished: Optional[Callable[[HeadOutcome], None]] = None,
+) -> List[HeadOutcome]:
+    """Train heads that share (seed, hidden_dim, projector_dim) together; one outcome per config, in input order.
+
+    ``train_data`` / ``val_data`` are ``FeaturePairDataset``s (train: fresh pairs per ``set_epoch``; val: fixed
+    pairs) built with the group's seed. ``training`` supplies everything but lr, weight decay and seed, which
+    come from each config. ``on_epoch(epoch, heads_trained)`` runs after every epoch and
+    ``on_finished(outcome)`` as soon as a head is done, so a caller can save it before the others finish.
+    """
+    if not configs:
+        return []
+    keys = {c.shape_key for c in configs}
+    if len(keys) != 1:
+        raise ValueError(f"a group's configs must share seed, hidden_dim and projector_dim; got {sorted(keys)}")
+    tc = training
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    input_dim = int(train_data.features.shape[1])
+    heads, models, rngs = [], [], []
+    for cfg in configs:
+        model_k, rng_k, cpu_k = build_head(input_dim, cfg.projector_dim, cfg.margin, cfg.hidden_dim, cfg.dropout,
+                                           cfg.seed, dev)
+        heads.append(_Head(cfg, cpu_k))
+        models.append(model_k)
+        rngs.append(rng_k)
+    model, opt = _stack(heads, models, rngs, tc, fused)
+    slots = list(range(len(heads)))  # slot in the stack -> index into heads
+    outcomes: Dict[int, HeadOutcome] = {}
+
+    def finish(i: int, epochs_run: int, stopped: bool) -> None:
+        h = heads[i]
+        best = h.best or {}
+        out = HeadOutcome(
+            config=h.config, best_epoch=h.best_epoch, best_val_acc=float(h.best_acc), best_val_loss=float(h.best_loss),
+            epochs_run=epochs_run, stopped_early=stopped, state=best.get("state", {}),
+            optimizer_state=best.get("optimizer", {}), scheduler_state=best.get("scheduler", {}),
+            rng_state=best.get("rng", {}), history=h.history, wall_time_s=time.perf_counter() - t0,
+        )
+        outcomes[i] = out
+        if on_finished is not None:
+            on_finished(out)
+
+    for epoch in range(tc.max_epochs):
+        train_data.set_epoch(epoch)
+        lrs = opt.lrs()
+        model.train()
+        k = model.k
+        loss_sum = torch.zeros(k, device=dev)
+        correct = torch.zeros(k, device=dev, dtype=torch.long)
+        seen = 0
+        all_on = [True] * k
+        for f1, f2, labels in train_data:
+            f1, f2, labels = f1.to(dev), f2.to(dev), labels.to(dev)
+            n = labels.shape[0]
+            scores = model(torch.cat([f1, f2], dim=0))
+            s1, s2 = scores[:, :n], scores[:, n:]
+            losses = model.pair_losses(s1, s2, labels)
+            model.zero_grad(set_to_none=True)
+            # Heads share no parameters: the gradient of the sum is each head's own loss gradient.
+            losses.sum().backward()
+            clip_grad_norm_per_head(model.stacked, tc.gradient_clip_norm)
+            opt.step(all_on)
+            loss_sum += losses.detach() * n
+            correct += (torch.sign(s1.detach() - s2.detach()) == labels.to(s1.dtype)).sum(dim=1)
+            seen += n
+        if seen == 0:
+            raise ValueError("the training data yielded no batches")
+        val_loss, val_acc = _validate(model, val_data)
+        opt.epoch_end()
+        # One device sync per epoch for all heads' numbers.
+        train_loss_l, train_acc_l = (loss_sum / seen).tolist(), (correct.double() / seen).tolist()
+        val_loss_l, val_acc_l = val_loss.tolist(), val_acc.tolist()
+        done: List[int] = []
+        for slot, i in enumerate(slots):
+            h = heads[i]
+            for key, value in zip(HISTORY_KEYS, (train_loss_l[slot], val_loss_l[slot], train_acc_l[slot],
+                                                 val_acc_l[slot], lrs[slot])):
+                h.history[key].append(value)
+            if val_acc_l[slot] > h.best_acc:
+                h.best_acc, h.best_loss, h.best_epoch, h.bad_epochs = val_acc_l[slot], val_loss_l[slot], epoch + 1, 0
+                h.best = {
+                    "state": model.head_state_dict(slot),
+                    "optimizer": opt.head_optimizer_state(slot),
+                    "scheduler": opt.head_scheduler_state(slot),
+                    "rng": _rng_snapshot(model, slot, h, dev),
+                }
+            else:
+                h.bad_epochs += 1
+            if 0 < tc.early_stopping_patience <= h.bad_epochs:
+                done.append(slot)
+        last_epoch = epoch + 1 == tc.max_epochs
+        for slot in done:
+            finish(slots[slot], epoch + 1, stopped=True)
+        if on_epoch is not None:
+            on_epoch(epoch, len(slots))
+        if last_epoch:
+            break
+        if done:
+            keep = [s for s in range(len(slots)) if s not in done]
+            if not keep:
+                break
+            model, opt = _compact(model, opt, keep, [heads[i] for i in slots], tc)
+            slots = [slots[s] for s in keep]
+    for i in slots:
+        if i not in outcomes:
+            finish(i, tc.max_epochs, stopped=False)
+    return [outcomes[i] for i in range(len(heads))]
+
+
+def _rng_snapshot(model: StackedHeads, slot: int, head: _Head, dev: torch.device) -> Dict[str, object]:
+    """The RNG states a single run of this head would hold now (what the Trainer stores for an exact resume)."""
+    state = model.rng_states[slot]
+    if dev.type == "cuda":
+        return {"torch": head.cpu_rng.clone(), "cuda": [state.clone()] if state is not None else []}
+    return {"torch": (state if state is not None else head.cpu_rng).clone(), "cuda": []}

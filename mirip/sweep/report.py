@@ -1,0 +1,167 @@
+"""The sweep's reports: results.csv, summary.md (mean +- std over seeds), best.json and heatmap.png.
+
+The winner is chosen on mean *validation* accuracy over seeds; test accuracy is
+reported beside it and never consulted when choosing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mirip.sweep.grid import HYPERPARAMETERS
+
+METRICS = ("val_acc", "test_acc", "spearman")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Readers see the old file or the whole new one, never a half-written one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _std(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per grid point: mean and std over seeds of each metric, best first by mean val accuracy.
+
+    Ties in mean val accuracy keep grid order (a stable sort); test accuracy plays no part in the order.
+    """
+    if rows.empty:
+        raise ValueError("no finished configurations to summarise")
+    keys = list(HYPERPARAMETERS)
+    out = []
+    for values, g in rows.groupby(keys, sort=False):
+        rec: Dict[str, Any] = dict(zip(keys, values))
+        rec["seeds"] = len(g)
+        rec["seed_list"] = sorted(int(s) for s in g["seed"])
+        for m in METRICS:
+            vals = g[m].to_numpy(dtype=np.float64)
+            rec[f"{m}_mean"], rec[f"{m}_std"] = float(np.mean(vals)), _std(vals)
+        rec["best_epoch_mean"] = float(g["best_epoch"].mean())
+        rec["wall_time_s_mean"] = float(g["wall_time_s"].mean())
+        best_run = g.sort_values("val_acc", ascending=False, kind="stable").iloc[0]
+        rec["best_seed"], rec["best_checkpoint"] = int(best_run["seed"]), str(best_run["checkpoint"])
+        out.append(rec)
+    table = pd.DataFrame(out)
+    return table.sort_values("val_acc_mean", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
+
+
+def summary_markdown(table: pd.DataFrame, title: str = "Sweep summary", notes: Sequence[str] = ()) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"{n}" for n in notes] + ([""] if notes else [])
+    lines += [
+        "Sorted by mean validation pairwise accuracy (best first); ± is the standard deviation over seeds.",
+        "",
+        "| rank | margin | hidden | proj | lr | dropout | wd | seeds | val acc | test acc | Spearman | best epoch |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |",
+    ]
+    for i, r in table.iterrows():
+        lines.append(
+            f"| {i + 1} | {r['margin']:g} | {int(r['hidden_dim'])} | {int(r['projector_dim'])} | "
+            f"{r['learning_rate']:g} | {r['dropout']:g} | {r['weight_decay']:g} | {int(r['seeds'])} | "
+            f"{_pm(r['val_acc_mean'], r['val_acc_std'])} | {_pm(r['test_acc_mean'], r['test_acc_std'])} | "
+            f"{_pm(r['spearman_mean'], r['spearman_std'])} | {r['best_epoch_mean']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def choose_best(table: pd.DataFrame) -> Dict[str, Any]:
+    """The top row of ``aggregate``: highest mean validation accuracy (never test)."""
+    row = table.iloc[0]
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+
+
+def train_options(best: Dict[str, Any], fixed: Dict[str, Any]) -> Dict[str, Any]:
+    """Options for ``scripts/train.py`` (argparse dests) that reproduce the winner's best seed."""
+    opts = dict(fixed)
+    for k in HYPERPARAMETERS:
+        opts[k] = best[k]
+    opts["seed"] = int(best["best_seed"])
+    return opts
+
+
+def to_argv(options: Dict[str, Any]) -> List[str]:
+    """``{"hidden_dim": 512, "stratify": True}`` -> ``["--hidden-dim", "512", "--stratify"]``."""
+    argv: List[str] = []
+    for k, v in options.items():
+        if v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            argv += [flag, repr(v) if isinstance(v, float) else str(v)]
+    return argv
+
+
+def save_heatmap(table: pd.DataFrame, path: str) -> bool:
+    """Mean val (and test) accuracy over margin x (hidden, projector) dims; False without matplotlib.
+
+    Each cell shows the grid point chosen on val accuracy among the other hyperparameters
+    (lr, dropout, weight decay); the test panel shows that same point's test accuracy.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    # ``table`` is sorted best first, so the first row per cell is the val-chosen one.
+    cells = table.drop_duplicates(["margin", "hidden_dim", "projector_dim"], keep="first")
+    margins = sorted(cells["margin"].unique())
+    dims = sorted({(int(h), int(p)) for h, p in zip(cells["hidden_dim"], cells["projector_dim"])})
+    panels = [("val_acc_mean", "validation (selection)"), ("test_acc_mean", "test (same points)")]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(dims) * 2 + 2), max(3.0, 0.6 * len(margins) + 2)),
+                             squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        grid = np.full((len(margins), len(dims)), np.nan)
+        for _, r in cells.iterrows():
+            grid[margins.index(r["margin"]), dims.index((int(r["hidden_dim"]), int(r["projector_dim"])))] = r[key]
+        im = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(dims)), [f"h{h}/p{p}" for h, p in dims], rotation=45, ha="right")
+        ax.set_yticks(range(len(margins)), [f"{m:g}" for m in margins])
+        ax.set_xlabel("hidden / projector dim")
+        ax.set_ylabel("margin")
+        ax.set_title(f"pairwise accuracy, {label}")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True

@@ -1,0 +1,355 @@
+"""The sweep driver: read the cache once, split once per seed, train each group of stacked heads, write results.
+
+    metadata.csv + cache.h5 (loaded once)
+      -> per seed: the same split and pairs scripts/train.py would use with that seed
+         -> per (hidden_dim, projector_dim): the pending heads, stacked (mirip.sweep.engine)
+            -> per finished head: checkpoints/<id>.pt, then results/<id>.json (the "done" mark)
+      -> results.csv, summary.md, best.json, heatmap.png
+
+Restarting with the same command skips every configuration whose result file
+exists; ``sweep.json`` records what the results depend on, and a restart with
+different data or fixed settings is refused rather than mixed into one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import mirip
+from mirip.checkpoint import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
+from mirip.devices import resolve_device
+from mirip.ml.ranking_model import RankingHead
+from mirip.sweep.engine import HeadOutcome, train_group
+from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepConfigError, SweepGrid, group_configs
+from mirip.sweep.report import (aggregate, choose_best, save_heatmap, summary_markdown, to_argv, train_options,
+                                write_atomic)
+from mirip.tiers import tier_ranks
+from mirip.training.config import TrainingConfig
+from mirip.training.evaluator import Evaluator
+from mirip.training.run import SPLITS, RunConfig, RunData, load_features, read_metadata, split_dataset
+from mirip.training.trainer import check_config
+
+# TrainingConfig fields a sweep varies per head (grid axes), and those that do not change any number.
+GRID_FIELDS = ("learning_rate", "weight_decay", "seed")
+INERT_FIELDS = ("checkpoint_dir", "save_every_n_epochs", "wandb_enabled", "wandb_project", "wandb_run_name",
+                "device", "num_workers")
+DATA_FIELDS = ("filename_column", "tier_column", "train_ratio", "val_ratio", "test_ratio", "stratify")
+RESULT_COLUMNS = (
+    ("config_id", "seed") + HYPERPARAMETERS
+    + ("batch_size", "max_epochs", "pairs_per_epoch", "eval_pairs", "pair_balance", "gradient_clip_norm",
+       "early_stopping_patience", "scheduler_t_max", "scheduler_eta_min", "train_ratio", "val_ratio", "test_ratio",
+       "stratify")
+    + ("best_epoch", "epochs_run", "stopped_early", "val_acc", "val_loss", "test_acc", "spearman", "kendall",
+       "test_pairs", "wall_time_s", "group_size", "checkpoint")
+)
+OUTPUT_FILES = ("results.csv", "summary.md", "best.json", "heatmap.png")
+
+
+@dataclass
+class SweepSettings:
+    """Everything a sweep holds fixed across heads: the data, the split, and the non-grid training settings."""
+
+    features: str
+    metadata: str
+    output_dir: str
+    filename_column: str = "filename"
+    tier_column: str = "tier"
+    train_ratio: float = 0.8
+    val_ratio: float = 0.1
+    test_ratio: float = 0.1
+    stratify: bool = True
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    fused: Optional[bool] = None  # AdamW kernel; None: fused on CPU and CUDA
+
+    def run_config(self, cfg: HeadConfig) -> RunConfig:
+        """The ``scripts/train.py`` run this head is equal to (same split, pairs, init and step)."""
+        tc = dataclasses.replace(self.training, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 seed=cfg.seed, checkpoint_dir=self.output_dir)
+        return RunConfig(features=self.features, metadata=self.metadata, output_dir=self.output_dir,
+                         filename_column=self.filename_column, tier_column=self.tier_column,
+                         train_ratio=self.train_ratio, val_ratio=self.val_ratio, test_ratio=self.test_ratio,
+                         stratify=self.stratify, margin=cfg.margin, hidden_dim=cfg.hidden_dim,
+                         projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc)
+
+    def fixed(self) -> Dict[str, Any]:
+        """The settings results depend on (apart from the grid): a restart must match them."""
+        out = {k: getattr(self, k) for k in DATA_FIELDS}
+        out.update({k: v for k, v in self.training.to_dict().items() if k not in GRID_FIELDS + INERT_FIELDS})
+        return out
+
+    def check(self) -> None:
+        check_config(self.training)
+        ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
+        if min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
+            raise SweepConfigError(f"split ratios must be non-negative and sum to 1.0, got {ratios}")
+        if self.val_ratio <= 0:
+            raise SweepConfigError("--val-ratio must be positive: a sweep chooses its winner on validation accuracy")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_manifest(path: str, manifest: Dict[str, Any]) -> None:
+    """Refuse to continue a sweep in ``path`` that was run on other data or other fixed settings."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diffs = []
+    for section in ("fixed", "fingerprint"):
+        a, b = old.get(section) or {}, manifest.get(section) or {}
+        for k in sorted(set(a) | set(b)):
+            if section == "fingerprint" and k in ("mirip_version", "torch_version", "transformers_version"):
+                continue
+            if json.dumps(a.get(k)) != json.dumps(b.get(k)):
+                diffs.append(f"{section}.{k}: was {a.get(k)!r}, now {b.get(k)!r}")
+    if old.get("metadata_sha256") != manifest.get("metadata_sha256"):
+        diffs.append("the metadata file's contents changed")
+    if diffs:
+        raise SweepConfigError(
+            f"{os.path.dirname(path)} holds a sweep run with other settings ({'; '.join(diffs[:6])}); "
+            "its finished results would not be comparable. Use another --output-dir, or the original settings."
+        )
+
+
+class SweepRunner:
+    """Runs a ``SweepGrid`` under ``SweepSettings``; ``run()`` returns the finished table and the winner."""
+
+    def __init__(self, grid: SweepGrid, settings: SweepSettings, *, progress: bool = True,
+                 log: Optional[Callable[[str], None]] = None):
+        settings.check()
+        self.grid, self.settings = grid, settings
+        self.out = settings.output_dir
+        self.progress = progress
+        self.log = log or (lambda msg: tqdm.write(msg))
+        self.device = resolve_device(settings.training.device)
+        self.configs = grid.configs()
+
+    # --- files -------------------------------------------------------------------------------
+    def checkpoint_path(self, cfg: HeadConfig) -> str:
+        return os.path.join(self.out, "checkpoints", f"{cfg.config_id}.pt")
+
+    def result_path(self, cfg: HeadConfig) -> str:
+        return os.path.join(self.out, "results", f"{cfg.config_id}.json")
+
+    def finished(self, cfg: HeadConfig) -> Optional[Dict[str, Any]]:
+        """The stored result row of a configuration, or None if it still has to run."""
+        path = self.result_path(cfg)
+        if not (os.path.isfile(path) and os.path.isfile(self.checkpoint_path(cfg))):
+            return None
+        with open(path) as f:
+            return json.load(f)["row"]
+
+    # --- data --------------------------------------------------------------------------------
+    def _load(self) -> Dict[str, Any]:
+        s = self.settings
+        meta = read_metadata(s.metadata, s.filename_column, s.tier_column)
+        names = meta[s.filename_column].astype(str).tolist()
+        features, fingerprint = load_features(s.features, names)
+        return {"meta": meta, "names": names, "features": features, "fingerprint": fingerprint,
+                "ranks": tier_ranks(meta, s.tier_column), "device_features": features.to(self.device)}
+
+    def _datasets(self, data: Dict[str, Any], seed: int) -> Dict[str, Any]:
+        """The seed's split and pair datasets, built exactly as ``scripts/train.py --seed SEED`` builds them."""
+        # The split and pairs depend on the seed and the fixed settings only, not on the head's hyperparameters.
+        rc = self.settings.run_config(HeadConfig(1.0, 1, 1, 1.0, 0.0, 0.0, seed))
+        splitter = rc.splitter()
+        positions = pd.Series(np.arange(len(data["meta"])), index=data["meta"].index)
+        frames = splitter.split(data["meta"])
+        splits = {name: positions.loc[frame.index].to_numpy() for name, frame in zip(SPLITS, frames)}
+        run_data = RunData(data["meta"], data["features"], data["ranks"], data["names"], data["fingerprint"],
+                           splits, splitter.get_split_info())
+        datasets = {sp: split_dataset(run_data, sp, data["device_features"], rc.training, train=(sp == "train"))
+                    for sp in SPLITS}
+        for sp in ("train", "val"):
+            if datasets[sp] is None:
+                raise SweepConfigError(f"seed {seed}: the {sp} split is empty; raise --{sp}-ratio")
+        return datasets
+
+    # --- per finished head -------------------------------------------------------------------
+    def _save(self, outcome: HeadOutcome, test_ds, data: Dict[str, Any], group_size: int, t_group: float) -> Dict:
+        cfg = outcome.config
+        rc = self.settings.run_config(cfg)
+        metrics: Dict[str, Any] = {}
+        if test_ds is not None:
+            head = RankingHead(**outcome.head_config)
+            head.load_head_state_dict(outcome.state)
+            metrics = Evaluator(head, self.device).evaluate_detailed(test_ds)
+        best = outcome.best_epoch
+        payload = {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "mirip_version": mirip.__version__,
+            "model_state_dict": outcome.state,
+            "optimizer_state_dict": outcome.optimizer_state,
+            "scheduler_state_dict": outcome.scheduler_state,
+            "epoch": best,
+            "accuracy": outcome.best_val_acc,
+            "config": rc.training.to_dict(),
+            "head": outcome.head_config,
+            "fingerprint": data["fingerprint"],
+            "backbone": None,
+            "history": {k: list(v[:best]) for k, v in outcome.history.items()},
+            "best_accuracy": outcome.best_val_acc,
+            "best_epoch": best,
+            "epochs_without_improvement": 0,
+            "best_state_dict": outcome.state,
+            "rng_state": outcome.rng_state,
+            "run_config": rc.to_dict(),
+            "sweep": {"config_id": cfg.config_id, "epochs_run": outcome.epochs_run,
+                      "stopped_early": outcome.stopped_early, "test_metrics": _plain(metrics)},
+        }
+        ckpt = self.checkpoint_path(cfg)
+        save_checkpoint_file(ckpt, payload)
+        tc = rc.training
+        row: Dict[str, Any] = {"config_id": cfg.config_id, **cfg.to_dict()}
+        row.update({k: getattr(tc, k) for k in ("batch_size", "max_epochs", "pairs_per_epoch", "eval_pairs",
+                                                "pair_balance", "gradient_clip_norm", "early_stopping_patience",
+                                                "scheduler_t_max", "scheduler_eta_min")})
+        row.update({k: getattr(self.settings, k) for k in ("train_ratio", "val_ratio", "test_ratio", "stratify")})
+        row.update({
+            "best_epoch": best, "epochs_run": outcome.epochs_run, "stopped_early": outcome.stopped_early,
+            "val_acc": outcome.best_val_acc, "val_loss": outcome.best_val_loss,
+            "test_acc": metrics.get("accuracy", float("nan")), "spearman": metrics.get("spearman", float("nan")),
+            "kendall": metrics.get("kendall", float("nan")), "test_pairs": metrics.get("total_pairs", 0),
+            "wall_time_s": time.perf_counter() - t_group, "group_size": group_size,
+            "checkpoint": os.path.relpath(ckpt, self.out),
+        })
+        # Written last: its presence is what marks the configuration as done.
+        write_atomic(self.result_path(cfg), json.dumps(_plain({"row": row, "history": outcome.history,
+                                                                "test_metrics": metrics}), indent=2))
+        return row
+
+    # --- the run -----------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        s = self.settings
+        os.makedirs(self.out, exist_ok=True)
+        data = self._load()
+        manifest = {"fixed": s.fixed(), "fingerprint": data["fingerprint"], "metadata_sha256": _sha256(s.metadata),
+                    "features": os.path.abspath(s.features), "metadata": os.path.abspath(s.metadata)}
+        manifest_path = os.path.join(self.out, "sweep.json")
+        _check_manifest(manifest_path, manifest)
+        write_atomic(manifest_path, json.dumps(_plain({**manifest, "grid": self.grid.to_dict()}), indent=2))
+
+        rows: Dict[str, Dict[str, Any]] = {}
+        pending: List[HeadConfig] = []
+        for cfg in self.configs:
+            row = self.finished(cfg)
+            if row is None:
+                pending.append(cfg)
+            else:
+                rows[cfg.config_id] = row
+        self.log(f"sweep: {len(self.configs)} configurations ({len(self.grid.seed)} seed(s)), "
+                 f"{len(rows)} already finished, {len(pending)} to train on {self.device}; "
+                 f"{len(data['names'])} images, {data['features'].shape[1]}-d features")
+        epochs = s.training.max_epochs
+        bar = tqdm(total=len(pending) * epochs, desc="sweep", unit="head-epoch", disable=not self.progress,
+                   dynamic_ncols=True)
+        t_start = time.perf_counter()
+        done_count = len(rows)
+        groups = group_configs(pending)
+        for seed in dict.fromkeys(c.seed for c in pending):
+            datasets = self._datasets(data, seed)
+            for key, cfgs in groups.items():
+                if key[0] != seed:
+                    continue
+                bar.set_postfix_str(f"seed {seed} h{key[1]}/p{key[2]} x{len(cfgs)}")
+                t_group = time.perf_counter()
+
+                def finished(outcome: HeadOutcome, cfgs=cfgs, t_group=t_group) -> None:
+                    nonlocal done_count
+                    row = self._save(outcome, datasets["test"], data, len(cfgs), t_group)
+                    rows[outcome.config.config_id] = row
+                    done_count += 1
+                    bar.update(epochs - outcome.epochs_run)  # epochs it will not need
+                    self.log(f"[{done_count}/{len(self.configs)}] {outcome.config.describe()}: best epoch "
+                             f"{row['best_epoch']}/{row['epochs_run']}, val {row['val_acc']:.4f}, "
+                             f"test {row['test_acc']:.4f}, spearman {row['spearman']:.4f}")
+                    self._write_tables(rows)
+
+                train_group(cfgs, datasets["train"], datasets["val"], s.training, self.device, fused=s.fused,
+                            on_epoch=lambda epoch, trained: bar.update(trained), on_finished=finished)
+        bar.close()
+        result = self._write_tables(rows, final=True)
+        result.update(trained=len(pending), skipped=len(self.configs) - len(pending),
+                      wall_time_s=time.perf_counter() - t_start)
+        if result.get("best"):
+            b = result["best"]
+            self.log(f"best on validation: {_describe(b)} (val {b['val_acc_mean']:.4f}, test {b['test_acc_mean']:.4f}"
+                     f", {len(b['seeds'])} seed(s)); outputs in {self.out}: "
+                     + ", ".join(f for f in OUTPUT_FILES if os.path.exists(os.path.join(self.out, f))))
+        return result
+
+    def _write_tables(self, rows: Dict[str, Dict[str, Any]], final: bool = False) -> Dict[str, Any]:
+        """results.csv after every finished head; summary, best and heatmap too once everything is in."""
+        ordered = [rows[c.config_id] for c in self.configs if c.config_id in rows]
+        table = pd.DataFrame(ordered, columns=list(RESULT_COLUMNS))
+        write_atomic(os.path.join(self.out, "results.csv"), table.to_csv(index=False))
+        out: Dict[str, Any] = {"results": table, "output_dir": self.out}
+        if not final or table.empty:
+            return out
+        summary = aggregate(table)
+        missing = len(self.configs) - len(ordered)
+        notes = [f"{len(ordered)} runs of {len(summary)} configurations; cache {self.settings.features}."]
+        if missing:
+            notes.append(f"{missing} run(s) of the grid are missing.")
+        write_atomic(os.path.join(self.out, "summary.md"), summary_markdown(summary, notes=notes))
+        best = choose_best(summary)
+        fixed = {"features": self.settings.features, "metadata": self.settings.metadata, **self.settings.fixed()}
+        fixed.update({k: getattr(self.settings.training, k) for k in ("device", "save_every_n_epochs")})
+        options = train_options(best, fixed)
+        best_json = {
+            "chosen_on": "mean validation pairwise accuracy over seeds (test accuracy is reported, never used)",
+            "config": {k: best[k] for k in HYPERPARAMETERS},
+            "seeds": best["seed_list"],
+            **{k: best[k] for k in ("val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
+                                     "spearman_mean", "spearman_std")},
+            "best_seed": best["best_seed"],
+            "checkpoint": os.path.join(self.out, best["best_checkpoint"]),
+            "train_options": options,
+            "train_argv": to_argv(options),
+            "train_command": "python scripts/train.py " + " ".join(
+                to_argv(options) + ["--output-dir", os.path.join(self.out, "best-run")]),
+        }
+        write_atomic(os.path.join(self.out, "best.json"), json.dumps(_plain(best_json), indent=2))
+        save_heatmap(summary, os.path.join(self.out, "heatmap.png"))
+        out.update(summary=summary, best=best_json)
+        return out
+
+
+def _describe(best: Dict[str, Any]) -> str:
+    c = best.get("config", best)
+    return (f"margin={c['margin']:g} hidden={c['hidden_dim']} proj={c['projector_dim']} lr={c['learning_rate']:g} "
+            f"dropout={c['dropout']:g} wd={c['weight_decay']:g}")
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def run_sweep(grid: SweepGrid, settings: SweepSettings, **kwargs) -> Dict[str, Any]:
+    return SweepRunner(grid, settings, **kwargs).run()

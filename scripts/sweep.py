@@ -1,0 +1,130 @@
+"""Ablation sweep over margin, dims, learning rate, dropout and weight decay: many heads trained together.
+
+Example, from the repository root:
+
+    python scripts/sweep.py --features cache/features.h5 --metadata data/metadata.csv \\
+        --output-dir runs/sweep-margin --margin 0.1 0.5 1.0 --hidden-dim 256 512 --projector-dim 64 128 --seeds 0 1 2
+
+Run the same command again after an interruption: finished configurations are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+try:
+    import mirip  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mirip.checkpoint import CheckpointError
+from mirip.features.cache import CacheError
+from mirip.sweep.grid import SweepConfigError, SweepGrid
+from mirip.sweep.runner import GRID_FIELDS, OUTPUT_FILES, SweepSettings, run_sweep
+from mirip.training.config import TrainingConfig
+from mirip.training.datasets.pair_sampling import BALANCES
+
+DEFAULTS = TrainingConfig()
+GRID_OPTIONS = (  # (flag, dest, type, default, help)
+    ("--margin", "margin", float, [1.0], "MarginRankingLoss margins"),
+    ("--hidden-dim", "hidden_dim", int, [512], "Projector hidden widths"),
+    ("--projector-dim", "projector_dim", int, [256], "Projector output (embedding) dims"),
+    ("--learning-rate", "learning_rate", float, [DEFAULTS.learning_rate], "AdamW learning rates"),
+    ("--dropout", "dropout", float, [0.1], "Projector dropout rates"),
+    ("--weight-decay", "weight_decay", float, [DEFAULTS.weight_decay], "AdamW weight decays"),
+    ("--seeds", "seed", int, [DEFAULTS.seed], "seeds: each one its own split, init, dropout and pairs"),
+)
+SKIPPED = set(GRID_FIELDS) | {"checkpoint_dir"}  # grid axes, and the output directory is fixed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train one head per point of a hyperparameter grid on cached features. Heads that share "
+                    "a seed and (hidden, projector) dims are stacked and trained together over the same batches; "
+                    "each equals the same configuration trained alone by scripts/train.py. Writes "
+                    + ", ".join(OUTPUT_FILES) + " (heatmap needs matplotlib) and one checkpoint per "
+                    "configuration x seed into --output-dir. Rerun the same command to continue.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--features", required=True, metavar="H5", help="feature cache written by scripts/extract.py")
+    data.add_argument("--metadata", required=True, metavar="CSV", help="CSV with one row per image")
+    data.add_argument("--output-dir", required=True, metavar="DIR", help="sweep directory (results, checkpoints)")
+    data.add_argument("--filename-column", default="filename", help="metadata column with the image path")
+    data.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
+    data.add_argument("--train-ratio", type=float, default=0.8, help="share of images for training")
+    data.add_argument("--val-ratio", type=float, default=0.1, help="share of images for validation (selection)")
+    data.add_argument("--test-ratio", type=float, default=0.1, help="share of images for the final test")
+    data.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=True,
+                      help="keep tier proportions equal across splits")
+    grid = parser.add_argument_group("grid (one or more values each; the sweep is their product)")
+    for flag, dest, kind, default, help_text in GRID_OPTIONS:
+        grid.add_argument(flag, dest=dest, type=kind, nargs="+", default=default, metavar=kind.__name__.upper(),
+                          help=help_text)
+    fixed = parser.add_argument_group("fixed training settings (TrainingConfig; one value for every head)")
+    hints = typing.get_type_hints(TrainingConfig)
+    for f in dataclasses.fields(TrainingConfig):
+        if f.name in SKIPPED:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            fixed.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.name)
+        elif f.name == "pair_balance":
+            fixed.add_argument(flag, choices=BALANCES, default=f.default, help="how pairs spread over tier pairs")
+        elif f.name == "device":
+            fixed.add_argument(flag, default=None, help="cuda or cpu (default: cuda when available)")
+        else:
+            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+            fixed.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(), help=f.name)
+    run = parser.add_argument_group("run")
+    run.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                     help="AdamW's fused kernel (one pass per step; same math, rounding may differ in the last "
+                          "bits); default: on for CPU and CUDA")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple:
+    """(SweepGrid, SweepSettings); raises SweepConfigError on a bad grid before anything is read."""
+    grid = SweepGrid(**{dest: tuple(getattr(args, dest)) for _, dest, *_ in GRID_OPTIONS})
+    if args.wandb_enabled:
+        raise SweepConfigError("--wandb-enabled: wandb logging is not supported by sweeps (one run per head)")
+    training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig) if f.name not in SKIPPED}
+    if training["device"] is None:
+        import torch
+
+        training["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    training["checkpoint_dir"] = args.output_dir
+    settings = SweepSettings(
+        features=args.features, metadata=args.metadata, output_dir=args.output_dir,
+        filename_column=args.filename_column, tier_column=args.tier_column, train_ratio=args.train_ratio,
+        val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
+        training=TrainingConfig(**training), fused=args.fused,
+    )
+    return grid, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        grid, settings = settings_from_args(args)
+        result = run_sweep(grid, settings, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, CacheError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    best = result.get("best")
+    print(f"\n{result['trained']} configuration(s) trained, {result['skipped']} already done, "
+          f"{result['wall_time_s']:.1f} s")
+    if best:
+        print(f"best on validation: {best['config']} val {best['val_acc_mean']:.4f} test {best['test_acc_mean']:.4f}")
+        print(f"train it: {best['train_command']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
