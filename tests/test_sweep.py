@@ -238,3 +238,39 @@ def test_best_json_trains_the_same_head_with_train_py(data, tmp_path):
             torch.testing.assert_close(ours["model_state_dict"][name], value, rtol=1e-5, atol=1e-6)
     test_metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert test_metrics["model"]["accuracy"] == pytest.approx(best["test_acc_mean"])
+
+
+def test_sweep_checkpoint_loads_in_full_image_mode(tiny_backbone, tmp_path):
+    """A head from the sweep scores image files through the backbone as it scored their cached features."""
+    from conftest import make_image
+    from mirip.features.cache import write_cache
+    from mirip.fingerprint import make_fingerprint
+    from mirip.inference import load_scorer
+    from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+    from mirip.preprocessing import Preprocessor
+
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [f"img_{i:02d}.png" for i in range(24)]
+    paths = [make_image(images / n, seed=i) for i, n in enumerate(names)]
+    extractor = DINOv2FeatureExtractor(tiny_backbone, device="cpu")
+    preprocessor = Preprocessor(image_size=28)
+    with torch.no_grad():
+        feats = np.stack([extractor.extract(preprocessor(p)[None])[0].numpy() for p in paths])
+    cache = write_cache(str(tmp_path / "features.h5"), make_fingerprint(extractor, preprocessor), names, feats)
+    metadata = tmp_path / "metadata.csv"
+    pd.DataFrame({"filename": names, "tier": list("SABC" * 6)}).to_csv(metadata, index=False)
+    out = tmp_path / "sweep"
+    settings = SweepSettings(features=cache, metadata=str(metadata), output_dir=str(out), train_ratio=0.5,
+                             val_ratio=0.25, test_ratio=0.25,
+                             training=TrainingConfig(max_epochs=2, pairs_per_epoch=32, eval_pairs=32, batch_size=8,
+                                                     device="cpu"))
+    result = run_sweep(SweepGrid(margin=(0.5, 1.0), hidden_dim=(8,), projector_dim=(4,), seed=(0,)), settings,
+                       progress=False, log=lambda m: None)
+    scorer = load_scorer(out / result["results"].checkpoint.iloc[1], device="cpu")
+    got = scorer.score_paths(paths[:6], progress=False)
+    head = RankingHead(**scorer.checkpoint["head"])
+    head.load_head_state_dict(scorer.checkpoint["model_state_dict"])
+    with torch.no_grad():
+        want = head.eval().get_score(torch.from_numpy(feats[:6])).reshape(-1)
+    np.testing.assert_allclose(got.scores, want.numpy(), rtol=1e-4, atol=1e-5)
