@@ -73,7 +73,7 @@ def test_trainer_follows_the_training_step_contract():
     feats, ranks, train_rows, val_rows, *_ = _data(cfg)
     model = _head(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.scheduler_t_max, eta_min=cfg.scheduler_eta_min)
     vf, vs, vl = sample_pairs(ranks[val_rows], cfg.eval_pairs, seed=cfg.seed, epoch=0, balance=cfg.pair_balance)
     losses, accs, val_accs = [], [], []
@@ -250,3 +250,20 @@ def test_full_image_model_trains_with_the_same_trainer(image_dir, tiny_backbone,
     assert "trainable_state_dict" not in ckpt
     detailed = Evaluator(model, "cpu").evaluate_detailed(loader)
     assert detailed["num_images"] == 8 and detailed["total_pairs"] == 8
+
+
+def test_training_benchmark_runs_and_reports():
+    import argparse
+
+    from mirip.bench import training as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--training-images", "40", "--training-dim", "16", "--training-pairs", "64",
+                              "--training-epochs", "2", "--training-throughput-pairs", "64",
+                              "--training-repeats", "1", "--training-threads", "1"])
+    args.device, args.quick = "cpu", True
+    result = bench.run(args)
+    assert result["full_run"]["epochs"] == 2 and result["full_run"]["wall_s"] > 0
+    assert result["throughput"]["ratio"] == result["throughput"]["trainer_median"] / result["throughput"]["bare_median"]
+    assert "ratio Trainer / bare" in bench.to_markdown(result)

@@ -1,0 +1,218 @@
+"""Benchmark of stage two: the Trainer's pairs/s against a bare training loop, and the wall time of a full run.
+
+    bare loop   gather two feature batches by index, forward, MarginRankingLoss, backward, AdamW step
+                (fused AdamW, as the Trainer uses)
+    Trainer     Trainer.train_epoch over a FeaturePairDataset: the same work plus gradient clipping
+                and on-device loss/accuracy bookkeeping
+
+Both run on the same in-memory (N, D) features, the same pairs, batch size and
+head, alternating, ``--training-repeats`` times; the medians give the ratio
+(goal >= 0.9). Then ``Trainer.fit`` runs the seed's training budget - 100
+epochs x 10,000 pairs at batch 32 with D = 1024 - including validation every
+epoch and best/last checkpoints, and its wall time is recorded (goal on the
+2-core CPU: under 2 minutes). Standalone::
+
+    python -m mirip.bench.training --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from mirip.devices import resolve_device
+from mirip.ml.ranking_model import RankingHead
+from mirip.training.config import TrainingConfig
+from mirip.training.datasets.pair_sampling import sample_pairs
+from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
+from mirip.training.trainer import Trainer
+
+GOAL_RATIO = 0.9
+GOAL_FULL_RUN_S = 120.0
+# (full default, --quick default)
+DEFAULTS = {
+    "images": (5000, 1000),
+    "dim": (1024, 1024),
+    "pairs": (10_000, 10_000),
+    "epochs": (100, 5),
+    "batch_size": (32, 32),
+    "throughput_pairs": (20_000, 6_400),
+    "repeats": (5, 3),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training: stage-two Trainer vs bare loop, and a full run")
+    g.add_argument("--training-images", type=int, default=None, help="synthetic images (5000; --quick 1000)")
+    g.add_argument("--training-dim", type=int, default=None, help="feature dim D (1024)")
+    g.add_argument("--training-pairs", type=int, default=None, help="pairs per epoch of the full run (10000)")
+    g.add_argument("--training-epochs", type=int, default=None, help="epochs of the full run (100; --quick 5)")
+    g.add_argument("--training-batch-size", type=int, default=None, help="pairs per step (32)")
+    g.add_argument("--training-throughput-pairs", type=int, default=None,
+                   help="pairs per timed pass of the throughput comparison (20000; --quick 6400)")
+    g.add_argument("--training-repeats", type=int, default=None, help="alternating timed passes of each (5; --quick 3)")
+    g.add_argument("--training-threads", type=int, default=None,
+                   help="torch CPU threads for this benchmark (default: torch's own choice). On a small, busy CPU "
+                        "1 avoids threads spin-waiting on each other")
+
+
+def _opt(args: argparse.Namespace, name: str) -> int:
+    value = getattr(args, f"training_{name}", None)
+    return int(value) if value is not None else DEFAULTS[name][1 if getattr(args, "quick", False) else 0]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # CPU-GPU sync point: time the work, not its queueing
+
+
+def _head(dim: int, seed: int, device: str) -> RankingHead:
+    torch.manual_seed(seed)
+    return RankingHead(dim).to(device)
+
+
+def _bare_pass(model: RankingHead, opt: torch.optim.Optimizer, feats: torch.Tensor, first: torch.Tensor,
+               second: torch.Tensor, labels: torch.Tensor, batch_size: int, device: str) -> float:
+    """The minimal loop: index, forward, loss, backward, step. Returns pairs/s."""
+    model.train()
+    loss_fn = torch.nn.MarginRankingLoss(margin=model.margin)
+    labels_f = labels.float()
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, len(labels), batch_size):
+        s1, s2 = model(feats[first[s:s + batch_size]], feats[second[s:s + batch_size]])
+        loss = loss_fn(s1.reshape(-1), s2.reshape(-1), labels_f[s:s + batch_size])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return len(labels) / (time.perf_counter() - t0)
+
+
+def _trainer_pass(trainer: Trainer, dataset: FeaturePairDataset, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    trainer.train_epoch(dataset)  # ends in a .item(): synchronised
+    return dataset.num_pairs / (time.perf_counter() - t0)
+
+
+def run(args: argparse.Namespace) -> Dict:
+    device = resolve_device(getattr(args, "device", None))
+    threads_before = torch.get_num_threads()
+    if getattr(args, "training_threads", None):
+        torch.set_num_threads(int(args.training_threads))
+    try:
+        return _run(args, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, device: str) -> Dict:
+    n, dim, batch = _opt(args, "images"), _opt(args, "dim"), _opt(args, "batch_size")
+    pairs, epochs = _opt(args, "pairs"), _opt(args, "epochs")
+    tp_pairs, repeats = _opt(args, "throughput_pairs"), _opt(args, "repeats")
+    gen = torch.Generator().manual_seed(0)
+    ranks = np.repeat(np.arange(4)[::-1], n // 4 + 1)[:n].astype(np.int64)
+    feats = (torch.randn(n, dim, generator=gen) + torch.from_numpy(ranks).float()[:, None] * 0.05).to(device)
+
+    # --- throughput: same features, pairs, batch size and head init ---
+    cfg = TrainingConfig(device=device, batch_size=batch, pairs_per_epoch=tp_pairs, checkpoint_dir="", seed=0)
+    dataset = FeaturePairDataset(feats, ranks, num_pairs=tp_pairs, batch_size=batch, seed=0)
+    first, second, labels = (torch.from_numpy(a).to(device) for a in sample_pairs(ranks, tp_pairs, seed=0, epoch=0))
+    bare_model = _head(dim, 0, device)
+    # The same optimizer the Trainer builds (fused AdamW): the ratio measures the Trainer's overhead, nothing else.
+    bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 fused=True)
+    trainer = Trainer(_head(dim, 0, device), cfg, progress=False)
+    _bare_pass(bare_model, bare_opt, feats, first[:batch * 20], second[:batch * 20], labels[:batch * 20], batch, device)
+    _trainer_pass(trainer, FeaturePairDataset(feats, ranks, num_pairs=batch * 20, batch_size=batch), device)  # warm-up
+    bare, ours = [], []
+    for _ in range(repeats):  # alternating, so drifting machine load hits both alike
+        bare.append(_bare_pass(bare_model, bare_opt, feats, first, second, labels, batch, device))
+        ours.append(_trainer_pass(trainer, dataset, device))
+    bare_med, ours_med = statistics.median(bare), statistics.median(ours)
+
+    # --- the full run: fit with validation and checkpoints ---
+    val_rows = np.arange(0, n, 10)
+    train_rows = np.setdiff1d(np.arange(n), val_rows)
+    full_cfg = TrainingConfig(device=device, batch_size=batch, max_epochs=epochs, pairs_per_epoch=pairs,
+                              eval_pairs=pairs, early_stopping_patience=0, scheduler_t_max=epochs, seed=0,
+                              save_every_n_epochs=max(epochs, 1))
+    train_ds = FeaturePairDataset(feats, ranks[train_rows], rows=train_rows, num_pairs=pairs, batch_size=batch, seed=0)
+    val_ds = FeaturePairDataset(feats, ranks[val_rows], rows=val_rows, num_pairs=pairs, batch_size=batch, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        full_cfg.checkpoint_dir = tmp
+        fit_trainer = Trainer(_head(dim, 0, device), full_cfg, progress=False, log=lambda m: None)
+        _sync(device)
+        t0 = time.perf_counter()
+        fit_trainer.fit(train_ds, val_ds)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    result = {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "images": n, "dim": dim, "batch_size": batch, "head": RankingHead(dim).head_config(),
+        "throughput": {
+            "pairs_per_pass": tp_pairs, "repeats": repeats,
+            "bare_pairs_per_s": bare, "trainer_pairs_per_s": ours,
+            "bare_median": bare_med, "trainer_median": ours_med, "ratio": ours_med / bare_med,
+            "goal_ratio": GOAL_RATIO, "meets_goal": ours_med / bare_med >= GOAL_RATIO,
+        },
+        "full_run": {
+            "epochs": epochs, "pairs_per_epoch": pairs, "val_pairs": pairs, "wall_s": wall,
+            "s_per_epoch": wall / max(epochs, 1), "pairs_per_s": epochs * pairs / wall,
+            "goal_s": GOAL_FULL_RUN_S if epochs == 100 and pairs == 10_000 else None,
+            "meets_goal": wall < GOAL_FULL_RUN_S if epochs == 100 and pairs == 10_000 else None,
+        },
+    }
+    return result
+
+
+def to_markdown(result: Dict) -> str:
+    tp, fr = result["throughput"], result["full_run"]
+    lines = [
+        "### training (stage two)",
+        "",
+        f"Device {result['device']} ({result['torch_threads']} torch threads, load {result['load_average_1min']}), "
+        f"{result['images']} images x D={result['dim']}, batch {result['batch_size']}, head "
+        f"{result['head']['hidden_dim']}/{result['head']['projector_output_dim']}.",
+        "",
+        "| measure | value |",
+        "| --- | --- |",
+        f"| bare fwd+bwd+AdamW loop | {tp['bare_median']:,.0f} pairs/s (median of {tp['repeats']}) |",
+        f"| Trainer.train_epoch | {tp['trainer_median']:,.0f} pairs/s (median of {tp['repeats']}) |",
+        f"| ratio Trainer / bare | {tp['ratio']:.3f} (goal >= {tp['goal_ratio']}: {'met' if tp['meets_goal'] else 'NOT met'}) |",
+        f"| full run: {fr['epochs']} epochs x {fr['pairs_per_epoch']:,} pairs + val, checkpoints | "
+        f"{fr['wall_s']:.1f} s ({fr['s_per_epoch']:.2f} s/epoch)"
+        + (f"; goal < {fr['goal_s']:.0f} s: {'met' if fr['meets_goal'] else 'NOT met'}" if fr["goal_s"] else "")
+        + " |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="small sizes for a CPU smoke run")
+    parser.add_argument("--json", default=None, help="also write the result here")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(to_markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
