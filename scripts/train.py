@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model, base = result.get("model"), result.get("linear_baseline")
-    print(f"\nbest epoch {result['best_epoch']} of {result['epochs_run']} (val accuracy {result['best_accuracy']:.4f})"
+    chooser = "val" if result["split_sizes"]["val"] else "train"
+    print(f"\nbest epoch {result['best_epoch']} of {result['epochs_run']} ({chooser} accuracy {result['best_accuracy']:.4f})"
           + (" - stopped early" if result["stopped_early"] else ""))
     if model is not None:
         print(f"test pairwise accuracy {model['accuracy']:.4f} (ridge baseline {base['accuracy']:.4f}), "

@@ -258,3 +258,17 @@ def test_metric_edge_cases():
                              np.array([1, 2, 0]), np.array([1, 1, -1]))
     assert acc == {"S-A": {"accuracy": 1.0, "pairs": 1}, "S-C": {"accuracy": 1.0, "pairs": 1},
                    "A-C": {"accuracy": 1.0, "pairs": 1}}
+
+
+def test_image_pair_loader_batches_in_pair_order_without_global_rng(image_dir):
+    from mirip.training.datasets.pairwise_dataset import image_pair_loader
+
+    directory, meta = image_dir
+    ds = PairwiseDataset(meta, str(directory), transform=Preprocessor(image_size=28), num_pairs=10)
+    torch.manual_seed(0)
+    expected = torch.rand(2)
+    torch.manual_seed(0)
+    batches = list(image_pair_loader(ds, batch_size=4))
+    assert torch.equal(torch.rand(2), expected)
+    assert [len(b[2]) for b in batches] == [4, 4, 2]
+    assert torch.cat([b[2] for b in batches]).tolist() == ds.pair_arrays()[2].tolist()

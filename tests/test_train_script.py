@@ -146,3 +146,14 @@ def test_help_lists_every_training_option(capsys):
                  "--wandb-enabled", "--wandb-project", "--wandb-run-name", "--device", "--seed", "--pairs-per-epoch",
                  "--margin", "--hidden-dim", "--projector-dim", "--dropout"):
         assert flag in text, flag
+
+
+def test_without_a_val_split_train_accuracy_picks_the_best(data, tmp_path, capsys):
+    cache, meta = data
+    out = tmp_path / "noval"
+    assert _train(cache, meta, out, "--train-ratio", "0.9", "--val-ratio", "0", "--test-ratio", "0.1") == 0
+    assert "train accuracy" in capsys.readouterr().out
+    history = json.loads((out / "history.json").read_text())
+    assert history["val_acc"] == [] and len(history["train_acc"]) == 3
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["split_sizes"]["val"] == 0 and metrics["best_accuracy"] == max(history["train_acc"])

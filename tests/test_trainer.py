@@ -15,7 +15,7 @@ from mirip.ml.ranking_model import PairwiseRankingModel, RankingHead
 from mirip.preprocessing import Preprocessor
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pair_sampling import sample_pairs
-from mirip.training.datasets.pairwise_dataset import FeaturePairDataset, PairwiseDataset
+from mirip.training.datasets.pairwise_dataset import FeaturePairDataset, PairwiseDataset, image_pair_loader
 from mirip.training.evaluator import Evaluator
 from mirip.training.trainer import Trainer
 
@@ -234,7 +234,7 @@ def test_full_image_model_trains_with_the_same_trainer(image_dir, tiny_backbone,
     directory, meta = image_dir
     cfg = _config(tmp_path, max_epochs=2, batch_size=4, save_every_n_epochs=5)
     ds = PairwiseDataset(meta, str(directory), transform=Preprocessor(image_size=28), num_pairs=8, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size)
+    loader = image_pair_loader(ds, batch_size=cfg.batch_size, seed=cfg.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(cfg.seed)

@@ -145,6 +145,19 @@ class PairwiseDataset(Dataset):
         return self.load(int(first[idx])), self.load(int(second[idx])), int(labels[idx])
 
 
+def image_pair_loader(dataset: PairwiseDataset, batch_size: int = 32, num_workers: int = 0, seed: int = 42,
+                      pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over image pairs in the dataset's (already random) pair order.
+
+    It has its own seeded generator, so iterating it never draws from the global torch
+    RNG that dropout uses; workers decode images in parallel.
+    """
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(int(seed)), persistent_workers=False,
+    )
+
+
 class FeaturePairDataset(Dataset):
     """Pairs of cached features, one *batch* per item: ``dataset[b] -> (f1 (B, D), f2 (B, D), labels (B,))``.
 
