@@ -74,6 +74,8 @@ def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
     common.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
     common.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    common.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 keeps CPU figures stable on a busy machine")
     common.add_argument("--quick", action="store_true", help="tiny sizes and repeat counts: a smoke run for CPUs")
     common.add_argument("--output-dir", default="runs/benchmark", help="where benchmark.json and benchmark.md go")
     for module in modules.values():
@@ -102,6 +104,12 @@ def machine_info(device: str) -> Dict[str, Any]:
     }
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _requirements_line(results: Dict[str, Any]) -> Optional[str]:
     full = results.get("full_image")
     if not isinstance(full, dict) or "report" not in full:
@@ -122,6 +130,7 @@ def render_markdown(header: Dict[str, Any], results: Dict[str, Any], sections: D
             ("device name", header["machine"]["device_name"]), ("backbone", header["backbone"]),
             ("weights", header["weights"]), ("precision", header["precision"]),
             ("image size", f"{header['image_size']} px"), ("quick", header["quick"]),
+            ("torch CPU threads", header["cpu_threads"]),
             ("torch / transformers / mirip", f"{header['machine']['torch']} / {header['machine']['transformers']}"
                                              f" / {header['machine']['mirip']}")]
     lines = ["# mirip benchmarks", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] + [""]
@@ -146,11 +155,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [n for n in wanted if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) in --only: {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if args.threads is not None:
+        import torch
+
+        if args.threads <= 0:
+            parser.error(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
     args.precision = args.precision or default_precision(args.device)
     header = {"machine": machine_info(args.device), "backbone": args.backbone,
               "weights": "random" if args.random_init else "pretrained", "precision": args.precision,
-              "image_size": args.image_size, "quick": args.quick, "only": wanted}
+              "image_size": args.image_size, "quick": args.quick, "only": wanted, "cpu_threads": _threads()}
     print(f"mirip benchmarks on {header['machine']['device_name']} ({args.device}): {args.backbone} "
           f"({header['weights']} weights), {args.image_size} px, {args.precision}"
           + (", quick" if args.quick else ""))

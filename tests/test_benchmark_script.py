@@ -33,10 +33,20 @@ def _quick_args(backbone, out):
             "--output-dir", str(out), "--full-image-samples-per-epoch", "100", "--full-image-epochs", "3"]
 
 
-def test_quick_full_image_run_writes_json_and_markdown(tiny_backbone, tmp_path, capsys):
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_full_image_run_writes_json_and_markdown(tiny_backbone, tmp_path, capsys, restore_threads):
     out = tmp_path / "bench"
-    assert bench_script.main(_quick_args(tiny_backbone, out) + ["--random-init"]) == 0
+    assert bench_script.main(_quick_args(tiny_backbone, out) + ["--random-init", "--threads", "1"]) == 0
     data = json.loads((out / "benchmark.json").read_text())
+    assert data["cpu_threads"] == 1
     assert data["backbone"] == tiny_backbone and data["weights"] == "random" and data["precision"] == "fp32"
     assert data["image_size"] == 28 and data["quick"] is True and data["machine"]["device"] == "cpu"
     assert data["machine"]["device_name"] and data["machine"]["date"]
@@ -50,7 +60,7 @@ def test_quick_full_image_run_writes_json_and_markdown(tiny_backbone, tmp_path, 
     assert set(result["meets_goals"]) == {"inference_goal", "memory_goal", "speedup_goal", "two_stage_time_goal"}
 
     md = (out / "benchmark.md").read_text()
-    for text in ("| device name |", "| backbone | " + tiny_backbone, "| weights | random", "| precision | fp32",
+    for text in ("| device name |", "| torch CPU threads | 1 |", "| backbone | " + tiny_backbone, "| weights | random", "| precision | fp32",
                  "| image size | 28 px", "Seed requirements: 100 ms per pair", "12 GB", "images/s",
                  "end to end (backbone in every step)", "two-stage total", "RANDOM"):
         assert text in md, text
@@ -59,9 +69,9 @@ def test_quick_full_image_run_writes_json_and_markdown(tiny_backbone, tmp_path, 
     assert "wrote" in printed and "benchmark.md" in printed
 
 
-def test_pretrained_local_backbone_and_explicit_options(tiny_backbone, tmp_path):
+def test_pretrained_local_backbone_and_explicit_options(tiny_backbone, tmp_path, restore_threads):
     out = tmp_path / "b"
-    assert bench_script.main(_quick_args(tiny_backbone, out) + ["--full-image-batch-size", "2",
+    assert bench_script.main(_quick_args(tiny_backbone, out) + ["--threads", "1", "--full-image-batch-size", "2",
                                                                 "--full-image-num-pairs", "2"]) == 0
     data = json.loads((out / "benchmark.json").read_text())
     r = data["results"]["full_image"]
