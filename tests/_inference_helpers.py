@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import List, Sequence, Tuple
 
@@ -16,6 +17,32 @@ from mirip.ml.ranking_model import RankingHead
 from mirip.preprocessing import Preprocessor
 
 IMAGE_SIZE = 56
+TIERS = "SSAABBCC"
+
+
+def make_tiered_images(directory) -> "pd.DataFrame":
+    """Eight small RGB images, two per tier, and their metadata frame (like conftest's image_dir, but any scope)."""
+    import pandas as pd
+
+    from conftest import make_image
+
+    os.makedirs(directory, exist_ok=True)
+    rows = []
+    for i, tier in enumerate(TIERS):
+        make_image(os.path.join(directory, f"img_{i}.png"), seed=i)
+        rows.append({"filename": f"img_{i}.png", "tier": tier})
+    return pd.DataFrame(rows)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Few threads keep tiny-model tests quick on a machine busy with other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cached_features(extractor: DINOv2FeatureExtractor, preprocessor: Preprocessor, paths: Sequence[str]) -> np.ndarray:

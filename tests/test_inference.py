@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from _inference_helpers import IMAGE_SIZE, make_cache_and_checkpoint
+from _inference_helpers import IMAGE_SIZE, make_cache_and_checkpoint, make_tiered_images, torch_threads
 from conftest import make_image, save_tiny_backbone
 from mirip.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
 from mirip.features.cache import open_cache
@@ -16,11 +16,18 @@ from mirip.inference import Scorer, find_images, load_scorer
 from mirip.ml.backbones import RandomWeightsWarning
 
 
-@pytest.fixture
-def trained(tiny_backbone, image_dir, tmp_path):
-    d, meta = image_dir
-    cache, ckpt, head, paths = make_cache_and_checkpoint(tiny_backbone, str(d), list(meta["filename"]), str(tmp_path))
-    return cache, ckpt, head, paths
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbone, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    meta = make_tiered_images(root / "images")
+    with torch_threads(1):
+        return make_cache_and_checkpoint(tiny_backbone, str(root / "images"), list(meta["filename"]), str(root))
 
 
 def test_full_image_scores_equal_cached_feature_scores(trained):

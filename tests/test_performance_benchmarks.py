@@ -19,6 +19,15 @@ SEED_KEYS = {
 SIZE = 28  # tiny images keep every test well under a second
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Timing loops of tiny ops are at the mercy of a busy machine's thread scheduling; one thread keeps them quick.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model(tiny_backbone):
     return PairwiseRankingModel(tiny_backbone, device="cpu")

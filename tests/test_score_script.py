@@ -11,8 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
-from _inference_helpers import make_cache_and_checkpoint
-from conftest import make_image
+from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
 from mirip.report_html import render_html, tier_agreement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,10 +27,19 @@ def _load_script():
 score = _load_script()
 
 
-@pytest.fixture
-def scored_folder(tiny_backbone, image_dir, tmp_path):
-    d, meta = image_dir
-    _, ckpt, _, _ = make_cache_and_checkpoint(tiny_backbone, str(d), list(meta["filename"]), str(tmp_path))
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def scored_folder(tiny_backbone, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("scored")
+    d = tmp_path / "images"
+    meta = make_tiered_images(d)
+    with torch_threads(1):
+        _, ckpt, _, _ = make_cache_and_checkpoint(tiny_backbone, str(d), list(meta["filename"]), str(tmp_path))
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (d / "readme.txt").write_text("not an image, not listed")
     meta_path = tmp_path / "metadata.csv"
