@@ -6,7 +6,6 @@ import base64
 import importlib.util
 import os
 import re
-import sys
 
 import pandas as pd
 import pytest
