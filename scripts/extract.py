@@ -55,27 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("input and output")
-    io.add_argument("--image-dir", required=True, help="directory holding the images; cached paths are relative to it")
-    io.add_argument("--metadata", default=None,
+    io.add_argument("--image-dir", required=True, metavar="DIR", help="directory holding the images; cached paths are relative to it")
+    io.add_argument("--metadata", default=None, metavar="CSV",
                     help="CSV listing the images (column --filename-column); without it --image-dir is walked recursively")
     io.add_argument("--filename-column", default="filename", help="metadata column holding image paths")
-    io.add_argument("--output", default=None,
-                    help="cache file to create or extend (default: cache/<backbone>-<size>px-<pooling>-<hash>.h5)")
+    io.add_argument("--output", default=None, metavar="FILE",
+                    help="cache file to create or extend; unset: <cache-dir>/<backbone>-<size>px-<pooling>-<hash>.h5")
     io.add_argument("--cache-dir", default="cache", help="where the default-named cache goes")
     model = p.add_argument_group("backbone and preprocessing (all part of the cache fingerprint)")
     model.add_argument("--backbone", default="facebook/dinov2-large", help="hub id or local directory of a DINOv2 model")
     model.add_argument("--random-init", action="store_true",
                        help="random weights from the built-in architecture (benchmarks and tests only)")
-    model.add_argument("--image-size", type=_positive, default=768, help="square input size in pixels")
+    model.add_argument("--image-size", type=_positive, default=768, metavar="PX", help="square input size in pixels")
     model.add_argument("--resize-mode", choices=RESIZE_MODES, default="pad", help="how images are fitted to the square")
     model.add_argument("--pooling", choices=POOLINGS, default="cls", help="which tokens make the feature")
     model.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     model.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default="float32", help="dtype stored in the cache")
-    model.add_argument("--views", type=_non_negative, default=0,
+    model.add_argument("--views", type=_non_negative, default=0, metavar="K",
                        help="also cache K deterministic augmented views per image (flip, crops)")
     run = p.add_argument_group("run")
-    run.add_argument("--batch-size", type=_positive, default=32, help="images per backbone batch")
-    run.add_argument("--num-workers", type=_non_negative, default=None,
+    run.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="images per backbone batch")
+    run.add_argument("--num-workers", type=_non_negative, default=None, metavar="N",
                      help="DataLoader decoding processes (default: from the CPU count)")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     run.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")

@@ -38,7 +38,8 @@ from mirip.ml.backbones import RandomWeightsWarning
 GOAL_RATIO = 0.85
 GOAL_GPU_IMAGES_PER_S = 150.0
 # (full default, --quick default)
-DEFAULTS = {"images": (2000, 96), "source_size": (1024, 320), "batch_size": (32, 16), "bare_batches": (8, 3)}
+DEFAULTS = {"images": (2000, 96), "source_size": (1024, 320), "batch_size": (32, 8), "bare_batches": (8, 4),
+            "rounds": (1, 3)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="DataLoader workers (default: CPU count - 1 on CUDA, 1 on CPU)")
     g.add_argument("--extract-bare-batches", type=int, default=None,
                    help="distinct in-memory batches the bare backbone cycles through (8; --quick 3)")
+    g.add_argument("--extract-rounds", type=int, default=None,
+                   help="alternating bare / pipeline rounds; medians are reported (1; --quick 3)")
     g.add_argument("--extract-image-dir", default=None,
                    help="use the images in this directory instead of synthetic ones (first N, walked recursively)")
 
@@ -201,18 +204,23 @@ def run(args: argparse.Namespace) -> dict:
         in_memory = [torch.stack([pre(os.path.join(image_dir, names[(i * batch + j) % len(names)]))
                                   for j in range(batch)]).to(device) for i in range(bare_batches)]
         repeats = max(1, min(4, n // (batch * bare_batches)))
-        bare_before = bare_backbone(extractor, in_memory, repeats)
         small = pipeline(config, names[: max(batch, n // 4)], extractor, pre, fingerprint, os.path.join(tmp, "s.h5"))
-        big = pipeline(config, names, extractor, pre, fingerprint, os.path.join(tmp, "b.h5"))
-        bare_after = bare_backbone(extractor, in_memory, repeats)
-    bare = (bare_before + bare_after) / 2
+        # Alternating rounds, medians: other load on the machine hits both figures alike.
+        bare_runs, big_runs = [], []
+        for _ in range(_opt(args, "rounds")):
+            bare_runs.append(bare_backbone(extractor, in_memory, repeats))
+            big_runs.append(pipeline(config, names, extractor, pre, fingerprint, os.path.join(tmp, "b.h5")))
+        bare_runs.append(bare_backbone(extractor, in_memory, repeats))
+    bare = float(np.median(bare_runs))
+    big = sorted(big_runs, key=lambda r: r["images_per_s"])[len(big_runs) // 2]
     result = {
         "device": device, "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
         "cpu_cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
         "torch_threads": torch.get_num_threads(), "backbone": config.backbone, "random_init": config.random_init,
         "image_size": config.image_size, "precision": precision, "batch_size": batch, "num_workers": workers,
         "source_size": None if getattr(args, "extract_image_dir", None) else _opt(args, "source_size"),
-        "bare_images_per_s": bare, "bare_runs_images_per_s": [bare_before, bare_after],
+        "bare_images_per_s": bare, "bare_runs_images_per_s": bare_runs,
+        "pipeline_runs_images_per_s": [r["images_per_s"] for r in big_runs],
         "pipeline_small": small, "pipeline": big,
         "ratio": big["images_per_s"] / bare, "steady_ratio": big["steady_images_per_s"] / bare,
         "rss_growth_mb": big["peak_rss_total_mb"] - small["peak_rss_total_mb"],
@@ -235,9 +243,11 @@ def to_markdown(r: dict) -> str:
         "| measure | value |",
         "| --- | --- |",
         f"| bare backbone, batches in memory | {r['bare_images_per_s']:.1f} images/s "
-        f"(runs: {', '.join(f'{x:.1f}' for x in r['bare_runs_images_per_s'])}) |",
+        f"(median of {', '.join(f'{x:.1f}' for x in r['bare_runs_images_per_s'])}) |",
         f"| pipeline, {p['images']} JPEGs, end to end | {p['images_per_s']:.1f} images/s ({p['seconds']:.1f} s, "
         f"worker start-up {p['startup_s']:.1f} s) |",
+        f"| pipeline runs (median reported) | {', '.join(f'{x:.1f}' for x in r['pipeline_runs_images_per_s'])} "
+        "images/s |",
         f"| pipeline after the first batch | {p['steady_images_per_s']:.1f} images/s |",
         f"| **ratio pipeline / bare** | **{r['ratio']:.2f}** (after first batch {r['steady_ratio']:.2f}; "
         f"goal >= {r['goal_ratio']}) |",
