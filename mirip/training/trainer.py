@@ -15,14 +15,15 @@ Training-step contract (a sweep that trains stacked heads reproduces exactly thi
   Optimizer: ``AdamW(trainable params, lr=learning_rate, weight_decay=weight_decay,
   fused=True)`` (``make_optimizer``), torch defaults otherwise; the fused kernel computes
   the same update as the default for-loop one (to float rounding) and is ~10x faster
-  on CPU for a 1024-d head, where the per-tensor loop dominated the step. Scheduler: ``CosineAnnealingLR(T_max=scheduler_t_max,
-  eta_min=scheduler_eta_min)``, stepped once per epoch after training.
+  on CPU for a 1024-d head, where the per-tensor loop dominated the step.
+  Scheduler: ``CosineAnnealingLR(T_max=scheduler_t_max, eta_min=scheduler_eta_min)``,
+  stepped once per epoch after training.
 - A pair is correct when ``sign(s1 - s2) == label`` (a tie is wrong). The epoch's train
   loss is the mean over batches weighted by batch size (= the mean over pairs).
 - After each epoch: validate (``model.eval()``, no grad). Best = strictly higher val
   accuracy (the first epoch is always best). Early stopping after
-  ``early_stopping_patience`` epochs without improvement (0 disables it). Without a val loader the
-  train accuracy plays that role.
+  ``early_stopping_patience`` epochs without improvement (0 disables it). Without a val
+  loader the train accuracy plays that role.
 - Dropout draws from the global torch RNG and nothing else may during training: pair
   order comes from ``sample_pairs``, and a ``FeaturePairDataset`` is iterated directly
   (a ``DataLoader`` would draw a base seed from the global RNG on every epoch).
