@@ -87,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = ExtractConfig(
         image_dir=args.image_dir, metadata=args.metadata, output=args.output, filename_column=args.filename_column,
         backbone=args.backbone, random_init=args.random_init, image_size=args.image_size, resize_mode=args.resize_mode,

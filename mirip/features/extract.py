@@ -139,14 +139,21 @@ class ExtractSummary:
             f"  skipped, cached:      {self.skipped_cached}",
             f"  failed:               {len(self.failed)}",
         ]
-        lines += [f"    {p}: {r}" for p, r in sorted(self.failed.items())]
+        lines += _listing(self.failed)
         if self.known_failed:
             lines.append(f"  failed before, skipped: {len(self.known_failed)} (pass --retry-failed to try again)")
-            lines += [f"    {p}: {r}" for p, r in sorted(self.known_failed.items())]
+            lines += _listing(self.known_failed)
         lines.append(f"speed: {self.images_per_s:.1f} images/s over {self.seconds:.1f} s "
                      f"(read wait {self.read_s:.1f} s, infer {self.infer_s:.1f} s, write {self.write_s:.1f} s"
                      + (f", {self.world_size} ranks" if self.world_size > 1 else "") + ")")
         return "\n".join(lines)
+
+
+def _listing(failures: Dict[str, str], limit: int = 100) -> List[str]:
+    lines = [f"    {p}: {r}" for p, r in sorted(failures.items())[:limit]]
+    if len(failures) > limit:
+        lines.append(f"    ... and {len(failures) - limit} more (every one is in the cache's /failed group)")
+    return lines
 
 
 # --- pieces of the run ---------------------------------------------------------------------------
