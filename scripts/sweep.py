@@ -25,6 +25,7 @@ from mirip.checkpoint import CheckpointError
 from mirip.features.cache import CacheError
 from mirip.sweep.grid import SweepConfigError, SweepGrid
 from mirip.sweep.runner import GRID_FIELDS, OUTPUT_FILES, SweepSettings, run_sweep
+from mirip.sweep.stacked import OPTIMIZERS
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pair_sampling import BALANCES
 
@@ -82,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
             fixed.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(), help=f.name)
     run = parser.add_argument_group("run")
-    run.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                     help="AdamW's fused kernel (one pass per step; same math, rounding may differ in the last "
-                          "bits); default: on for CPU and CUDA")
+    run.add_argument("--optimizer", choices=OPTIMIZERS, default="auto",
+                     help="how the stacked heads' AdamW runs: 'fused' (torch's fused kernel per head: one memory "
+                          "pass, best on CPU), 'batched' (a few ops over all heads at once, best on GPU), 'plain' "
+                          "(torch's single-tensor AdamW per head: a single run's exact arithmetic on CPU); the "
+                          "results agree to rounding; auto picks by device")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -104,7 +107,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
         features=args.features, metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column, train_ratio=args.train_ratio,
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
-        training=TrainingConfig(**training), fused=args.fused,
+        training=TrainingConfig(**training), optimizer=args.optimizer,
     )
     return grid, settings
 

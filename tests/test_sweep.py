@@ -224,7 +224,7 @@ def test_best_json_trains_the_same_head_with_train_py(data, tmp_path):
     out = tmp_path / "sweep"
     argv = ["--features", features, "--metadata", metadata, "--output-dir", str(out), "--margin", "0.1", "1.0",
             "--hidden-dim", "8", "--projector-dim", "4", "--learning-rate", "0.003", "--dropout", "0.2",
-            "--seeds", "5", "--no-fused", *FAST]
+            "--seeds", "5", "--optimizer", "plain", *FAST]
     assert sweep_script.main(argv) == 0
     best = json.loads((out / "best.json").read_text())
     assert best["train_argv"] == to_argv(best["train_options"])

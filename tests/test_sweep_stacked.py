@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mirip.ml.ranking_model import RankingHead
-from mirip.sweep.engine import train_group
+from mirip.sweep.engine import _compact, train_group
 from mirip.sweep.grid import SweepGrid
-from mirip.sweep.stacked import PARAM_NAMES, StackedHeads, StackedOptimizer, build_head, clip_grad_norm_per_head
+from mirip.sweep.stacked import PARAM_NAMES, StackedHeads, build_head, clip_grad_norm_per_head, make_optimizer
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.trainer import Trainer
@@ -99,43 +99,57 @@ def test_clip_per_head_equals_clip_grad_norm():
             torch.testing.assert_close(stacked.stacked[PARAM_NAMES.index(name)].grad[k], p.grad)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_optimizer_equals_adamw_per_head(fused):
+@pytest.mark.parametrize("kind", ["plain", "fused", "batched"])
+def test_optimizer_equals_adamw_per_head(kind):
+    """Per-head lr, weight decay, moments and cosine schedule; a head that stops leaves the stack mid-run."""
     heads = [build_head(6, 3, 1.0, 5, 0.0, s, CPU)[0] for s in range(3)]
     lrs, wds = [1e-3, 3e-2, 1e-1], [0.0, 0.01, 0.5]
     stacked = StackedHeads(heads)
-    opt = StackedOptimizer(stacked, lrs, wds, t_max=3, eta_min=1e-4, fused=fused)
+    opt = make_optimizer(stacked, lrs, wds, t_max=3, eta_min=1e-4, kind=kind)
+    assert opt.kind == kind
     refs = [torch.optim.AdamW(h.parameters(), lr=lr, weight_decay=wd) for h, lr, wd in zip(heads, lrs, wds)]
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=3, eta_min=1e-4) for o in refs]
     gen = torch.Generator().manual_seed(0)
-    active = [True, False, True]
+    live = [0, 1, 2]
     for epoch in range(4):
         for _ in range(3):
             for p in stacked.stacked:
                 p.grad = torch.randn(p.shape, generator=gen)
-            for k, h in enumerate(heads):
-                if active[k] or epoch == 0:
-                    for name, p in h.named_parameters():
-                        p.grad = stacked.stacked[PARAM_NAMES.index(name)].grad[k].clone()
-                    refs[k].step()
-            opt.step([a or epoch == 0 for a in active])  # head 1 stops after the first epoch
+            for slot, k in enumerate(live):
+                for name, p in heads[k].named_parameters():
+                    p.grad = stacked.stacked[PARAM_NAMES.index(name)].grad[slot].clone()
+                refs[k].step()
+            opt.step([True] * len(live))
         opt.epoch_end()
         for s in scheds:
             s.step()
-        assert opt.lrs() == [o.param_groups[0]["lr"] for o in refs]
-    tol = dict(rtol=1e-5, atol=1e-6) if fused else dict(rtol=0, atol=0)
-    for k, h in enumerate(heads):
-        for name, p in h.named_parameters():
-            torch.testing.assert_close(stacked.stacked[PARAM_NAMES.index(name)].detach()[k], p.detach(), **tol)
-    state = opt.head_optimizer_state(0)
+        assert opt.lrs() == [refs[k].param_groups[0]["lr"] for k in live]
+        if epoch == 0:  # head 1 stops: the stack and its optimizer continue with heads 0 and 2
+            for slot, k in enumerate(live):
+                heads[k].load_head_state_dict(stacked.head_state_dict(slot))
+            stacked, opt = _compact(stacked, opt, [0, 2])
+            live = [0, 2]
+            for slot, k in enumerate(live):  # the references carry on from the stack's weights
+                with torch.no_grad():
+                    for name, p in heads[k].named_parameters():
+                        p.copy_(stacked.stacked[PARAM_NAMES.index(name)][slot])
+    tol = dict(rtol=0, atol=0) if kind == "plain" else dict(rtol=1e-5, atol=1e-6)
+    for slot, k in enumerate(live):
+        for name, p in heads[k].named_parameters():
+            torch.testing.assert_close(stacked.stacked[PARAM_NAMES.index(name)].detach()[slot], p.detach(), **tol)
+    state = opt.head_optimizer_state(1)  # head 2, in a single run's optimizer format
     fresh = torch.optim.AdamW(RankingHead(6, 3, 1.0, 5, 0.0).parameters(), lr=1.0)
-    fresh.load_state_dict(state)  # a single run's optimizer accepts a stacked head's state
-    assert fresh.param_groups[0]["lr"] == refs[0].param_groups[0]["lr"]
-    assert int(fresh.state[fresh.param_groups[0]["params"][0]]["step"]) == 12
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["lr"] == refs[2].param_groups[0]["lr"]
+    assert fresh.param_groups[0]["weight_decay"] == 0.5
+    first = fresh.state[fresh.param_groups[0]["params"][0]]
+    assert int(first["step"]) == 12
+    torch.testing.assert_close(first["exp_avg"], refs[2].state[next(heads[2].parameters())]["exp_avg"], **tol)
+    assert opt.head_scheduler_state(1)["base_lrs"] == [1e-1]
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_stacked_group_equals_trainer_alone(fused):
+@pytest.mark.parametrize("kind", ["plain", "fused", "batched"])
+def test_stacked_group_equals_trainer_alone(kind):
     """The acceptance test: every head of a stacked group ends exactly where the Trainer alone ends."""
     feats, ranks = _data()
     tc = TrainingConfig(batch_size=16, max_epochs=5, pairs_per_epoch=96, eval_pairs=160, early_stopping_patience=2,
@@ -145,12 +159,12 @@ def test_stacked_group_equals_trainer_alone(fused):
     configs = grid.configs()
     train, val = _datasets(feats, ranks, tc, seed=3)
     finished_order = []
-    outcomes = train_group(configs, train, val, tc, "cpu", fused=fused,
+    outcomes = train_group(configs, train, val, tc, "cpu", optimizer=kind,
                            on_finished=lambda o: finished_order.append(o.config))
     assert [o.config for o in outcomes] == configs and sorted(finished_order, key=configs.index) == configs
     # Heads stopped at different epochs, so the stack was rebuilt mid-run at least once.
     assert len({o.epochs_run for o in outcomes}) > 1
-    tight = dict(rtol=1e-5, atol=1e-6) if not fused else dict(rtol=1e-4, atol=1e-5)
+    tight = dict(rtol=1e-5, atol=1e-6) if kind == "plain" else dict(rtol=1e-4, atol=1e-5)
     for cfg, out in zip(configs, outcomes):
         trainer, history = _alone(cfg, feats, ranks, tc)
         assert out.best_epoch == trainer.best_epoch, cfg.describe()

@@ -31,6 +31,7 @@ from mirip.devices import resolve_device
 from mirip.ml.ranking_model import RankingHead
 from mirip.sweep.engine import train_group
 from mirip.sweep.grid import SweepGrid, group_configs
+from mirip.sweep.stacked import OPTIMIZERS, default_optimizer
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator
@@ -64,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sweep-projector-dims", type=int, nargs="+", default=None, help="grid projector dims (64 128)")
     g.add_argument("--sweep-learning-rates", type=float, nargs="+", default=None, help="grid learning rates (1e-4)")
     g.add_argument("--sweep-dropouts", type=float, nargs="+", default=None, help="grid dropouts (0.1)")
-    g.add_argument("--sweep-fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="fused AdamW in the sweep arm (default: on for CPU and CUDA)")
+    g.add_argument("--sweep-optimizer", choices=OPTIMIZERS, default="auto",
+                   help="the sweep arm's AdamW: fused (CPU default), batched (GPU default) or plain")
     g.add_argument("--sweep-threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 avoids spin-waiting on a small busy CPU)")
 
@@ -126,11 +127,11 @@ def _sequential(configs, feats, ranks, splits, tc: TrainingConfig, device: str) 
     return out
 
 
-def _sweep(configs, feats, ranks, splits, tc: TrainingConfig, device: str, fused: Optional[bool]) -> Dict[str, dict]:
+def _sweep(configs, feats, ranks, splits, tc: TrainingConfig, device: str, optimizer: str) -> Dict[str, dict]:
     out = {}
     for key, group in group_configs(configs).items():
         ds = _datasets(feats, ranks, splits, dataclasses.replace(tc, seed=key[0]))
-        for o in train_group(group, ds["train"], ds["val"], tc, device, fused=fused):
+        for o in train_group(group, ds["train"], ds["val"], tc, device, optimizer=optimizer):
             head = RankingHead(**o.head_config)
             head.load_head_state_dict(o.state)
             test = Evaluator(head, device).evaluate_detailed(ds["test"])
@@ -150,18 +151,18 @@ def run(args: argparse.Namespace) -> dict:
                         eval_pairs=_opt(args, "eval_pairs"), early_stopping_patience=0, scheduler_t_max=epochs,
                         device=device, checkpoint_dir="")
     feats, ranks, splits = _data(_opt(args, "images"), _opt(args, "dim"), device)
-    fused = getattr(args, "sweep_fused", None)
+    optimizer = getattr(args, "sweep_optimizer", None) or "auto"
     times: Dict[str, List[float]] = {"sequential": [], "sweep": []}
     results: Dict[str, Dict[str, dict]] = {}
     # Warm-up (allocator, kernels) outside the timings, on one small group.
-    _sweep(configs[:1], feats, ranks, splits, dataclasses.replace(tc, max_epochs=1), device, fused)
+    _sweep(configs[:1], feats, ranks, splits, dataclasses.replace(tc, max_epochs=1), device, optimizer)
     _sequential(configs[:1], feats, ranks, splits, dataclasses.replace(tc, max_epochs=1), device)
     for _ in range(_opt(args, "repeats")):
         for arm in ("sequential", "sweep"):
             _sync(device)
             t0 = time.perf_counter()
             if arm == "sweep":
-                results[arm] = _sweep(configs, feats, ranks, splits, tc, device, fused)
+                results[arm] = _sweep(configs, feats, ranks, splits, tc, device, optimizer)
             else:
                 results[arm] = _sequential(configs, feats, ranks, splits, tc, device)
             _sync(device)
@@ -182,7 +183,8 @@ def run(args: argparse.Namespace) -> dict:
         "grid": grid.to_dict(),
         "images": int(feats.shape[0]), "dim": int(feats.shape[1]),
         "epochs": epochs, "pairs_per_epoch": tc.pairs_per_epoch, "eval_pairs": tc.eval_pairs,
-        "batch_size": tc.batch_size, "repeats": len(times["sweep"]), "fused": fused,
+        "batch_size": tc.batch_size, "repeats": len(times["sweep"]),
+        "optimizer": default_optimizer(torch.device(device)) if optimizer == "auto" else optimizer,
         "sequential_s": times["sequential"], "sweep_s": times["sweep"],
         "sequential_median_s": seq, "sweep_median_s": swp,
         "ratio": ratio, "goal_ratio": goal, "meets_goal": ratio <= goal,
@@ -200,7 +202,8 @@ def to_markdown(result: dict) -> str:
         f"{result['configurations']} configurations ({grid}; {result['groups']} stacked groups), "
         f"{result['images']} synthetic images x {result['dim']}-d features, {result['epochs']} epochs x "
         f"{result['pairs_per_epoch']} pairs at batch {result['batch_size']}, {result['eval_pairs']} val/test pairs, "
-        f"early stopping off; device {result['device']} ({result['threads']} CPU threads); "
+        f"early stopping off; device {result['device']} ({result['threads']} CPU threads), "
+        f"{result['optimizer']} AdamW in the sweep; "
         f"median of {result['repeats']} alternating pass(es).",
         "",
         "| arm | wall time (s) | head-epochs/s |",

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from mirip.sweep.grid import HeadConfig
-from mirip.sweep.stacked import StackedHeads, StackedOptimizer, build_head, clip_grad_norm_per_head
+from mirip.sweep.stacked import StackedHeads, build_head, clip_grad_norm_per_head, make_optimizer
 from mirip.training.config import TrainingConfig
 
 HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "lr")
@@ -63,34 +63,18 @@ class _Head:
         self.best: Optional[dict] = None
 
 
-def _stack(heads: Sequence[_Head], models: Sequence, rng_states, tc: TrainingConfig, fused: Optional[bool]):
+def _stack(heads: Sequence[_Head], models: Sequence, rng_states, tc: TrainingConfig, optimizer: Optional[str]):
     model = StackedHeads(models, rng_states)
-    opt = StackedOptimizer(model, [h.config.learning_rate for h in heads], [h.config.weight_decay for h in heads],
-                           tc.scheduler_t_max, tc.scheduler_eta_min, fused=fused)
+    opt = make_optimizer(model, [h.config.learning_rate for h in heads], [h.config.weight_decay for h in heads],
+                         tc.scheduler_t_max, tc.scheduler_eta_min, kind=optimizer)
     return model, opt
 
 
-def _compact(model: StackedHeads, opt: StackedOptimizer, keep: List[int], heads: Sequence[_Head],
-             tc: TrainingConfig) -> tuple:
+def _compact(model: StackedHeads, opt, keep: List[int]) -> tuple:
     """A new stack of heads ``keep`` that continues exactly where they were: weights, moments, steps, lrs, RNG."""
     models = [model.to_ranking_head(k).to(model.device) for k in keep]
-    new_model, new_opt = _stack([heads[k] for k in keep], models, [model.rng_states[k] for k in keep], tc, opt.fused)
-    old_groups = opt.optimizer.param_groups
-    for j, k in enumerate(keep):
-        for old_view, new_view in zip(opt.views[k], new_opt.views[j]):
-            old = opt.optimizer.state.get(old_view)
-            if old:
-                new_opt.optimizer.state[new_view] = {n: t.clone() if torch.is_tensor(t) else t for n, t in old.items()}
-    sched = opt.scheduler.state_dict()
-    for key in ("base_lrs", "_last_lr"):
-        if isinstance(sched.get(key), list):
-            sched[key] = [sched[key][k] for k in keep]
-    new_opt.scheduler.load_state_dict(sched)
-    for j, k in enumerate(keep):
-        # The cosine schedule is recursive in the group's current lr: carry it over as it is.
-        new_opt.optimizer.param_groups[j]["lr"] = old_groups[k]["lr"]
-        new_opt.optimizer.param_groups[j]["initial_lr"] = old_groups[k]["initial_lr"]
-    return new_model, new_opt
+    new_model = StackedHeads(models, [model.rng_states[k] for k in keep])
+    return new_model, opt.select(new_model, keep)
 
 
 @torch.no_grad()
@@ -112,7 +96,7 @@ def train_group(
     training: TrainingConfig,
     device: str = "cpu",
     *,
-    fused: Optional[bool] = None,
+    optimizer: Optional[str] = None,
     on_epoch: Optional[Callable[[int, int], None]] = None,
     on_finished: Optional[Callable[[HeadOutcome], None]] = None,
 ) -> List[HeadOutcome]:
@@ -122,6 +106,7 @@ def train_group(
     pairs) built with the group's seed. ``training`` supplies everything but lr, weight decay and seed, which
     come from each config. ``on_epoch(epoch, heads_trained)`` runs after every epoch and
     ``on_finished(outcome)`` as soon as a head is done, so a caller can save it before the others finish.
+    ``optimizer``: ``fused``, ``batched`` or ``plain`` (``mirip.sweep.stacked.make_optimizer``); None picks by device.
     """
     if not configs:
         return []
@@ -139,7 +124,7 @@ def train_group(
         heads.append(_Head(cfg, cpu_k))
         models.append(model_k)
         rngs.append(rng_k)
-    model, opt = _stack(heads, models, rngs, tc, fused)
+    model, opt = _stack(heads, models, rngs, tc, optimizer)
     slots = list(range(len(heads)))  # slot in the stack -> index into heads
     outcomes: Dict[int, HeadOutcome] = {}
 
@@ -215,7 +200,7 @@ def train_group(
             keep = [s for s in range(len(slots)) if s not in done]
             if not keep:
                 break
-            model, opt = _compact(model, opt, keep, [heads[i] for i in slots], tc)
+            model, opt = _compact(model, opt, keep)
             slots = [slots[s] for s in keep]
     for i in slots:
         if i not in outcomes:

@@ -6,6 +6,12 @@
             -> per finished head: checkpoints/<id>.pt, then results/<id>.json (the "done" mark)
       -> results.csv, summary.md, best.json, heatmap.png
 
+Columns of results.csv: the configuration (every hyperparameter, grid and fixed),
+``best_epoch`` (1-based, as the Trainer counts), ``val_acc`` / ``val_loss`` at that
+epoch, ``test_acc``, ``spearman`` and ``kendall`` of that epoch's head on the test
+split, and ``wall_time_s``: seconds from the start of the head's group until its
+result was saved (the heads of a group train together, so their times overlap).
+
 Restarting with the same command skips every configuration whose result file
 exists; ``sweep.json`` records what the results depend on, and a restart with
 different data or fixed settings is refused rather than mixed into one table.
@@ -70,7 +76,7 @@ class SweepSettings:
     test_ratio: float = 0.1
     stratify: bool = True
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    fused: Optional[bool] = None  # AdamW kernel; None: fused on CPU and CUDA
+    optimizer: Optional[str] = None  # fused / batched / plain AdamW (mirip.sweep.stacked); None: by device
 
     def run_config(self, cfg: HeadConfig) -> RunConfig:
         """The ``scripts/train.py`` run this head is equal to (same split, pairs, init and step)."""
@@ -263,15 +269,16 @@ class SweepRunner:
         t_start = time.perf_counter()
         done_count = len(rows)
         groups = group_configs(pending)
-        for seed in dict.fromkeys(c.seed for c in pending):
-            datasets = self._datasets(data, seed)
+        # Every seed's split and pairs first: a split that cannot form pairs fails before any training.
+        per_seed = {seed: self._datasets(data, seed) for seed in dict.fromkeys(c.seed for c in pending)}
+        for seed, datasets in per_seed.items():
             for key, cfgs in groups.items():
                 if key[0] != seed:
                     continue
                 bar.set_postfix_str(f"seed {seed} h{key[1]}/p{key[2]} x{len(cfgs)}")
                 t_group = time.perf_counter()
 
-                def finished(outcome: HeadOutcome, cfgs=cfgs, t_group=t_group) -> None:
+                def finished(outcome: HeadOutcome, cfgs=cfgs, t_group=t_group, datasets=datasets) -> None:
                     nonlocal done_count
                     row = self._save(outcome, datasets["test"], data, len(cfgs), t_group)
                     rows[outcome.config.config_id] = row
@@ -282,7 +289,7 @@ class SweepRunner:
                              f"test {row['test_acc']:.4f}, spearman {row['spearman']:.4f}")
                     self._write_tables(rows)
 
-                train_group(cfgs, datasets["train"], datasets["val"], s.training, self.device, fused=s.fused,
+                train_group(cfgs, datasets["train"], datasets["val"], s.training, self.device, optimizer=s.optimizer,
                             on_epoch=lambda epoch, trained: bar.update(trained), on_finished=finished)
         bar.close()
         result = self._write_tables(rows, final=True)
