@@ -274,3 +274,23 @@ def test_sweep_checkpoint_loads_in_full_image_mode(tiny_backbone, tmp_path):
     with torch.no_grad():
         want = head.eval().get_score(torch.from_numpy(feats[:6])).reshape(-1)
     np.testing.assert_allclose(got.scores, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_runs_and_both_arms_agree():
+    import argparse
+
+    from mirip.bench import sweep as bench
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--sweep-images", "200", "--sweep-dim", "16", "--sweep-pairs", "64",
+                              "--sweep-eval-pairs", "100", "--sweep-epochs", "2", "--sweep-margins", "0.1", "1.0",
+                              "--sweep-hidden-dims", "8", "16", "--sweep-projector-dims", "4", "--sweep-threads", "1"])
+    result = bench.run(args)
+    assert result["configurations"] == 4 and result["groups"] == 2
+    assert len(result["sweep_s"]) == len(result["sequential_s"]) == 1
+    assert result["ratio"] == pytest.approx(result["sweep_median_s"] / result["sequential_median_s"])
+    assert result["max_val_acc_diff"] == 0.0  # the sweep's heads are the sequential runs' heads
+    assert "sequential Trainer runs" in bench.to_markdown(result)

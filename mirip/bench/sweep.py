@@ -140,10 +140,17 @@ def _sweep(configs, feats, ranks, splits, tc: TrainingConfig, device: str, optim
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = resolve_device(getattr(args, "device", None))
-    threads = getattr(args, "sweep_threads", None)
+    threads, before = getattr(args, "sweep_threads", None), torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(before)  # other benchmarks in the same process keep their own setting
+
+
+def _run(args: argparse.Namespace) -> dict:
+    device = resolve_device(getattr(args, "device", None))
     grid = _grid(args)
     configs = grid.configs()
     epochs = _opt(args, "epochs")
