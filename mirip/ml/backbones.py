@@ -111,3 +111,31 @@ def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False
         patch_size=int(config.patch_size),
     )
     return model, info
+
+
+def pretrained_available(name: str, timeout: float = 3.0) -> bool:
+    """Whether ``name``'s weights can be had now: a local directory, the local hub cache, or a reachable hub.
+
+    Answers in at most ``timeout`` seconds, so a demo can choose random weights offline without
+    waiting through the hub client's retries.
+    """
+    if os.path.isdir(os.path.expanduser(name)):
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str) and any(
+            isinstance(try_to_load_from_cache(name, f), str) for f in ("model.safetensors", "pytorch_model.bin")
+        ):
+            return True
+    except Exception:  # an old or missing hub client only means "not cached"
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
