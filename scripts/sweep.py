@@ -40,6 +40,19 @@ GRID_OPTIONS = (  # (flag, dest, type, default, help)
     ("--seeds", "seed", int, [DEFAULTS.seed], "seeds: each one its own split, init, dropout and pairs"),
 )
 SKIPPED = set(GRID_FIELDS) | {"checkpoint_dir"}  # grid axes, and the output directory is fixed
+FIXED_HELP = {
+    "batch_size": "pairs per optimisation step",
+    "max_epochs": "maximum epochs per head",
+    "gradient_clip_norm": "clip each head's gradient norm to this value",
+    "early_stopping_patience": "stop a head after this many epochs without a better val accuracy (0: never)",
+    "scheduler_t_max": "CosineAnnealingLR period in epochs",
+    "scheduler_eta_min": "CosineAnnealingLR minimum learning rate",
+    "save_every_n_epochs": "recorded in each checkpoint's config (a sweep keeps each head's best epoch only)",
+    "wandb_enabled": "not supported by sweeps",
+    "pairs_per_epoch": "training pairs sampled afresh each epoch (the same for every head of a seed)",
+    "eval_pairs": "validation and test pairs (sampled once per seed)",
+    "num_workers": "recorded only (cached features need no workers)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if kind is bool:
-            fixed.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.name)
+            fixed.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=FIXED_HELP.get(f.name, f.name))
         elif f.name == "pair_balance":
             fixed.add_argument(flag, choices=BALANCES, default=f.default, help="how pairs spread over tier pairs")
         elif f.name == "device":
             fixed.add_argument(flag, default=None, help="cuda or cpu (default: cuda when available)")
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
-            fixed.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(), help=f.name)
+            fixed.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(),
+                               help=FIXED_HELP.get(f.name, f.name))
     run = parser.add_argument_group("run")
     run.add_argument("--optimizer", choices=OPTIMIZERS, default="auto",
                      help="how the stacked heads' AdamW runs: 'fused' (torch's fused kernel per head: one memory "
