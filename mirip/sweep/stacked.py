@@ -164,8 +164,7 @@ def clip_grad_norm_per_head(stacked: Sequence[torch.Tensor], max_norm: float) ->
     per_tensor = torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), 2, dim=1) for g in grads])
     total = torch.linalg.vector_norm(per_tensor, 2, dim=0)
     coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef.view((k,) + (1,) * (g.dim() - 1)))
+    torch._foreach_mul_(grads, [coef.view((k,) + (1,) * (g.dim() - 1)) for g in grads])
     return total
 
 
@@ -324,14 +323,21 @@ class BatchedAdamW:
         dtype = self.model.stacked[0].dtype
         neg_step = (-(self._lr64 / bc1)).to(dtype)
         k = self.model.k
-        for p, m, v in zip(self.model.stacked, self.exp_avg, self.exp_avg_sq):
-            g = p.grad
-            shape = (k,) + (1,) * (p.dim() - 1)
-            p.mul_(self._decay.view(shape))
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            p.add_(m.mul(neg_step.view(shape)).div_(denom))  # p + (-step_size * m) / denom, as addcdiv_ does
+        params = list(self.model.stacked)
+        grads = [p.grad for p in params]
+        shapes = [(k,) + (1,) * (p.dim() - 1) for p in params]
+        # foreach ops: one multi-tensor kernel per op on CUDA where shapes match; per-tensor ops (the same
+        # arithmetic as torch's single-tensor AdamW, op for op) on CPU and where a per-head factor broadcasts.
+        torch._foreach_mul_(params, [self._decay.view(sh) for sh in shapes])
+        torch._foreach_lerp_(self.exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(self.exp_avg_sq, beta2)
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(self.exp_avg_sq)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        update = torch._foreach_mul(self.exp_avg, [neg_step.view(sh) for sh in shapes])
+        torch._foreach_div_(update, denom)
+        torch._foreach_add_(params, update)  # p + (-step_size * m) / denom, as addcdiv_ does
 
     def epoch_end(self) -> None:
         self._placeholder.step()  # no gradients: a no-op that keeps the scheduler's step-order check quiet
