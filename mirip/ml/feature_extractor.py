@@ -24,6 +24,17 @@ def check_images(images: torch.Tensor, what: str = "images") -> None:
         raise ValueError(f"{what} must be a floating-point tensor of shape (B, 3, H, W), got dtype {images.dtype}")
 
 
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 means fp32: cuDNN would otherwise run the patch-embedding conv in TF32 on a GPU."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 class DINOv2FeatureExtractor(nn.Module):
     """Frozen DINOv2: ``extract(images (B, 3, H, W)) -> (B, D)``.
 
@@ -40,6 +51,7 @@ class DINOv2FeatureExtractor(nn.Module):
         random_init: bool = False,
         pooling: str = "cls",
         precision: Optional[str] = None,
+        trainable: bool = False,
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -53,6 +65,10 @@ class DINOv2FeatureExtractor(nn.Module):
         self.output_dim = 2 * hidden if pooling == "cls_mean" else hidden
         self.frozen = True
         self.freeze()
+        if trainable:
+            self.unfreeze()
+        elif self.precision == "bf16":
+            self.backbone.to(torch.bfloat16)
         self.to(self.device)
 
     @property
@@ -71,7 +87,8 @@ class DINOv2FeatureExtractor(nn.Module):
     def unfreeze(self) -> None:
         """Allow fine-tuning (``PairwiseRankingModel(freeze_backbone=False)``)."""
         self.frozen = False
-        self.backbone.requires_grad_(True)
+        # Training needs fp32 master weights (a bf16 copy would already be rounded: build with trainable=True).
+        self.backbone.float().requires_grad_(True)
 
     def train(self, mode: bool = True) -> "DINOv2FeatureExtractor":
         super().train(mode)
@@ -88,15 +105,21 @@ class DINOv2FeatureExtractor(nn.Module):
             return hidden[:, 1:].mean(dim=1)
         return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=1)
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
     def _autocast(self):
         dtype = autocast_dtype(self.precision)
         if dtype is None:
+            return _no_tf32() if device_type(self.device) == "cuda" else contextlib.nullcontext()
+        if self.weight_dtype == dtype:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device_type(self.device), dtype=dtype)
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, dtype=self.weight_dtype, non_blocking=True)
         if not self.frozen:
             with self._autocast():
                 return self._pool(self.backbone(pixel_values=images).last_hidden_state).float()

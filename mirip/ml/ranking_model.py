@@ -99,7 +99,8 @@ class PairwiseRankingModel(RankingHead):
         feature_extractor: Optional[DINOv2FeatureExtractor] = None,
     ):
         extractor = feature_extractor or DINOv2FeatureExtractor(
-            backbone_name, device=device, random_init=random_init, pooling=pooling, precision=precision
+            backbone_name, device=device, random_init=random_init, pooling=pooling, precision=precision,
+            trainable=not freeze_backbone,
         )
         super().__init__(extractor.output_dim, projector_output_dim, margin, hidden_dim, dropout)
         self.feature_extractor = extractor
