@@ -150,3 +150,15 @@ def test_uniform_balance_and_errors():
         sample_pairs(np.array([2, 2, 2]), 10)
     with pytest.raises(ValueError, match="balance"):
         sample_pairs(ranks, 10, balance="nope")
+
+
+def test_rows_of_changed_unreadable_files_are_refused(tmp_path):
+    path = str(tmp_path / "c.h5")
+    write_cache(path, FP, ["a.png", "b.png"], np.zeros((2, 4)))
+    with open_cache(path, "a") as cache:
+        # b.png changed on disk after extraction and its new content could not be decoded.
+        cache.set_failures({"b.png": ("not a recognised image format", 1, 2)})
+    with open_cache(path) as cache:
+        assert cache.rows_for(["a.png"]).tolist() == [0]
+        with pytest.raises(CacheError, match=r"changed since extraction.*b.png \(not a recognised image format\)"):
+            cache.rows_for(["a.png", "b.png"])

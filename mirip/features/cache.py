@@ -36,6 +36,10 @@ class CacheError(ValueError):
     """A cache file that is missing, unreadable, or inconsistent with what a run needs."""
 
 
+def _shown(items: List[str], limit: int = 10) -> str:
+    return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
+
+
 class FeatureCache:
     """An open feature cache. Use ``FeatureCache.create`` to start one and ``open_cache`` to read one."""
 
@@ -186,14 +190,23 @@ class FeatureCache:
         return self.h5["source_size"][:n], self.h5["source_mtime_ns"][:n]
 
     def rows_for(self, paths: Iterable[str]) -> np.ndarray:
-        """Rows of the given relative paths; CacheError lists every path the cache lacks."""
-        index = self.index
+        """Rows of the given relative paths; CacheError lists every path without a valid feature.
+
+        A path that has a row but is also recorded as failed changed on disk and could not be read
+        again: its row holds the old file's feature, so it is refused rather than trained on.
+        """
+        index, failed = self.index, self.failures()
         paths = list(paths)
         missing = [p for p in paths if p not in index]
+        stale = [p for p in paths if p in index and p in failed]
+        problems = []
         if missing:
-            shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
-            raise CacheError(f"{len(missing)} image(s) have no cached feature in {self.path}: {shown}. "
-                             "Run scripts/extract.py on them first.")
+            problems.append(f"{len(missing)} image(s) have no cached feature in {self.path}: {_shown(missing)}")
+        if stale:
+            problems.append(f"{len(stale)} image(s) changed since extraction and could not be read again "
+                            f"({_shown([f'{p} ({failed[p]})' for p in stale])})")
+        if problems:
+            raise CacheError("; ".join(problems) + ". Run scripts/extract.py on them first.")
         return np.array([index[p] for p in paths], dtype=np.int64)
 
     def failures(self) -> Dict[str, str]:
