@@ -272,3 +272,11 @@ def test_image_pair_loader_batches_in_pair_order_without_global_rng(image_dir):
     assert torch.equal(torch.rand(2), expected)
     assert [len(b[2]) for b in batches] == [4, 4, 2]
     assert torch.cat([b[2] for b in batches]).tolist() == ds.pair_arrays()[2].tolist()
+
+
+def test_stratified_split_never_starves_a_split():
+    # Five images per tier at 80/10/10: rounding each tier alone would give every tier (4, 1, 0).
+    data = pd.DataFrame({"filename": [f"{i}.png" for i in range(20)], "tier": list("SABC") * 5})
+    train, val, test = DataSplitter(stratify_column="tier", seed=3).split(data)
+    assert (len(train), len(val), len(test)) == (16, 2, 2)
+    assert train["tier"].value_counts().to_dict() == {"S": 4, "A": 4, "B": 4, "C": 4}

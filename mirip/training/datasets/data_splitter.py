@@ -21,6 +21,28 @@ def _split_counts(n: int, ratios: Tuple[float, float, float]) -> Tuple[int, int,
     return int(counts[0]), int(counts[1]), int(counts[2])
 
 
+def _stratified_counts(sizes: List[int], ratios: Tuple[float, float, float]) -> List[Tuple[int, int, int]]:
+    """Per-stratum split counts whose column totals equal the unstratified split of sum(sizes).
+
+    Rounding each stratum on its own can starve a split: five images per tier at 80/10/10
+    gives every tier (4, 1, 0) and an empty test split. Instead each stratum gets the floor
+    of its share, and the leftover images go, largest fraction first, to splits still
+    short of their overall target.
+    """
+    exact = np.outer(sizes, ratios)
+    counts = np.floor(exact).astype(int)
+    need = np.array(_split_counts(int(sum(sizes)), ratios)) - counts.sum(axis=0)
+    spare = np.array(sizes) - counts.sum(axis=1)
+    order = sorted(np.ndindex(*counts.shape), key=lambda si: -(exact[si] - counts[si]))
+    for strict in (True, False):  # second pass: whatever is left goes where a split is still short, or anywhere
+        for s, i in order:
+            if spare[s] > 0 and (need[i] > 0 or not strict and need.max() <= 0):
+                counts[s, i] += 1
+                spare[s] -= 1
+                need[i] -= 1
+    return [tuple(int(c) for c in row) for row in counts]
+
+
 class DataSplitter:
     """Split a metadata frame into (train_df, val_df, test_df); each keeps the original index and row order."""
 
@@ -70,10 +92,10 @@ class DataSplitter:
                 strata.setdefault(values[rows[0]], []).append(g)
         rng = np.random.default_rng(self.seed)
         parts: List[List[int]] = [[], [], []]
-        ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
-        for key in sorted(strata, key=str):
+        keys = sorted(strata, key=str)
+        counts = _stratified_counts([len(strata[k]) for k in keys], (self.train_ratio, self.val_ratio, self.test_ratio))
+        for key, (n_train, n_val, _) in zip(keys, counts):
             members = np.array(strata[key])[rng.permutation(len(strata[key]))]
-            n_train, n_val, _ = _split_counts(len(members), ratios)
             for part, chosen in zip(parts, np.split(members, [n_train, n_train + n_val])):
                 for g in chosen:
                     part.extend(groups[g].tolist())
