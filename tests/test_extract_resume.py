@@ -62,7 +62,7 @@ def _kill_when(output, backbone, image_dir, at_least: int, timeout: float = 60.0
             proc.wait()
 
 
-@pytest.mark.slow
+# ~20 s, but resuming after kill -9 is a promise the README makes: it runs by default.
 def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_backbone):
     d = tmp_path / "images"
     n = 200
@@ -104,7 +104,7 @@ def _assert_same_cache(a_path, b_path, same_order: bool = True) -> None:
         assert a.fingerprint == b.fingerprint
 
 
-@pytest.mark.slow
+# ~25 s (two torchrun launches): by default too, since multi-process extraction has no other test.
 def test_torchrun_two_ranks_give_the_same_cache_as_one_process(tmp_path, tiny_backbone):
     d = tmp_path / "images"
     make_images(d, 11)
