@@ -89,6 +89,23 @@ def check_fingerprint(
         raise FingerprintMismatch(diff, what)
 
 
+RANDOM_WEIGHTS_NOTE = ("backbone weights are RANDOM (untrained): the features carry no learned meaning, "
+                       "so these numbers only exercise the pipeline")
+
+
+def weights_summary(fingerprint: Optional[Mapping]) -> dict:
+    """What every output of a run states about the backbone behind its features."""
+    if not fingerprint:
+        return {"backbone": None, "backbone_weights": "unknown"}
+    pretrained = fingerprint.get("pretrained")
+    weights = "unknown" if pretrained is None else "pretrained" if pretrained else "random"
+    summary = {"backbone": fingerprint.get("backbone"), "backbone_weights": weights,
+               "image_size": fingerprint.get("image_size"), "pooling": fingerprint.get("pooling")}
+    if weights == "random":
+        summary["note"] = RANDOM_WEIGHTS_NOTE
+    return summary
+
+
 def to_attrs(fingerprint: Mapping) -> dict:
     """HDF5-safe attribute values (lists as JSON strings keep dtypes exact)."""
     return {k: json.dumps(v) if isinstance(v, (list, dict)) or v is None else v for k, v in fingerprint.items()}

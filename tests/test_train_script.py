@@ -157,3 +157,20 @@ def test_without_a_val_split_train_accuracy_picks_the_best(data, tmp_path, capsy
     assert history["val_acc"] == [] and len(history["train_acc"]) == 3
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert metrics["split_sizes"]["val"] == 0 and metrics["best_accuracy"] == max(history["train_acc"])
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_every_run_file_states_the_backbone_weights(tmp_path, capsys, pretrained):
+    cache, meta = write_dataset(str(tmp_path), per_tier=20, dim=8,
+                                fingerprint=fake_fingerprint(8, pretrained=pretrained))
+    out = tmp_path / "run"
+    assert _train(cache, meta, out) == 0
+    said = "random" if not pretrained else "pretrained"
+    assert ("RANDOM (untrained)" in capsys.readouterr().out) is not pretrained
+    for name in ("config.json", "test_metrics.json"):
+        assert json.loads((out / name).read_text())["features_backbone"]["backbone_weights"] == said, name
+    assert RunConfig.load(str(out / "config.json")).hidden_dim == 16  # the extra key does not break loading
+    report = tmp_path / "eval.json"
+    assert evaluate_script.main(["--checkpoint", str(out / "best.pt"), "--features", cache, "--metadata", meta,
+                                 "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["features_backbone"]["backbone_weights"] == said

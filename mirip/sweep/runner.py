@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 import mirip
 from mirip.checkpoint import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
 from mirip.devices import resolve_device
+from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.ml.ranking_model import RankingHead
 from mirip.sweep.engine import HeadOutcome, train_group
 from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepConfigError, SweepGrid, group_configs
@@ -57,7 +58,7 @@ RESULT_COLUMNS = (
        "early_stopping_patience", "scheduler_t_max", "scheduler_eta_min", "train_ratio", "val_ratio", "test_ratio",
        "stratify")
     + ("best_epoch", "epochs_run", "stopped_early", "val_acc", "val_loss", "test_acc", "spearman", "kendall",
-       "test_pairs", "wall_time_s", "group_size", "checkpoint")
+       "test_pairs", "wall_time_s", "group_size", "checkpoint", "backbone_weights")
 )
 OUTPUT_FILES = ("results.csv", "summary.md", "best.json", "heatmap.png")
 
@@ -235,6 +236,7 @@ class SweepRunner:
             "kendall": metrics.get("kendall", float("nan")), "test_pairs": metrics.get("total_pairs", 0),
             "wall_time_s": time.perf_counter() - t_group, "group_size": group_size,
             "checkpoint": os.path.relpath(ckpt, self.out),
+            "backbone_weights": weights_summary(data["fingerprint"])["backbone_weights"],
         })
         # Written last: its presence is what marks the configuration as done.
         write_atomic(self.result_path(cfg), json.dumps(_plain({"row": row, "history": outcome.history,
@@ -315,6 +317,9 @@ class SweepRunner:
         notes = [f"{len(ordered)} runs of {len(summary)} configurations; cache {self.settings.features}."]
         if missing:
             notes.append(f"{missing} run(s) of the grid are missing.")
+        weights = sorted(set(table["backbone_weights"].astype(str)))
+        if "random" in weights:
+            notes.append(f"**{RANDOM_WEIGHTS_NOTE[0].upper() + RANDOM_WEIGHTS_NOTE[1:]}.**")
         write_atomic(os.path.join(self.out, "summary.md"), summary_markdown(summary, notes=notes))
         best = choose_best(summary)
         fixed = {"features": self.settings.features, "metadata": self.settings.metadata, **self.settings.fixed()}
@@ -322,6 +327,7 @@ class SweepRunner:
         options = train_options(best, fixed)
         best_json = {
             "chosen_on": "mean validation pairwise accuracy over seeds (test accuracy is reported, never used)",
+            "backbone_weights": ", ".join(weights),
             "config": {k: best[k] for k in HYPERPARAMETERS},
             "seeds": best["seed_list"],
             **{k: best[k] for k in ("val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",

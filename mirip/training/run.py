@@ -24,7 +24,7 @@ import torch
 from mirip.checkpoint import load_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.features.cache import CacheError, open_cache
-from mirip.fingerprint import FingerprintMismatch, check_fingerprint
+from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, FingerprintMismatch, check_fingerprint, weights_summary
 from mirip.ml.ranking_model import RankingHead
 from mirip.tiers import tier_ranks
 from mirip.training.baseline import RidgeBaseline
@@ -211,7 +211,13 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def save_curves(history: Dict[str, list], path: str) -> bool:
+def _curves_title(backbone: Dict[str, Any]) -> Optional[str]:
+    if backbone["backbone_weights"] != "random":
+        return None
+    return f"{backbone['backbone']}: RANDOM backbone weights (pipeline check, not a trained model)"
+
+
+def save_curves(history: Dict[str, list], path: str, title: Optional[str] = None) -> bool:
     """Loss and accuracy per epoch as a PNG; False (and nothing written) without matplotlib."""
     try:
         import matplotlib
@@ -231,6 +237,8 @@ def save_curves(history: Dict[str, list], path: str) -> bool:
         ax.set_ylabel("pairwise accuracy" if key == "acc" else "margin ranking loss")
         ax.legend()
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, color="#a00000")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -264,7 +272,11 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         + " | ".join(f"{s} {n}" for s, n in sizes.items()) + f" | device {device}")
 
     model = cfg.make_head(features.shape[1])
-    cfg.save(os.path.join(out, "config.json"))
+    backbone = weights_summary(data.fingerprint)
+    if backbone["backbone_weights"] == "random":
+        log(f"NOTE: {backbone['backbone']} {RANDOM_WEIGHTS_NOTE}")
+    # config.json loads back as a RunConfig (unknown keys are ignored); the backbone line is for readers.
+    write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "features_backbone": backbone})
     trainer = Trainer(model, tc, fingerprint=data.fingerprint, extra={"run_config": cfg.to_dict()}, progress=progress)
     if resume:
         trainer.load_checkpoint(last)
@@ -275,7 +287,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
     result: Dict[str, Any] = {"best_epoch": trainer.best_epoch, "best_accuracy": trainer.best_accuracy,
                               "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
-                              "split_sizes": sizes, "split": "test"}
+                              "split_sizes": sizes, "split": "test", "features_backbone": backbone}
     if datasets["test"] is None:
         log("no test split (test_ratio is 0): nothing to report on held-out data")
         result.update(model=None, linear_baseline=None)
@@ -285,7 +297,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         log(format_metrics(result["model"], result["linear_baseline"],
                            title=f"test split (best epoch {trainer.best_epoch}):"))
     write_json(os.path.join(out, "test_metrics.json"), result)
-    if save_curves(history, os.path.join(out, "curves.png")):
+    if save_curves(history, os.path.join(out, "curves.png"), title=_curves_title(backbone)):
         result["curves"] = os.path.join(out, "curves.png")
     result["history"] = history
     return result
@@ -332,6 +344,7 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     if datasets[split] is None:
         raise ValueError(f"the {split} split is empty")
     result: Dict[str, Any] = {"checkpoint": checkpoint, "split": split, "epoch": ckpt.get("epoch"),
+                              "features_backbone": weights_summary(fingerprint),
                               "model": Evaluator(head, dev).evaluate_detailed(datasets[split])}
     if split != "all" and datasets["train"] is not None:
         result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(
