@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from typing import Any, Dict, Union
 
 import torch
+
+from mirip.atomic import write_atomic_with
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -25,20 +26,7 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint_file(path: Union[str, os.PathLike], payload: Dict[str, Any]) -> None:
     """Write ``payload`` so that a reader sees either the old file or the complete new one, never half."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic_with(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Dict[str, Any]:

@@ -76,7 +76,7 @@ def _card(entry: Mapping, uri: Optional[str], size: int) -> str:
     tier = entry.get("tier")
     tier_html = f'<span class="tier">{html.escape(str(tier))}</span>' if tier else ""
     picture = (f'<img src="{uri}" alt="{name}" loading="lazy">' if uri
-               else f'<div class="missing">thumbnail unavailable</div>')
+               else '<div class="missing">thumbnail unavailable</div>')
     return (f'<div class="card" data-path="{html.escape(path)}">{picture}'
             f'<div><span class="rank">#{int(entry["rank"])}</span>{tier_html}'
             f'<span class="score">{float(entry["score"]):.4f}</span></div>'

@@ -22,6 +22,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
+from mirip.cli_options import add_data_options
 from mirip.features.cache import CacheError
 from mirip.sweep.grid import SweepConfigError, SweepGrid
 from mirip.sweep.runner import GRID_FIELDS, OUTPUT_FILES, SweepSettings, run_sweep
@@ -64,17 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "configuration x seed into --output-dir. Rerun the same command to continue.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--features", required=True, metavar="H5", help="feature cache written by scripts/extract.py")
-    data.add_argument("--metadata", required=True, metavar="CSV", help="CSV with one row per image")
-    data.add_argument("--output-dir", required=True, metavar="DIR", help="sweep directory (results, checkpoints)")
-    data.add_argument("--filename-column", default="filename", help="metadata column with the image path")
-    data.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
-    data.add_argument("--train-ratio", type=float, default=0.8, help="share of images for training")
-    data.add_argument("--val-ratio", type=float, default=0.1, help="share of images for validation (selection)")
-    data.add_argument("--test-ratio", type=float, default=0.1, help="share of images for the final test")
-    data.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=True,
-                      help="keep tier proportions equal across splits")
+    add_data_options(parser, "sweep directory (results, checkpoints)")
     grid = parser.add_argument_group("grid (one or more values each; the sweep is their product)")
     for flag, dest, kind, default, help_text in GRID_OPTIONS:
         grid.add_argument(flag, dest=dest, type=kind, nargs="+", default=default, metavar=kind.__name__.upper(),

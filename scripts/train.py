@@ -19,6 +19,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
+from mirip.cli_options import add_data_options
 from mirip.features.cache import CacheError
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pair_sampling import BALANCES
@@ -85,18 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                     + ", ".join(OUTPUT_FILES) + " (curves.png needs matplotlib) into --output-dir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--features", required=True, metavar="H5", help="feature cache written by scripts/extract.py")
-    data.add_argument("--metadata", required=True, metavar="CSV", help="CSV with one row per image")
-    data.add_argument("--output-dir", required=True, metavar="DIR", help="run directory for checkpoints and reports")
-    data.add_argument("--filename-column", default="filename", help="metadata column with the image path "
-                      "(relative to the image directory, as in the cache)")
-    data.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
-    data.add_argument("--train-ratio", type=float, default=0.8, help="share of images for training")
-    data.add_argument("--val-ratio", type=float, default=0.1, help="share of images for validation")
-    data.add_argument("--test-ratio", type=float, default=0.1, help="share of images for the final test")
-    data.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=True,
-                      help="keep tier proportions equal across splits")
+    add_data_options(parser, "run directory for checkpoints and reports")
     model = parser.add_argument_group("model")
     model.add_argument("--margin", type=float, default=1.0, help="MarginRankingLoss margin")
     model.add_argument("--hidden-dim", type=_positive(int), default=512, help="Projector hidden width")

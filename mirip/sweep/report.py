@@ -7,33 +7,15 @@ reported beside it and never consulted when choosing.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import pandas as pd
 
+from mirip.atomic import write_atomic_with
 from mirip.sweep.grid import HYPERPARAMETERS
 
 METRICS = ("val_acc", "test_acc", "spearman")
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Readers see the old file or the whole new one, never a half-written one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _std(values: np.ndarray) -> float:
@@ -154,14 +136,8 @@ def save_heatmap(table: pd.DataFrame, path: str) -> bool:
                 ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return True

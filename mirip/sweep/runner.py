@@ -29,18 +29,17 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 import mirip
+from mirip.atomic import write_atomic
 from mirip.checkpoint import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.ml.ranking_model import RankingHead
 from mirip.sweep.engine import HeadOutcome, train_group
 from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepConfigError, SweepGrid, group_configs
-from mirip.sweep.report import (aggregate, choose_best, save_heatmap, summary_markdown, to_argv, train_options,
-                                write_atomic)
+from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_markdown, to_argv, train_options
 from mirip.tiers import tier_ranks
 from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator

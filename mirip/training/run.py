@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mirip.atomic import write_atomic
 from mirip.checkpoint import load_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.features.cache import CacheError, open_cache
@@ -193,10 +194,7 @@ def baseline_metrics(data: RunData, datasets: Dict[str, Optional[FeaturePairData
 
 # --- outputs -------------------------------------------------------------------------------------
 def write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(_jsonable(obj), indent=2))
 
 
 def _jsonable(obj: Any) -> Any:
