@@ -43,7 +43,7 @@ from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_mar
 from mirip.tiers import tier_ranks
 from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator
-from mirip.training.run import SPLITS, RunConfig, RunData, load_features, read_metadata, split_dataset
+from mirip.training.run import SPLITS, DataSettings, RunConfig, RunData, load_features, read_metadata, split_dataset
 from mirip.training.trainer import check_config
 
 # TrainingConfig fields a sweep varies per head (grid axes), and those that do not change any number.
@@ -63,18 +63,9 @@ OUTPUT_FILES = ("results.csv", "summary.md", "best.json", "heatmap.png")
 
 
 @dataclass
-class SweepSettings:
+class SweepSettings(DataSettings):
     """Everything a sweep holds fixed across heads: the data, the split, and the non-grid training settings."""
 
-    features: str
-    metadata: str
-    output_dir: str
-    filename_column: str = "filename"
-    tier_column: str = "tier"
-    train_ratio: float = 0.8
-    val_ratio: float = 0.1
-    test_ratio: float = 0.1
-    stratify: bool = True
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: Optional[str] = None  # fused / batched / plain AdamW (mirip.sweep.stacked); None: by device
 

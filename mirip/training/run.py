@@ -41,8 +41,8 @@ OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metri
 
 
 @dataclass
-class RunConfig:
-    """Everything that defines a run; ``training.checkpoint_dir`` is the output directory."""
+class DataSettings:
+    """What a run or a sweep trains on: the cache, the metadata and its columns, the split, the output."""
 
     features: str
     metadata: str
@@ -53,6 +53,12 @@ class RunConfig:
     val_ratio: float = 0.1
     test_ratio: float = 0.1
     stratify: bool = True
+
+
+@dataclass
+class RunConfig(DataSettings):
+    """Everything that defines a run; ``training.checkpoint_dir`` is the output directory."""
+
     margin: float = 1.0
     hidden_dim: int = 512
     projector_dim: int = 256
