@@ -101,7 +101,7 @@ def to_argv(options: Dict[str, Any]) -> List[str]:
     return argv
 
 
-def save_heatmap(table: pd.DataFrame, path: str) -> bool:
+def save_heatmap(table: pd.DataFrame, path: str, title: str = "") -> bool:
     """Mean val (and test) accuracy over margin x (hidden, projector) dims; False without matplotlib.
 
     Each cell shows the grid point chosen on val accuracy among the other hyperparameters
@@ -135,6 +135,8 @@ def save_heatmap(table: pd.DataFrame, path: str) -> bool:
             if not np.isnan(v):
                 ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        fig.suptitle(title, color="#a00000")
     fig.tight_layout()
     try:
         write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -330,7 +330,8 @@ class SweepRunner:
                 to_argv(options) + ["--output-dir", os.path.join(self.out, "best-run")]),
         }
         write_atomic(os.path.join(self.out, "best.json"), json.dumps(_plain(best_json), indent=2))
-        save_heatmap(summary, os.path.join(self.out, "heatmap.png"))
+        save_heatmap(summary, os.path.join(self.out, "heatmap.png"),
+                     title="RANDOM backbone weights (pipeline check, not a trained model)" if "random" in weights else "")
         out.update(summary=summary, best=best_json)
         return out
 
