@@ -3,6 +3,13 @@
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (it skips what is done).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "${MIRIP_SKIP_SETUP:-0}" = 1 ]; then
+  # Your own environment (torch, mirip's dependencies) is already active: use it as it is.
+  python() { "${PYTHON:-python3}" "$@"; }
+  export -f python 2>/dev/null || true
+  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+  return 0 2>/dev/null || exit 0
+fi
 venv="${MIRIP_VENV:-$root/.venv}"
 py="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then
