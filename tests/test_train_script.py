@@ -85,6 +85,8 @@ def test_resume_continues_and_existing_runs_are_protected(data, tmp_path, capsys
     assert _train(cache, meta, part, "--max-epochs", "2", "--scheduler-t-max", "4") == 0
     assert _train(cache, meta, part, "--max-epochs", "2") == 2
     assert "already holds a run" in capsys.readouterr().err
+    assert _train(cache, meta, part, "--max-epochs", "4", "--scheduler-t-max", "4", "--margin", "2", "--resume") == 2
+    assert "margin: 1.0 in the run, 2.0 now" in capsys.readouterr().err  # a resumed run must be the same run
     assert _train(cache, meta, part, "--max-epochs", "4", "--scheduler-t-max", "4", "--resume") == 0
     assert json.loads((part / "history.json").read_text()) == json.loads((full / "history.json").read_text())
     assert json.loads((part / "test_metrics.json").read_text())["model"] == \

@@ -249,6 +249,31 @@ def save_curves(history: Dict[str, list], path: str, title: Optional[str] = None
     return True
 
 
+# Settings a resumed run may change: they do not alter what the epochs already run computed.
+RESUMABLE_CHANGES = ("output_dir", "training.checkpoint_dir", "training.max_epochs", "training.device",
+                     "training.wandb_enabled", "training.wandb_project", "training.wandb_run_name")
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path: str) -> None:
+    """A resumed run must be the same run: refuse settings that differ from the checkpoint's, naming them."""
+    if not saved:
+        return
+    old, new = _flat(saved), _flat(cfg.to_dict())
+    diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)}
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in diff.items())
+        raise ValueError(f"cannot resume {path} with different settings ({shown}); repeat the original command, "
+                         "or start a new run in another output directory")
+
+
 # --- the run -------------------------------------------------------------------------------------
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -264,7 +289,10 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     tc = dataclasses.replace(cfg.training, checkpoint_dir=out)
     cfg = dataclasses.replace(cfg, training=tc)
 
-    expected = load_checkpoint_file(last).get("fingerprint") if resume else None
+    saved = load_checkpoint_file(last) if resume else {}
+    if resume:
+        _check_resume_config(saved.get("run_config"), cfg, last)
+    expected = saved.get("fingerprint")
     data = load_run_data(cfg, expected_fingerprint=expected)
     device = resolve_device(tc.device)
     features = data.features.to(device)  # the whole matrix, once
