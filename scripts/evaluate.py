@@ -33,8 +33,10 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Score every image of a metadata file once with a trained head and report pairwise accuracy "
-                    "(overall and per tier pair), Spearman and Kendall correlation with the tiers. The cache must "
-                    "have the fingerprint the head was trained on.",
+                    "(overall and per tier pair), Spearman and Kendall correlation with the tiers; with the checkpoint's "
+                    "score-to-tier calibration also tier accuracy, mean absolute tier error, the confusion matrix "
+                    "and the expected calibration error. The cache must have the fingerprint the head was "
+                    "trained on.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint from scripts/train.py (best.pt)")
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_metrics(result["model"], result.get("linear_baseline"),
                          title=f"{args.checkpoint} on the {args.split} split (epoch {result['epoch']}):"))
+    for key in ("tier_figures_note", "calibration_note"):
+        if result.get(key):
+            print(f"NOTE: {result[key]}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, result)

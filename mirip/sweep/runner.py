@@ -43,7 +43,8 @@ from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_mar
 from mirip.tiers import tier_ranks
 from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator
-from mirip.training.run import SPLITS, DataSettings, RunConfig, RunData, load_features, read_metadata, split_dataset
+from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, load_features, read_metadata,
+                                split_dataset)
 from mirip.training.trainer import check_config
 
 # TrainingConfig fields a sweep varies per head (grid axes), and those that do not change any number.
@@ -180,14 +181,17 @@ class SweepRunner:
         return datasets
 
     # --- per finished head -------------------------------------------------------------------
-    def _save(self, outcome: HeadOutcome, test_ds, data: Dict[str, Any], group_size: int, t_group: float) -> Dict:
+    def _save(self, outcome: HeadOutcome, test_ds, data: Dict[str, Any], group_size: int, t_group: float,
+              datasets: Optional[Dict[str, Any]] = None) -> Dict:
         cfg = outcome.config
         rc = self.settings.run_config(cfg)
         metrics: Dict[str, Any] = {}
+        head = RankingHead(**outcome.head_config)
+        head.load_head_state_dict(outcome.state)
+        # Every head (the winner among them) gets its score-to-tier calibration, as scripts/train.py gives it.
+        calibrated = calibrate_head(head, datasets or {"test": test_ds}, self.device, splits=("train", "val"))
         if test_ds is not None:
-            head = RankingHead(**outcome.head_config)
-            head.load_head_state_dict(outcome.state)
-            metrics = Evaluator(head, self.device).evaluate_detailed(test_ds)
+            metrics = Evaluator(head, self.device, calibration=calibrated.calibration).evaluate_detailed(test_ds)
         best = outcome.best_epoch
         payload = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -210,6 +214,7 @@ class SweepRunner:
             "run_config": rc.to_dict(),
             "sweep": {"config_id": cfg.config_id, "epochs_run": outcome.epochs_run,
                       "stopped_early": outcome.stopped_early, "test_metrics": _plain(metrics)},
+            **calibrated.checkpoint_keys(),
         }
         ckpt = self.checkpoint_path(cfg)
         save_checkpoint_file(ckpt, payload)
@@ -272,7 +277,7 @@ class SweepRunner:
 
                 def finished(outcome: HeadOutcome, cfgs=cfgs, t_group=t_group, datasets=datasets) -> None:
                     nonlocal done_count
-                    row = self._save(outcome, datasets["test"], data, len(cfgs), t_group)
+                    row = self._save(outcome, datasets["test"], data, len(cfgs), t_group, datasets)
                     rows[outcome.config.config_id] = row
                     done_count += 1
                     bar.update(epochs - outcome.epochs_run)  # epochs it will not need

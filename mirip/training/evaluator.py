@@ -1,5 +1,9 @@
 """Evaluator: pairwise accuracy of a ranking model, and the detailed report (per tier pair, Spearman, Kendall).
 
+Given a score-to-tier calibration (``mirip.calibration``), the detailed report also
+holds the tier figures: tier accuracy, mean absolute tier error, the 4x4 confusion
+matrix and the expected calibration error (named in the report).
+
 Datasets that can list their images (``FeaturePairDataset``, ``PairwiseDataset``)
 are scored one image at a time - each image once, however many pairs it is in -
 and every metric is read off those scores. Any other loader of
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mirip.calibration import OrdinalCalibration, tier_metrics
 from mirip.devices import resolve_device
 from mirip.training.metrics import score_metrics
 
@@ -41,10 +46,12 @@ def score_images(model: nn.Module, dataset: Any, device: str, batch_size: Option
 class Evaluator:
     """``Evaluator(model, device=None)``: ``evaluate``, ``evaluate_detailed``, ``predict_pair``."""
 
-    def __init__(self, model: nn.Module, device: Optional[str] = None, *, score_batch_size: Optional[int] = None):
+    def __init__(self, model: nn.Module, device: Optional[str] = None, *, score_batch_size: Optional[int] = None,
+                 calibration: Optional[OrdinalCalibration] = None):
         self.device = resolve_device(device if device is not None else getattr(model, "device", None))
         self.model = model.to(self.device)
         self.score_batch_size = score_batch_size
+        self.calibration = calibration
 
     def _pairwise(self, dataloader: Iterable) -> Tuple[int, int]:
         """(correct, total) pair by pair, for loaders that cannot list their images."""
@@ -64,12 +71,23 @@ class Evaluator:
 
     def evaluate_detailed(self, dataloader: Iterable) -> Dict[str, Any]:
         """The seed's accuracy / total_pairs / correct_predictions, plus tier_pair_accuracy
-        ({"S-A": {"accuracy", "pairs"}, ...}), spearman and kendall (scores vs tiers) and num_images."""
+        ({"S-A": {"accuracy", "pairs"}, ...}), spearman and kendall (scores vs tiers) and num_images.
+
+        With a calibration (and a dataset that lists its images) it adds the tier figures: tier_accuracy,
+        tier_mae (mean absolute tier error), majority_tier / majority_tier_accuracy (always predicting the
+        commonest tier of these images), confusion_matrix ({"tiers", "rows", "columns", "counts"}: rows true,
+        columns predicted, S..C), calibration_error ({"name", "bins", "value"}: the expected calibration
+        error), ranked_probability_score, reliability (bins) and calibration_fitted_on."""
         if can_score_images(dataloader):
             ds = _dataset_of(dataloader)
             scores = score_images(self.model, ds, self.device, self.score_batch_size)
             first, second, labels = ds.pair_arrays()
-            return score_metrics(scores, ds.ranks, first, second, labels)
+            metrics = score_metrics(scores, ds.ranks, first, second, labels)
+            if self.calibration is not None:
+                tiers = tier_metrics(self.calibration.probabilities(scores), ds.ranks)
+                tiers.pop("num_images")
+                metrics.update(tiers, calibration_fitted_on=self.calibration.fitted_on)
+            return metrics
         correct, total = self._pairwise(dataloader)
         return {
             "accuracy": correct / total if total else float("nan"),
@@ -116,4 +134,30 @@ def format_metrics(metrics: Dict[str, Any], baseline: Optional[Dict[str, Any]] =
         lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if "tier_accuracy" in metrics:
+        lines += ["", format_tier_metrics(metrics)]
+    return "\n".join(lines)
+
+
+def format_tier_metrics(tiers: Dict[str, Any]) -> str:
+    """Tier accuracy against the majority baseline, mean absolute tier error, calibration error, confusion matrix."""
+    if not tiers.get("num_images") or "tier_accuracy" not in tiers:
+        return "tier prediction: no images"
+    cal = tiers["calibration_error"]
+    lines = [
+        f"tier prediction (calibration fitted on the {tiers.get('calibration_fitted_on', '?')} split), "
+        f"{tiers['num_images']} images:",
+        f"  tier accuracy {tiers['tier_accuracy']:.4f}  (always predicting the commonest tier here, "
+        f"{tiers['majority_tier']}: {tiers['majority_tier_accuracy']:.4f})",
+        f"  mean absolute tier error {tiers['tier_mae']:.4f}",
+        f"  {cal['name']}, {cal['bins']} bins: {cal['value']:.4f}",
+        f"  ranked probability score {tiers['ranked_probability_score']:.4f} (0 is perfect)",
+        "  confusion matrix (rows: true tier, columns: predicted tier):",
+    ]
+    names = tiers["confusion_matrix"]["tiers"]
+    counts = tiers["confusion_matrix"]["counts"]
+    width = max(4, max(len(str(c)) for row in counts for c in row) + 1)
+    lines.append("      " + "".join(t.rjust(width) for t in names))
+    for t, row in zip(names, counts):
+        lines.append(f"    {t} " + "".join(str(c).rjust(width) for c in row))
     return "\n".join(lines)

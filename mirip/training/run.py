@@ -1,8 +1,9 @@
 """A training run on cached features, start to finish: what ``scripts/train.py`` and ``scripts/evaluate.py`` call.
 
     metadata.csv + cache.h5 -> split by image -> FeaturePairDataset per split
-    -> Trainer.fit (best.pt, last.pt) -> best head + ridge baseline on the test pairs
-    -> config.json, history.json, test_metrics.json, curves.png
+    -> Trainer.fit (best.pt, last.pt) -> score-to-tier calibration on the val split (into best.pt, last.pt)
+    -> best head + ridge baseline on the test pairs
+    -> config.json, history.json, test_metrics.json, curves.png, calibration.png
 
 Every choice lives in one ``RunConfig`` (data paths, split, head dims, and a
 ``TrainingConfig``), saved as ``config.json`` beside the run and inside every checkpoint.
@@ -22,7 +23,9 @@ import pandas as pd
 import torch
 
 from mirip.atomic import write_atomic
-from mirip.checkpoint import load_checkpoint_file
+from mirip.calibration import (CalibrationError, OrdinalCalibration, ScoreReference, fit_ordinal, from_checkpoint,
+                               make_score_reference, save_calibration_plot)
+from mirip.checkpoint import load_checkpoint_file, save_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.features.cache import CacheError, open_cache
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, FingerprintMismatch, check_fingerprint, weights_summary
@@ -32,12 +35,13 @@ from mirip.training.baseline import RidgeBaseline
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.data_splitter import DataSplitter
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
-from mirip.training.evaluator import Evaluator, format_metrics
+from mirip.training.evaluator import Evaluator, format_metrics, score_images
 from mirip.training.metrics import score_metrics
 from mirip.training.trainer import Trainer, history_to_json
 
 SPLITS = ("train", "val", "test")
-OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png")
+OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
+                "calibration.png")
 
 
 @dataclass
@@ -249,6 +253,67 @@ def save_curves(history: Dict[str, list], path: str, title: Optional[str] = None
     return True
 
 
+# --- calibration ---------------------------------------------------------------------------------
+@dataclass
+class HeadCalibration:
+    """A head's score-to-tier calibration (val split) and training-split score reference, or why there is none."""
+
+    calibration: Optional[OrdinalCalibration]
+    score_reference: Optional[ScoreReference]
+    note: Optional[str]
+    scores: Dict[str, Tuple[np.ndarray, np.ndarray]]  # split -> (scores, ranks) of the splits scored
+
+    def checkpoint_keys(self) -> Dict[str, Any]:
+        """The plain-dict checkpoint keys: calibration, score_reference (None when absent) and calibration_note."""
+        return {"calibration": self.calibration.to_dict() if self.calibration else None,
+                "score_reference": self.score_reference.to_dict() if self.score_reference else None,
+                "calibration_note": self.note}
+
+
+def calibrate_head(model: torch.nn.Module, datasets: Dict[str, Optional[FeaturePairDataset]], device: str,
+                   splits: Tuple[str, ...] = ("train", "val", "test")) -> HeadCalibration:
+    """Fit the ordinal calibration on the val split's scores and take the train split's score quantiles."""
+    scores = {s: (score_images(model, datasets[s], device), datasets[s].ranks)
+              for s in splits if datasets.get(s) is not None}
+    reference = make_score_reference(*scores["train"], split="train") if "train" in scores else None
+    if "val" not in scores:
+        return HeadCalibration(None, reference, "no validation split, so no score-to-tier calibration "
+                               "(tier predictions need val_ratio > 0)", scores)
+    try:
+        calibration = fit_ordinal(*scores["val"], fitted_on="val")
+    except CalibrationError as exc:
+        return HeadCalibration(None, reference, f"no score-to-tier calibration: {exc}", scores)
+    notes = []
+    absent = [t for t, n in calibration.tier_counts.items() if n == 0]
+    if absent:
+        notes.append(f"tier(s) {', '.join(absent)} absent from the validation split: their probabilities are "
+                     "not calibrated")
+    if calibration.slope <= 0:
+        notes.append("on the validation split higher scores go with worse tiers (calibration slope "
+                     f"{calibration.slope:.4g} <= 0): the head has not learned the tiers")
+    return HeadCalibration(calibration, reference, "; ".join(notes) or None, scores)
+
+
+def attach_calibration(path: str, calibrated: HeadCalibration) -> None:
+    """Add the calibration keys to a checkpoint file (atomically; everything else is kept)."""
+    ckpt = load_checkpoint_file(path)
+    ckpt.update(calibrated.checkpoint_keys())
+    save_checkpoint_file(path, ckpt)
+
+
+IN_SAMPLE = {"all": "all images include the training images (the head was fitted on them) and the validation "
+                     "images (the calibration was fitted on them)",
+             "train": "the head was trained on the train split",
+             "val": "the calibration was fitted on the val split"}
+
+
+def _calibration_title(backbone: Dict[str, Any]) -> str:
+    base = "score-to-tier calibration, fitted on the validation split"
+    if backbone["backbone_weights"] == "random":
+        return f"{base}: RANDOM backbone weights (pipeline check, not a trained model)"
+    return base
+
+
 # Settings a resumed run may change: they do not alter what the epochs already run computed.
 RESUMABLE_CHANGES = ("output_dir", "training.checkpoint_dir", "training.max_epochs", "training.device",
                      "training.wandb_enabled", "training.wandb_project", "training.wandb_run_name")
@@ -315,22 +380,41 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         log(f"resuming from {last} after epoch {trainer.epoch}")
     history = trainer.fit(datasets["train"], datasets["val"])
     write_json(os.path.join(out, "history.json"), history_to_json(history))
+    # Each checkpoint gets the calibration of its own head: last.pt the last epoch's, best.pt the best's.
+    if os.path.isfile(last):
+        attach_calibration(last, calibrate_head(model, datasets, device, splits=("train", "val")))
     trainer.restore_best()
+    calibrated = calibrate_head(model, datasets, device)
+    if os.path.isfile(os.path.join(out, "best.pt")):
+        attach_calibration(os.path.join(out, "best.pt"), calibrated)
+    if calibrated.calibration is not None:
+        cal = calibrated.calibration
+        log(f"calibration (val split, {cal.num_images} images): slope {cal.slope:.4f}, tier boundaries on the "
+            "score axis C|B {:.4f}, B|A {:.4f}, A|S {:.4f}".format(*cal.boundaries()))
+    if calibrated.note:
+        log(f"NOTE: {calibrated.note}")
 
     result: Dict[str, Any] = {"best_epoch": trainer.best_epoch, "best_accuracy": trainer.best_accuracy,
                               "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
-                              "split_sizes": sizes, "split": "test", "features_backbone": backbone}
+                              "split_sizes": sizes, "split": "test", "features_backbone": backbone,
+                              **calibrated.checkpoint_keys()}
     if datasets["test"] is None:
         log("no test split (test_ratio is 0): nothing to report on held-out data")
         result.update(model=None, linear_baseline=None)
     else:
-        result["model"] = Evaluator(model, device).evaluate_detailed(datasets["test"])
+        result["model"] = Evaluator(model, device, calibration=calibrated.calibration).evaluate_detailed(
+            datasets["test"])
         result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(data, datasets, "test", cfg.ridge_alpha)
         log(format_metrics(result["model"], result["linear_baseline"],
                            title=f"test split (best epoch {trainer.best_epoch}):"))
     write_json(os.path.join(out, "test_metrics.json"), result)
     if save_curves(history, os.path.join(out, "curves.png"), title=_curves_title(backbone)):
         result["curves"] = os.path.join(out, "curves.png")
+    if calibrated.calibration is not None and save_calibration_plot(
+            os.path.join(out, "calibration.png"), calibrated.calibration,
+            {s: calibrated.scores[s] for s in ("val", "test") if s in calibrated.scores},
+            title=_calibration_title(backbone)):
+        result["calibration_plot"] = os.path.join(out, "calibration.png")
     result["history"] = history
     return result
 
@@ -375,9 +459,17 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     datasets = {s: split_dataset(data, s, feats, tc, train=False) for s in data.splits}
     if datasets[split] is None:
         raise ValueError(f"the {split} split is empty")
+    calibration, _, why = from_checkpoint(ckpt, checkpoint)
     result: Dict[str, Any] = {"checkpoint": checkpoint, "split": split, "epoch": ckpt.get("epoch"),
                               "features_backbone": weights_summary(fingerprint),
-                              "model": Evaluator(head, dev).evaluate_detailed(datasets[split])}
+                              "model": Evaluator(head, dev, calibration=calibration).evaluate_detailed(datasets[split])}
+    if calibration is None:
+        result["calibration_note"] = why
+    else:
+        result["calibration"] = calibration.to_dict()
+        if split in ("all", "train", "val"):
+            result["tier_figures_note"] = IN_SAMPLE[split] + ": these tier figures are in-sample; " \
+                "the test split gives the held-out ones"
     if split != "all" and datasets["train"] is not None:
         result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(
             data, datasets, split, cfg.ridge_alpha)
@@ -386,4 +478,5 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
 
 __all__ = ["RunConfig", "RunData", "read_metadata", "load_features", "load_run_data", "split_dataset",
            "baseline_metrics", "train", "evaluate_checkpoint", "save_curves", "OUTPUT_FILES",
+           "HeadCalibration", "calibrate_head", "attach_calibration",
            "CacheError", "FingerprintMismatch"]
