@@ -22,6 +22,7 @@ ranked probability score (a proper score for ordered classes; lower is better).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -344,6 +345,7 @@ class ScoreReference:
     per_tier: Dict[str, Optional[Tuple[float, ...]]]
     counts: Dict[str, int]
     split: str = "train"
+    images_sha256: Optional[str] = None  # of the sorted image names, so a rebuilt split can be checked
 
     def percentile(self, scores: Any, tier: Optional[str] = None) -> np.ndarray:
         """Percent of the reference drawings (all, or those of ``tier``) scoring at or below each score, 0..100.
@@ -364,7 +366,7 @@ class ScoreReference:
         return {"version": CALIBRATION_VERSION, "split": self.split, "levels": list(self.levels),
                 "overall": list(self.overall),
                 "per_tier": {t: (list(v) if v is not None else None) for t, v in self.per_tier.items()},
-                "counts": dict(self.counts)}
+                "counts": dict(self.counts), "images_sha256": self.images_sha256}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ScoreReference":
@@ -378,7 +380,7 @@ class ScoreReference:
         if len(levels) != len(overall) or any(v is not None and len(v) != len(levels) for v in per_tier.values()):
             raise CalibrationError("stored score reference: quantile lists and levels differ in length")
         return cls(levels, overall, per_tier, {k: int(v) for k, v in (d.get("counts") or {}).items()},
-                   str(d.get("split", "train")))
+                   str(d.get("split", "train")), d.get("images_sha256"))
 
 
 def _strictly_increasing(values: np.ndarray, levels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -390,8 +392,14 @@ def _strictly_increasing(values: np.ndarray, levels: np.ndarray) -> Tuple[np.nda
     return uniq, np.array([levels[a:b].mean() for a, b in zip(start, ends)])
 
 
+def names_sha256(names: Sequence[str]) -> str:
+    """A fingerprint of a set of image names (sorted, newline-joined, UTF-8)."""
+    return hashlib.sha256("\n".join(sorted(str(n) for n in names)).encode("utf-8")).hexdigest()
+
+
 def make_score_reference(scores: Any, ranks: Any, *, split: str = "train",
-                         levels: Sequence[float] = REFERENCE_LEVELS) -> ScoreReference:
+                         levels: Sequence[float] = REFERENCE_LEVELS,
+                         names: Optional[Sequence[str]] = None) -> ScoreReference:
     """Quantiles (numpy's linear interpolation) of the scores, overall and per tier present."""
     s = _as_scores(scores)
     y = _as_ranks(ranks, s.size)
@@ -404,7 +412,8 @@ def make_score_reference(scores: Any, ranks: Any, *, split: str = "train",
         mask = y == RANK_ORDER.index(t)
         counts[t] = int(mask.sum())
         per_tier[t] = tuple(np.quantile(s[mask], lv / 100.0).tolist()) if mask.any() else None
-    return ScoreReference(tuple(lv.tolist()), tuple(np.quantile(s, lv / 100.0).tolist()), per_tier, counts, split)
+    return ScoreReference(tuple(lv.tolist()), tuple(np.quantile(s, lv / 100.0).tolist()), per_tier, counts, split,
+                          names_sha256(names) if names is not None else None)
 
 
 # --- reading a checkpoint ----------------------------------------------------------------------
@@ -495,5 +504,5 @@ def save_calibration_plot(path: str, calibration: OrdinalCalibration,
 
 __all__ = ["OrdinalCalibration", "ScoreReference", "CalibrationError", "fit_ordinal", "make_score_reference",
            "tier_metrics", "reliability_bins", "expected_calibration_error", "ranked_probability_score",
-           "confusion_matrix", "logistic_difference_cdf", "from_checkpoint", "save_calibration_plot",
+           "confusion_matrix", "logistic_difference_cdf", "names_sha256", "from_checkpoint", "save_calibration_plot",
            "NO_CALIBRATION", "ECE_NAME", "RANK_ORDER"]

@@ -11,6 +11,12 @@ backbone directory in place of the checkpoint's backbone (e.g. a downloaded copy
 of the hub model), and random weights in place of pretrained ones. Anything else
 that would change the features (another hub backbone, image size or pooling) is
 refused with a ``FingerprintMismatch`` naming the field.
+
+A checkpoint written since calibrations were added also carries the score-to-tier
+calibration fitted on its validation split and the training split's score quantiles
+(``mirip.calibration``): ``Scorer.predict_tier(paths)`` turns a drawing into a
+predicted tier, P(S), P(A), P(B), P(C) and a percentile among the training drawings.
+An older checkpoint still scores; ``Scorer.calibration_note`` says why it has no tiers.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mirip.calibration import CalibrationError, from_checkpoint, names_sha256
 from mirip.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.devices import check_precision, default_precision, resolve_device
 from mirip.fingerprint import FingerprintMismatch, check_fingerprint, make_fingerprint
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
 from mirip.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor
+from mirip.tiers import TIERS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Fields of the fingerprint that decide the features' numbers (besides the backbone's identity).
@@ -65,6 +73,8 @@ class Comparison:
     path_b: str
     score_a: float
     score_b: float
+    # P(a is the better drawing) under the calibrated model; None without a calibration.
+    prob_a_better: Optional[float] = None
 
     @property
     def margin(self) -> float:
@@ -78,6 +88,42 @@ class Comparison:
     @property
     def better(self) -> Optional[str]:
         return {1: self.path_a, -1: self.path_b}.get(self.prediction)
+
+
+class CalibrationUnavailable(CalibrationError):
+    """Tier predictions asked of a checkpoint that holds no score-to-tier calibration."""
+
+
+@dataclass(frozen=True)
+class TierPrediction:
+    """One drawing: its score, most probable tier, P(tier) for S, A, B, C, and percentile among training drawings."""
+
+    path: str
+    score: float
+    tier: str
+    probabilities: Dict[str, float]
+    percentile: Optional[float]
+
+    def as_row(self) -> Dict[str, object]:
+        """The scores.csv columns: predicted_tier, p_S, p_A, p_B, p_C, percentile."""
+        row: Dict[str, object] = {"predicted_tier": self.tier}
+        row.update({f"p_{t}": self.probabilities[t] for t in TIERS})
+        row["percentile"] = self.percentile
+        return row
+
+
+@dataclass
+class TierPredictions:
+    """Predictions of the images that could be read, and (path, reason) for those that could not."""
+
+    predictions: List[TierPrediction]
+    failures: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def __iter__(self):
+        return iter(self.predictions)
 
 
 class _ImageFiles(Dataset):
@@ -117,6 +163,13 @@ class Scorer:
         self.notes = list(notes)
         self.checkpoint = checkpoint or {}
         self.checkpoint_path = checkpoint_path
+        self.calibration, self.score_reference, self.calibration_note = from_checkpoint(
+            self.checkpoint, checkpoint_path or "(none given)")
+
+    @property
+    def has_tiers(self) -> bool:
+        """True when the checkpoint carries a score-to-tier calibration (see ``calibration_note`` otherwise)."""
+        return self.calibration is not None
 
     @classmethod
     def from_checkpoint(cls, path: PathLike, **kwargs) -> "Scorer":
@@ -177,10 +230,38 @@ class Scorer:
                            [(paths[i], failures[i]) for i in sorted(failures)])
 
     def compare(self, path_a: PathLike, path_b: PathLike) -> Comparison:
-        """Score two drawings in one batch; raises ImageReadError / FileNotFoundError naming a bad file."""
+        """Score two drawings in one batch; raises ImageReadError / FileNotFoundError naming a bad file.
+
+        With a calibration, ``prob_a_better`` is P(a's latent quality > b's) under the calibrated model."""
         a, b = os.fspath(path_a), os.fspath(path_b)
         scores = self.score_tensor(torch.stack([self.preprocessor(a), self.preprocessor(b)])).tolist()
-        return Comparison(a, b, scores[0], scores[1])
+        p = self.calibration.prob_first_better(scores[0], scores[1]) if self.calibration is not None else None
+        return Comparison(a, b, scores[0], scores[1], p)
+
+    def tiers_for_scores(self, paths: Sequence[str], scores: Sequence[float]) -> List[TierPrediction]:
+        """Tier predictions for scores already computed (e.g. by ``score_paths``)."""
+        if self.calibration is None:
+            raise CalibrationUnavailable(self.calibration_note)
+        probs = self.calibration.probabilities(scores) if len(scores) else []
+        pct = (self.score_reference.percentile(scores).tolist() if self.score_reference is not None and len(scores)
+               else [None] * len(scores))
+        out = []
+        for path, score, p, q in zip(paths, scores, probs, pct):
+            tier = TIERS[int(max(range(4), key=lambda j: p[j]))]
+            out.append(TierPrediction(str(path), float(score), tier, {t: float(p[j]) for j, t in enumerate(TIERS)},
+                                      None if q is None else float(q)))
+        return out
+
+    def predict_tier(self, paths: Iterable[PathLike], batch_size: int = 16, num_workers: int = 0,
+                     progress: bool = True) -> TierPredictions:
+        """Predicted tier, P(S), P(A), P(B), P(C) and percentile among the training drawings, per image file.
+
+        Raises ``CalibrationUnavailable`` (with the reason) for a checkpoint without a calibration;
+        unreadable files are collected as (path, reason), not raised."""
+        if self.calibration is None:
+            raise CalibrationUnavailable(self.calibration_note)
+        result = self.score_paths(paths, batch_size=batch_size, num_workers=num_workers, progress=progress)
+        return TierPredictions(self.tiers_for_scores(result.paths, result.scores), result.failures)
 
 
 def _fingerprint_from(ckpt: dict, path: str, backbone: Optional[str], image_size: Optional[int],
@@ -282,6 +363,54 @@ def load_scorer(
     # The head's tensors came from map_location="cpu"; move them to where the backbone lives.
     model.to(extractor.device)
     return Scorer(model, preprocessor, fingerprint=fp, notes=notes, checkpoint=ckpt, checkpoint_path=path)
+
+
+def match_paths(paths: Sequence[str], names: Sequence[str], roots: Sequence[str]) -> Dict[str, str]:
+    """path -> metadata name: the path relative to one of ``roots`` (directories), else a unique basename."""
+    by_name = {os.path.normpath(str(n)): str(n) for n in names}
+    base_counts: Dict[str, int] = {}
+    for n in by_name:
+        base_counts[os.path.basename(n)] = base_counts.get(os.path.basename(n), 0) + 1
+    by_base = {os.path.basename(n): orig for n, orig in by_name.items() if base_counts[os.path.basename(n)] == 1}
+    out = {}
+    for p in paths:
+        rels = [os.path.normpath(os.path.relpath(p, r)) for r in roots if os.path.isdir(r)]
+        name = next((by_name[r] for r in rels if r in by_name), None) or by_base.get(os.path.basename(p))
+        if name is not None:
+            out[p] = name
+    return out
+
+
+def split_membership(checkpoint: dict, metadata_path: str) -> Tuple[Dict[str, str], Optional[str]]:
+    """filename -> "train" / "val" / "test" as the checkpoint's run split ``metadata_path``, and a note.
+
+    The split is rebuilt from the run config stored in the checkpoint. When the checkpoint records which
+    images were its training split (``score_reference.images_sha256``) the rebuilt train split must match
+    it, else ({}, why) is returned: the metadata is not the file the model was trained on.
+    """
+    from mirip.training.run import SPLITS, RunConfig, read_metadata  # training code only when asked for
+
+    run_cfg = checkpoint.get("run_config")
+    if not run_cfg:
+        return {}, "the checkpoint holds no run config, so which drawings it was trained on is unknown"
+    try:
+        cfg = RunConfig.from_dict({**run_cfg, "metadata": metadata_path})
+        meta = read_metadata(metadata_path, cfg.filename_column, cfg.tier_column)
+        frames = cfg.splitter().split(meta)
+    except (ValueError, KeyError, TypeError) as exc:
+        return {}, f"the run's split could not be rebuilt from {metadata_path} ({exc})"
+    out: Dict[str, str] = {}
+    for name, frame in zip(SPLITS, frames):
+        out.update({str(f): name for f in frame[cfg.filename_column]})
+    expected = (checkpoint.get("score_reference") or {}).get("images_sha256")
+    if expected is not None:
+        train = [f for f, sp in out.items() if sp == "train"]
+        got = names_sha256([str(f) for f in frames[0][cfg.filename_column]])
+        if got != expected:
+            return {}, (f"{metadata_path} does not give the training split the checkpoint was trained on "
+                        f"({len(train)} train images rebuilt, different names)")
+        return out, None
+    return out, "split rebuilt from the run config; not verified against the checkpoint"
 
 
 def find_images(inputs: Iterable[PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[List[str], List[str]]:

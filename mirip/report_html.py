@@ -1,8 +1,16 @@
 """A self-contained HTML page of scored drawings, so a teacher can look rather than read.
 
 Thumbnails are embedded as base64 JPEG (the page is one file that opens
-anywhere, offline), ordered by score, and grouped by tier when tiers are known.
-Every card shows the overall rank and the score.
+anywhere, offline). The page holds one list of every drawing ordered by score;
+every card shows the overall rank and the score (and, from a calibrated
+checkpoint, the predicted tier, its probability and the percentile).
+
+When tiers are known it adds what the person training the model needs: the
+**disagreements** (drawings whose score contradicts their tier most, with both
+numbers), the confusion matrix and the per-tier score distributions. Each of
+those says which drawings it was computed on: the held-out (test) drawings when
+the run's split is known, else all drawings with a tier, labelled as possibly
+including training images.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from mirip.calibration import OrdinalCalibration, confusion_matrix
 from mirip.preprocessing import load_image
 from mirip.tiers import TIER_RANK, TIERS
 
@@ -36,7 +45,13 @@ h1{font-size:1.4rem;margin:0 0 .5rem} h2{font-size:1.15rem;margin:1.6rem 0 .5rem
 .tier{display:inline-block;padding:0 .35rem;border-radius:3px;background:#333;color:#fff;margin-left:.3rem}
 .missing{width:%(w)dpx;height:%(w)dpx;display:flex;align-items:center;justify-content:center;background:#eee;color:#a00}
 table.failed td{padding:0 1rem 0 0;font-size:.85rem}
+.pred{color:#333} .pct{float:right;color:#555} .split{color:#777;font-size:.75rem}
+.card.wrong{border:2px solid #c0392b} .why{color:#a00;font-weight:600}
+table.confusion{border-collapse:collapse;margin:.4rem 0} table.confusion td,table.confusion th{border:1px solid #bbb;
+padding:.2rem .6rem;text-align:right} table.confusion .diag{background:#e3f1e0;font-weight:700}
+.basis{font-size:.85rem;color:#555;margin:.2rem 0 .6rem}
 """
+MAX_DISAGREEMENTS = 30
 
 
 def thumbnail_data_uri(path: str, size: int = 192, quality: int = 82) -> str:
@@ -70,55 +85,211 @@ def tier_agreement(scores: Sequence[float], tiers: Sequence[Optional[str]]) -> T
     return (wins / pairs if pairs else float("nan")), pairs
 
 
-def _card(entry: Mapping, uri: Optional[str], size: int) -> str:
+def _known(value) -> bool:
+    return value is not None and value == value and value != ""  # not None, NaN or empty
+
+
+def _tier(entry: Mapping) -> Optional[str]:
+    t = entry.get("tier")
+    return str(t) if _known(t) and str(t) in TIER_RANK else None
+
+
+def _card(entry: Mapping, uri: Optional[str], size: int, why: str = "", wrong: bool = False) -> str:
     path = str(entry["path"])
     name = html.escape(os.path.basename(path))
     tier = entry.get("tier")
-    tier_html = f'<span class="tier">{html.escape(str(tier))}</span>' if tier else ""
+    tier_html = f'<span class="tier" title="tier in the metadata">{html.escape(str(tier))}</span>' if _known(tier) else ""
     picture = (f'<img src="{uri}" alt="{name}" loading="lazy">' if uri
                else '<div class="missing">thumbnail unavailable</div>')
-    return (f'<div class="card" data-path="{html.escape(path)}">{picture}'
+    extra = ""
+    pred = entry.get("predicted_tier")
+    if _known(pred):
+        p = entry.get(f"p_{pred}")
+        pct = entry.get("percentile")
+        extra += (f'<div><span class="pred">predicted {html.escape(str(pred))}'
+                  + (f" ({float(p):.0%})" if _known(p) else "") + "</span>"
+                  + (f'<span class="pct">pct {float(pct):.0f}</span>' if _known(pct) else "") + "</div>")
+    if _known(entry.get("split")):
+        extra += f'<div class="split">{html.escape(str(entry["split"]))} split</div>'
+    if why:
+        extra += f'<div class="why">{html.escape(why)}</div>'
+    return (f'<div class="card{" wrong" if wrong else ""}" data-path="{html.escape(path)}">{picture}'
             f'<div><span class="rank">#{int(entry["rank"])}</span>{tier_html}'
-            f'<span class="score">{float(entry["score"]):.4f}</span></div>'
+            f'<span class="score">{float(entry["score"]):.4f}</span></div>{extra}'
             f'<div class="name" title="{html.escape(path)}">{name}</div></div>')
 
 
 def _groups(entries: Sequence[Mapping]) -> List[Tuple[str, List[Mapping]]]:
+    """Tier groups in tier order (kept for callers; the page itself shows one list by score)."""
     ordered = sorted(entries, key=lambda e: (int(e["rank"])))
-    if not any(e.get("tier") for e in entries):
+    if not any(_tier(e) for e in entries):
         return [("", ordered)]
     groups: Dict[str, List[Mapping]] = defaultdict(list)
     for e in ordered:
-        groups[e.get("tier") or NO_TIER].append(e)
+        groups[_tier(e) or NO_TIER].append(e)
     names = sorted(groups, key=lambda t: -TIER_RANK.get(t, -1))
     return [(t, groups[t]) for t in names]
 
 
+def evaluation_basis(entries: Sequence[Mapping], splits_known: bool) -> Tuple[List[Mapping], str]:
+    """The drawings agreement figures are computed on, and the sentence that says which they are.
+
+    With the run's split known: the drawings with a tier that were in neither the train nor the val split
+    (the test split, or not in the run's metadata). Otherwise every drawing with a tier, labelled as
+    possibly including training images."""
+    tiered = [e for e in entries if _tier(e)]
+    if splits_known:
+        held_out = [e for e in tiered if str(e.get("split") or "") not in ("train", "val")]
+        seen = {s: sum(1 for e in tiered if e.get("split") == s) for s in ("train", "val")}
+        if held_out:
+            return held_out, (f"computed on the {len(held_out)} held-out drawings (test split or not in the run): "
+                              f"{seen['train']} training and {seen['val']} validation drawings are left out")
+        return tiered, (f"computed on all {len(tiered)} drawings with a tier, which INCLUDE {seen['train']} "
+                        f"training drawings (the head was fitted on them) and {seen['val']} validation drawings "
+                        "(the calibration was fitted on them)")
+    return tiered, (f"computed on all {len(tiered)} drawings with a tier; the training run's split is unknown, so "
+                    "these MAY INCLUDE training drawings (pass the run's metadata to tell them apart)")
+
+
+def disagreements(entries: Sequence[Mapping]) -> List[Tuple[Mapping, str]]:
+    """Drawings whose score contradicts their tier, worst first, each with a sentence giving both numbers.
+
+    With tier predictions (a calibrated checkpoint): every drawing whose predicted tier differs from its
+    tier, by tier distance and then by the probability given to its true tier (lowest first). Without:
+    every drawing in at least one cross-tier pair the scores order the wrong way, by the tier-distance-
+    weighted count of such pairs. Empty when the model makes no error on these drawings."""
+    tiered = [e for e in entries if _tier(e)]
+    if tiered and all(_known(e.get("predicted_tier")) for e in tiered):
+        out = []
+        for e in tiered:
+            t, p = _tier(e), str(e["predicted_tier"])
+            gap = abs(TIER_RANK[t] - TIER_RANK[p])
+            if gap:
+                pct = e.get("percentile")
+                out.append((gap, float(e.get(f"p_{t}") or 0.0), e,
+                            f"tier {t}, scored like {p}: score {float(e['score']):.3f}"
+                            + (f" (percentile {float(pct):.0f})" if _known(pct) else "")
+                            + f", P({t}) {float(e.get(f'p_{t}') or 0.0):.2f}"))
+        out.sort(key=lambda x: (-x[0], x[1]))
+        return [(e, why) for _, _, e, why in out]
+    weighted: Dict[int, float] = defaultdict(float)
+    worst: Dict[int, Tuple[int, Mapping]] = {}
+    for i, a in enumerate(tiered):
+        for j, b in enumerate(tiered):
+            ta, tb = TIER_RANK[_tier(a)], TIER_RANK[_tier(b)]
+            if ta > tb and float(a["score"]) <= float(b["score"]):  # better tier scored no higher
+                for k, other in ((i, b), (j, a)):
+                    weighted[k] += ta - tb
+                    if k not in worst or ta - tb > worst[k][0]:
+                        worst[k] = (ta - tb, other)
+    order = sorted(weighted, key=lambda k: -weighted[k])
+    return [(tiered[k], f"tier {_tier(tiered[k])}, score {float(tiered[k]['score']):.3f}: ordered against "
+                        f"tier {_tier(worst[k][1])} drawing(s) such as {os.path.basename(str(worst[k][1]['path']))} "
+                        f"(score {float(worst[k][1]['score']):.3f})") for k in order]
+
+
+def _confusion_html(entries: Sequence[Mapping]) -> str:
+    rows = [e for e in entries if _tier(e) and _known(e.get("predicted_tier"))]
+    m = confusion_matrix([TIER_RANK[_tier(e)] for e in rows], [TIER_RANK[str(e["predicted_tier"])] for e in rows])
+    head = "<tr><th>tier \\ predicted</th>" + "".join(f"<th>{t}</th>" for t in TIERS) + "</tr>"
+    body = "".join("<tr><th>" + t + "</th>" + "".join(
+        f"<td class='{'diag' if i == j else ''}'>{m[i][j]}</td>" for j in range(4)) + "</tr>"
+        for i, t in enumerate(TIERS))
+    right = sum(m[i][i] for i in range(4))
+    return (f"<table class='confusion'>{head}{body}</table>"
+            f"<div class='basis'>{right} of {len(rows)} predicted tiers right ({right / max(len(rows), 1):.0%})</div>")
+
+
+def _distribution_svg(entries: Sequence[Mapping], calibration: Optional[OrdinalCalibration]) -> str:
+    """Per-tier strip plot of scores (one row per tier, a dot per drawing, the median as a bar) as inline SVG."""
+    tiered = [e for e in entries if _tier(e)]
+    scores = [float(e["score"]) for e in tiered]
+    bounds = [b for b in (calibration.boundaries() if calibration is not None else ()) if b == b]
+    lo, hi = min(scores + bounds), max(scores + bounds)
+    pad = 0.05 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    width, left, row_h = 720, 40, 34
+    height = row_h * 4 + 30
+    x = lambda v: left + (v - lo) / (hi - lo) * (width - left - 10)  # noqa: E731
+    colours = {"S": "#1b7837", "A": "#5aae61", "B": "#f1a340", "C": "#b2182b"}
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+             "aria-label='scores per tier'>"]
+    rng = np.random.default_rng(0)
+    for i, t in enumerate(TIERS):
+        y0 = 10 + i * row_h + row_h / 2
+        parts.append(f"<text x='8' y='{y0 + 4:.1f}' font-size='13' font-weight='700'>{t}</text>")
+        vals = [float(e["score"]) for e in tiered if _tier(e) == t]
+        for v in vals:
+            parts.append(f"<circle cx='{x(v):.1f}' cy='{y0 + rng.uniform(-9, 9):.1f}' r='3' fill='{colours[t]}' "
+                         "fill-opacity='0.6'/>")
+        if vals:
+            m = float(np.median(vals))
+            parts.append(f"<line x1='{x(m):.1f}' x2='{x(m):.1f}' y1='{y0 - 13:.1f}' y2='{y0 + 13:.1f}' "
+                         "stroke='#000' stroke-width='2'/>")
+    for b, name in zip(calibration.boundaries() if calibration is not None else (), ("C|B", "B|A", "A|S")):
+        if b == b and lo <= b <= hi:
+            parts.append(f"<line x1='{x(b):.1f}' x2='{x(b):.1f}' y1='4' y2='{height - 22}' stroke='#555' "
+                         f"stroke-dasharray='4 3'/><text x='{x(b) + 2:.1f}' y='12' font-size='10'>{name}</text>")
+    for v in np.linspace(lo, hi, 6):
+        parts.append(f"<text x='{x(v):.1f}' y='{height - 6}' font-size='10' text-anchor='middle'>{v:.2f}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[str]], *, title: str = "mirip scores",
                 info: Optional[Mapping[str, object]] = None, notes: Sequence[str] = (),
-                failures: Sequence[Tuple[str, str]] = (), thumb_size: int = 192) -> str:
-    """The page as a string. ``entries``: dicts with path, score, rank and optionally tier."""
+                failures: Sequence[Tuple[str, str]] = (), thumb_size: int = 192,
+                calibration: Optional[OrdinalCalibration] = None, splits_known: bool = False) -> str:
+    """The page as a string. ``entries``: dicts with path, score, rank and optionally tier, split,
+    predicted_tier, p_S, p_A, p_B, p_C and percentile (the scores.csv columns)."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS % {'w': thumb_size}}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     meta = dict(info or {})
     meta.setdefault("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     meta["images scored"] = len(entries)
-    tiers = [e.get("tier") for e in entries]
-    if any(tiers):
-        agreement, pairs = tier_agreement([float(e["score"]) for e in entries], tiers)
+    basis, basis_text = evaluation_basis(entries, splits_known)
+    if basis:
+        agreement, pairs = tier_agreement([float(e["score"]) for e in basis], [_tier(e) for e in basis])
         if pairs:
-            meta["tier agreement"] = f"{agreement:.1%} of {pairs} cross-tier pairs ordered like the tiers"
+            meta["tier agreement"] = (f"{agreement:.1%} of {pairs} cross-tier pairs ordered like the tiers "
+                                      f"({basis_text})")
+    if calibration is not None:
+        meta["tier prediction"] = (f"ordinal logistic calibration fitted on the {calibration.fitted_on} split "
+                                   f"({calibration.num_images} drawings); score boundaries C|B, B|A, A|S: "
+                                   + ", ".join(f"{b:.3f}" for b in calibration.boundaries())
+                                   + "; percentile = share of training drawings scoring at or below")
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in meta.items() if v is not None)
     parts.append(f"<table class='meta'>{rows}</table>")
     parts += [f"<div class='note'>{html.escape(n)}</div>" for n in notes]
-    for tier, group in _groups(entries):
-        if tier:
-            mean = sum(float(e["score"]) for e in group) / len(group)
-            label = f"Tier {tier}" if tier != NO_TIER else "No tier in the metadata"
-            parts.append(f"<h2>{html.escape(label)} &middot; {len(group)} drawings &middot; mean score {mean:.4f}</h2>")
-        parts.append("<div class='grid'>" + "".join(_card(e, thumbnails.get(str(e["path"])), thumb_size)
-                                                    for e in group) + "</div>")
+    ordered = sorted(entries, key=lambda e: int(e["rank"]))
+    parts.append(f"<h2 id='by-score'>All drawings, ordered by score &middot; {len(ordered)}</h2>")
+    parts.append("<div class='grid'>" + "".join(_card(e, thumbnails.get(str(e["path"])), thumb_size)
+                                                for e in ordered) + "</div>")
+    if basis:
+        found = disagreements(basis)
+        kind = ("predicted tier differs from the tier" if all(_known(e.get("predicted_tier")) for e in basis)
+                else "ordered against a drawing of another tier")
+        parts.append(f"<h2 id='disagreements'>Disagreements &middot; {len(found)}</h2>"
+                     f"<div class='basis'>Drawings whose score contradicts their tier most ({kind}), worst first; "
+                     f"{html.escape(basis_text)}.</div>")
+        if found:
+            shown = found[:MAX_DISAGREEMENTS]
+            parts.append("<div class='grid'>" + "".join(
+                _card(e, thumbnails.get(str(e["path"])), thumb_size, why=why, wrong=True) for e, why in shown)
+                + "</div>")
+            if len(found) > len(shown):
+                parts.append(f"<div class='basis'>... and {len(found) - len(shown)} more.</div>")
+        else:
+            parts.append("<div class='basis'>None: the scores agree with every tier here.</div>")
+        if any(_known(e.get("predicted_tier")) for e in basis):
+            parts.append("<h2 id='confusion'>Confusion matrix</h2>"
+                         f"<div class='basis'>Rows: tier in the metadata; columns: predicted tier; "
+                         f"{html.escape(basis_text)}.</div>" + _confusion_html(basis))
+        parts.append("<h2 id='distributions'>Scores per tier</h2>"
+                     f"<div class='basis'>One dot per drawing, the median as a bar"
+                     + ("; dashed lines: the calibration's tier boundaries" if calibration is not None else "")
+                     + f"; {html.escape(basis_text)}.</div>" + _distribution_svg(basis, calibration))
     if failures:
         parts.append(f"<h2>Could not be read ({len(failures)})</h2><table class='failed'>")
         parts += [f"<tr><td>{html.escape(p)}</td><td>{html.escape(r)}</td></tr>" for p, r in failures]
@@ -129,7 +300,8 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
 
 def write_html_report(path: str, entries: Sequence[Mapping], *, title: str = "mirip scores",
                       info: Optional[Mapping[str, object]] = None, notes: Sequence[str] = (),
-                      failures: Sequence[Tuple[str, str]] = (), thumb_size: int = 192, progress: bool = True) -> str:
+                      failures: Sequence[Tuple[str, str]] = (), thumb_size: int = 192, progress: bool = True,
+                      calibration: Optional[OrdinalCalibration] = None, splits_known: bool = False) -> str:
     """Make thumbnails of every entry and write the page to ``path``; returns ``path``."""
     thumbnails: Dict[str, Optional[str]] = {}
     for e in tqdm(entries, desc="thumbnails", unit="img", disable=not progress):
@@ -138,7 +310,7 @@ def write_html_report(path: str, entries: Sequence[Mapping], *, title: str = "mi
         except (OSError, ValueError):
             thumbnails[str(e["path"])] = None  # scored earlier but gone or changed since; the card says so
     page = render_html(entries, thumbnails, title=title, info=info, notes=notes, failures=failures,
-                       thumb_size=thumb_size)
+                       thumb_size=thumb_size, calibration=calibration, splits_known=splits_known)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from mirip.checkpoint import CheckpointError
 from mirip.fingerprint import FingerprintMismatch
-from mirip.inference import Scorer, ScoreResult, find_images, load_scorer
+from mirip.inference import Scorer, ScoreResult, find_images, load_scorer, match_paths, split_membership
 from mirip.preprocessing import ImageReadError
 from mirip.tiers import tier_ranks, rank_to_tier
 
@@ -40,9 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image files and/or directories (searched recursively for image files)")
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint written by scripts/train.py")
     parser.add_argument("--output", default=None, metavar="CSV",
-                        help="CSV with columns path, score, rank, weights (+ tier with --metadata); "
-                             "default scores.csv when scoring IMAGES_OR_DIRS")
-    parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="say which of two drawings is better")
+                        help="CSV with columns path, score, rank, weights (+ tier and split with --metadata), and "
+                             "predicted_tier, p_S, p_A, p_B, p_C, percentile when the checkpoint holds a "
+                             "calibration; default scores.csv when scoring IMAGES_OR_DIRS")
+    parser.add_argument("--compare", nargs=2, metavar=("FIRST", "SECOND"),
+                        help="say which of two drawings is better, by how much, and the probability that the "
+                             "first is better under the calibrated model")
     parser.add_argument("--html", metavar="HTML", help="also write a self-contained page of thumbnails by score")
     parser.add_argument("--metadata", metavar="CSV", help="CSV with a filename and a tier column: groups the HTML "
                         "report by tier and adds a tier column to the CSV")
@@ -73,6 +76,8 @@ def _print_header(scorer: Scorer) -> None:
           f"| pooling {info['pooling']} | {info['precision']} on {info['device']}")
     for note in scorer.notes:
         print(f"NOTE: {note}")
+    if scorer.calibration is None:
+        print(f"NOTE: {scorer.calibration_note}")
 
 
 def match_tiers(paths: Sequence[str], metadata: pd.DataFrame, roots: Sequence[str], filename_column: str,
@@ -96,19 +101,41 @@ def match_tiers(paths: Sequence[str], metadata: pd.DataFrame, roots: Sequence[st
     return out
 
 
-def _frame(result: ScoreResult, weights: str, tiers: Optional[Dict[str, str]]) -> pd.DataFrame:
+def _frame(result: ScoreResult, weights: str, tiers: Optional[Dict[str, str]], scorer: Optional[Scorer] = None,
+           splits: Optional[Dict[str, str]] = None) -> pd.DataFrame:
     rows = [{"path": p, "score": s, "rank": r, "weights": weights} for r, p, s in result.ranked()]
     frame = pd.DataFrame(rows, columns=["path", "score", "rank", "weights"])
     if tiers is not None:
         frame["tier"] = [tiers.get(p, "") for p in frame["path"]]
+    if splits:
+        frame["split"] = [splits.get(p, "") for p in frame["path"]]
+    if scorer is not None and scorer.has_tiers:
+        predicted = pd.DataFrame([t.as_row() for t in scorer.tiers_for_scores(list(frame["path"]),
+                                                                                list(frame["score"]))],
+                                 columns=["predicted_tier", "p_S", "p_A", "p_B", "p_C", "percentile"])
+        frame = pd.concat([frame, predicted], axis=1)
     return frame
+
+
+def _image_splits(scorer: Scorer, paths: Sequence[str], metadata: str, roots: Sequence[str]) -> Dict[str, str]:
+    """path -> the training run's split (train/val/test) of each scored image found in the metadata."""
+    membership, note = split_membership(scorer.checkpoint, metadata)
+    if not membership:
+        print(f"NOTE: splits unknown: {note}; figures computed on these images are labelled as possibly "
+              "including training images")
+        return {}
+    if note:
+        print(f"NOTE: {note}")
+    return {p: membership[name] for p, name in match_paths(paths, list(membership), roots).items()}
 
 
 def _print_ranking(frame: pd.DataFrame, top: int) -> None:
     def show(part: pd.DataFrame) -> None:
         for row in part.itertuples():
             tier = f"  [{row.tier}]" if "tier" in frame.columns and row.tier else ""
-            print(f"  #{row.rank:<5d} {row.score:+.4f}  {row.path}{tier}")
+            guess = (f"  predicted {row.predicted_tier} ({max(row.p_S, row.p_A, row.p_B, row.p_C):.0%}), "
+                     f"percentile {row.percentile:.0f}" if "predicted_tier" in frame.columns else "")
+            print(f"  #{row.rank:<5d} {row.score:+.4f}  {row.path}{tier}{guess}")
 
     if len(frame) <= 2 * top:
         print(f"ranking ({len(frame)} images, best first):")
@@ -126,12 +153,22 @@ def run_compare(scorer: Scorer, a: str, b: str) -> int:
     except (FileNotFoundError, ImageReadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"A  {cmp.score_a:+.4f}  {a}")
-    print(f"B  {cmp.score_b:+.4f}  {b}")
+    tiers = scorer.tiers_for_scores([a, b], [cmp.score_a, cmp.score_b]) if scorer.has_tiers else [None, None]
+    width = max(len(a), len(b))
+    for label, path, score, t in (("first ", a, cmp.score_a, tiers[0]), ("second", b, cmp.score_b, tiers[1])):
+        extra = (f"  predicted tier {t.tier} (P {t.probabilities[t.tier]:.2f}), percentile {t.percentile:.1f}"
+                 if t is not None and t.percentile is not None else "")
+        print(f"{label} {path.ljust(width)}  score {score:+.4f}{extra}")
     if cmp.prediction == 0:
         print("tie: both drawings get the same score")
     else:
-        print(f"better: {'A' if cmp.prediction == 1 else 'B'} ({cmp.better}), margin {cmp.margin:.4f}")
+        worse = b if cmp.prediction == 1 else a
+        print(f"better: {cmp.better} scores {cmp.margin:.4f} higher than {worse}")
+    if cmp.prob_a_better is not None:
+        print(f"P({a} is better than {b}) = {cmp.prob_a_better:.3f} under the trained model "
+              "(latent quality = calibrated score + logistic noise)")
+    else:
+        print("no probability: the checkpoint holds no calibration")
     return 0
 
 
@@ -144,7 +181,7 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
         return 1
     result = scorer.score_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
                                 progress=not args.no_progress)
-    tiers = None
+    tiers, splits = None, None
     if args.metadata:
         try:
             meta = pd.read_csv(args.metadata)
@@ -152,7 +189,8 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ValueError(f"metadata {args.metadata}: {exc}") from exc
         print(f"metadata: tiers for {len(tiers)} of {len(result.paths)} scored images")
-    frame = _frame(result, scorer.weights, tiers)
+        splits = _image_splits(scorer, result.paths, args.metadata, args.images)
+    frame = _frame(result, scorer.weights, tiers, scorer, splits)
     output = args.output or "scores.csv"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     frame.to_csv(output, index=False, float_format="%.6f")
@@ -167,7 +205,9 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
 
         info = {k: v for k, v in scorer.describe().items() if v is not None}
         write_html_report(args.html, frame.to_dict("records"), title=args.title or "mirip scores", info=info,
-                          notes=scorer.notes, failures=result.failures, progress=not args.no_progress)
+                          notes=scorer.notes + ([scorer.calibration_note] if scorer.calibration_note else []),
+                          failures=result.failures, progress=not args.no_progress,
+                          calibration=scorer.calibration, splits_known=bool(splits))
     print(f"scored {len(frame)} of {len(paths)} images ({scorer.weights} backbone weights); wrote {output}"
           + (f" and {args.html}" if args.html else ""))
     return 0 if len(frame) else 1

@@ -275,7 +275,8 @@ def calibrate_head(model: torch.nn.Module, datasets: Dict[str, Optional[FeatureP
     """Fit the ordinal calibration on the val split's scores and take the train split's score quantiles."""
     scores = {s: (score_images(model, datasets[s], device), datasets[s].ranks)
               for s in splits if datasets.get(s) is not None}
-    reference = make_score_reference(*scores["train"], split="train") if "train" in scores else None
+    reference = (make_score_reference(*scores["train"], split="train", names=datasets["train"].names)
+                 if "train" in scores else None)
     if "val" not in scores:
         return HeadCalibration(None, reference, "no validation split, so no score-to-tier calibration "
                                "(tier predictions need val_ratio > 0)", scores)
