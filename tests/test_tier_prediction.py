@@ -171,3 +171,23 @@ def test_training_stores_a_calibration_and_evaluate_reports_the_tier_figures(tmp
     assert "confusion matrix" in printed and "in-sample" in printed
     evaluated = json.loads(report.read_text())
     assert evaluated["model"]["tier_accuracy"] is not None and "tier_figures_note" in evaluated
+
+
+def test_the_sweep_winner_carries_a_calibration(tmp_path):
+    from _sweep_helpers import write_synthetic
+    from mirip.sweep.grid import SweepGrid
+    from mirip.sweep.runner import SweepSettings, run_sweep
+    from mirip.training.config import TrainingConfig
+    from mirip.training.run import evaluate_checkpoint
+
+    features, metadata = write_synthetic(tmp_path, n=80, dim=12, separation=2.0)
+    tc = TrainingConfig(max_epochs=3, pairs_per_epoch=64, eval_pairs=120, batch_size=16, device="cpu")
+    settings = SweepSettings(features=features, metadata=metadata, output_dir=str(tmp_path / "sweep"), training=tc)
+    result = run_sweep(SweepGrid(margin=(0.5, 1.0), hidden_dim=(8,), projector_dim=(4,)), settings, progress=False,
+                       log=lambda m: None)
+    winner = result["best"]["checkpoint"]
+    ckpt = torch.load(winner, weights_only=True)
+    assert ckpt["calibration"]["fitted_on"] == "val" and ckpt["calibration"]["num_images"] == 8
+    assert ckpt["score_reference"]["counts"]["all"] == 64
+    evaluated = evaluate_checkpoint(winner, features, metadata, split="test", device="cpu")
+    assert evaluated["model"]["tier_accuracy"] == pytest.approx(ckpt["sweep"]["test_metrics"]["tier_accuracy"])
