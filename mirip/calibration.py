@@ -422,6 +422,9 @@ def from_checkpoint(ckpt: Mapping[str, Any], path: str = "checkpoint"
     """(calibration, score reference, None) or (None, None, the reason in one line) for a checkpoint dict."""
     raw_cal, raw_ref = ckpt.get("calibration"), ckpt.get("score_reference")
     if raw_cal is None:
+        if "calibration" in ckpt:  # written by a mirip that calibrates, but the run could not (e.g. no val split)
+            why = ckpt.get("calibration_note") or "the run could not fit one"
+            return None, None, f"checkpoint {path} has no score-to-tier calibration ({why}): scores only, no tier columns"
         return None, None, NO_CALIBRATION.format(path=path)
     try:
         cal = OrdinalCalibration.from_dict(raw_cal)

@@ -137,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"test tier accuracy {model['tier_accuracy']:.4f} (always {model['majority_tier']}: "
                   f"{model['majority_tier_accuracy']:.4f}), mean absolute tier error {model['tier_mae']:.4f}, "
                   f"expected calibration error {model['calibration_error']['value']:.4f}")
-    if result.get("calibration_note"):
-        print(f"NOTE: {result['calibration_note']}")
     print(f"outputs in {args.output_dir}: " + ", ".join(
         f for f in OUTPUT_FILES if (Path(args.output_dir) / f).exists()))
     return 0

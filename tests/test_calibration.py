@@ -179,6 +179,8 @@ def test_round_trip_through_a_weights_only_checkpoint(tmp_path, fitted):
     assert loaded["calibration"]["fitted_on"] == "val" and loaded["calibration"]["tier_order"] == ["C", "B", "A", "S"]
     none, _, reason = from_checkpoint({}, "old.pt")
     assert none is None and "old.pt" in reason and "no score-to-tier calibration" in reason
+    _, _, no_val = from_checkpoint({"calibration": None, "calibration_note": "no validation split"}, "new.pt")
+    assert "no validation split" in no_val and "written before" not in no_val
     _, _, bad = from_checkpoint({"calibration": {"slope": 1.0, "thresholds": [2.0, 1.0, 0.0]}}, "x.pt")
     assert "ordered" in bad
     assert isinstance(ScoreReference.from_dict(ref.to_dict()), ScoreReference)
