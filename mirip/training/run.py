@@ -398,7 +398,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     result: Dict[str, Any] = {"best_epoch": trainer.best_epoch, "best_accuracy": trainer.best_accuracy,
                               "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
                               "split_sizes": sizes, "split": "test", "features_backbone": backbone,
-                              **calibrated.checkpoint_keys()}
+                              "calibration": calibrated.checkpoint_keys()["calibration"],
+                              "calibration_note": calibrated.note}
     if datasets["test"] is None:
         log("no test split (test_ratio is 0): nothing to report on held-out data")
         result.update(model=None, linear_baseline=None)
