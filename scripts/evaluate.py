@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Score every image of a metadata file once with a trained head and report pairwise accuracy "
                     "(overall and per tier pair), Spearman and Kendall correlation with the tiers. The cache must "
-                    "have the fingerprint the head was trained on.",
+                    "have the fingerprint the head was trained on and hold the entries of its feature spec (read "
+                    "from the checkpoint; no flag needed).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint from scripts/train.py (best.pt)")
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_metrics(result["model"], result.get("linear_baseline"),
-                         title=f"{args.checkpoint} on the {args.split} split (epoch {result['epoch']}):"))
+                         title=f"{args.checkpoint} on the {args.split} split (epoch {result['epoch']}, "
+                               f"features {result['feature_spec']}):"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.json, result)

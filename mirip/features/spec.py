@@ -196,5 +196,62 @@ def default_spec(available: Sequence[str]) -> str:
     return DEFAULT_SPEC
 
 
-__all__ = ["BANK_POOLINGS", "ENTRY_POOLINGS", "DEFAULT_SPEC", "Entry", "FeatureSpec", "FeatureSpecError",
+FEATURE_NORMS = ("auto", "entry", "none")
+
+
+def resolve_feature_norm(mode: str, spec: Union[str, FeatureSpec]) -> str:
+    """``auto``: ``entry`` for a spec of several entries, ``none`` for one (a one-entry run stays as it was)."""
+    if mode not in FEATURE_NORMS:
+        raise FeatureSpecError(f"feature_norm must be one of {', '.join(FEATURE_NORMS)}, got {mode!r}")
+    if mode == "auto":
+        return "entry" if len(FeatureSpec.parse(spec)) > 1 else "none"
+    return mode
+
+
+def entry_scales(features, dims: Sequence[int], rows=None) -> List[float]:
+    """Per-entry normalisation: for each entry (a block of ``dims`` columns), 1 / its RMS spread, i.e. one over the
+    root of the mean per-channel variance over ``rows`` (the train split). One scalar per entry keeps the
+    relations between an entry's channels (and each image's magnitude, e.g. a std entry's contrast) intact
+    while putting entries of different scale on the same footing."""
+    import torch
+
+    x = features if rows is None else features[torch.as_tensor(rows, dtype=torch.long)]
+    x = x.double()
+    out, start = [], 0
+    for d in dims:
+        block = x[:, start:start + d]
+        spread = float(block.var(dim=0, unbiased=False).mean().sqrt()) if len(block) else 0.0
+        out.append(1.0 / spread if spread > 0 else 1.0)
+        start += d
+    return out
+
+
+def apply_entry_scales(features, dims: Sequence[int], scales: Optional[Sequence[float]]):
+    """``features`` (float tensor, (N, sum(dims))) with each entry's columns multiplied by its scale (a copy)."""
+    import torch
+
+    if not scales:
+        return features
+    if len(scales) != len(dims) or sum(dims) != features.shape[-1]:
+        raise FeatureSpecError(f"{len(scales)} entry scales for {len(dims)} entries of dims {list(dims)} "
+                               f"do not fit features of width {features.shape[-1]}")
+    factor = torch.cat([torch.full((d,), float(s), dtype=torch.float32) for d, s in zip(dims, scales)])
+    return (features.float() * factor.to(features.device)).to(features.dtype)
+
+
+def checkpoint_feature_spec(ckpt: dict) -> str:
+    """A checkpoint's spec: its ``feature_spec``; without one (older checkpoints), the one entry of the format-1
+    cache it was trained on (its pooling at the last block), ``cls@-1`` if even that is unknown."""
+    spec = ckpt.get("feature_spec")
+    if spec:
+        return canonical_spec(spec)
+    fp = ckpt.get("fingerprint") or {}
+    entries = fp.get("feature_entries")
+    if entries and len(entries) == 1:
+        return canonical_spec(entries[0])
+    return f"{fp.get('pooling') or 'cls'}@-1" if not entries else DEFAULT_SPEC
+
+
+__all__ = ["FEATURE_NORMS", "resolve_feature_norm", "entry_scales", "apply_entry_scales", "checkpoint_feature_spec",
+           "BANK_POOLINGS", "ENTRY_POOLINGS", "DEFAULT_SPEC", "Entry", "FeatureSpec", "FeatureSpecError",
            "bank_entries", "canonical_spec", "default_spec", "match_entries", "parse_entry", "resolve_layer"]
