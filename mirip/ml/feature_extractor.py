@@ -93,6 +93,8 @@ class DINOv2FeatureExtractor(nn.Module):
         else:
             self.pooling = ",".join(dict.fromkeys(e.pooling for e in entry_list))
         self.output_dim = sum(self.entry_dims)
+        self.entry_scales: Optional[List[float]] = None
+        self._scale: Optional[torch.Tensor] = None
         self.frozen = True
         self.freeze()
         if trainable:
@@ -193,10 +195,25 @@ class DINOv2FeatureExtractor(nn.Module):
                 h.remove()
         return out
 
+    def set_entry_scales(self, scales: Optional[Sequence[float]]) -> None:
+        """Multiply each entry by its scale in every ``extract`` (a head trained with per-entry normalisation
+        sees the same inputs from images as from the cache); None removes the scaling."""
+        if scales is None:
+            self.entry_scales, self._scale = None, None
+            return
+        if len(scales) != len(self.entry_dims):
+            raise ValueError(f"{len(scales)} entry scales for {len(self.entry_dims)} entries ({self.entry_names})")
+        self.entry_scales = [float(x) for x in scales]
+        self._scale = torch.cat([torch.full((d,), float(x), dtype=torch.float32)
+                                 for d, x in zip(self.entry_dims, scales)])
+
     def _extract(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self._forward_entries(images)
         parts = [pooled[name].float() for name in self.entry_names]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        features = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if self._scale is not None:
+            features = features * self._scale.to(features.device)
+        return features
 
     @property
     def weight_dtype(self) -> torch.dtype:
