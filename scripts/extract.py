@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--layers", nargs="+", type=_layer, default=None, metavar="L",
                        help="transformer blocks to pool, 1-based or negative from the last (-1: the last block). "
                             "The cache stores one entry POOLING@L per pooling and layer, e.g. --layers -4 -3 -2 -1 "
-                            "--pooling cls mean std stores 12 entries (cls@-4 ... std@-1); default: -1")
+                            "--pooling cls mean std stores 12 entries (cls@-4 ... std@-1); unset: the last block only")
     model.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     model.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default="float32", help="dtype stored in the cache")
     model.add_argument("--views", type=_non_negative, default=0, metavar="K",
