@@ -46,7 +46,7 @@ python scripts/evaluate.py --checkpoint "$runs/train/best.pt" --features "$cache
 echo "== 5/6 sweep two feature specs x margins and dims (stacked heads, 2 seeds)"
 python scripts/sweep.py --features "$cache" --metadata "$data/metadata.csv" --output-dir "$runs/sweep" \
   --feature cls@-1 "cls@-4,-1+mean@-1+std@-1" \
-  --margin 0.5 1.0 --hidden-dim 256 512 --projector-dim 128 256 --seeds 0 1 \
+  --margin 0.5 1.0 --hidden-dim 256 512 --projector-dim 128 --seeds 0 1 \
   --max-epochs 20 --pairs-per-epoch 2000 --learning-rate 1e-3
 echo "== 6/6 score the images in full-image mode, with an HTML report"
 python scripts/score.py --checkpoint "$runs/train/best.pt" "$data/images" --metadata "$data/metadata.csv" \

@@ -213,9 +213,11 @@ def entry_scales(features, dims: Sequence[int], rows=None) -> List[float]:
     root of the mean per-channel variance over ``rows`` (the train split). One scalar per entry keeps the
     relations between an entry's channels (and each image's magnitude, e.g. a std entry's contrast) intact
     while putting entries of different scale on the same footing."""
+    import numpy as np
     import torch
 
-    x = features if rows is None else features[torch.as_tensor(rows, dtype=torch.long)]
+    # A copy of the row list: split positions often come from pandas as read-only arrays.
+    x = features if rows is None else features[torch.from_numpy(np.array(rows, dtype=np.int64))]
     x = x.double()
     out, start = [], 0
     for d in dims:
