@@ -8,16 +8,22 @@ scoring against features whose fingerprint differs is refused, naming the field.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import transformers
 
 import mirip
 
-CACHE_FORMAT_VERSION = 1
+# Format 2: a feature bank (feature_entries / feature_entry_blocks / feature_entry_dims / backbone_layers);
+# a format-1 file (no such fields) reads as a bank of one entry, ``<pooling>@-1``.
+CACHE_FORMAT_VERSION = 2
 # Fields that record the software, not the numbers' meaning: compared only when appending to a cache.
 ENVIRONMENT_FIELDS = ("mirip_version", "torch_version", "transformers_version")
+# Fields that describe which entries a cache holds and how they are laid out, not what an entry means: a head
+# trained on some entries of one cache may read the same entries from another cache (checked by name instead).
+LAYOUT_FIELDS = ("format_version", "feature_dim", "pooling", "views", "feature_entries", "feature_entry_blocks",
+                 "feature_entry_dims", "backbone_layers")
 
 
 class FingerprintMismatch(ValueError):
@@ -46,6 +52,10 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
         "mean": [float(x) for x in pre["mean"]],
         "std": [float(x) for x in pre["std"]],
         "pooling": extractor.pooling,
+        "feature_entries": list(extractor.entry_names),
+        "feature_entry_blocks": [int(b) for b in extractor.entry_blocks],
+        "feature_entry_dims": [int(d) for d in extractor.entry_dims],
+        "backbone_layers": int(extractor.num_layers),
         "precision": extractor.precision,
         "feature_dtype": feature_dtype,
         "views": int(views),
@@ -53,6 +63,19 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
         "torch_version": str(torch.__version__),  # TorchVersion is a str subclass h5py cannot store
         "transformers_version": transformers.__version__,
     }
+
+
+def bank_layout(fingerprint: Mapping) -> Tuple[List[str], Optional[List[int]], List[int], Optional[int]]:
+    """(entry names, absolute blocks or None, dims, backbone block count or None) of a cache's fingerprint.
+
+    A format-1 fingerprint (no entries recorded) is a bank of one entry: its pooling at the last block.
+    """
+    entries = fingerprint.get("feature_entries")
+    if entries:
+        blocks = fingerprint.get("feature_entry_blocks")
+        dims = fingerprint.get("feature_entry_dims") or [int(fingerprint["feature_dim"]) // len(entries)] * len(entries)
+        return list(entries), (list(blocks) if blocks else None), [int(d) for d in dims], fingerprint.get("backbone_layers")
+    return [f"{fingerprint.get('pooling', 'cls')}@-1"], None, [int(fingerprint.get("feature_dim", 0))], None
 
 
 def _norm(value):

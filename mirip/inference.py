@@ -32,15 +32,17 @@ from tqdm.auto import tqdm
 from mirip.calibration import CalibrationError, from_checkpoint, names_sha256
 from mirip.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.devices import check_precision, default_precision, resolve_device
-from mirip.fingerprint import FingerprintMismatch, check_fingerprint, make_fingerprint
+from mirip.features.spec import FeatureSpec, FeatureSpecError, checkpoint_feature_spec, match_entries
+from mirip.fingerprint import FingerprintMismatch, bank_layout, check_fingerprint, make_fingerprint
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
 from mirip.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor
 from mirip.tiers import TIERS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# Fields of the fingerprint that decide the features' numbers (besides the backbone's identity).
-FEATURE_FIELDS = ("feature_dim", "patch_size", "image_size", "resize_mode", "mean", "std", "pooling")
+# Fields of the fingerprint that decide the features' numbers (besides the backbone's identity). Which entries
+# (layers, poolings) the head sees comes from the checkpoint's feature spec, checked entry by entry.
+FEATURE_FIELDS = ("patch_size", "image_size", "resize_mode", "mean", "std")
 BACKBONE_FIELDS = ("backbone", "pretrained", "random_init_seed")
 PathLike = Union[str, os.PathLike]
 
@@ -197,6 +199,7 @@ class Scorer:
             "image_size": self.preprocessor.image_size,
             "resize_mode": self.preprocessor.resize_mode,
             "pooling": ext.pooling,
+            "feature_spec": str(FeatureSpec.from_entries(ext.entry_names)),
             "precision": ext.precision,
             "device": str(self.device),
             "epoch": self.checkpoint.get("epoch"),
@@ -342,8 +345,9 @@ def load_scorer(
     if fp.get("precision") and fp["precision"] != precision:
         notes.append(f"features were made in {fp['precision']}, scoring runs in {precision}: "
                      "scores agree within that precision's tolerance")
-    extractor = DINOv2FeatureExtractor(name, device=device, random_init=rand, pooling=fp.get("pooling", "cls"),
-                                       precision=precision)
+    spec = FeatureSpec.parse(checkpoint_feature_spec(ckpt))
+    extractor = DINOv2FeatureExtractor(name, device=device, random_init=rand, entries=spec, precision=precision)
+    extractor.set_entry_scales(ckpt.get("feature_scales"))
     preprocessor = Preprocessor(
         image_size=int(fp["image_size"]), resize_mode=fp.get("resize_mode", "pad"),
         mean=tuple(fp.get("mean", IMAGENET_MEAN)), std=tuple(fp.get("std", IMAGENET_STD)),
@@ -354,6 +358,7 @@ def load_scorer(
     check_fingerprint(fp, rebuilt, what=what, ignore=(), only=compare)
     if int(head["input_dim"]) != extractor.output_dim:
         raise FingerprintMismatch({"feature_dim": (int(head["input_dim"]), extractor.output_dim)}, what)
+    _check_spec_blocks(spec, fp, extractor, what)
 
     model = PairwiseRankingModel(
         name, projector_output_dim=int(head["projector_output_dim"]), margin=float(head.get("margin", 1.0)),
@@ -411,6 +416,21 @@ def split_membership(checkpoint: dict, metadata_path: str) -> Tuple[Dict[str, st
                         f"({len(train)} train images rebuilt, different names)")
         return out, None
     return out, "split rebuilt from the run config; not verified against the checkpoint"
+
+def _check_spec_blocks(spec: FeatureSpec, fp: dict, extractor: DINOv2FeatureExtractor, what: str) -> None:
+    """The rebuilt backbone reads the same blocks and widths the training cache recorded for the spec's entries."""
+    names, blocks, dims, num_layers = bank_layout(fp)
+    try:
+        picked = match_entries(spec, names, blocks, num_layers, where=f"the cache {what} was trained on")
+    except FeatureSpecError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    if blocks is not None:
+        trained = [int(blocks[i]) for i in picked]
+        if trained != list(extractor.entry_blocks):
+            raise FingerprintMismatch({"feature_entry_blocks": (trained, list(extractor.entry_blocks))}, what)
+    trained_dims = [int(dims[i]) for i in picked]
+    if all(trained_dims) and trained_dims != list(extractor.entry_dims):  # 0: unknown (no fingerprint)
+        raise FingerprintMismatch({"feature_entry_dims": (trained_dims, list(extractor.entry_dims))}, what)
 
 
 def find_images(inputs: Iterable[PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[List[str], List[str]]:

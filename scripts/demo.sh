@@ -30,22 +30,23 @@ else
   echo "== carry no learned meaning and every cache, checkpoint and report says so."
   echo "=================================================================================="
 fi
-cache="cache/demo-$(basename "$backbone")-${size}px${weights:+-random}.h5"
+cache="cache/demo-$(basename "$backbone")-${size}px-bank${weights:+-random}.h5"
 
 echo "== 1/6 demo data"
 python scripts/make_demo_data.py --output "$data" --num-images "${MIRIP_DEMO_IMAGES:-200}" --image-size 256
-echo "== 2/6 stage one: extract features"
+echo "== 2/6 stage one: extract a small feature bank (blocks -4 and -1 x cls, mean, std: 6 entries)"
 python scripts/extract.py --metadata "$data/metadata.csv" --image-dir "$data/images" --output "$cache" \
-  --backbone "$backbone" "${weights[@]}" --image-size "$size"
+  --backbone "$backbone" "${weights[@]}" --image-size "$size" --layers -4 -1 --pooling cls mean std
 echo "== 3/6 stage two: train the head"
 python scripts/train.py --features "$cache" --metadata "$data/metadata.csv" --output-dir "$runs/train" \
   --max-epochs 40 --pairs-per-epoch 4000 --learning-rate 1e-3 --early-stopping-patience 10 --overwrite
 echo "== 4/6 evaluate the best head on the test split"
 python scripts/evaluate.py --checkpoint "$runs/train/best.pt" --features "$cache" --metadata "$data/metadata.csv" \
   --split test --json "$runs/train/evaluation.json"
-echo "== 5/6 sweep margins and dims (stacked heads, 2 seeds)"
+echo "== 5/6 sweep two feature specs x margins and dims (stacked heads, 2 seeds)"
 python scripts/sweep.py --features "$cache" --metadata "$data/metadata.csv" --output-dir "$runs/sweep" \
-  --margin 0.5 1.0 --hidden-dim 256 512 --projector-dim 128 256 --seeds 0 1 \
+  --feature cls@-1 "cls@-4,-1+mean@-1+std@-1" \
+  --margin 0.5 1.0 --hidden-dim 256 512 --projector-dim 128 --seeds 0 1 \
   --max-epochs 20 --pairs-per-epoch 2000 --learning-rate 1e-3
 echo "== 6/6 score the images in full-image mode, with an HTML report"
 python scripts/score.py --checkpoint "$runs/train/best.pt" "$data/images" --metadata "$data/metadata.csv" \

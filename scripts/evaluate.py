@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(overall and per tier pair), Spearman and Kendall correlation with the tiers; with the checkpoint's "
                     "score-to-tier calibration also tier accuracy, mean absolute tier error, the confusion matrix "
                     "and the expected calibration error. The cache must have the fingerprint the head was "
-                    "trained on.",
+                    "trained on and hold the entries of its feature spec (read from the checkpoint; no flag needed).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint from scripts/train.py (best.pt)")
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_metrics(result["model"], result.get("linear_baseline"),
-                         title=f"{args.checkpoint} on the {args.split} split (epoch {result['epoch']}):"))
+                         title=f"{args.checkpoint} on the {args.split} split (epoch {result['epoch']}, "
+                               f"features {result['feature_spec']}):"))
     for key in ("tier_figures_note", "calibration_note"):
         if result.get(key):
             print(f"NOTE: {result[key]}")

@@ -5,6 +5,7 @@ Examples, from the repository root:
     python scripts/extract.py --metadata data/demo/metadata.csv --image-dir data/demo/images
     python scripts/extract.py --image-dir data/images --output cache/features.h5 --batch-size 64
     torchrun --nproc_per_node=4 scripts/extract.py --metadata data/metadata.csv --image-dir data/images
+    python scripts/extract.py --image-dir data/images --layers -4 -3 -2 -1 --pooling cls mean std  # a feature bank
 
 Rerunning the same command extracts only new, changed, or (with --retry-failed) failed images.
 """
@@ -23,6 +24,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.devices import PRECISIONS
+from mirip.features.spec import BANK_POOLINGS
 from mirip.features.extract import FEATURE_DTYPES, ExtractConfig, extract_features
 from mirip.ml.feature_extractor import POOLINGS
 from mirip.preprocessing import RESIZE_MODES
@@ -48,6 +50,17 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _layer(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value == 0:
+        raise argparse.ArgumentTypeError("layers are 1-based (1 is the first block) or negative (-1 is the last); "
+                                         "0 is neither")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Extract frozen-backbone features of images into an HDF5 feature cache (stage one). "
@@ -68,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random weights from the built-in architecture (benchmarks and tests only)")
     model.add_argument("--image-size", type=_positive, default=768, metavar="PX", help="square input size in pixels")
     model.add_argument("--resize-mode", choices=RESIZE_MODES, default="pad", help="how images are fitted to the square")
-    model.add_argument("--pooling", choices=POOLINGS, default="cls", help="which tokens make the feature")
+    model.add_argument("--pooling", nargs="+", choices=tuple(dict.fromkeys(POOLINGS + BANK_POOLINGS)), default=["cls"],
+                       metavar="POOLING",
+                       help="which tokens make each feature: cls (the CLS token), mean (mean of the patch tokens), "
+                            "std (their per-channel standard deviation), cls_mean (cls and mean concatenated, one "
+                            "layer only); several make a feature bank with --layers")
+    model.add_argument("--layers", nargs="+", type=_layer, default=None, metavar="L",
+                       help="transformer blocks to pool, 1-based or negative from the last (-1: the last block). "
+                            "The cache stores one entry POOLING@L per pooling and layer, e.g. --layers -4 -3 -2 -1 "
+                            "--pooling cls mean std stores 12 entries (cls@-4 ... std@-1); unset: the last block only")
     model.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     model.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default="float32", help="dtype stored in the cache")
     model.add_argument("--views", type=_non_negative, default=0, metavar="K",
@@ -90,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ExtractConfig(
         image_dir=args.image_dir, metadata=args.metadata, output=args.output, filename_column=args.filename_column,
         backbone=args.backbone, random_init=args.random_init, image_size=args.image_size, resize_mode=args.resize_mode,
-        pooling=args.pooling, precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers,
+        pooling=args.pooling[0] if len(args.pooling) == 1 else list(args.pooling), layers=args.layers,
+        precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, feature_dtype=args.feature_dtype, views=args.views, retry_failed=args.retry_failed,
         overwrite=args.overwrite, strict=args.strict, cache_dir=args.cache_dir, progress=not args.no_progress,
     )

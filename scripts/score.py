@@ -73,7 +73,7 @@ def _print_header(scorer: Scorer) -> None:
     info = scorer.describe()
     print(f"model: {info['checkpoint']} (epoch {info['epoch']}, val accuracy {info['accuracy']})")
     print(f"  backbone {info['backbone']} | weights {info['weights']} | {info['image_size']} px {info['resize_mode']} "
-          f"| pooling {info['pooling']} | {info['precision']} on {info['device']}")
+          f"| features {info['feature_spec']} | {info['precision']} on {info['device']}")
     for note in scorer.notes:
         print(f"NOTE: {note}")
     if scorer.calibration is None:

@@ -24,6 +24,7 @@ except ImportError:
 from mirip.checkpoint import CheckpointError
 from mirip.cli_options import add_data_options
 from mirip.features.cache import CacheError
+from mirip.features.spec import FEATURE_NORMS
 from mirip.sweep.grid import SweepConfigError, SweepGrid
 from mirip.sweep.runner import GRID_FIELDS, OUTPUT_FILES, SweepSettings, run_sweep
 from mirip.sweep.stacked import OPTIMIZERS
@@ -39,6 +40,8 @@ GRID_OPTIONS = (  # (flag, dest, type, default, help)
     ("--dropout", "dropout", float, [0.1], "Projector dropout rates"),
     ("--weight-decay", "weight_decay", float, [DEFAULTS.weight_decay], "AdamW weight decays"),
     ("--seeds", "seed", int, [DEFAULTS.seed], "seeds: each one its own split, init, dropout and pairs"),
+    ("--feature", "feature", str, [None], "feature specs, e.g. cls@-1 'cls@-4,-3,-2,-1+mean@-1' 'mean@-1+std@-1': "
+     "each its own group of heads (its own input dim); default: the cache's only entry, else cls@-1"),
 )
 SKIPPED = set(GRID_FIELDS) | {"checkpoint_dir"}  # grid axes, and the output directory is fixed
 FIXED_HELP = {
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(parser, "sweep directory (results, checkpoints)")
     grid = parser.add_argument_group("grid (one or more values each; the sweep is their product)")
     for flag, dest, kind, default, help_text in GRID_OPTIONS:
-        grid.add_argument(flag, dest=dest, type=kind, nargs="+", default=default, metavar=kind.__name__.upper(),
+        grid.add_argument(flag, dest=dest, type=kind, nargs="+", default=default, metavar="SPEC" if dest == "feature" else kind.__name__.upper(),
                           help=help_text)
     fixed = parser.add_argument_group("fixed training settings (TrainingConfig; one value for every head)")
     hints = typing.get_type_hints(TrainingConfig)
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
             fixed.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(),
                                help=FIXED_HELP.get(f.name, f.name))
+    fixed.add_argument("--feature-norm", choices=FEATURE_NORMS, default="auto",
+                       help="per-entry scaling of each spec, fitted on each seed's train split (entry) or none; "
+                            "auto: entry for specs of several entries")
     run = parser.add_argument_group("run")
     run.add_argument("--optimizer", choices=OPTIMIZERS, default="auto",
                      help="how the stacked heads' AdamW runs: 'fused' (torch's fused kernel per head: one memory "
@@ -113,7 +119,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
         features=args.features, metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column, train_ratio=args.train_ratio,
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
-        training=TrainingConfig(**training), optimizer=args.optimizer,
+        training=TrainingConfig(**training), optimizer=args.optimizer, feature_norm=args.feature_norm,
     )
     return grid, settings
 

@@ -21,6 +21,7 @@ except ImportError:
 from mirip.checkpoint import CheckpointError
 from mirip.cli_options import add_data_options
 from mirip.features.cache import CacheError
+from mirip.features.spec import FEATURE_NORMS
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pair_sampling import BALANCES
 from mirip.training.run import OUTPUT_FILES, RunConfig, train
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_options(parser, "run directory for checkpoints and reports")
     model = parser.add_argument_group("model")
+    model.add_argument("--feature", default=None, metavar="SPEC",
+                       help="feature spec: which cached entries the head sees, concatenated, e.g. cls@-1, "
+                            "'cls@-4,-3,-2,-1+mean@-1', 'mean@-1+std@-1' (default: the cache's only entry, else cls@-1)")
+    model.add_argument("--feature-norm", choices=FEATURE_NORMS, default="auto",
+                       help="per-entry scaling fitted on the train split (entry), or none; auto: entry when the "
+                            "spec has several entries")
     model.add_argument("--margin", type=float, default=1.0, help="MarginRankingLoss margin")
     model.add_argument("--hidden-dim", type=_positive(int), default=512, help="Projector hidden width")
     model.add_argument("--projector-dim", type=_positive(int), default=256, help="Projector output (embedding) dim")
@@ -114,7 +121,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         filename_column=args.filename_column, tier_column=args.tier_column,
         train_ratio=args.train_ratio, val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
         margin=args.margin, hidden_dim=args.hidden_dim, projector_dim=args.projector_dim, dropout=args.dropout,
-        ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training),
+        ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training), feature=args.feature,
+        feature_norm=args.feature_norm,
     )
 
 

@@ -12,7 +12,8 @@ def test_benchmark_measures_pipeline_and_bare_backbone(tiny_backbone, tmp_path):
     parser = argparse.ArgumentParser()
     extraction.add_arguments(parser)
     args = parser.parse_args(["--extract-images", "12", "--extract-batch-size", "4", "--extract-bare-batches", "2",
-                              "--extract-num-workers", "0", "--extract-source-size", "64"])
+                              "--extract-num-workers", "0", "--extract-source-size", "64",
+                              "--extract-bank-layers", "-2", "-1"])
     args.backbone, args.random_init, args.image_size, args.device, args.quick = tiny_backbone, False, 28, "cpu", True
     result = extraction.run(args)
     assert result["pipeline"]["images"] == 12 and result["pipeline_small"]["images"] == 4
@@ -21,6 +22,11 @@ def test_benchmark_measures_pipeline_and_bare_backbone(tiny_backbone, tmp_path):
     assert result["pipeline"]["peak_rss_total_mb"] > 0
     text = extraction.to_markdown(result)
     assert "ratio pipeline / bare" in text and "peak RSS" in text
+    bank = result["bank"]  # the bank runs in the same rounds: 2 layers x cls, mean, std of the 32-d tiny model
+    assert len(bank["entries"]) == 6 and bank["feature_dim"] == 6 * 32 and bank["pipeline"]["images"] == 12
+    assert bank["time_ratio"] > 0 and len(bank["time_ratio_runs"]) == 3
+    assert bank["bytes_per_image"] > bank["single_bytes_per_image"] > 0
+    assert "time bank / single vector" in text and "cache bytes per image" in text
 
 
 def test_standalone_entry_point_has_help(capsys):

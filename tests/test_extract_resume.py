@@ -29,9 +29,15 @@ def _env() -> dict:
     return env
 
 
+# The processes below extract a feature bank (both blocks of the tiny model x three poolings): a bank's one
+# features dataset is committed by the same row counter, and the single-vector cache is its one-entry case.
+BANK_ARGS = ["--layers", "-2", "-1", "--pooling", "cls", "mean", "std"]
+BANK = dict(layers=[-2, -1], pooling=["cls", "mean", "std"])
+
+
 def _args(image_dir, output, backbone, batch_size: int = 1) -> list:
     return ["--image-dir", str(image_dir), "--output", str(output), "--backbone", backbone, "--image-size", str(SIZE),
-            "--batch-size", str(batch_size), "--num-workers", "0", "--device", "cpu", "--no-progress"]
+            "--batch-size", str(batch_size), "--num-workers", "0", "--device", "cpu", "--no-progress", *BANK_ARGS]
 
 
 def _committed_rows(path) -> int:
@@ -67,14 +73,15 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(tmp_path, t
     d = tmp_path / "images"
     n = 200
     names = make_images(d, n)
-    extract(d, tmp_path / "ref.h5", tiny_backbone)
+    extract(d, tmp_path / "ref.h5", tiny_backbone, **BANK)
     out = tmp_path / "killed.h5"
     seen = [_kill_when(out, tiny_backbone, d, at_least) for at_least in (1, 60, 130)]
     assert all(0 < s < n for s in seen), seen
-    summary = extract(d, out, tiny_backbone)
+    summary = extract(d, out, tiny_backbone, **BANK)
     assert summary.skipped_cached >= seen[-1] and summary.extracted == n - summary.skipped_cached
     with open_cache(str(out)) as cache, open_cache(str(tmp_path / "ref.h5")) as ref:
         assert cache.num_rows == n and cache.paths == names and len(set(cache.paths)) == n
+        assert len(cache.entries) == 6 and cache.dim == 6 * 32
         np.testing.assert_allclose(cache.features(), ref.features(), atol=ATOL)
         np.testing.assert_array_equal(cache.source_facts()[0], ref.source_facts()[0])
 
@@ -110,17 +117,17 @@ def test_torchrun_two_ranks_give_the_same_cache_as_one_process(tmp_path, tiny_ba
     make_images(d, 11)
     (d / "broken.png").write_bytes(b"not a png")
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
-    extract(d, one, tiny_backbone, batch_size=3)
+    extract(d, one, tiny_backbone, batch_size=3, **BANK)
     done = _torchrun(d, two, tiny_backbone)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "extracted:            11" in done.stdout and "broken.png" in done.stdout
+    assert "extracted:            11" in done.stdout and "6 entries: cls@-2, cls@-1, mean@-2" in done.stdout and "broken.png" in done.stdout
     _assert_same_cache(one, two)
     assert leftover_parts(str(two)) == []
     # Second round: new images and a changed one; ranks append and replace through the merge.
     make_images(d, 3, start=11)
     noise_image(seed=77).save(d / "img_004.png")
     touch_later(d / "img_004.png")
-    extract(d, one, tiny_backbone, batch_size=3)
+    extract(d, one, tiny_backbone, batch_size=3, **BANK)
     done = _torchrun(d, two, tiny_backbone)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "extracted:            4 (1 changed files re-extracted)" in done.stdout

@@ -4,7 +4,9 @@
     pipeline        JPEG files -> DataLoader workers -> backbone -> background HDF5 writer
 
 The ratio pipeline / bare says how close extraction is to being backbone-bound
-(goal >= 0.85). The pipeline runs twice, on N/4 and N images, with the peak RSS
+(goal >= 0.85). In the same rounds a feature bank (default 4 layers x cls, mean,
+std) runs through the same pipeline: its time over the single vector's says what
+the bank costs (goal <= 1.10), and both caches' bytes per image what it stores. The pipeline runs twice, on N/4 and N images, with the peak RSS
 of the process and its workers sampled during each: peak memory must not grow
 with N. Standalone (no scripts/benchmark.py needed)::
 
@@ -36,6 +38,7 @@ from mirip.fingerprint import make_fingerprint
 from mirip.ml.backbones import RandomWeightsWarning
 
 GOAL_RATIO = 0.85
+GOAL_BANK_TIME_RATIO = 1.10
 GOAL_GPU_IMAGES_PER_S = 150.0
 # (full default, --quick default)
 DEFAULTS = {"images": (2000, 96), "source_size": (1024, 320), "batch_size": (32, 8), "bare_batches": (8, 4),
@@ -55,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="distinct in-memory batches the bare backbone cycles through (8; --quick 3)")
     g.add_argument("--extract-rounds", type=int, default=None,
                    help="alternating bare / pipeline rounds; medians are reported (1; --quick 3)")
+    g.add_argument("--extract-bank-layers", type=int, nargs="+", default=[-4, -3, -2, -1], metavar="L",
+                   help="layers of the feature bank compared with the single vector")
+    g.add_argument("--extract-bank-pooling", nargs="+", default=["cls", "mean", "std"], metavar="POOLING",
+                   help="poolings of the feature bank compared with the single vector")
+    g.add_argument("--no-extract-bank", dest="extract_bank", action="store_false",
+                   help="skip the feature-bank comparison")
     g.add_argument("--extract-image-dir", default=None,
                    help="use the images in this directory instead of synthetic ones (first N, walked recursively)")
 
@@ -161,13 +170,15 @@ def pipeline(config: ExtractConfig, names: List[str], extractor, preprocessor, f
     with PeakRSS() as rss, FeatureCache.create(out, fingerprint, overwrite=True) as cache:
         stats = run_pipeline(items, cache, extractor, preprocessor, config, progress=False)
         rows = cache.num_rows
+    size = os.path.getsize(out)
     if rows != len(names) or stats.failed:
         raise RuntimeError(f"pipeline wrote {rows} rows for {len(names)} images (failed: {stats.failed})")
     steady = len(names) / max(1e-9, stats.seconds - stats.startup_s)
     return {"images": len(names), "seconds": stats.seconds, "startup_s": stats.startup_s,
             "images_per_s": len(names) / stats.seconds, "steady_images_per_s": steady,
             "read_wait_s": stats.read_s, "infer_s": stats.infer_s, "write_s": stats.write_s,
-            "peak_rss_main_mb": rss.peak_main / 2**20, "peak_rss_total_mb": rss.peak_total / 2**20}
+            "peak_rss_main_mb": rss.peak_main / 2**20, "peak_rss_total_mb": rss.peak_total / 2**20,
+            "cache_bytes": size, "cache_bytes_per_image": size / max(1, rows)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -200,16 +211,28 @@ def run(args: argparse.Namespace) -> dict:
         fingerprint = make_fingerprint(extractor, pre)
         # Warm-up pass (kernels, allocator, page cache) that neither figure counts.
         pipeline(config, names[: 2 * batch], extractor, pre, fingerprint, os.path.join(tmp, "warm.h5"))
+        bank = None
+        if getattr(args, "extract_bank", True):
+            bank_config = ExtractConfig(**{**config.to_dict(), "layers": list(args.extract_bank_layers),
+                                           "pooling": list(args.extract_bank_pooling)})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RandomWeightsWarning)
+                bank_extractor, _ = build_models(bank_config, device)
+            bank_fp = make_fingerprint(bank_extractor, pre)
+            bank = (bank_config, bank_extractor, bank_fp)
+            pipeline(bank_config, names[: 2 * batch], bank_extractor, pre, bank_fp, os.path.join(tmp, "warm-bank.h5"))
 
         in_memory = [torch.stack([pre(os.path.join(image_dir, names[(i * batch + j) % len(names)]))
                                   for j in range(batch)]).to(device) for i in range(bare_batches)]
         repeats = max(1, min(4, n // (batch * bare_batches)))
         small = pipeline(config, names[: max(batch, n // 4)], extractor, pre, fingerprint, os.path.join(tmp, "s.h5"))
         # Alternating rounds, medians: other load on the machine hits both figures alike.
-        bare_runs, big_runs = [], []
+        bare_runs, big_runs, bank_runs = [], [], []
         for _ in range(_opt(args, "rounds")):
             bare_runs.append(bare_backbone(extractor, in_memory, repeats))
             big_runs.append(pipeline(config, names, extractor, pre, fingerprint, os.path.join(tmp, "b.h5")))
+            if bank is not None:
+                bank_runs.append(pipeline(bank[0], names, bank[1], pre, bank[2], os.path.join(tmp, "bank.h5")))
         bare_runs.append(bare_backbone(extractor, in_memory, repeats))
     bare = float(np.median(bare_runs))
     big = sorted(big_runs, key=lambda r: r["images_per_s"])[len(big_runs) // 2]
@@ -227,6 +250,18 @@ def run(args: argparse.Namespace) -> dict:
         "goal_ratio": GOAL_RATIO,
     }
     result["meets_ratio_goal"] = result["ratio"] >= GOAL_RATIO
+    if bank_runs:
+        # Paired by round (same machine state), then the median of the per-round ratios.
+        ratios = [b["seconds"] / s["seconds"] for b, s in zip(bank_runs, big_runs)]
+        mid = sorted(bank_runs, key=lambda r: r["images_per_s"])[len(bank_runs) // 2]
+        result["bank"] = {
+            "entries": list(bank[1].entry_names), "feature_dim": int(bank[1].output_dim),
+            "single_feature_dim": int(extractor.output_dim), "pipeline": mid,
+            "runs_images_per_s": [r["images_per_s"] for r in bank_runs], "time_ratio_runs": ratios,
+            "time_ratio": float(np.median(ratios)), "goal_time_ratio": GOAL_BANK_TIME_RATIO,
+            "bytes_per_image": mid["cache_bytes_per_image"], "single_bytes_per_image": big["cache_bytes_per_image"],
+        }
+        result["bank"]["meets_time_goal"] = result["bank"]["time_ratio"] <= GOAL_BANK_TIME_RATIO
     if cuda:
         result["goal_images_per_s"] = GOAL_GPU_IMAGES_PER_S
         result["meets_images_per_s_goal"] = big["images_per_s"] >= GOAL_GPU_IMAGES_PER_S
@@ -259,6 +294,17 @@ def to_markdown(r: dict) -> str:
     if "goal_images_per_s" in r:
         lines.append(f"| goal >= {r['goal_images_per_s']:.0f} images/s | "
                      f"{'met' if r['meets_images_per_s_goal'] else 'NOT met'} |")
+    b = r.get("bank")
+    if b:
+        lines += [
+            f"| feature bank: {len(b['entries'])} entries ({b['feature_dim']}-d: {', '.join(b['entries'])}) | "
+            f"{b['pipeline']['images_per_s']:.1f} images/s (runs {', '.join(f'{x:.1f}' for x in b['runs_images_per_s'])}) |",
+            f"| **time bank / single vector, same rounds** | **{b['time_ratio']:.3f}** (per round "
+            f"{', '.join(f'{x:.3f}' for x in b['time_ratio_runs'])}; goal <= {b['goal_time_ratio']:.2f}: "
+            f"{'met' if b['meets_time_goal'] else 'NOT met'}) |",
+            f"| cache bytes per image, single vector ({b['single_feature_dim']}-d) vs bank | "
+            f"{b['single_bytes_per_image']:.0f} vs {b['bytes_per_image']:.0f} B |",
+        ]
     return "\n".join(lines)
 
 

@@ -17,6 +17,8 @@ import torch
 
 from mirip.devices import default_precision, resolve_device
 from mirip.ml.backbones import RandomWeightsWarning
+from mirip.features.spec import FeatureSpec
+from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
 from mirip.training.benchmarks import PerformanceBenchmarks, device_name
 
@@ -52,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="pairs per epoch in the training-time estimate")
     g.add_argument("--full-image-dataset-images", type=int, default=None,
                    help="images extracted once in the two-stage estimate (default: samples per epoch)")
+    g.add_argument("--full-image-checkpoint", default=None, metavar="PT",
+                   help="measure the full-image model this checkpoint rebuilds (its backbone, feature spec, head)")
+    g.add_argument("--full-image-feature", default=None, metavar="SPEC",
+                   help="feature spec of the measured model without a checkpoint, e.g. 'cls@-4,-3,-2,-1+mean@-1' "
+                        "(default cls@-1)")
 
 
 def _option(args: argparse.Namespace, name: str) -> int:
@@ -84,9 +91,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     batch = _option(args, "batch_size")
 
     t0 = time.perf_counter()
+    checkpoint, spec = getattr(args, "full_image_checkpoint", None), getattr(args, "full_image_feature", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)  # announced below, in the report itself
-        model = PairwiseRankingModel(backbone, device=device, random_init=random_init, precision=precision)
+        if checkpoint:
+            # The checkpoint decides backbone, preprocessing and feature spec (layers, poolings), as load_scorer does.
+            from mirip.inference import load_scorer
+
+            model = load_scorer(checkpoint, device=device, precision=precision).model
+            backbone = model.feature_extractor.info.name
+            random_init = not model.feature_extractor.info.pretrained
+        else:
+            extractor = DINOv2FeatureExtractor(backbone, device=device, random_init=random_init, precision=precision,
+                                               entries=spec or "cls@-1")
+            model = PairwiseRankingModel(backbone, device=device, feature_extractor=extractor)
+    spec = str(FeatureSpec.from_entries(model.feature_extractor.entry_names))
     build_seconds = time.perf_counter() - t0
     bench = PerformanceBenchmarks(model, device=device)
 
@@ -111,6 +130,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return {
         "name": "full_image",
         "backbone": backbone,
+        "checkpoint": checkpoint,
+        "feature_spec": spec,
         "weights": "random" if random_init else "pretrained",
         "parameters": sum(p.numel() for p in model.parameters()),
         "precision": bench.precision,
@@ -150,7 +171,8 @@ def to_markdown(result: Dict[str, Any]) -> str:
         "### Full-image mode (backbone + head)",
         "",
         f"{result['backbone']} ({result['weights']} weights, {result['parameters']:,} parameters), "
-        f"{result['image_size']} px, {result['precision']} on {result['device_name']} ({result['device']})"
+        f"{result['image_size']} px, features {result.get('feature_spec', 'cls@-1')}, "
+        f"{result['precision']} on {result['device_name']} ({result['device']})"
         + (" — quick smoke run, small repeat counts" if result.get("quick") else ""),
         "",
         "| figure | value | seed ceiling | goal | met (ceiling / goal) |",

@@ -1,14 +1,20 @@
 """The HDF5 feature cache: the contract between stage one (extract) and stage two (train, sweep, score).
 
-Layout (format 1)::
+Layout (format 2)::
 
-    /features          (N, D) float32 | float16   one row per image
+    /features          (N, D) float32 | float16   one row per image: the bank's entries side by side
+                                                  (attrs feature_entries / feature_entry_dims give the
+                                                  columns; chunks are one entry wide, so reading some
+                                                  entries reads only their chunks)
     /paths             (N,)   UTF-8               image path relative to the image directory
     /source_size       (N,)   int64               file size when extracted  } detect a changed file
     /source_mtime_ns   (N,)   int64               file mtime when extracted }
     /views             (N, K, D)                  K augmented views per image (only when fingerprint views > 0)
     /failed/{paths,reasons,source_size,source_mtime_ns}   images that could not be read, and why
     attrs: the feature fingerprint (mirip.fingerprint) + num_rows + num_failed
+
+Format 1 (no feature_entries) reads as a bank of one entry, ``<pooling>@-1``; it is never rewritten:
+appending to it is refused by the fingerprint check (format_version differs).
 
 Rows are committed by ``num_rows``: data is written and flushed first, the
 counter last, so a process killed mid-write leaves every committed row intact
@@ -24,7 +30,8 @@ import h5py
 import numpy as np
 import torch
 
-from mirip.fingerprint import ENVIRONMENT_FIELDS, check_fingerprint, from_attrs, to_attrs
+from mirip.features.spec import FeatureSpec, default_spec, match_entries
+from mirip.fingerprint import ENVIRONMENT_FIELDS, bank_layout, check_fingerprint, from_attrs, to_attrs
 
 _STR = h5py.string_dtype("utf-8")
 _ROW_FIELDS = ("paths", "source_size", "source_mtime_ns")
@@ -59,8 +66,12 @@ class FeatureCache:
         tmp = f"{path}.tmp-{os.getpid()}"
         h5 = h5py.File(tmp, "w")
         dim, dtype = int(fingerprint["feature_dim"]), np.dtype(fingerprint.get("feature_dtype", "float32"))
-        rows = max(1, min(256, (1 << 20) // (dim * dtype.itemsize)))  # ~1 MiB chunks
-        h5.create_dataset("features", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(rows, dim))
+        dims = fingerprint.get("feature_entry_dims") or [dim]
+        # One entry per chunk column (when entries are equal in width): reading a few entries of a big bank
+        # touches only their chunks. ~1 MiB chunks.
+        width = dims[0] if len(set(dims)) == 1 and sum(dims) == dim else dim
+        rows = max(1, min(256, (1 << 20) // (width * dtype.itemsize)))
+        h5.create_dataset("features", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(rows, width))
         views = int(fingerprint.get("views", 0) or 0)
         if views > 0:
             vrows = max(1, rows // views)
@@ -142,25 +153,70 @@ class FeatureCache:
             self.index
         return self._index.get(path)
 
-    def features(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
-        """The committed feature rows (all, or the given ones in the given order)."""
+    # --- the bank ------------------------------------------------------------------------------
+    @property
+    def format_version(self) -> int:
+        return int(self.fingerprint.get("format_version", 1))
+
+    @property
+    def entries(self) -> List[str]:
+        """The bank's entry names in column order (``cls@-1``, ``mean@-4``, ...); one for a format-1 cache."""
+        return bank_layout(self.fingerprint)[0]
+
+    @property
+    def entry_dims(self) -> Dict[str, int]:
+        names, _, dims, _ = bank_layout(self.fingerprint)
+        return dict(zip(names, dims))
+
+    @property
+    def default_spec(self) -> str:
+        """The spec a run uses without ``--feature``: the only entry, else ``cls@-1``."""
+        return default_spec(self.entries)
+
+    def entry_slices(self, spec) -> List[slice]:
+        """Column ranges of a spec's entries (a spec string, FeatureSpec or entry names), in spec order.
+
+        Refuses (FeatureSpecError, a ValueError) an entry the cache lacks, listing what it holds.
+        """
+        names, blocks, dims, num_layers = bank_layout(self.fingerprint)
+        if not isinstance(spec, (str, FeatureSpec)):
+            spec = FeatureSpec.from_entries(spec)
+        starts = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+        picked = match_entries(spec, names, blocks, num_layers, where=f"feature cache {self.path}")
+        return [slice(int(starts[i]), int(starts[i + 1])) for i in picked]
+
+    def spec_dim(self, spec) -> int:
+        return sum(s.stop - s.start for s in self.entry_slices(spec))
+
+    def features(self, rows: Optional[Sequence[int]] = None, spec=None) -> np.ndarray:
+        """The committed feature rows (all, or the given ones in the given order); with ``spec``, only its
+        entries' columns, concatenated in spec order (``None``: every column)."""
         data = self.h5["features"]
+        slices = None if spec is None else self.entry_slices(spec)
+        n = self.num_rows
         if rows is None:
-            return data[: self.num_rows]
+            if slices is None:
+                return data[:n]
+            return np.concatenate([data[:n, s] for s in slices], axis=1)
         rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
-            raise IndexError(f"row out of range for cache with {self.num_rows} rows")
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"row out of range for cache with {n} rows")
         # h5py fancy indexing needs increasing indices; read sorted, then restore the order.
         order = np.argsort(rows, kind="stable")
         uniq, inverse = np.unique(rows[order], return_inverse=True)
-        out = data[uniq][inverse]
+        if slices is None:
+            out = data[uniq][inverse]
+        elif not uniq.size:
+            out = np.empty((0, sum(s.stop - s.start for s in slices)), dtype=data.dtype)
+        else:
+            out = np.concatenate([data[uniq, s] for s in slices], axis=1)[inverse]
         result = np.empty_like(out)
         result[order] = out
         return result
 
-    def load_features(self, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The whole matrix as one tensor (stage two indexes it in memory or on the GPU)."""
-        tensor = torch.from_numpy(self.features())
+    def load_features(self, device: str = "cpu", dtype: Optional[torch.dtype] = None, spec=None) -> torch.Tensor:
+        """The whole matrix (or a spec's columns) as one tensor (stage two indexes it in memory or on the GPU)."""
+        tensor = torch.from_numpy(self.features(spec=spec))
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
     @property

@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,6 +28,7 @@ from mirip.devices import PRECISIONS
 from mirip.features.cache import CacheError, FeatureCache
 from mirip.features.distributed import DistContext, leftover_parts, merge_parts, part_path
 from mirip.features.mapper import Mapper, Normalizer
+from mirip.features.spec import BANK_POOLINGS
 from mirip.features.reader import ImageFileDataset, ReadBatch, collate, list_images, source_facts
 from mirip.features.writer import CacheWriter, WriteJob
 from mirip.fingerprint import ENVIRONMENT_FIELDS, make_fingerprint
@@ -50,7 +51,8 @@ class ExtractConfig:
     random_init: bool = False
     image_size: int = 768
     resize_mode: str = "pad"
-    pooling: str = "cls"
+    pooling: Union[str, List[str]] = "cls"  # a list (cls, mean, std) with ``layers`` makes a feature bank
+    layers: Optional[List[int]] = None  # None: the last block only (-1); 1-based, or negative from the last
     precision: Optional[str] = None  # None: bf16 on CUDA, fp32 on CPU
     batch_size: int = 32
     num_workers: Optional[int] = None  # None: from the CPU count
@@ -67,7 +69,10 @@ class ExtractConfig:
         checks = [
             (self.image_size >= 14, f"image_size must be >= 14, got {self.image_size}"),
             (self.resize_mode in RESIZE_MODES, f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}"),
-            (self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}"),
+            (all(p in POOLINGS + BANK_POOLINGS for p in self.poolings) and len(self.poolings) > 0,
+             f"pooling must be one or more of {tuple(dict.fromkeys(POOLINGS + BANK_POOLINGS))}, got {self.pooling!r}"),
+            (self.layers is None or (len(self.layers) > 0 and all(int(l) != 0 for l in self.layers)),
+             f"layers must be non-zero block indices (1-based, or negative from the last), got {self.layers!r}"),
             (self.precision is None or self.precision in PRECISIONS,
              f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
@@ -78,6 +83,10 @@ class ExtractConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def poolings(self) -> List[str]:
+        return [self.pooling] if isinstance(self.pooling, str) else list(self.pooling)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,6 +131,8 @@ class ExtractSummary:
     write_s: float
     rows: int  # rows in the cache after the run
     world_size: int = 1
+    entries: List[str] = field(default_factory=list)  # the bank's entries, in column order
+    size_bytes: int = 0  # the cache file's size on disk after the run
 
     @property
     def images_per_s(self) -> float:
@@ -132,8 +143,10 @@ class ExtractSummary:
         return {**self.known_failed, **self.failed}
 
     def to_text(self) -> str:
+        per_image = f", {self.size_bytes / self.rows / 1024:.1f} KiB per image" if self.rows else ""
         lines = [
-            f"cache: {self.output} ({self.rows} rows)",
+            f"cache: {self.output} ({self.rows} rows, {self.size_bytes / 2**20:.1f} MiB on disk{per_image})",
+            f"feature bank: {len(self.entries)} entr{'y' if len(self.entries) == 1 else 'ies'}: {', '.join(self.entries)}",
             f"images listed: {self.total}",
             f"  extracted:            {self.extracted} ({self.replaced} changed files re-extracted)",
             f"  skipped, cached:      {self.skipped_cached}",
@@ -165,7 +178,10 @@ def fingerprint_hash(fingerprint: dict) -> str:
 def default_output(fingerprint: dict, cache_dir: str = "cache") -> str:
     """``cache/dinov2-large-768px-cls-1a2b3c4d.h5``: readable, and distinct for every fingerprint."""
     short = os.path.basename(str(fingerprint["backbone"]).rstrip("/")) or "backbone"
-    name = f"{short}-{fingerprint['image_size']}px-{fingerprint['pooling']}-{fingerprint_hash(fingerprint)}.h5"
+    pooling = str(fingerprint["pooling"]).replace(",", "+")
+    blocks = set(fingerprint.get("feature_entry_blocks") or [])
+    layers = f"-{len(blocks)}L" if len(blocks) > 1 else ""
+    name = f"{short}-{fingerprint['image_size']}px-{pooling}{layers}-{fingerprint_hash(fingerprint)}.h5"
     return os.path.join(cache_dir, name)
 
 
@@ -302,8 +318,10 @@ def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2Fe
 
 
 def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2FeatureExtractor, Preprocessor]:
+    pooling = config.pooling if isinstance(config.pooling, str) else list(config.pooling)
     extractor = DINOv2FeatureExtractor(config.backbone, device=device, random_init=config.random_init,
-                                       pooling=config.pooling, precision=config.precision)
+                                       pooling=pooling, precision=config.precision,
+                                       layers=None if config.layers is None else [int(l) for l in config.layers])
     preprocessor = Preprocessor(image_size=config.image_size, resize_mode=config.resize_mode,
                                 patch_size=extractor.patch_size)
     return extractor, preprocessor
@@ -370,4 +388,5 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
         known_failed=plan.known_failed, seconds=max(s.seconds for s in all_stats),
         read_s=max(s.read_s for s in all_stats), infer_s=max(s.infer_s for s in all_stats),
         write_s=max(s.write_s for s in all_stats), rows=rows, world_size=ctx.world_size,
+        entries=list(extractor.entry_names), size_bytes=os.path.getsize(output) if os.path.exists(output) else 0,
     )

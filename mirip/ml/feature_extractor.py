@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from mirip.devices import autocast_dtype, check_precision, default_precision, device_type, resolve_device
+from mirip.features.spec import Entry, FeatureSpec, FeatureSpecError, bank_entries, parse_entry
 from mirip.ml.backbones import BackboneInfo, load_backbone
+from mirip.ml.families import family_for
 
 POOLINGS = ("cls", "mean", "cls_mean")
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest requested block: the blocks after it would be wasted work."""
 
 
 def check_images(images: torch.Tensor, what: str = "images") -> None:
@@ -41,6 +47,14 @@ class DINOv2FeatureExtractor(nn.Module):
     ``pooling`` picks the CLS token (default), the mean of the patch tokens, or both
     concatenated (``cls_mean``, 2 x hidden). ``precision`` defaults to bf16 autocast on
     CUDA and fp32 on CPU; outputs are always float32.
+
+    Feature bank: ``layers`` (block indices, 1-based or negative from the last) with ``pooling`` as a list
+    of ``cls`` / ``mean`` / ``std`` gives one entry per (pooling, layer), pooling-major; ``entries``
+    (``["cls@-4", "mean@-1"]`` or a ``FeatureSpec``) lists them explicitly in any order. ``extract``
+    returns the entries concatenated in that order (``entry_names``, ``entry_dims``); ``extract_entries``
+    returns them by name. Each selected block's output goes through the final layer norm before pooling;
+    intermediate blocks are read by forward hooks, the last block from the model's own output, so
+    ``cls@-1`` is the default feature bit for bit.
     """
 
     def __init__(
@@ -49,20 +63,38 @@ class DINOv2FeatureExtractor(nn.Module):
         device: Optional[str] = None,
         *,
         random_init: bool = False,
-        pooling: str = "cls",
+        pooling: Union[str, Sequence[str]] = "cls",
         precision: Optional[str] = None,
         trainable: bool = False,
+        layers: Optional[Sequence[int]] = None,
+        entries: Optional[Union[str, FeatureSpec, Sequence[Union[str, Entry]]]] = None,
     ):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        entry_list = self._entries(pooling, layers, entries)
         self.model_name = model_name
         self.device = resolve_device(device)
-        self.pooling = pooling
         self.precision = check_precision(precision or default_precision(self.device))
         self.backbone, self.info = load_backbone(model_name, random_init=random_init)
+        self.family = family_for(self.backbone)
+        self.layout = self.family.token_layout(self.backbone)
+        self.num_layers = self.family.num_layers(self.backbone)
         hidden = self.info.hidden_size
-        self.output_dim = 2 * hidden if pooling == "cls_mean" else hidden
+        try:
+            blocks = [e.block(self.num_layers) for e in entry_list]
+        except FeatureSpecError as exc:
+            raise ValueError(f"{model_name}: {exc}") from None
+        self.entries: List[Entry] = entry_list
+        self.entry_names: List[str] = [e.name for e in entry_list]
+        self.entry_blocks: List[int] = blocks
+        self.entry_dims: List[int] = [2 * hidden if e.pooling == "cls_mean" else hidden for e in entry_list]
+        # ``pooling`` as the seed knows it for a single entry of the last block; the poolings used otherwise.
+        if isinstance(pooling, str) and layers is None and entries is None:
+            self.pooling = pooling
+        else:
+            self.pooling = ",".join(dict.fromkeys(e.pooling for e in entry_list))
+        self.output_dim = sum(self.entry_dims)
+        self.entry_scales: Optional[List[float]] = None
+        self._scale: Optional[torch.Tensor] = None
         self.frozen = True
         self.freeze()
         if trainable:
@@ -70,6 +102,29 @@ class DINOv2FeatureExtractor(nn.Module):
         elif self.precision == "bf16":
             self.backbone.to(torch.bfloat16)
         self.to(self.device)
+
+    @staticmethod
+    def _entries(pooling, layers, entries) -> List[Entry]:
+        if entries is not None:
+            if layers is not None:
+                raise ValueError("pass either entries or layers (with pooling), not both")
+            if isinstance(entries, (str, FeatureSpec)):
+                out = list(FeatureSpec.parse(entries).entries)
+            else:
+                out = [e if isinstance(e, Entry) else parse_entry(e) for e in entries]
+            if not out or len({e.name for e in out}) != len(out):
+                raise ValueError(f"entries must be a non-empty list of distinct POOLING@LAYER names, got {entries!r}")
+            return out
+        if isinstance(pooling, str):
+            if pooling not in POOLINGS + ("std",):
+                raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+            poolings = [pooling]
+        else:
+            poolings = list(pooling)
+        try:
+            return bank_entries(list(layers) if layers is not None else [-1], poolings)
+        except FeatureSpecError as exc:
+            raise ValueError(str(exc)) from None
 
     @property
     def backbone_info(self) -> BackboneInfo:
@@ -97,13 +152,68 @@ class DINOv2FeatureExtractor(nn.Module):
             self.backbone.eval()
         return self
 
-    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Dinov2Model's last_hidden_state is already layer-normed; token 0 is CLS.
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        if self.pooling == "mean":
-            return hidden[:, 1:].mean(dim=1)
-        return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=1)
+    def _pool(self, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
+        """One pooled vector per image from normed tokens (B, T, H); CLS and registers never enter mean/std."""
+        cls, patches = self.layout.cls_index, hidden[:, self.layout.patch_start:]
+        if pooling == "cls":
+            return hidden[:, cls]
+        if pooling == "mean":
+            return patches.mean(dim=1)
+        if pooling == "std":
+            # Population std over the patch tokens, in fp32 (a difference of near-equal bf16 values loses it).
+            return patches.float().std(dim=1, correction=0)
+        return torch.cat([hidden[:, cls], patches.mean(dim=1)], dim=1)
+
+    def _forward_entries(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Run the backbone once; pool each requested block inside its hook, so no block's tokens outlive it."""
+        out: Dict[str, torch.Tensor] = {}
+        last = self.num_layers
+        wanted: Dict[int, List[Entry]] = {}
+        for e, b in zip(self.entries, self.entry_blocks):
+            wanted.setdefault(b, []).append(e)
+        deepest = max(wanted)
+        blocks, norm = self.family.blocks(self.backbone), self.family.final_norm(self.backbone)
+
+        def hook_for(block: int):
+            def hook(module, args, output):
+                normed = norm(self.family.block_output(output))
+                for e in wanted[block]:
+                    out[e.name] = self._pool(normed, e.pooling)
+                if block == deepest:
+                    raise _StopForward
+            return hook
+
+        handles = [blocks[b - 1].register_forward_hook(hook_for(b)) for b in wanted if b != last]
+        try:
+            hidden = self.family.last_hidden(self.backbone(pixel_values=images))
+            for e in wanted.get(last, []):
+                out[e.name] = self._pool(hidden, e.pooling)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+    def set_entry_scales(self, scales: Optional[Sequence[float]]) -> None:
+        """Multiply each entry by its scale in every ``extract`` (a head trained with per-entry normalisation
+        sees the same inputs from images as from the cache); None removes the scaling."""
+        if scales is None:
+            self.entry_scales, self._scale = None, None
+            return
+        if len(scales) != len(self.entry_dims):
+            raise ValueError(f"{len(scales)} entry scales for {len(self.entry_dims)} entries ({self.entry_names})")
+        self.entry_scales = [float(x) for x in scales]
+        self._scale = torch.cat([torch.full((d,), float(x), dtype=torch.float32)
+                                 for d, x in zip(self.entry_dims, scales)])
+
+    def _extract(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self._forward_entries(images)
+        parts = [pooled[name].float() for name in self.entry_names]
+        features = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if self._scale is not None:
+            features = features * self._scale.to(features.device)
+        return features
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -122,11 +232,19 @@ class DINOv2FeatureExtractor(nn.Module):
         images = images.to(self.device, dtype=self.weight_dtype, non_blocking=True)
         if not self.frozen:
             with self._autocast():
-                return self._pool(self.backbone(pixel_values=images).last_hidden_state).float()
+                return self._extract(images)
         with torch.inference_mode(), self._autocast():
-            features = self._pool(self.backbone(pixel_values=images).last_hidden_state).float()
+            features = self._extract(images)
         # Cloning outside inference mode gives a normal tensor that a trainable head can use in autograd.
         return features.clone()
+
+    def extract_entries(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``extract`` split back into its entries: {name: (B, dim)}."""
+        features, out, start = self.extract(images), {}, 0
+        for name, dim in zip(self.entry_names, self.entry_dims):
+            out[name] = features[:, start:start + dim]
+            start += dim
+        return out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.extract(images)

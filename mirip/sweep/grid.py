@@ -1,9 +1,10 @@
 """The grid of a sweep: which values each hyperparameter takes, checked before any training starts.
 
 A sweep trains one head per point of the grid (margin x hidden dim x projector
-dim x learning rate x dropout x weight decay) for every seed. Points that share
-a seed and parameter shapes (hidden dim, projector dim) form a *group*: their
-heads are stacked and trained together over the same batches.
+dim x learning rate x dropout x weight decay x feature spec) for every seed.
+Points that share a seed, parameter shapes (hidden dim, projector dim) and a
+feature spec (so the same input dim and batches) form a *group*: their heads
+are stacked and trained together over the same batches.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from mirip.features.spec import FeatureSpecError, canonical_spec
 
 
 class SweepConfigError(ValueError):
@@ -29,17 +32,19 @@ class HeadConfig:
     dropout: float
     weight_decay: float
     seed: int
+    feature: Optional[str] = None  # canonical feature spec; None: the cache's default (ids stay as before specs)
 
     @property
     def config_id(self) -> str:
         """A stable, file-name-safe name; repr() of a float round-trips, so distinct values never collide."""
-        return (f"m{self.margin!r}-h{self.hidden_dim}-p{self.projector_dim}-lr{self.learning_rate!r}"
+        base = (f"m{self.margin!r}-h{self.hidden_dim}-p{self.projector_dim}-lr{self.learning_rate!r}"
                 f"-do{self.dropout!r}-wd{self.weight_decay!r}-s{self.seed}")
+        return base if self.feature is None else f"{base}-f{spec_slug(self.feature)}"
 
     @property
-    def shape_key(self) -> Tuple[int, int, int]:
+    def shape_key(self) -> Tuple:
         """Heads with equal keys have equal parameter shapes and see the same data: they stack."""
-        return (self.seed, self.hidden_dim, self.projector_dim)
+        return (self.seed, self.hidden_dim, self.projector_dim, self.feature)
 
     def hyperparameters(self) -> Dict[str, float]:
         """The grid values without the seed (what mean +- std over seeds groups by)."""
@@ -52,7 +57,13 @@ class HeadConfig:
 
     def describe(self) -> str:
         return (f"margin={self.margin:g} hidden={self.hidden_dim} proj={self.projector_dim} "
-                f"lr={self.learning_rate:g} dropout={self.dropout:g} wd={self.weight_decay:g} seed={self.seed}")
+                f"lr={self.learning_rate:g} dropout={self.dropout:g} wd={self.weight_decay:g} seed={self.seed}"
+                + ("" if self.feature is None else f" feature={self.feature}"))
+
+
+def spec_slug(spec: str) -> str:
+    """A file-name-safe form of a canonical spec: ``cls@-4,-3+mean@-1`` -> ``cls.m4.m3_mean.m1``."""
+    return spec.replace("@", ".").replace(",", ".").replace("-", "m").replace("+", "_")
 
 
 AXES = tuple(f.name for f in fields(HeadConfig))  # grid axes, in HeadConfig order
@@ -66,6 +77,18 @@ def _option(axis: str) -> str:
 def _check_values(axis: str, values: Sequence) -> Tuple:
     option = _option(axis)
     values = tuple(values)
+    if axis == "feature" and values != (None,):
+        try:
+            values = tuple(canonical_spec(v) for v in values)
+        except FeatureSpecError as exc:
+            raise SweepConfigError(f"--feature: {exc}") from None
+    if axis == "feature":
+        if not values:
+            raise SweepConfigError("--feature: the grid is empty; give at least one spec")
+        dups = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+        if dups:
+            raise SweepConfigError(f"--feature: spec(s) listed more than once: {', '.join(dups)}")
+        return values
     if not values:
         raise SweepConfigError(f"{option}: the grid is empty; give at least one value")
     dups = sorted({v for v in values if values.count(v) > 1}, key=values.index)
@@ -111,17 +134,18 @@ class SweepGrid:
     dropout: Tuple[float, ...] = (0.1,)
     weight_decay: Tuple[float, ...] = (0.01,)
     seed: Tuple[int, ...] = (42,)
+    feature: Tuple[Optional[str], ...] = (None,)  # feature specs; (None,): the cache's default spec
 
     def __post_init__(self) -> None:
         for axis in AXES:
             value = getattr(self, axis)
-            if isinstance(value, (int, float, str)):
+            if isinstance(value, (int, float, str)) or value is None:
                 value = (value,)
             object.__setattr__(self, axis, _check_values(axis, value))
 
     def configs(self) -> List[HeadConfig]:
         """Every point x seed, seeds outermost, then shapes, so one group's heads are neighbours."""
-        order = ("seed", "hidden_dim", "projector_dim", "margin", "learning_rate", "dropout", "weight_decay")
+        order = ("seed", "feature", "hidden_dim", "projector_dim", "margin", "learning_rate", "dropout", "weight_decay")
         out = []
         for values in itertools.product(*(getattr(self, a) for a in order)):
             out.append(HeadConfig(**dict(zip(order, values))))
@@ -134,8 +158,8 @@ class SweepGrid:
         return {a: list(getattr(self, a)) for a in AXES}
 
 
-def group_configs(configs: Iterable[HeadConfig]) -> Dict[Tuple[int, int, int], List[HeadConfig]]:
-    """{(seed, hidden_dim, projector_dim): configs}, in first-seen order: each group trains as one stack."""
+def group_configs(configs: Iterable[HeadConfig]) -> Dict[Tuple, List[HeadConfig]]:
+    """{(seed, hidden_dim, projector_dim, feature): configs}, in first-seen order: each group trains as one stack."""
     groups: Dict[Tuple[int, int, int], List[HeadConfig]] = {}
     for cfg in configs:
         groups.setdefault(cfg.shape_key, []).append(cfg)

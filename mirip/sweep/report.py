@@ -29,9 +29,9 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
     """
     if rows.empty:
         raise ValueError("no finished configurations to summarise")
-    keys = list(HYPERPARAMETERS)
+    keys = [k for k in HYPERPARAMETERS if k in rows.columns]  # tables from before feature specs lack "feature"
     out = []
-    for values, g in rows.groupby(keys, sort=False):
+    for values, g in rows.groupby(keys, sort=False, dropna=False):
         rec: Dict[str, Any] = dict(zip(keys, values))
         rec["seeds"] = len(g)
         rec["seed_list"] = sorted(int(s) for s in g["seed"])
@@ -59,12 +59,13 @@ def summary_markdown(table: pd.DataFrame, title: str = "Sweep summary", notes: S
     lines += [
         "Sorted by mean validation pairwise accuracy (best first); ± is the standard deviation over seeds.",
         "",
-        "| rank | margin | hidden | proj | lr | dropout | wd | seeds | val acc | test acc | Spearman | best epoch |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |",
+        "| rank | features | margin | hidden | proj | lr | dropout | wd | seeds | val acc | test acc | Spearman "
+        "| best epoch |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |",
     ]
     for i, r in table.iterrows():
         lines.append(
-            f"| {i + 1} | {r['margin']:g} | {int(r['hidden_dim'])} | {int(r['projector_dim'])} | "
+            f"| {i + 1} | `{r.get('feature')}` | {r['margin']:g} | {int(r['hidden_dim'])} | {int(r['projector_dim'])} | "
             f"{r['learning_rate']:g} | {r['dropout']:g} | {r['weight_decay']:g} | {int(r['seeds'])} | "
             f"{_pm(r['val_acc_mean'], r['val_acc_std'])} | {_pm(r['test_acc_mean'], r['test_acc_std'])} | "
             f"{_pm(r['spearman_mean'], r['spearman_std'])} | {r['best_epoch_mean']:.1f} |"
@@ -82,7 +83,8 @@ def train_options(best: Dict[str, Any], fixed: Dict[str, Any]) -> Dict[str, Any]
     """Options for ``scripts/train.py`` (argparse dests) that reproduce the winner's best seed."""
     opts = dict(fixed)
     for k in HYPERPARAMETERS:
-        opts[k] = best[k]
+        if k in best:
+            opts[k] = best[k]
     opts["seed"] = int(best["best_seed"])
     return opts
 

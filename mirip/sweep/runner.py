@@ -1,8 +1,8 @@
 """The sweep driver: read the cache once, split once per seed, train each group of stacked heads, write results.
 
-    metadata.csv + cache.h5 (loaded once)
+    metadata.csv + cache.h5 (loaded once: the union of the grid's feature specs' entries)
       -> per seed: the same split and pairs scripts/train.py would use with that seed
-         -> per (hidden_dim, projector_dim): the pending heads, stacked (mirip.sweep.engine)
+         -> per (feature spec, hidden_dim, projector_dim): the pending heads, stacked (mirip.sweep.engine)
             -> per finished head: checkpoints/<id>.pt, then results/<id>.json (the "done" mark)
       -> results.csv, summary.md, best.json, heatmap.png
 
@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 import mirip
@@ -43,7 +44,9 @@ from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_mar
 from mirip.tiers import tier_ranks
 from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator
-from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, load_features, read_metadata,
+from mirip.features.cache import open_cache
+from mirip.features.spec import FEATURE_NORMS, apply_entry_scales, canonical_spec, entry_scales, resolve_feature_norm
+from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, read_metadata,
                                 split_dataset)
 from mirip.training.trainer import check_config
 
@@ -69,8 +72,9 @@ class SweepSettings(DataSettings):
 
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: Optional[str] = None  # fused / batched / plain AdamW (mirip.sweep.stacked); None: by device
+    feature_norm: str = "auto"  # per-entry scaling of each spec (mirip.training.run.RunConfig.feature_norm)
 
-    def run_config(self, cfg: HeadConfig) -> RunConfig:
+    def run_config(self, cfg: HeadConfig, feature: Optional[str] = None) -> RunConfig:
         """The ``scripts/train.py`` run this head is equal to (same split, pairs, init and step)."""
         tc = dataclasses.replace(self.training, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                  seed=cfg.seed, checkpoint_dir=self.output_dir)
@@ -78,16 +82,21 @@ class SweepSettings(DataSettings):
                          filename_column=self.filename_column, tier_column=self.tier_column,
                          train_ratio=self.train_ratio, val_ratio=self.val_ratio, test_ratio=self.test_ratio,
                          stratify=self.stratify, margin=cfg.margin, hidden_dim=cfg.hidden_dim,
-                         projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc)
+                         projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc,
+                         feature=feature or cfg.feature, feature_norm=self.feature_norm)
 
     def fixed(self) -> Dict[str, Any]:
         """The settings results depend on (apart from the grid): a restart must match them."""
         out = {k: getattr(self, k) for k in DATA_FIELDS}
         out.update({k: v for k, v in self.training.to_dict().items() if k not in GRID_FIELDS + INERT_FIELDS})
+        if self.feature_norm != "auto":  # recorded only when set, so sweeps from before feature specs continue
+            out["feature_norm"] = self.feature_norm
         return out
 
     def check(self) -> None:
         check_config(self.training)
+        if self.feature_norm not in FEATURE_NORMS:
+            raise SweepConfigError(f"--feature-norm must be one of {', '.join(FEATURE_NORMS)}, got {self.feature_norm!r}")
         ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
         if min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
             raise SweepConfigError(f"split ratios must be non-negative and sum to 1.0, got {ratios}")
@@ -152,29 +161,64 @@ class SweepRunner:
         if not (os.path.isfile(path) and os.path.isfile(self.checkpoint_path(cfg))):
             return None
         with open(path) as f:
-            return json.load(f)["row"]
+            row = json.load(f)["row"]
+        if row.get("feature") is None:  # a result from before feature specs trained on the default spec
+            row["feature"] = self.spec_of(cfg)
+        return row
 
     # --- data --------------------------------------------------------------------------------
+    def spec_of(self, cfg: HeadConfig) -> str:
+        """The canonical feature spec a head trains on (its grid value, else the cache's default)."""
+        return cfg.feature or self.default_spec
+
     def _load(self) -> Dict[str, Any]:
+        """Metadata and, in one read of the cache, the columns of every entry any spec of the grid names."""
         s = self.settings
         meta = read_metadata(s.metadata, s.filename_column, s.tier_column)
         names = meta[s.filename_column].astype(str).tolist()
-        features, fingerprint = load_features(s.features, names)
-        return {"meta": meta, "names": names, "features": features, "fingerprint": fingerprint,
-                "ranks": tier_ranks(meta, s.tier_column), "device_features": features.to(self.device)}
+        with open_cache(s.features) as cache:
+            self.default_spec = cache.default_spec
+            specs = list(dict.fromkeys(self.spec_of(c) for c in self.configs))
+            slices = {spec: cache.entry_slices(spec) for spec in specs}  # refuses a missing entry, listing the bank
+            fingerprint = cache.fingerprint
+            rows = cache.rows_for(names)
+            union = sorted({(sl.start, sl.stop) for spec in specs for sl in slices[spec]})
+            by_start = {sl.start: name for name, sl in zip(cache.entries, cache.entry_slices(cache.entries))}
+            picked = cache.features(rows, spec=[by_start[a] for a, _ in union])
+        offset, where = 0, {}
+        for a, b in union:
+            where[(a, b)] = offset
+            offset += b - a
+        by_spec = {}
+        for spec in specs:
+            cols = np.concatenate([np.arange(where[(sl.start, sl.stop)], where[(sl.start, sl.stop)] + sl.stop - sl.start)
+                                   for sl in slices[spec]])
+            by_spec[spec] = (torch.from_numpy(np.ascontiguousarray(picked[:, cols])),
+                             [sl.stop - sl.start for sl in slices[spec]])
+        return {"meta": meta, "names": names, "by_spec": by_spec, "fingerprint": fingerprint,
+                "ranks": tier_ranks(meta, s.tier_column), "specs": specs}
 
-    def _datasets(self, data: Dict[str, Any], seed: int) -> Dict[str, Any]:
-        """The seed's split and pair datasets, built exactly as ``scripts/train.py --seed SEED`` builds them."""
+    def _datasets(self, data: Dict[str, Any], seed: int, spec: str) -> Dict[str, Any]:
+        """The (seed, spec)'s split and pair datasets, built exactly as ``scripts/train.py --seed SEED --feature
+        SPEC`` builds them (per-entry scales fitted on the seed's train split)."""
         # The split and pairs depend on the seed and the fixed settings only, not on the head's hyperparameters.
-        rc = self.settings.run_config(HeadConfig(1.0, 1, 1, 1.0, 0.0, 0.0, seed))
+        rc = self.settings.run_config(HeadConfig(1.0, 1, 1, 1.0, 0.0, 0.0, seed), feature=spec)
         splitter = rc.splitter()
         positions = pd.Series(np.arange(len(data["meta"])), index=data["meta"].index)
         frames = splitter.split(data["meta"])
         splits = {name: positions.loc[frame.index].to_numpy() for name, frame in zip(SPLITS, frames)}
-        run_data = RunData(data["meta"], data["features"], data["ranks"], data["names"], data["fingerprint"],
-                           splits, splitter.get_split_info())
-        datasets = {sp: split_dataset(run_data, sp, data["device_features"], rc.training, train=(sp == "train"))
+        features, dims = data["by_spec"][spec]
+        norm = resolve_feature_norm(rc.feature_norm, spec)
+        scales = entry_scales(features, dims, splits["train"]) if norm == "entry" else None
+        features = apply_entry_scales(features, dims, scales)
+        run_data = RunData(data["meta"], features, data["ranks"], data["names"], data["fingerprint"],
+                           splits, splitter.get_split_info(), spec=spec, entry_dims=dims,
+                           feature_norm="entry" if scales else "none", feature_scales=scales)
+        device_features = features.to(self.device)
+        datasets = {sp: split_dataset(run_data, sp, device_features, rc.training, train=(sp == "train"))
                     for sp in SPLITS}
+        datasets["feature_keys"] = {"feature_spec": spec, "feature_norm": run_data.feature_norm,
+                                    "feature_scales": scales, "feature_entry_dims": list(dims)}
         for sp in ("train", "val"):
             if datasets[sp] is None:
                 raise SweepConfigError(f"seed {seed}: the {sp} split is empty; raise --{sp}-ratio")
@@ -182,9 +226,10 @@ class SweepRunner:
 
     # --- per finished head -------------------------------------------------------------------
     def _save(self, outcome: HeadOutcome, test_ds, data: Dict[str, Any], group_size: int, t_group: float,
-              datasets: Optional[Dict[str, Any]] = None) -> Dict:
+              datasets: Optional[Dict[str, Any]] = None, feature_keys: Optional[Dict[str, Any]] = None) -> Dict:
         cfg = outcome.config
-        rc = self.settings.run_config(cfg)
+        spec = self.spec_of(cfg)
+        rc = self.settings.run_config(cfg, feature=spec)
         metrics: Dict[str, Any] = {}
         head = RankingHead(**outcome.head_config)
         head.load_head_state_dict(outcome.state)
@@ -212,6 +257,7 @@ class SweepRunner:
             "best_state_dict": outcome.state,
             "rng_state": outcome.rng_state,
             "run_config": rc.to_dict(),
+            **(feature_keys or {}),
             "sweep": {"config_id": cfg.config_id, "epochs_run": outcome.epochs_run,
                       "stopped_early": outcome.stopped_early, "test_metrics": _plain(metrics)},
             **calibrated.checkpoint_keys(),
@@ -219,7 +265,7 @@ class SweepRunner:
         ckpt = self.checkpoint_path(cfg)
         save_checkpoint_file(ckpt, payload)
         tc = rc.training
-        row: Dict[str, Any] = {"config_id": cfg.config_id, **cfg.to_dict()}
+        row: Dict[str, Any] = {"config_id": cfg.config_id, **cfg.to_dict(), "feature": spec}
         row.update({k: getattr(tc, k) for k in ("batch_size", "max_epochs", "pairs_per_epoch", "eval_pairs",
                                                 "pair_balance", "gradient_clip_norm", "early_stopping_patience",
                                                 "scheduler_t_max", "scheduler_eta_min")})
@@ -257,27 +303,30 @@ class SweepRunner:
                 pending.append(cfg)
             else:
                 rows[cfg.config_id] = row
+        dims = ", ".join(f"{spec} ({data['by_spec'][spec][0].shape[1]}-d)" for spec in data["specs"])
         self.log(f"sweep: {len(self.configs)} configurations ({len(self.grid.seed)} seed(s)), "
                  f"{len(rows)} already finished, {len(pending)} to train on {self.device}; "
-                 f"{len(data['names'])} images, {data['features'].shape[1]}-d features")
+                 f"{len(data['names'])} images, features {dims}")
         epochs = s.training.max_epochs
         bar = tqdm(total=len(pending) * epochs, desc="sweep", unit="head-epoch", disable=not self.progress,
                    dynamic_ncols=True)
         t_start = time.perf_counter()
         done_count = len(rows)
         groups = group_configs(pending)
-        # Every seed's split and pairs first: a split that cannot form pairs fails before any training.
-        per_seed = {seed: self._datasets(data, seed) for seed in dict.fromkeys(c.seed for c in pending)}
-        for seed, datasets in per_seed.items():
+        # Every (seed, spec)'s split and pairs first: a split that cannot form pairs fails before any training.
+        per_seed = {(seed, spec): self._datasets(data, seed, spec)
+                    for seed, spec in dict.fromkeys((c.seed, self.spec_of(c)) for c in pending)}
+        for (seed, spec), datasets in per_seed.items():
             for key, cfgs in groups.items():
-                if key[0] != seed:
+                if key[0] != seed or self.spec_of(cfgs[0]) != spec:
                     continue
-                bar.set_postfix_str(f"seed {seed} h{key[1]}/p{key[2]} x{len(cfgs)}")
+                bar.set_postfix_str(f"seed {seed} {spec} h{key[1]}/p{key[2]} x{len(cfgs)}")
                 t_group = time.perf_counter()
 
                 def finished(outcome: HeadOutcome, cfgs=cfgs, t_group=t_group, datasets=datasets) -> None:
                     nonlocal done_count
-                    row = self._save(outcome, datasets["test"], data, len(cfgs), t_group, datasets)
+                    row = self._save(outcome, datasets["test"], data, len(cfgs), t_group, datasets,
+                                     datasets["feature_keys"])
                     rows[outcome.config.config_id] = row
                     done_count += 1
                     bar.update(epochs - outcome.epochs_run)  # epochs it will not need
@@ -323,7 +372,7 @@ class SweepRunner:
         best_json = {
             "chosen_on": "mean validation pairwise accuracy over seeds (test accuracy is reported, never used)",
             "backbone_weights": ", ".join(weights),
-            "config": {k: best[k] for k in HYPERPARAMETERS},
+            "config": {k: best.get(k) for k in HYPERPARAMETERS},
             "seeds": best["seed_list"],
             **{k: best[k] for k in ("val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
                                      "spearman_mean", "spearman_std")},
@@ -344,7 +393,7 @@ class SweepRunner:
 def _describe(best: Dict[str, Any]) -> str:
     c = best.get("config", best)
     return (f"margin={c['margin']:g} hidden={c['hidden_dim']} proj={c['projector_dim']} lr={c['learning_rate']:g} "
-            f"dropout={c['dropout']:g} wd={c['weight_decay']:g}")
+            f"dropout={c['dropout']:g} wd={c['weight_decay']:g} feature={c.get('feature')}")
 
 
 def _plain(obj: Any) -> Any:

@@ -16,7 +16,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,10 @@ from mirip.calibration import (CalibrationError, OrdinalCalibration, ScoreRefere
 from mirip.checkpoint import load_checkpoint_file, save_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.features.cache import CacheError, open_cache
-from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, FingerprintMismatch, check_fingerprint, weights_summary
+from mirip.features.spec import (FEATURE_NORMS, FeatureSpecError, apply_entry_scales, canonical_spec,
+                                 checkpoint_feature_spec, entry_scales, resolve_feature_norm)
+from mirip.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, FingerprintMismatch,
+                               check_fingerprint, weights_summary)
 from mirip.ml.ranking_model import RankingHead
 from mirip.tiers import tier_ranks
 from mirip.training.baseline import RidgeBaseline
@@ -69,10 +72,18 @@ class RunConfig(DataSettings):
     dropout: float = 0.1
     ridge_alpha: Optional[float] = None  # None: chosen on the val split
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    # The feature spec (mirip.features.spec): which cached entries the head sees, in order. None: the cache's
+    # default (its only entry, else cls@-1); a run resolves it and saves the canonical spec in config.json.
+    feature: Optional[str] = None
+    feature_norm: str = "auto"  # per-entry scaling: auto (entry when the spec has several entries), entry, none
 
     def __post_init__(self):
         if isinstance(self.training, dict):
             self.training = TrainingConfig.from_dict(self.training)
+        if self.feature is not None:
+            self.feature = canonical_spec(self.feature)
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {', '.join(FEATURE_NORMS)}, got {self.feature_norm!r}")
         for name in ("hidden_dim", "projector_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -151,28 +162,70 @@ class RunData:
     fingerprint: Dict[str, Any]
     splits: Dict[str, np.ndarray]  # split -> row positions into metadata / features
     split_info: Dict[str, Any]
+    spec: str = "cls@-1"  # the canonical feature spec the columns of ``features`` follow
+    entry_dims: List[int] = field(default_factory=list)  # width of each spec entry, in order
+    feature_norm: str = "none"  # resolved: entry or none
+    feature_scales: Optional[List[float]] = None  # per spec entry, applied to ``features`` (None: unscaled)
 
 
-def load_features(cache_path: str, names: list, expected_fingerprint: Optional[Dict[str, Any]] = None
-                  ) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """The cached features of ``names`` in that order; refuses a fingerprint mismatch and lists missing images."""
+def resolve_spec(cache_path: str, spec: Optional[str] = None) -> str:
+    """The canonical spec a run on ``cache_path`` uses (``None``: the cache's default); refuses an entry the
+    cache lacks, listing the entries it holds, before any training."""
+    with open_cache(cache_path) as cache:
+        spec = canonical_spec(spec) if spec else cache.default_spec
+        cache.entry_slices(spec)
+        return spec
+
+
+def load_bank_features(cache_path: str, names: list, spec: Optional[str] = None,
+                       expected_fingerprint: Optional[Dict[str, Any]] = None, ignore_layout: bool = False
+                       ) -> Tuple[torch.Tensor, Dict[str, Any], str, List[int]]:
+    """(features of ``names`` in that order with the spec's columns, the cache's fingerprint, the canonical spec,
+    the spec's entry dims). Refuses a fingerprint mismatch (``ignore_layout``: only fields that change what an
+    entry means, for a head read from another cache), an entry the cache lacks, and lists missing images."""
     with open_cache(cache_path) as cache:
         if expected_fingerprint is not None:
-            cache.check_fingerprint(expected_fingerprint)
+            ignore = ENVIRONMENT_FIELDS + (LAYOUT_FIELDS if ignore_layout else ())
+            cache.check_fingerprint(expected_fingerprint, ignore=ignore)
+        spec = canonical_spec(spec) if spec else cache.default_spec
+        dims = [s.stop - s.start for s in cache.entry_slices(spec)]
         rows = cache.rows_for(names)
-        return torch.from_numpy(cache.features(rows)), cache.fingerprint
+        return torch.from_numpy(cache.features(rows, spec=spec)), cache.fingerprint, spec, dims
 
 
-def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]] = None) -> RunData:
+def load_features(cache_path: str, names: list, expected_fingerprint: Optional[Dict[str, Any]] = None,
+                  spec: Optional[str] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """The cached features of ``names`` in that order (the spec's columns; default: the cache's default spec);
+    refuses a fingerprint mismatch and lists missing images."""
+    features, fingerprint, _, _ = load_bank_features(cache_path, names, spec, expected_fingerprint)
+    return features, fingerprint
+
+
+def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]] = None,
+                  scales: Optional[List[float]] = None, fit_scales: bool = True, ignore_layout: bool = False) -> RunData:
+    """Metadata, the spec's features and the split. Per-entry scales are fitted on the train split when the
+    resolved ``feature_norm`` is ``entry`` (or taken from ``scales``, e.g. a checkpoint's, with ``fit_scales=False``)."""
     meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column)
     names = meta[cfg.filename_column].astype(str).tolist()
-    features, fingerprint = load_features(cfg.features, names, expected_fingerprint)
+    features, fingerprint, spec, dims = load_bank_features(cfg.features, names, cfg.feature, expected_fingerprint,
+                                                           ignore_layout=ignore_layout)
     splitter = cfg.splitter()
     positions = pd.Series(np.arange(len(meta)), index=meta.index)
     frames = splitter.split(meta)
     splits = {name: np.array(positions.loc[frame.index].to_numpy(), dtype=np.int64) for name, frame in zip(SPLITS, frames)}
+    norm = resolve_feature_norm(cfg.feature_norm, spec)
+    if fit_scales:
+        scales = entry_scales(features, dims, splits["train"]) if norm == "entry" else None
+    features = apply_entry_scales(features, dims, scales)
     return RunData(meta, features, tier_ranks(meta, cfg.tier_column), names, fingerprint, splits,
-                   splitter.get_split_info())
+                   splitter.get_split_info(), spec=spec, entry_dims=dims,
+                   feature_norm="entry" if scales else "none", feature_scales=list(scales) if scales else None)
+
+
+def feature_keys(data: RunData) -> Dict[str, Any]:
+    """What a checkpoint records about its features beyond the fingerprint: spec, normalisation, scales."""
+    return {"feature_spec": data.spec, "feature_norm": data.feature_norm, "feature_scales": data.feature_scales,
+            "feature_entry_dims": list(data.entry_dims)}
 
 
 def split_dataset(data: RunData, split: str, features: torch.Tensor, tc: TrainingConfig, *, train: bool
@@ -327,10 +380,15 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path: str) -> None:
+def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path: str,
+                         saved_spec: Optional[str] = None) -> None:
     """A resumed run must be the same run: refuse settings that differ from the checkpoint's, naming them."""
     if not saved:
         return
+    # A run from before feature specs trained on the spec its checkpoint implies, with no normalisation.
+    saved = {"feature_norm": "auto", **saved}
+    if not saved.get("feature"):
+        saved["feature"] = saved_spec
     old, new = _flat(saved), _flat(cfg.to_dict())
     diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)}
@@ -356,8 +414,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     cfg = dataclasses.replace(cfg, training=tc)
 
     saved = load_checkpoint_file(last) if resume else {}
+    cfg = dataclasses.replace(cfg, feature=resolve_spec(cfg.features, cfg.feature))
     if resume:
-        _check_resume_config(saved.get("run_config"), cfg, last)
+        _check_resume_config(saved.get("run_config"), cfg, last, checkpoint_feature_spec(saved))
     expected = saved.get("fingerprint")
     data = load_run_data(cfg, expected_fingerprint=expected)
     device = resolve_device(tc.device)
@@ -366,7 +425,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     if datasets["train"] is None:
         raise ValueError("the train split is empty; raise train_ratio")
     sizes = {s: int(len(data.splits[s])) for s in SPLITS}
-    log(f"data: {len(data.names)} images, {features.shape[1]}-d features ({data.features.dtype}) | "
+    log(f"data: {len(data.names)} images, {features.shape[1]}-d features ({data.features.dtype}; spec {data.spec}"
+        + (", per-entry scaling" if data.feature_scales else "") + ") | "
         + " | ".join(f"{s} {n}" for s, n in sizes.items()) + f" | device {device}")
 
     model = cfg.make_head(features.shape[1])
@@ -375,7 +435,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         log(f"NOTE: {backbone['backbone']} {RANDOM_WEIGHTS_NOTE}")
     # config.json loads back as a RunConfig (unknown keys are ignored); the backbone line is for readers.
     write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "features_backbone": backbone})
-    trainer = Trainer(model, tc, fingerprint=data.fingerprint, extra={"run_config": cfg.to_dict()}, progress=progress)
+    trainer = Trainer(model, tc, fingerprint=data.fingerprint, extra={"run_config": cfg.to_dict(), **feature_keys(data)},
+                      progress=progress)
     if resume:
         trainer.load_checkpoint(last)
         log(f"resuming from {last} after epoch {trainer.epoch}")
@@ -399,7 +460,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
                               "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
                               "split_sizes": sizes, "split": "test", "features_backbone": backbone,
                               "calibration": calibrated.checkpoint_keys()["calibration"],
-                              "calibration_note": calibrated.note}
+                              "calibration_note": calibrated.note,
+                              "feature_spec": data.spec, "feature_norm": data.feature_norm}
     if datasets["test"] is None:
         log("no test split (test_ratio is 0): nothing to report on held-out data")
         result.update(model=None, linear_baseline=None)
@@ -438,18 +500,21 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
         tc.eval_pairs = int(eval_pairs)
     filename_column = filename_column or run_cfg.get("filename_column", "filename")
     tier_column = tier_column or run_cfg.get("tier_column", "tier")
+    spec = checkpoint_feature_spec(ckpt)
     cfg = RunConfig.from_dict({**run_cfg, "features": features, "metadata": metadata,
                                "output_dir": run_cfg.get("output_dir", ""), "training": tc.to_dict(),
-                               "filename_column": filename_column, "tier_column": tier_column})
+                               "filename_column": filename_column, "tier_column": tier_column, "feature": spec})
     if split != "all" and not run_cfg:
         raise ValueError(f"{checkpoint} holds no run config, so its {split} split cannot be rebuilt; use split='all'")
     with open_cache(features) as cache:
         fingerprint = cache.fingerprint
     if ckpt.get("fingerprint") is not None:
-        check_fingerprint(ckpt["fingerprint"], fingerprint, what=f"feature cache {features} (for checkpoint {checkpoint})")
+        # Layout fields (which entries a cache holds) may differ: the spec's entries are looked up by name.
+        check_fingerprint(ckpt["fingerprint"], fingerprint, what=f"feature cache {features} (for checkpoint {checkpoint})",
+                          ignore=ENVIRONMENT_FIELDS + LAYOUT_FIELDS)
     else:
         warnings.warn(f"{checkpoint} records no feature fingerprint; cannot verify that {features} matches it")
-    data = load_run_data(cfg)
+    data = load_run_data(cfg, scales=ckpt.get("feature_scales"), fit_scales=False)
     if split == "all":
         data.splits = {"all": np.arange(len(data.names)), **data.splits}
     elif split not in SPLITS:
@@ -463,7 +528,7 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
         raise ValueError(f"the {split} split is empty")
     calibration, _, why = from_checkpoint(ckpt, checkpoint)
     result: Dict[str, Any] = {"checkpoint": checkpoint, "split": split, "epoch": ckpt.get("epoch"),
-                              "features_backbone": weights_summary(fingerprint),
+                              "features_backbone": weights_summary(fingerprint), "feature_spec": spec,
                               "model": Evaluator(head, dev, calibration=calibration).evaluate_detailed(datasets[split])}
     if calibration is None:
         result["calibration_note"] = why
@@ -478,7 +543,8 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     return result
 
 
-__all__ = ["RunConfig", "RunData", "read_metadata", "load_features", "load_run_data", "split_dataset",
+__all__ = ["RunConfig", "RunData", "read_metadata", "load_features", "load_bank_features", "resolve_spec",
+           "feature_keys", "load_run_data", "split_dataset",
            "baseline_metrics", "train", "evaluate_checkpoint", "save_curves", "OUTPUT_FILES",
            "HeadCalibration", "calibrate_head", "attach_calibration",
            "CacheError", "FingerprintMismatch"]

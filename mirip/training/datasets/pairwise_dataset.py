@@ -217,9 +217,13 @@ class FeaturePairDataset(Dataset):
         tier_column: str = "tier",
         expected_fingerprint: Optional[Mapping] = None,
         device: str = "cpu",
+        feature: Optional[str] = None,
         **kwargs,
     ) -> "FeaturePairDataset":
-        """One split straight from a cache file: tiers checked, rows looked up, features loaded once."""
+        """One split straight from a cache file: tiers checked, rows looked up, features loaded once.
+
+        ``feature``: the feature spec to read (``cls@-4,-3,-2,-1+mean@-1``); None: the cache's default spec
+        (its only entry, else ``cls@-1``). No per-entry scaling is applied here."""
         owned = isinstance(cache, str)
         cache = open_cache(cache) if owned else cache
         try:
@@ -229,7 +233,8 @@ class FeaturePairDataset(Dataset):
             if filename_column not in metadata.columns:
                 raise ValueError(f"metadata has no filename column {filename_column!r}")
             names = [str(f) for f in metadata[filename_column]]
-            features = torch.from_numpy(cache.features(cache.rows_for(names))).to(device)
+            spec = feature or cache.default_spec
+            features = torch.from_numpy(cache.features(cache.rows_for(names), spec=spec)).to(device)
         finally:
             if owned:
                 cache.close()
