@@ -25,14 +25,15 @@ from tqdm.auto import tqdm
 
 from mirip.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.devices import check_precision, default_precision, resolve_device
-from mirip.fingerprint import FingerprintMismatch, check_fingerprint, make_fingerprint
+from mirip.fingerprint import LEGACY_DEFAULTS, FingerprintMismatch, check_fingerprint, make_fingerprint
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
 from mirip.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Fields of the fingerprint that decide the features' numbers (besides the backbone's identity).
-FEATURE_FIELDS = ("feature_dim", "patch_size", "image_size", "resize_mode", "mean", "std", "pooling")
+FEATURE_FIELDS = ("feature_dim", "patch_size", "image_size", "resize_mode", "mean", "std", "pooling",
+                  "color_management")
 BACKBONE_FIELDS = ("backbone", "pretrained", "random_init_seed")
 PathLike = Union[str, os.PathLike]
 
@@ -267,6 +268,8 @@ def load_scorer(
         image_size=int(fp["image_size"]), resize_mode=fp.get("resize_mode", "pad"),
         mean=tuple(fp.get("mean", IMAGENET_MEAN)), std=tuple(fp.get("std", IMAGENET_STD)),
         patch_size=int(fp.get("patch_size", extractor.patch_size)),
+        # A head trained on features made before ICC conversion existed scores images the way they were read.
+        color_management=fp.get("color_management", LEGACY_DEFAULTS["color_management"]),
     )
     rebuilt = make_fingerprint(extractor, preprocessor)
     compare = [k for k in FEATURE_FIELDS + BACKBONE_FIELDS if k in fp and k not in substituted]
