@@ -29,6 +29,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mirip
+from mirip.cli_options import DefaultsHelpFormatter
 from mirip.devices import PRECISIONS, default_precision, resolve_device
 
 BENCHMARKS = ("full_image", "extraction", "training", "sweep")
@@ -62,7 +63,7 @@ def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
         description="Run mirip's benchmarks (full-image mode, stage-one extraction, stage-two training, sweeps) "
                     "and write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
                     "image size, every figure, and whether the seed's 100 ms/pair and 12 GB requirements are met).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     common = parser.add_argument_group("common")
     common.add_argument("--only", default=",".join(BENCHMARKS),

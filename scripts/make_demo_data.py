@@ -18,6 +18,7 @@ except ImportError:
     # path, not the repository root, when the package is not installed.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mirip.cli_options import DefaultsHelpFormatter
 from mirip.demo_data import IMAGE_FORMATS, IMAGES_DIR, METADATA_NAME, TIERS, make_demo_dataset
 
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(columns: filename, tier). Same arguments give byte-identical files; "
             "rerunning into an existing directory overwrites it."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--output", type=Path, default=Path("data/demo"), metavar="DIR", help="output directory")
     parser.add_argument(

@@ -76,7 +76,7 @@ class SweepSettings(DataSettings):
         return RunConfig(features=self.features, metadata=self.metadata, output_dir=self.output_dir,
                          filename_column=self.filename_column, tier_column=self.tier_column,
                          train_ratio=self.train_ratio, val_ratio=self.val_ratio, test_ratio=self.test_ratio,
-                         stratify=self.stratify, margin=cfg.margin, hidden_dim=cfg.hidden_dim,
+                         stratify=self.stratify, encoding=self.encoding, margin=cfg.margin, hidden_dim=cfg.hidden_dim,
                          projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc)
 
     def fixed(self) -> Dict[str, Any]:
@@ -156,7 +156,7 @@ class SweepRunner:
     # --- data --------------------------------------------------------------------------------
     def _load(self) -> Dict[str, Any]:
         s = self.settings
-        meta = read_metadata(s.metadata, s.filename_column, s.tier_column)
+        meta = read_metadata(s.metadata, s.filename_column, s.tier_column, s.encoding)
         names = meta[s.filename_column].astype(str).tolist()
         features, fingerprint = load_features(s.features, names)
         return {"meta": meta, "names": names, "features": features, "fingerprint": fingerprint,

@@ -26,7 +26,9 @@ from mirip.checkpoint import load_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.features.cache import CacheError, open_cache
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, FingerprintMismatch, check_fingerprint, weights_summary
+from mirip.metadata_csv import read_metadata_csv
 from mirip.ml.ranking_model import RankingHead
+from mirip.paths import normalize_relpath
 from mirip.tiers import tier_ranks
 from mirip.training.baseline import RidgeBaseline
 from mirip.training.config import TrainingConfig
@@ -53,6 +55,7 @@ class DataSettings:
     val_ratio: float = 0.1
     test_ratio: float = 0.1
     stratify: bool = True
+    encoding: Optional[str] = None  # of the metadata CSV; None: UTF-8, else CP949 with a notice
 
 
 @dataclass
@@ -112,11 +115,14 @@ class RunConfig(DataSettings):
 
 
 # --- data ----------------------------------------------------------------------------------------
-def read_metadata(path: str, filename_column: str = "filename", tier_column: str = "tier") -> pd.DataFrame:
-    """The metadata CSV, checked: columns present, tiers valid, each image named once."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"metadata file not found: {path}")
-    meta = pd.read_csv(path, dtype={filename_column: str})
+def read_metadata(path: str, filename_column: str = "filename", tier_column: str = "tier",
+                  encoding: Optional[str] = None) -> pd.DataFrame:
+    """The metadata CSV, checked: columns present, tiers valid, each image named once.
+
+    Image paths are normalised exactly as extraction normalises them (``./a.png`` -> ``a.png``), so every
+    name finds its cached row.
+    """
+    meta = read_metadata_csv(path, encoding, dtype={filename_column: str})
     for col in (filename_column, tier_column):
         if col not in meta.columns:
             raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, meta.columns))})")
@@ -125,6 +131,8 @@ def read_metadata(path: str, filename_column: str = "filename", tier_column: str
     blank = meta.index[meta[filename_column].isna()].tolist()
     if blank:
         raise ValueError(f"{path}: empty {filename_column!r} in data row(s) {blank[:10]} (0-based, header excluded)")
+    meta[filename_column] = [normalize_relpath(name, f"{path}, row {row}, column {filename_column!r}")
+                             for row, name in meta[filename_column].items()]
     try:
         tier_ranks(meta, tier_column)
     except ValueError as exc:
@@ -160,7 +168,7 @@ def load_features(cache_path: str, names: list, expected_fingerprint: Optional[D
 
 
 def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]] = None) -> RunData:
-    meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column)
+    meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column, cfg.encoding)
     names = meta[cfg.filename_column].astype(str).tolist()
     features, fingerprint = load_features(cfg.features, names, expected_fingerprint)
     splitter = cfg.splitter()
@@ -250,7 +258,7 @@ def save_curves(history: Dict[str, list], path: str, title: Optional[str] = None
 
 
 # Settings a resumed run may change: they do not alter what the epochs already run computed.
-RESUMABLE_CHANGES = ("output_dir", "training.checkpoint_dir", "training.max_epochs", "training.device",
+RESUMABLE_CHANGES = ("output_dir", "encoding", "training.checkpoint_dir", "training.max_epochs", "training.device",
                      "training.wandb_enabled", "training.wandb_project", "training.wandb_run_name")
 
 
@@ -281,8 +289,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
     out = cfg.output_dir
     last = os.path.join(out, "last.pt")
     if not resume and not overwrite and any(os.path.exists(os.path.join(out, f)) for f in ("best.pt", "last.pt")):
-        raise FileExistsError(f"{out} already holds a run (best.pt / last.pt); pass resume to continue it, "
-                              "overwrite to start over, or choose another output directory")
+        raise FileExistsError(f"{out} already holds a run (best.pt / last.pt); pass --resume to continue it, "
+                              "--overwrite to start over, or choose another output directory")
     if resume and not os.path.isfile(last):
         raise FileNotFoundError(f"cannot resume: {last} does not exist")
     os.makedirs(out, exist_ok=True)
@@ -337,7 +345,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
 def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split: str = "all",
                         device: Optional[str] = None, eval_pairs: Optional[int] = None,
-                        filename_column: Optional[str] = None, tier_column: Optional[str] = None) -> Dict[str, Any]:
+                        filename_column: Optional[str] = None, tier_column: Optional[str] = None,
+                        encoding: Optional[str] = None) -> Dict[str, Any]:
     """Detailed metrics of a trained head on a cache + metadata: all of it, or one split of the run it came from.
 
     A split is rebuilt from the run config stored in the checkpoint, so ``split="test"`` reproduces the
@@ -354,7 +363,8 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     tier_column = tier_column or run_cfg.get("tier_column", "tier")
     cfg = RunConfig.from_dict({**run_cfg, "features": features, "metadata": metadata,
                                "output_dir": run_cfg.get("output_dir", ""), "training": tc.to_dict(),
-                               "filename_column": filename_column, "tier_column": tier_column})
+                               "filename_column": filename_column, "tier_column": tier_column,
+                               "encoding": encoding})
     if split != "all" and not run_cfg:
         raise ValueError(f"{checkpoint} holds no run config, so its {split} split cannot be rebuilt; use split='all'")
     with open_cache(features) as cache:
