@@ -32,7 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import mirip
-from mirip.atomic import write_atomic
+from mirip.atomic import output_directory, write_atomic
 from mirip.checkpoint import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
@@ -356,4 +356,5 @@ def _plain(obj: Any) -> Any:
 
 
 def run_sweep(grid: SweepGrid, settings: SweepSettings, **kwargs) -> Dict[str, Any]:
-    return SweepRunner(grid, settings, **kwargs).run()
+    with output_directory(settings.output_dir):  # a sweep that fails at once leaves no empty directory
+        return SweepRunner(grid, settings, **kwargs).run()

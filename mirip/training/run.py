@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirip.atomic import write_atomic
+from mirip.atomic import output_directory, write_atomic
 from mirip.checkpoint import load_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.features.cache import CacheError, open_cache
@@ -285,7 +285,16 @@ def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path
 # --- the run -------------------------------------------------------------------------------------
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Split, train, keep the best head, evaluate it and the ridge baseline on the test split, write the outputs."""
+    """Split, train, keep the best head, evaluate it and the ridge baseline on the test split, write the outputs.
+
+    A run that fails before writing anything leaves no (empty) output directory behind.
+    """
+    with output_directory(cfg.output_dir):
+        return _train(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log)
+
+
+def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None]
+           ) -> Dict[str, Any]:
     out = cfg.output_dir
     last = os.path.join(out, "last.pt")
     if not resume and not overwrite and any(os.path.exists(os.path.join(out, f)) for f in ("best.pt", "last.pt")):
