@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
             "strong blur, noise, contrast loss and JPEG compression. Writes "
             f"DIR/{IMAGES_DIR}/img_NNNNN.<format> and DIR/{METADATA_NAME} "
             "(columns: filename, tier). Same arguments give byte-identical files; "
-            "rerunning into an existing directory overwrites it."
+            "rerunning into an existing directory rewrites only files that differ (identical ones keep their "
+            "mtimes, so the feature cache is reused)."
         ),
         formatter_class=DefaultsHelpFormatter,
     )

@@ -2,8 +2,10 @@
 
 Datasets that can list their images (``FeaturePairDataset``, ``PairwiseDataset``)
 are scored one image at a time - each image once, however many pairs it is in -
-and every metric is read off those scores. Any other loader of
-``(x1, x2, labels)`` batches still gets the seed's keys, computed pair by pair.
+and every metric is read off those scores. A ``DataLoader`` over such a dataset
+is honoured: when its sampler or ``drop_last`` yields only some pairs (or some
+twice), the pair metrics count exactly the pairs it would yield. Any other loader
+of ``(x1, x2, labels)`` batches still gets the seed's keys, computed pair by pair.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from mirip.devices import resolve_device
 from mirip.training.metrics import score_metrics
@@ -25,6 +28,21 @@ def _dataset_of(loader: Any) -> Any:
 def can_score_images(loader: Any) -> bool:
     ds = _dataset_of(loader)
     return all(hasattr(ds, a) for a in ("image_batches", "pair_arrays", "ranks"))
+
+
+def loader_pair_indices(loader: Any, num_pairs: int) -> Optional[np.ndarray]:
+    """The pair indices a DataLoader would yield, in order; None when it yields every pair exactly once."""
+    if not isinstance(loader, DataLoader):
+        return None  # the dataset itself (FeaturePairDataset is its own loader): all of its pairs
+    sampler, batches = loader.sampler, loader.batch_sampler
+    every_pair = isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == num_pairs)
+    whole_batches = batches is None or (type(batches) is BatchSampler and (
+        not batches.drop_last or num_pairs % batches.batch_size == 0))
+    if every_pair and whole_batches:
+        return None  # order does not change any metric; skip drawing a permutation
+    indices = [i for batch in batches for i in batch] if batches is not None else list(sampler)
+    return np.asarray(indices, dtype=np.int64)
 
 
 @torch.no_grad()
@@ -64,11 +82,17 @@ class Evaluator:
 
     def evaluate_detailed(self, dataloader: Iterable) -> Dict[str, Any]:
         """The seed's accuracy / total_pairs / correct_predictions, plus tier_pair_accuracy
-        ({"S-A": {"accuracy", "pairs"}, ...}), spearman and kendall (scores vs tiers) and num_images."""
+        ({"S-A": {"accuracy", "pairs"}, ...}), spearman and kendall (scores vs tiers) and num_images.
+
+        Pair metrics count the pairs the loader yields (a sampler's subset, ``drop_last``); Spearman,
+        Kendall and num_images cover every image of the dataset."""
         if can_score_images(dataloader):
             ds = _dataset_of(dataloader)
-            scores = score_images(self.model, ds, self.device, self.score_batch_size)
             first, second, labels = ds.pair_arrays()
+            subset = loader_pair_indices(dataloader, len(labels))
+            if subset is not None:
+                first, second, labels = first[subset], second[subset], labels[subset]
+            scores = score_images(self.model, ds, self.device, self.score_batch_size)
             return score_metrics(scores, ds.ranks, first, second, labels)
         correct, total = self._pairwise(dataloader)
         return {
