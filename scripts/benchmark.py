@@ -217,12 +217,12 @@ def _main(argv: Optional[List[str]]) -> int:
     failed = []
     start = time.perf_counter()
     for i, name in enumerate(wanted, 1):
-        step = f"[{i}/{len(wanted)} {name}]"
+        step = f"[{name}]"
         if name not in modules:
             print(f"{step} skipped: {skipped[name]}")
             header["pending"].remove(name)
             continue
-        print(f"{step} running ...", flush=True)
+        print(f"{step} running ({i} of {len(wanted)}) ...", flush=True)
         t0 = time.perf_counter()
         try:
             result = modules[name].run(args)
