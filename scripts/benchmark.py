@@ -120,6 +120,14 @@ def machine_info(device: str) -> Dict[str, Any]:
     }
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers), user + system."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _threads() -> int:
     import torch
 
@@ -223,7 +231,7 @@ def _main(argv: Optional[List[str]]) -> int:
             header["pending"].remove(name)
             continue
         print(f"{step} running ({i} of {len(wanted)}) ...", flush=True)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         try:
             result = modules[name].run(args)
             sections[name] = modules[name].to_markdown(result)
@@ -246,7 +254,9 @@ def _main(argv: Optional[List[str]]) -> int:
         header["pending"].remove(name)
         if header["pending"]:
             json_path, _, _ = write_outputs(args.output_dir, header, results, sections, skipped)
-        print(f"{step} done in {time.perf_counter() - t0:.1f} s ({time.perf_counter() - start:.0f} s so far)"
+        # CPU seconds beside wall seconds: on a busy machine the wall time says little about the work.
+        print(f"{step} done in {time.perf_counter() - t0:.1f} s, {_cpu_seconds() - cpu0:.0f} CPU s "
+              f"({time.perf_counter() - start:.0f} s so far)"
               + (f"; partial results in {json_path}" if header["pending"] else ""), flush=True)
 
     header["status"] = "complete"

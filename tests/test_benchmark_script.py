@@ -174,8 +174,11 @@ def test_results_are_written_after_each_benchmark_and_ctrl_c_keeps_them(monkeypa
 
     _fake_benchmarks(monkeypatch, {"full_image": lambda args: {"figure": 42}, "extraction": second,
                                    "training": lambda args: {"never": 1}})
-    rc = bench_script.main(["--only", "full_image,extraction,training", "--device", "cpu",
-                            "--output-dir", str(tmp_path)])
+    try:
+        rc = bench_script.main(["--only", "full_image,extraction,training", "--device", "cpu",
+                                "--output-dir", str(tmp_path)])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped benchmark.main (a traceback for the user)")
     assert rc == 130
     # While the second benchmark ran, the first one's figures were already on disk.
     assert seen_on_disk["results"] == {"full_image": {"figure": 42}}

@@ -113,7 +113,11 @@ def test_ctrl_c_in_extract_prints_one_line_and_exits_130(tmp_path, capsys, monke
 
     monkeypatch.setattr(extract, "extract_features", interrupted)
     make_images(tmp_path / "img", 1)
-    assert extract.main(["--image-dir", str(tmp_path / "img"), "--no-progress"]) == 130
+    try:
+        rc = extract.main(["--image-dir", str(tmp_path / "img"), "--no-progress"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped extract.main (a traceback for the user)")
+    assert rc == 130
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1 and "run the same command again" in lines[0] and "Traceback" not in captured.err
