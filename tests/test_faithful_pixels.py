@@ -139,6 +139,7 @@ def _peak_rss_kb(path, draft: bool) -> int:
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch: ~10 s
 def test_draft_decoding_keeps_peak_memory_low(big_scan):
     with_draft, without = _peak_rss_kb(big_scan, True), _peak_rss_kb(big_scan, False)
     # A full decode holds 108 MB of greyscale (324 MB as RGB); the draft decode a 1/64 of it.
