@@ -5,6 +5,24 @@ from __future__ import annotations
 import argparse
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after each option's help, once: not when the help already states its default
+    (``default: cuda when available``), and not for an unset (None) default or an on/off flag, where it says nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text.lower() or action.default is None or isinstance(action, argparse._StoreTrueAction):
+            return text
+        return super()._get_help_string(action)
+
+
+def add_encoding_option(parser) -> None:
+    """--encoding: the metadata CSV's text encoding (every script that reads metadata has it)."""
+    parser.add_argument("--encoding", default=None, metavar="NAME",
+                        help="text encoding of the metadata CSV (default: UTF-8 with or without BOM, else CP949 "
+                             "with a notice, as Korean Excel saves it)")
+
+
 def add_data_options(parser: argparse.ArgumentParser, output_help: str) -> argparse._ArgumentGroup:
     """--features, --metadata, --output-dir, the metadata columns and the split: what a run trains on."""
     data = parser.add_argument_group("data")
@@ -14,6 +32,7 @@ def add_data_options(parser: argparse.ArgumentParser, output_help: str) -> argpa
     data.add_argument("--filename-column", default="filename",
                       help="metadata column with the image path (relative to the image directory, as in the cache)")
     data.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
+    add_encoding_option(data)
     data.add_argument("--train-ratio", type=float, default=0.8, help="share of images for training")
     data.add_argument("--val-ratio", type=float, default=0.1,
                       help="share of images for validation (early stopping and model selection)")

@@ -393,11 +393,28 @@ def image_filename(index: int, num_images: int, image_format: str) -> str:
     return f"img_{index:0{digits}d}.{image_format}"
 
 
-def _save(img: Image.Image, path: Path, image_format: str) -> None:
+def _save(img: Image.Image, path: Path, image_format: str) -> bool:
+    """Write the image unless the file already holds exactly these bytes; returns whether it wrote.
+
+    An identical file is left untouched so its mtime stays, and a rerun of the demo reuses the feature
+    cache instead of re-extracting every image (the cache detects changes by size and mtime).
+    """
+    buffer = io.BytesIO()
     if image_format == "jpg":
-        img.save(path, format="JPEG", quality=_SAVE_JPEG_QUALITY)
+        img.save(buffer, format="JPEG", quality=_SAVE_JPEG_QUALITY)
     else:
-        img.save(path, format="PNG")
+        img.save(buffer, format="PNG")
+    return _write_if_changed(path, buffer.getvalue())
+
+
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+    except OSError:
+        pass  # absent or unreadable: write it
+    path.write_bytes(data)
+    return True
 
 
 def _remove_stale(images_dir: Path, keep: set[str]) -> None:
@@ -429,7 +446,8 @@ def make_demo_dataset(
     """Write ``output_dir/images/*`` and ``output_dir/metadata.csv``.
 
     Returns the metadata (columns ``filename``, relative to ``images/``,
-    and ``tier``). Rerunning into the same directory overwrites it.
+    and ``tier``). Rerunning into the same directory rewrites only files whose content differs, so
+    identical files keep their mtimes.
     """
     _check_args(num_images, image_size, seed, image_format)
     output_dir = Path(output_dir)
@@ -444,5 +462,5 @@ def make_demo_dataset(
     _remove_stale(images_dir, set(names))
 
     metadata = pd.DataFrame({"filename": names, "tier": tiers})
-    metadata.to_csv(output_dir / METADATA_NAME, index=False, lineterminator="\n")
+    _write_if_changed(output_dir / METADATA_NAME, metadata.to_csv(index=False, lineterminator="\n").encode())
     return metadata

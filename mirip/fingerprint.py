@@ -18,6 +18,10 @@ import mirip
 # Format 2: a feature bank (feature_entries / feature_entry_blocks / feature_entry_dims / backbone_layers);
 # a format-1 file (no such fields) reads as a bank of one entry, ``<pooling>@-1``.
 CACHE_FORMAT_VERSION = 2
+# Fields added after caches already existed, with the value those older caches implicitly have: a cache
+# without "color_management" ignored embedded ICC profiles, so it reads as "none" and is refused beside a
+# cache made with profiles converted to sRGB ("icc-to-srgb"), naming the field.
+LEGACY_DEFAULTS = {"color_management": "none"}
 # Fields that record the software, not the numbers' meaning: compared only when appending to a cache.
 ENVIRONMENT_FIELDS = ("mirip_version", "torch_version", "transformers_version")
 # Fields that describe which entries a cache holds and how they are laid out, not what an entry means: a head
@@ -51,6 +55,7 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
         "patch_size": int(pre["patch_size"]),
         "mean": [float(x) for x in pre["mean"]],
         "std": [float(x) for x in pre["std"]],
+        "color_management": pre.get("color_management", LEGACY_DEFAULTS["color_management"]),
         "pooling": extractor.pooling,
         "feature_entries": list(extractor.entry_names),
         "feature_entry_blocks": [int(b) for b in extractor.entry_blocks],
@@ -95,11 +100,11 @@ def diff_fingerprints(
     """Fields whose values differ, as {field: (expected, actual)}; a field missing on one side differs."""
     keys = set(only) if only is not None else (set(expected) | set(actual))
     keys -= set(ignore)
-    return {
-        k: (_norm(expected.get(k)), _norm(actual.get(k)))
-        for k in sorted(keys)
-        if _norm(expected.get(k)) != _norm(actual.get(k))
-    }
+
+    def get(fp: Mapping, k: str):
+        return _norm(fp.get(k, LEGACY_DEFAULTS.get(k)))
+
+    return {k: (get(expected, k), get(actual, k)) for k in sorted(keys) if get(expected, k) != get(actual, k)}
 
 
 def check_fingerprint(

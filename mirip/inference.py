@@ -33,7 +33,7 @@ from mirip.calibration import CalibrationError, from_checkpoint, names_sha256
 from mirip.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.devices import check_precision, default_precision, resolve_device
 from mirip.features.spec import FeatureSpec, FeatureSpecError, checkpoint_feature_spec, match_entries
-from mirip.fingerprint import FingerprintMismatch, bank_layout, check_fingerprint, make_fingerprint
+from mirip.fingerprint import LEGACY_DEFAULTS, FingerprintMismatch, bank_layout, check_fingerprint, make_fingerprint
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
 from mirip.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor
@@ -42,7 +42,7 @@ from mirip.tiers import TIERS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Fields of the fingerprint that decide the features' numbers (besides the backbone's identity). Which entries
 # (layers, poolings) the head sees comes from the checkpoint's feature spec, checked entry by entry.
-FEATURE_FIELDS = ("patch_size", "image_size", "resize_mode", "mean", "std")
+FEATURE_FIELDS = ("patch_size", "image_size", "resize_mode", "mean", "std", "color_management")
 BACKBONE_FIELDS = ("backbone", "pretrained", "random_init_seed")
 PathLike = Union[str, os.PathLike]
 
@@ -352,6 +352,8 @@ def load_scorer(
         image_size=int(fp["image_size"]), resize_mode=fp.get("resize_mode", "pad"),
         mean=tuple(fp.get("mean", IMAGENET_MEAN)), std=tuple(fp.get("std", IMAGENET_STD)),
         patch_size=int(fp.get("patch_size", extractor.patch_size)),
+        # A head trained on features made before ICC conversion existed scores images the way they were read.
+        color_management=fp.get("color_management", LEGACY_DEFAULTS["color_management"]),
     )
     rebuilt = make_fingerprint(extractor, preprocessor)
     compare = [k for k in FEATURE_FIELDS + BACKBONE_FIELDS if k in fp and k not in substituted]

@@ -5,7 +5,11 @@ Each benchmark is a module ``mirip.bench.<name>`` with ``add_arguments(parser)``
 
     python scripts/benchmark.py --only full_image --backbone facebook/dinov2-large --random-init \\
         --image-size 768 --precision bf16 --device cuda --output-dir runs/bench
-    python scripts/benchmark.py --backbone facebook/dinov2-small --random-init --image-size 224 --quick
+    python scripts/benchmark.py --random-init --quick      # CPU: DINOv2-small at 224 px, a few minutes
+
+Without --backbone / --image-size the defaults follow the device, as in the demo: DINOv2-large at 768 px on
+a GPU, DINOv2-small at 224 px on a CPU. Results are written after every benchmark, so a stopped run keeps
+what it measured.
 """
 
 from __future__ import annotations
@@ -29,9 +33,18 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mirip
+from mirip.atomic import write_atomic
+from mirip.cli_options import DefaultsHelpFormatter
 from mirip.devices import PRECISIONS, default_precision, resolve_device
 
 BENCHMARKS = ("full_image", "extraction", "training", "sweep")
+# (backbone, image size) when not given: the seed's setting on a GPU; on a CPU the large model at 768 px takes
+# ~16 s per forward, so the small one at 224 px (as scripts/demo.sh uses) keeps a run to minutes.
+DEVICE_DEFAULTS = {"cuda": ("facebook/dinov2-large", 768), "cpu": ("facebook/dinov2-small", 224)}
+
+
+def device_defaults(device: str) -> Tuple[str, int]:
+    return DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
 def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, ModuleType], Dict[str, str]]:
@@ -62,15 +75,18 @@ def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
         description="Run mirip's benchmarks (full-image mode, stage-one extraction, stage-two training, sweeps) "
                     "and write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
                     "image size, every figure, and whether the seed's 100 ms/pair and 12 GB requirements are met).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     common = parser.add_argument_group("common")
     common.add_argument("--only", default=",".join(BENCHMARKS),
                         help="comma-separated benchmarks to run, from: " + ", ".join(BENCHMARKS))
-    common.add_argument("--backbone", default="facebook/dinov2-large", help="hub id or local backbone directory")
+    common.add_argument("--backbone", default=None,
+                        help="hub id or local backbone directory (default: facebook/dinov2-large on CUDA, "
+                             "facebook/dinov2-small on CPU)")
     common.add_argument("--random-init", action="store_true",
                         help="random weights of the same architecture: no download needed, real speed and memory")
-    common.add_argument("--image-size", type=int, default=768, help="input size in pixels (square)")
+    common.add_argument("--image-size", type=int, default=None,
+                        help="input size in pixels, square (default: 768 on CUDA, 224 on CPU)")
     common.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
     common.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -102,6 +118,14 @@ def machine_info(device: str) -> Dict[str, Any]:
         "transformers": transformers.__version__,
         "mirip": mirip.__version__,
     }
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers), user + system."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _threads() -> int:
@@ -147,7 +171,28 @@ def render_markdown(header: Dict[str, Any], results: Dict[str, Any], sections: D
     return "\n".join(lines).rstrip() + "\n"
 
 
+def write_outputs(output_dir: str, header: Dict[str, Any], results: Dict[str, Any], sections: Dict[str, str],
+                  skipped: Dict[str, str]) -> Tuple[str, str, str]:
+    """benchmark.json and benchmark.md as they stand (written after every benchmark, atomically)."""
+    json_path = os.path.join(output_dir, "benchmark.json")
+    md_path = os.path.join(output_dir, "benchmark.md")
+    write_atomic(json_path, json.dumps({**header, "results": results, "skipped": skipped}, indent=2, default=str))
+    markdown = render_markdown(header, results, sections, skipped)
+    if header.get("status") != "complete":
+        markdown += (f"\nPARTIAL: {header['status']}; not run: {', '.join(header['pending']) or 'none'}.\n")
+    write_atomic(md_path, markdown)
+    return json_path, md_path, markdown
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted before any benchmark finished: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[List[str]]) -> int:
     modules, import_skips = load_benchmarks(BENCHMARKS)
     parser = build_parser(modules)
     args = parser.parse_args(argv)
@@ -163,9 +208,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
     args.precision = args.precision or default_precision(args.device)
+    backbone, image_size = device_defaults(args.device)
+    args.backbone = args.backbone or backbone
+    args.image_size = args.image_size or image_size
     header = {"machine": machine_info(args.device), "backbone": args.backbone,
               "weights": "random" if args.random_init else "pretrained", "precision": args.precision,
-              "image_size": args.image_size, "quick": args.quick, "only": wanted, "cpu_threads": _threads()}
+              "image_size": args.image_size, "quick": args.quick, "only": wanted, "cpu_threads": _threads(),
+              "status": "running", "pending": list(wanted)}
     print(f"mirip benchmarks on {header['machine']['device_name']} ({args.device}): {args.backbone} "
           f"({header['weights']} weights), {args.image_size} px, {args.precision}"
           + (", quick" if args.quick else ""))
@@ -174,31 +223,44 @@ def main(argv: Optional[List[str]] = None) -> int:
     sections: Dict[str, str] = {}
     skipped = {n: r for n, r in import_skips.items() if n in wanted}
     failed = []
-    for name in wanted:
+    start = time.perf_counter()
+    for i, name in enumerate(wanted, 1):
+        step = f"[{name}]"
         if name not in modules:
-            print(f"[{name}] skipped: {skipped[name]}")
+            print(f"{step} skipped: {skipped[name]}")
+            header["pending"].remove(name)
             continue
-        print(f"[{name}] running ...", flush=True)
-        t0 = time.perf_counter()
+        print(f"{step} running ({i} of {len(wanted)}) ...", flush=True)
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         try:
             result = modules[name].run(args)
             sections[name] = modules[name].to_markdown(result)
+        except KeyboardInterrupt:
+            header["status"] = f"interrupted during {name}"
+            if results:
+                json_path, _, _ = write_outputs(args.output_dir, header, results, sections, skipped)
+                saved = f"results of {', '.join(results)} are in {json_path}"
+            else:
+                saved = "no benchmark had finished, nothing was written"
+            print(f"\ninterrupted: {saved}; to finish, run again with --only {','.join(header['pending'])}",
+                  file=sys.stderr)
+            return 130
         except Exception as exc:  # one broken benchmark must not lose the others' figures
             failed.append(name)
             result = {"error": f"{exc.__class__.__name__}: {exc}", "traceback": traceback.format_exc()}
             sections[name] = f"### {name}\n\nFAILED: {result['error']}\n"
-            print(f"[{name}] FAILED: {result['error']}", file=sys.stderr)
+            print(f"{step} FAILED: {result['error']}", file=sys.stderr)
         results[name] = result
-        print(f"[{name}] done in {time.perf_counter() - t0:.1f} s")
+        header["pending"].remove(name)
+        if header["pending"]:
+            json_path, _, _ = write_outputs(args.output_dir, header, results, sections, skipped)
+        # CPU seconds beside wall seconds: on a busy machine the wall time says little about the work.
+        print(f"{step} done in {time.perf_counter() - t0:.1f} s, {_cpu_seconds() - cpu0:.0f} CPU s "
+              f"({time.perf_counter() - start:.0f} s so far)"
+              + (f"; partial results in {json_path}" if header["pending"] else ""), flush=True)
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    json_path = os.path.join(args.output_dir, "benchmark.json")
-    md_path = os.path.join(args.output_dir, "benchmark.md")
-    with open(json_path, "w") as f:
-        json.dump({**header, "results": results, "skipped": skipped}, f, indent=2, default=str)
-    markdown = render_markdown(header, results, sections, skipped)
-    with open(md_path, "w") as f:
-        f.write(markdown)
+    header["status"] = "complete"
+    json_path, md_path, markdown = write_outputs(args.output_dir, header, results, sections, skipped)
     print()
     print(markdown)
     print(f"wrote {json_path} and {md_path}")

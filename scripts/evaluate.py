@@ -17,8 +17,10 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option
 from mirip.checkpoint import CheckpointError
 from mirip.features.cache import CacheError
+from mirip.fingerprint import RANDOM_WEIGHTS_NOTE
 from mirip.training.evaluator import format_metrics
 from mirip.training.run import evaluate_checkpoint, write_json
 
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "score-to-tier calibration also tier accuracy, mean absolute tier error, the confusion matrix "
                     "and the expected calibration error. The cache must have the fingerprint the head was "
                     "trained on and hold the entries of its feature spec (read from the checkpoint; no flag needed).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint from scripts/train.py (best.pt)")
     parser.add_argument("--features", required=True, metavar="H5", help="feature cache")
@@ -48,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-pairs", type=_positive_int, default=None,
                         help="number of pairs (default: the run's eval_pairs)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the run's device, cpu if no CUDA)")
-    parser.add_argument("--filename-column", default=None, help="default: the run's")
-    parser.add_argument("--tier-column", default=None, help="default: the run's")
+    parser.add_argument("--filename-column", default=None, help="(default: the run's)")
+    parser.add_argument("--tier-column", default=None, help="(default: the run's)")
+    add_encoding_option(parser)
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the metrics as JSON here")
     return parser
 
@@ -59,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate_checkpoint(args.checkpoint, args.features, args.metadata, split=args.split,
                                      device=args.device, eval_pairs=args.eval_pairs,
-                                     filename_column=args.filename_column, tier_column=args.tier_column)
+                                     filename_column=args.filename_column, tier_column=args.tier_column,
+                                     encoding=args.encoding)
     except (ValueError, FileNotFoundError, CacheError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    backbone = result.get("features_backbone") or {}
+    if backbone.get("backbone_weights") == "random":
+        print(f"NOTE: {backbone.get('backbone')} {RANDOM_WEIGHTS_NOTE}")
     print(format_metrics(result["model"], result.get("linear_baseline"),
                          title=f"{args.checkpoint} on the {args.split} split (epoch {result['epoch']}, "
                                f"features {result['feature_spec']}):"))

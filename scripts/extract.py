@@ -23,11 +23,12 @@ except ImportError:
     # ``python scripts/extract.py`` puts scripts/ on the path, not the repository root.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option
 from mirip.devices import PRECISIONS
 from mirip.features.spec import BANK_POOLINGS
 from mirip.features.extract import FEATURE_DTYPES, ExtractConfig, extract_features
 from mirip.ml.feature_extractor import POOLINGS
-from mirip.preprocessing import RESIZE_MODES
+from mirip.preprocessing import MAX_IMAGE_PIXELS, RESIZE_MODES
 
 
 def _positive(text: str) -> int:
@@ -65,13 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Extract frozen-backbone features of images into an HDF5 feature cache (stage one). "
                     "Resumable: rerun the same command after an interruption.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     io = p.add_argument_group("input and output")
     io.add_argument("--image-dir", required=True, metavar="DIR", help="directory holding the images; cached paths are relative to it")
     io.add_argument("--metadata", default=None, metavar="CSV",
                     help="CSV listing the images (column --filename-column); without it --image-dir is walked recursively")
     io.add_argument("--filename-column", default="filename", help="metadata column holding image paths")
+    io.add_argument("--tier-column", default="tier",
+                    help="metadata column with the tiers (S/A/B/C), checked now so a misspelling does not wait for "
+                         "training; '' for metadata without tiers")
+    add_encoding_option(io)
+    io.add_argument("--allow-outside-links", action="store_true",
+                    help="follow symbolic links that resolve outside --image-dir (refused by default; the walk "
+                         "skips them and the summary lists them)")
     io.add_argument("--output", default=None, metavar="FILE",
                     help="cache file to create or extend; unset: <cache-dir>/<backbone>-<size>px-<pooling>-<hash>.h5")
     io.add_argument("--cache-dir", default="cache", help="where the default-named cache goes")
@@ -90,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="transformer blocks to pool, 1-based or negative from the last (-1: the last block). "
                             "The cache stores one entry POOLING@L per pooling and layer, e.g. --layers -4 -3 -2 -1 "
                             "--pooling cls mean std stores 12 entries (cls@-4 ... std@-1); unset: the last block only")
-    model.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    model.add_argument("--precision", choices=PRECISIONS, default=None, help="(default: bf16 on CUDA, fp32 on CPU)")
     model.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default="float32", help="dtype stored in the cache")
     model.add_argument("--views", type=_non_negative, default=0, metavar="K",
                        help="also cache K deterministic augmented views per image (flip, crops)")
+    model.add_argument("--max-image-pixels", type=_positive, default=None, metavar="N",
+                       help=f"refuse images larger than this many pixels as possible decompression bombs (default: "
+                            f"{MAX_IMAGE_PIXELS:,}, twice Pillow's warning threshold; a 12000 x 9000 scan is 108M)")
     run = p.add_argument_group("run")
     run.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="images per backbone batch")
     run.add_argument("--num-workers", type=_non_negative, default=None, metavar="N",
@@ -115,9 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers,
         device=args.device, feature_dtype=args.feature_dtype, views=args.views, retry_failed=args.retry_failed,
         overwrite=args.overwrite, strict=args.strict, cache_dir=args.cache_dir, progress=not args.no_progress,
+        tier_column=args.tier_column or None, encoding=args.encoding, allow_outside_links=args.allow_outside_links,
+        max_image_pixels=args.max_image_pixels,
     )
     try:
         summary = extract_features(config)
+    except KeyboardInterrupt:
+        # Rows are committed batch by batch: everything written before Ctrl-C is kept.
+        print("\ninterrupted: the images extracted so far are saved in the cache; run the same command again "
+              "to continue", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

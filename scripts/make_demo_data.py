@@ -18,6 +18,7 @@ except ImportError:
     # path, not the repository root, when the package is not installed.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mirip.cli_options import DefaultsHelpFormatter
 from mirip.demo_data import IMAGE_FORMATS, IMAGES_DIR, METADATA_NAME, TIERS, make_demo_dataset
 
 
@@ -50,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
             "strong blur, noise, contrast loss and JPEG compression. Writes "
             f"DIR/{IMAGES_DIR}/img_NNNNN.<format> and DIR/{METADATA_NAME} "
             "(columns: filename, tier). Same arguments give byte-identical files; "
-            "rerunning into an existing directory overwrites it."
+            "rerunning into an existing directory rewrites only files that differ (identical ones keep their "
+            "mtimes, so the feature cache is reused)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--output", type=Path, default=Path("data/demo"), metavar="DIR", help="output directory")
     parser.add_argument(

@@ -22,9 +22,11 @@ except ImportError:
 
 import pandas as pd
 
+from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option
 from mirip.checkpoint import CheckpointError
 from mirip.fingerprint import FingerprintMismatch
 from mirip.inference import Scorer, ScoreResult, find_images, load_scorer, match_paths, split_membership
+from mirip.metadata_csv import read_metadata_csv
 from mirip.preprocessing import ImageReadError
 from mirip.tiers import tier_ranks, rank_to_tier
 
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score drawings with a trained ranking head in full-image mode. The backbone and preprocessing "
                     "are rebuilt from the checkpoint's feature fingerprint, so scores match those of the cached "
                     "features the head was trained on. Unreadable files are listed, not fatal.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("images", nargs="*", metavar="IMAGES_OR_DIRS",
                         help="image files and/or directories (searched recursively for image files)")
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "report by tier and adds a tier column to the CSV")
     parser.add_argument("--filename-column", default="filename", help="metadata column with the image path")
     parser.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
+    add_encoding_option(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -184,7 +187,7 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
     tiers, splits = None, None
     if args.metadata:
         try:
-            meta = pd.read_csv(args.metadata)
+            meta = read_metadata_csv(args.metadata, args.encoding)
             tiers = match_tiers(result.paths, meta, args.images, args.filename_column, args.tier_column)
         except ValueError as exc:
             raise ValueError(f"metadata {args.metadata}: {exc}") from exc

@@ -22,7 +22,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
-from mirip.cli_options import add_data_options
+from mirip.cli_options import DefaultsHelpFormatter, add_data_options
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.sweep.grid import SweepConfigError, SweepGrid
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "each equals the same configuration trained alone by scripts/train.py. Writes "
                     + ", ".join(OUTPUT_FILES) + " (heatmap needs matplotlib) and one checkpoint per "
                     "configuration x seed into --output-dir. Rerun the same command to continue.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_data_options(parser, "sweep directory (results, checkpoints)")
     grid = parser.add_argument_group("grid (one or more values each; the sweep is their product)")
@@ -119,6 +119,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
         features=args.features, metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column, train_ratio=args.train_ratio,
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
+        encoding=args.encoding,
         training=TrainingConfig(**training), optimizer=args.optimizer, feature_norm=args.feature_norm,
     )
     return grid, settings

@@ -19,7 +19,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
-from mirip.cli_options import add_data_options
+from mirip.cli_options import DefaultsHelpFormatter, add_data_options
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.training.config import TrainingConfig
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(train/val/test), trains with early stopping on val accuracy, keeps the best head, and "
                     "prints its test-split metrics beside a ridge-regression baseline. Writes "
                     + ", ".join(OUTPUT_FILES) + " (curves.png needs matplotlib) into --output-dir.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_data_options(parser, "run directory for checkpoints and reports")
     model = parser.add_argument_group("model")
@@ -120,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         features=args.features, metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column,
         train_ratio=args.train_ratio, val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
+        encoding=args.encoding,
         margin=args.margin, hidden_dim=args.hidden_dim, projector_dim=args.projector_dim, dropout=args.dropout,
         ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training), feature=args.feature,
         feature_norm=args.feature_norm,

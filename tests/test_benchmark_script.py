@@ -137,3 +137,78 @@ def test_to_markdown_of_module_result_marks_unmet_goals():
     md = full_image.to_markdown(result)
     assert "| inference per pair | 150.00 ms | 100 ms | 15 ms | **no** / **no** |" in md
     assert "Two-stage is **1x** faster" in md and "goal >= 100x: **no**" in md
+
+
+# --- issue 12 items 12 and 13: defaults by device, partial results, Ctrl-C ----------------------------------
+def _fake_benchmarks(monkeypatch, behaviours):
+    """Replace the benchmark modules by fakes: name -> callable(args) returning a result or raising."""
+    modules = {}
+    for name, behaviour in behaviours.items():
+        modules[name] = types.SimpleNamespace(add_arguments=lambda parser: None, run=behaviour,
+                                              to_markdown=lambda result, n=name: f"### {n}\n\nok\n")
+    monkeypatch.setattr(bench_script, "load_benchmarks", lambda names=None: (modules, {}))
+
+
+def test_cpu_defaults_are_the_small_backbone_at_224(monkeypatch, tmp_path):
+    seen = {}
+
+    def record(args):
+        seen.update(backbone=args.backbone, image_size=args.image_size)
+        return {"ok": 1}
+
+    _fake_benchmarks(monkeypatch, {"full_image": record})
+    assert bench_script.main(["--only", "full_image", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
+    assert seen == {"backbone": "facebook/dinov2-small", "image_size": 224}
+    assert bench_script.device_defaults("cuda:0") == ("facebook/dinov2-large", 768)
+    assert bench_script.main(["--only", "full_image", "--device", "cpu", "--backbone", "x", "--image-size", "56",
+                              "--output-dir", str(tmp_path)]) == 0
+    assert seen == {"backbone": "x", "image_size": 56}
+
+
+def test_results_are_written_after_each_benchmark_and_ctrl_c_keeps_them(monkeypatch, tmp_path, capsys):
+    seen_on_disk = {}
+
+    def second(args):
+        seen_on_disk.update(json.loads((tmp_path / "benchmark.json").read_text()))
+        raise KeyboardInterrupt
+
+    _fake_benchmarks(monkeypatch, {"full_image": lambda args: {"figure": 42}, "extraction": second,
+                                   "training": lambda args: {"never": 1}})
+    try:
+        rc = bench_script.main(["--only", "full_image,extraction,training", "--device", "cpu",
+                                "--output-dir", str(tmp_path)])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped benchmark.main (a traceback for the user)")
+    assert rc == 130
+    # While the second benchmark ran, the first one's figures were already on disk.
+    assert seen_on_disk["results"] == {"full_image": {"figure": 42}}
+    assert seen_on_disk["status"] == "running" and seen_on_disk["pending"] == ["extraction", "training"]
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["results"] == {"full_image": {"figure": 42}} and saved["status"] == "interrupted during extraction"
+    assert "PARTIAL" in (tmp_path / "benchmark.md").read_text()
+    captured = capsys.readouterr()
+    err_lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err_lines) == 1 and "Traceback" not in captured.err
+    assert "full_image" in err_lines[0] and "--only extraction,training" in err_lines[0]
+    assert "[full_image] done" in captured.out and "[extraction] running (2 of 3)" in captured.out
+
+
+@pytest.mark.slow
+def test_quick_cpu_run_finishes_within_five_minutes(tmp_path):
+    """The README's CPU smoke run: every benchmark, defaults for a CPU, under 5 minutes on 2 cores."""
+    import subprocess
+    import time
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--quick", "--random-init",
+                           "--device", "cpu", "--output-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert data["status"] == "complete" and set(data["results"]) == {"full_image", "extraction", "training", "sweep"}
+    assert data["backbone"] == "facebook/dinov2-small" and data["image_size"] == 224
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    if elapsed > 300 and load > 1.5:
+        pytest.skip(f"took {elapsed:.0f} s on a machine loaded {load:.1f}x its cores: not a fair timing")
+    assert elapsed < 300, f"--quick took {elapsed:.0f} s"

@@ -170,3 +170,27 @@ def test_main_rejects_bad_args(tmp_path: Path, argv: list[str], capsys: pytest.C
     assert excinfo.value.code == 2
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_rerun_leaves_identical_files_untouched_so_the_cache_is_reused(tmp_path: Path, tiny_backbone: str) -> None:
+    """Issue 12 item 11: the second demo run must not change mtimes, or extraction redoes every image."""
+    import os
+
+    from _extract_helpers import config
+    from mirip.demo_data import IMAGES_DIR, METADATA_NAME
+    from mirip.features.extract import extract_features
+
+    meta = make_demo_dataset(tmp_path, num_images=8, image_size=32, seed=1)
+    files = [tmp_path / IMAGES_DIR / name for name in meta["filename"]] + [tmp_path / METADATA_NAME]
+    for path in files:
+        os.utime(path, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))  # an mtime no write would give
+    cfg = config(tmp_path / IMAGES_DIR, tmp_path / "f.h5", tiny_backbone, metadata=str(tmp_path / METADATA_NAME))
+    assert extract_features(cfg).extracted == 8
+    make_demo_dataset(tmp_path, num_images=8, image_size=32, seed=1)
+    assert all(path.stat().st_mtime_ns == 1_000_000_000_000_000_000 for path in files)
+    summary = extract_features(cfg)
+    assert summary.extracted == 0 and summary.skipped_cached == 8
+    # A file whose content differs is still rewritten.
+    files[0].write_bytes(b"damaged")
+    make_demo_dataset(tmp_path, num_images=8, image_size=32, seed=1)
+    assert files[0].stat().st_mtime_ns != 1_000_000_000_000_000_000 and files[0].read_bytes() != b"damaged"

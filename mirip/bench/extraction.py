@@ -41,14 +41,15 @@ GOAL_RATIO = 0.85
 GOAL_BANK_TIME_RATIO = 1.10
 GOAL_GPU_IMAGES_PER_S = 150.0
 # (full default, --quick default)
-DEFAULTS = {"images": (2000, 96), "source_size": (1024, 320), "batch_size": (32, 8), "bare_batches": (8, 4),
-            "rounds": (1, 3)}
+# --quick is sized for the 2-core CPU (DINOv2-small at 224 px): about 220 image forwards in all.
+DEFAULTS = {"images": (2000, 48), "source_size": (1024, 320), "batch_size": (32, 8), "bare_batches": (8, 4),
+            "rounds": (1, 2)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("extraction: stage-one pipeline vs bare backbone")
     g.add_argument("--extract-images", type=int, default=None,
-                   help="synthetic JPEGs in the big pipeline run (2000; --quick 96); the small run uses a quarter")
+                   help="synthetic JPEGs in the big pipeline run (2000; --quick 48); the small run uses a quarter")
     g.add_argument("--extract-source-size", type=int, default=None,
                    help="longer side of the synthetic JPEGs in pixels (1024; --quick 320)")
     g.add_argument("--extract-batch-size", type=int, default=None, help="images per batch (32; --quick 16)")
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--extract-bare-batches", type=int, default=None,
                    help="distinct in-memory batches the bare backbone cycles through (8; --quick 3)")
     g.add_argument("--extract-rounds", type=int, default=None,
-                   help="alternating bare / pipeline rounds; medians are reported (1; --quick 3)")
+                   help="alternating bare / pipeline rounds; medians are reported (1; --quick 2)")
     g.add_argument("--extract-bank-layers", type=int, nargs="+", default=[-4, -3, -2, -1], metavar="L",
                    help="layers of the feature bank compared with the single vector")
     g.add_argument("--extract-bank-pooling", nargs="+", default=["cls", "mean", "std"], metavar="POOLING",

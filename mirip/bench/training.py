@@ -41,8 +41,8 @@ GOAL_FULL_RUN_S = 120.0
 DEFAULTS = {
     "images": (5000, 1000),
     "dim": (1024, 1024),
-    "pairs": (10_000, 10_000),
-    "epochs": (100, 5),
+    "pairs": (10_000, 4_000),  # --quick: a smoke run that fits the 2-core CPU's few minutes with the rest
+    "epochs": (100, 2),
     "batch_size": (32, 32),
     "throughput_pairs": (20_000, 6_400),
     "repeats": (5, 3),
@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training: stage-two Trainer vs bare loop, and a full run")
     g.add_argument("--training-images", type=int, default=None, help="synthetic images (5000; --quick 1000)")
     g.add_argument("--training-dim", type=int, default=None, help="feature dim D (1024)")
-    g.add_argument("--training-pairs", type=int, default=None, help="pairs per epoch of the full run (10000)")
-    g.add_argument("--training-epochs", type=int, default=None, help="epochs of the full run (100; --quick 5)")
+    g.add_argument("--training-pairs", type=int, default=None, help="pairs per epoch of the full run (10000; --quick 4000)")
+    g.add_argument("--training-epochs", type=int, default=None, help="epochs of the full run (100; --quick 2)")
     g.add_argument("--training-batch-size", type=int, default=None, help="pairs per step (32)")
     g.add_argument("--training-throughput-pairs", type=int, default=None,
                    help="pairs per timed pass of the throughput comparison (20000; --quick 6400)")

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mirip.atomic import write_atomic
 from mirip.devices import PRECISIONS
 from mirip.features.cache import CacheError, FeatureCache
 from mirip.features.distributed import DistContext, leftover_parts, merge_parts, part_path
@@ -64,6 +64,10 @@ class ExtractConfig:
     strict: bool = False
     cache_dir: str = "cache"
     progress: bool = True
+    tier_column: Optional[str] = None  # checked in the metadata when set (scripts/extract.py: "tier")
+    encoding: Optional[str] = None  # of the metadata CSV; None: UTF-8, else CP949 with a notice
+    allow_outside_links: bool = False  # follow symbolic links resolving outside image_dir
+    max_image_pixels: Optional[int] = None  # None: mirip.preprocessing.MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         checks = [
@@ -133,6 +137,7 @@ class ExtractSummary:
     world_size: int = 1
     entries: List[str] = field(default_factory=list)  # the bank's entries, in column order
     size_bytes: int = 0  # the cache file's size on disk after the run
+    skipped_links: Dict[str, str] = field(default_factory=dict)  # path -> why the directory walk left it out
 
     @property
     def images_per_s(self) -> float:
@@ -153,6 +158,9 @@ class ExtractSummary:
             f"  failed:               {len(self.failed)}",
         ]
         lines += _listing(self.failed)
+        if self.skipped_links:
+            lines.append(f"  symbolic links skipped: {len(self.skipped_links)}")
+            lines += _listing(self.skipped_links)
         if self.known_failed:
             lines.append(f"  failed before, skipped: {len(self.known_failed)} (pass --retry-failed to try again)")
             lines += _listing(self.known_failed)
@@ -224,11 +232,7 @@ def verify_complete(cache: FeatureCache, items: Sequence[Item]) -> None:
 
 def write_config_json(config: ExtractConfig, output: str, fingerprint: dict) -> str:
     path = output + ".json"
-    payload = {"config": config.to_dict(), "fingerprint": fingerprint}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"config": config.to_dict(), "fingerprint": fingerprint}, indent=2))
     return path
 
 
@@ -323,7 +327,7 @@ def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2Fe
                                        pooling=pooling, precision=config.precision,
                                        layers=None if config.layers is None else [int(l) for l in config.layers])
     preprocessor = Preprocessor(image_size=config.image_size, resize_mode=config.resize_mode,
-                                patch_size=extractor.patch_size)
+                                patch_size=extractor.patch_size, max_pixels=config.max_image_pixels)
     return extractor, preprocessor
 
 
@@ -332,10 +336,13 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
     """Run stage one as configured (one process, or one rank of a ``torchrun`` job); returns the summary."""
     ctx = DistContext.from_env()
     # Bad metadata is reported before any backbone or GPU work.
-    paths = list_images(config.image_dir, config.metadata, config.filename_column)
+    skipped: Dict[str, str] = {}
+    paths = list_images(config.image_dir, config.metadata, config.filename_column, encoding=config.encoding,
+                        tier_column=config.tier_column, allow_outside_links=config.allow_outside_links,
+                        skipped=skipped)
     ctx.init()
     try:
-        return _extract(config, ctx, paths)
+        return dataclasses.replace(_extract(config, ctx, paths), skipped_links=skipped)
     finally:
         ctx.shutdown()
 

@@ -19,17 +19,11 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from mirip.metadata_csv import MetadataError, read_metadata_csv
+from mirip.paths import PathEscapeError, normalize_relpath, outside_target
 from mirip.preprocessing import ImageReadError, Preprocessor, resize
 
 MISSING = -1  # size / mtime recorded for a file that does not exist
-
-
-class MetadataError(ValueError):
-    """A metadata file that cannot be used; the message names the file, row and column."""
-
-
-class PathEscapeError(ValueError):
-    """A listed path that points outside the image directory."""
 
 
 def image_extensions() -> Tuple[str, ...]:
@@ -37,43 +31,32 @@ def image_extensions() -> Tuple[str, ...]:
     return tuple(sorted({ext.lower() for ext in Image.registered_extensions()}))
 
 
-def normalize_relpath(path: str, where: str = "") -> str:
-    """A listed path as a clean relative POSIX path; absolute paths and ``..`` escapes are refused."""
-    where = f" ({where})" if where else ""
-    if not isinstance(path, str) or not path.strip():
-        raise MetadataError(f"empty image path{where}")
-    if os.path.isabs(path) or path.startswith(("/", "\\")):
-        raise PathEscapeError(f"absolute image path {path!r} refused{where}: paths must be relative to the image directory")
-    norm = os.path.normpath(path).replace(os.sep, "/")
-    if norm == ".." or norm.startswith("../") or norm == ".":
-        raise PathEscapeError(f"image path {path!r} escapes the image directory{where}")
-    return norm
+def read_metadata_frame(metadata: Union[str, os.PathLike, pd.DataFrame], encoding: Optional[str] = None
+                        ) -> Tuple[pd.DataFrame, str]:
+    """(the metadata as strings, a name for messages): a CSV read with ``read_metadata_csv``, or a DataFrame."""
+    if isinstance(metadata, pd.DataFrame):
+        return metadata, "metadata"
+    name = os.fspath(metadata)
+    return read_metadata_csv(name, encoding, dtype=str, keep_default_na=False), name
 
 
-def read_metadata_paths(metadata: Union[str, os.PathLike, pd.DataFrame], filename_column: str = "filename") -> List[str]:
+def read_metadata_paths(metadata: Union[str, os.PathLike, pd.DataFrame], filename_column: str = "filename",
+                        encoding: Optional[str] = None, tier_column: Optional[str] = None) -> List[str]:
     """Relative image paths listed in a metadata CSV (or DataFrame), in file order, duplicates dropped.
 
     Every problem is found before any backbone work: a missing file, no rows, no filename
     column, empty cells, and paths escaping the image directory (all such rows are listed).
+    With ``tier_column``, that column must exist and hold S/A/B/C, as training will require.
     """
-    name = "metadata" if isinstance(metadata, pd.DataFrame) else os.fspath(metadata)
-    if isinstance(metadata, pd.DataFrame):
-        frame = metadata
-    else:
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"metadata file not found: {name}")
-        try:
-            frame = pd.read_csv(name, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError:
-            raise MetadataError(f"metadata file {name} is empty (expected a CSV with a {filename_column!r} column)") from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise MetadataError(f"metadata file {name} is not a readable CSV: {exc}") from None
+    frame, name = read_metadata_frame(metadata, encoding)
     if filename_column not in frame.columns:
         cols = ", ".join(map(str, frame.columns)) or "none"
         raise MetadataError(f"{name} has no {filename_column!r} column (columns: {cols}); "
                             "pass --filename-column to name the column holding image paths")
     if len(frame) == 0:
         raise MetadataError(f"{name} has a {filename_column!r} column but no rows: nothing to extract")
+    if tier_column:
+        check_tier_column(frame, tier_column, name)
     paths, seen, problems = [], set(), []
     for row, value in enumerate(frame[filename_column].tolist()):
         where = f"{name}, row {row} (line {row + 2}), column {filename_column!r}"
@@ -93,29 +76,96 @@ def read_metadata_paths(metadata: Union[str, os.PathLike, pd.DataFrame], filenam
     return paths
 
 
-def walk_image_dir(image_dir: Union[str, os.PathLike]) -> List[str]:
-    """Every image file under ``image_dir`` (recursively, hidden entries skipped), sorted, relative POSIX paths."""
+def check_tier_column(frame: pd.DataFrame, tier_column: str, name: str) -> None:
+    """The tier column exists and every value is S/A/B/C (what training needs), or a MetadataError naming the file."""
+    from mirip.tiers import tier_ranks
+
+    if tier_column not in frame.columns:
+        cols = ", ".join(map(str, frame.columns)) or "none"
+        raise MetadataError(f"{name} has no tier column {tier_column!r} (columns: {cols}); pass --tier-column to "
+                            "name it, or --tier-column '' to extract images without tiers")
+    try:
+        tier_ranks(frame, tier_column)
+    except ValueError as exc:
+        raise MetadataError(f"{name}: {exc} (rows are 0-based, header excluded)") from None
+
+
+def walk_image_dir(image_dir: Union[str, os.PathLike], allow_outside_links: bool = False,
+                   skipped: Optional[Dict[str, str]] = None) -> List[str]:
+    """Every image file under ``image_dir`` (recursively, hidden entries skipped), sorted, relative POSIX paths.
+
+    Symbolic links: a link to a file is followed when its target lies inside ``image_dir``; a link that resolves
+    outside it (file or directory) is skipped unless ``allow_outside_links``. A directory link pointing inside
+    is skipped too (its images are listed under their real paths), as is one that would loop. Every skipped
+    link is recorded in ``skipped`` (path -> reason) for the run's summary.
+    """
     root = os.fspath(image_dir)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image directory not found: {root}")
-    exts, found = image_extensions(), []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    skipped = {} if skipped is None else skipped
+    exts, found, seen_dirs = image_extensions(), [], {os.path.realpath(root)}
+    outside_note = "outside the image directory (pass --allow-outside-links to follow it)"
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        rel_dir = os.path.relpath(dirpath, root)
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            full, rel = os.path.join(dirpath, d), os.path.normpath(os.path.join(rel_dir, d)).replace(os.sep, "/")
+            real = os.path.realpath(full)
+            if os.path.islink(full):
+                if outside_target(root, rel) is None:
+                    skipped[rel] = (f"symbolic link to the directory {real}, inside the image directory: "
+                                    "its images are listed under their own paths")
+                    continue
+                if not allow_outside_links:
+                    skipped[rel] = f"symbolic link to the directory {real}, {outside_note}"
+                    continue
+                if real in seen_dirs:
+                    skipped[rel] = f"symbolic link to the directory {real}, already walked (a loop)"
+                    continue
+            seen_dirs.add(real)
+            keep.append(d)
+        dirnames[:] = keep
         for f in filenames:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts:
-                found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+                rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                target = outside_target(root, rel)
+                if target is not None and not allow_outside_links:
+                    skipped[rel] = f"symbolic link to {target}, {outside_note}"
+                else:
+                    found.append(rel)
     if not found:
         raise FileNotFoundError(f"no image files found under {root} (looked for {', '.join(exts[:8])} ...)")
     return sorted(found)
 
 
-def list_images(image_dir: Union[str, os.PathLike], metadata=None, filename_column: str = "filename") -> List[str]:
-    """The images of a run: those named in ``metadata``, or every image under ``image_dir``."""
+def check_links(image_dir: Union[str, os.PathLike], paths: Sequence[str], where: str = "metadata") -> None:
+    """Refuse listed paths that a symbolic link takes outside the image directory, naming every one."""
+    root = os.fspath(image_dir)
+    bad = [(rel, target) for rel in paths if (target := outside_target(root, rel)) is not None]
+    if bad:
+        shown = "\n  ".join(f"{rel} -> {target}" for rel, target in bad[:20])
+        more = f"\n  ... ({len(bad)} in all)" if len(bad) > 20 else ""
+        raise PathEscapeError(f"{len(bad)} image path(s) in {where} are symbolic links resolving outside the image "
+                              f"directory {root}:\n  {shown}{more}\npass --allow-outside-links to follow them")
+
+
+def list_images(image_dir: Union[str, os.PathLike], metadata=None, filename_column: str = "filename", *,
+                encoding: Optional[str] = None, tier_column: Optional[str] = None, allow_outside_links: bool = False,
+                skipped: Optional[Dict[str, str]] = None) -> List[str]:
+    """The images of a run: those named in ``metadata``, or every image under ``image_dir``.
+
+    The same link rule holds for both: links resolving outside ``image_dir`` are refused (metadata) or
+    skipped and recorded in ``skipped`` (directory walk), unless ``allow_outside_links``.
+    """
     if metadata is None:
-        return walk_image_dir(image_dir)
+        return walk_image_dir(image_dir, allow_outside_links, skipped)
     if not os.path.isdir(os.fspath(image_dir)):
         raise FileNotFoundError(f"image directory not found: {os.fspath(image_dir)}")
-    return read_metadata_paths(metadata, filename_column)
+    paths = read_metadata_paths(metadata, filename_column, encoding, tier_column)
+    if not allow_outside_links:
+        check_links(image_dir, paths, "metadata" if isinstance(metadata, pd.DataFrame) else os.fspath(metadata))
+    return paths
 
 
 def source_facts(image_dir: str, rel: str) -> Tuple[int, int]:

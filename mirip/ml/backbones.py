@@ -78,7 +78,7 @@ def _pretrained_model(name: str) -> Dinov2Model:
     except (OSError, ValueError) as exc:
         raise OSError(
             f"could not load backbone {name!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}).\n"
-            "To fix: download it once where the hub is reachable (e.g. `huggingface-cli download "
+            "To fix: download it once where the hub is reachable (e.g. `hf download "
             f"{name} --local-dir models/{name.split('/')[-1]}`) and pass that directory as the backbone name, "
             "or opt into an untrained architecture with random_init=True (--random-init) for benchmarks and tests."
         ) from exc

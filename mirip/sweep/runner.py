@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 import mirip
-from mirip.atomic import write_atomic
+from mirip.atomic import output_directory, write_atomic
 from mirip.checkpoint import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
@@ -81,7 +81,7 @@ class SweepSettings(DataSettings):
         return RunConfig(features=self.features, metadata=self.metadata, output_dir=self.output_dir,
                          filename_column=self.filename_column, tier_column=self.tier_column,
                          train_ratio=self.train_ratio, val_ratio=self.val_ratio, test_ratio=self.test_ratio,
-                         stratify=self.stratify, margin=cfg.margin, hidden_dim=cfg.hidden_dim,
+                         stratify=self.stratify, encoding=self.encoding, margin=cfg.margin, hidden_dim=cfg.hidden_dim,
                          projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc,
                          feature=feature or cfg.feature, feature_norm=self.feature_norm)
 
@@ -174,7 +174,7 @@ class SweepRunner:
     def _load(self) -> Dict[str, Any]:
         """Metadata and, in one read of the cache, the columns of every entry any spec of the grid names."""
         s = self.settings
-        meta = read_metadata(s.metadata, s.filename_column, s.tier_column)
+        meta = read_metadata(s.metadata, s.filename_column, s.tier_column, s.encoding)
         names = meta[s.filename_column].astype(str).tolist()
         with open_cache(s.features) as cache:
             self.default_spec = cache.default_spec
@@ -410,4 +410,5 @@ def _plain(obj: Any) -> Any:
 
 
 def run_sweep(grid: SweepGrid, settings: SweepSettings, **kwargs) -> Dict[str, Any]:
-    return SweepRunner(grid, settings, **kwargs).run()
+    with output_directory(settings.output_dir):  # a sweep that fails at once leaves no empty directory
+        return SweepRunner(grid, settings, **kwargs).run()

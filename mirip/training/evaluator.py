@@ -6,8 +6,10 @@ matrix and the expected calibration error (named in the report).
 
 Datasets that can list their images (``FeaturePairDataset``, ``PairwiseDataset``)
 are scored one image at a time - each image once, however many pairs it is in -
-and every metric is read off those scores. Any other loader of
-``(x1, x2, labels)`` batches still gets the seed's keys, computed pair by pair.
+and every metric is read off those scores. A ``DataLoader`` over such a dataset
+is honoured: when its sampler or ``drop_last`` yields only some pairs (or some
+twice), the pair metrics count exactly the pairs it would yield. Any other loader
+of ``(x1, x2, labels)`` batches still gets the seed's keys, computed pair by pair.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from mirip.calibration import OrdinalCalibration, tier_metrics
 from mirip.devices import resolve_device
@@ -30,6 +33,21 @@ def _dataset_of(loader: Any) -> Any:
 def can_score_images(loader: Any) -> bool:
     ds = _dataset_of(loader)
     return all(hasattr(ds, a) for a in ("image_batches", "pair_arrays", "ranks"))
+
+
+def loader_pair_indices(loader: Any, num_pairs: int) -> Optional[np.ndarray]:
+    """The pair indices a DataLoader would yield, in order; None when it yields every pair exactly once."""
+    if not isinstance(loader, DataLoader):
+        return None  # the dataset itself (FeaturePairDataset is its own loader): all of its pairs
+    sampler, batches = loader.sampler, loader.batch_sampler
+    every_pair = isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == num_pairs)
+    whole_batches = batches is None or (type(batches) is BatchSampler and (
+        not batches.drop_last or num_pairs % batches.batch_size == 0))
+    if every_pair and whole_batches:
+        return None  # order does not change any metric; skip drawing a permutation
+    indices = [i for batch in batches for i in batch] if batches is not None else list(sampler)
+    return np.asarray(indices, dtype=np.int64)
 
 
 @torch.no_grad()
@@ -77,11 +95,17 @@ class Evaluator:
         tier_mae (mean absolute tier error), majority_tier / majority_tier_accuracy (always predicting the
         commonest tier of these images), confusion_matrix ({"tiers", "rows", "columns", "counts"}: rows true,
         columns predicted, S..C), calibration_error ({"name", "bins", "value"}: the expected calibration
-        error), ranked_probability_score, reliability (bins) and calibration_fitted_on."""
+        error), ranked_probability_score, reliability (bins) and calibration_fitted_on.
+
+        Pair metrics count the pairs the loader yields (a sampler's subset, ``drop_last``); Spearman,
+        Kendall, num_images and the tier figures cover every image of the dataset."""
         if can_score_images(dataloader):
             ds = _dataset_of(dataloader)
-            scores = score_images(self.model, ds, self.device, self.score_batch_size)
             first, second, labels = ds.pair_arrays()
+            subset = loader_pair_indices(dataloader, len(labels))
+            if subset is not None:
+                first, second, labels = first[subset], second[subset], labels[subset]
+            scores = score_images(self.model, ds, self.device, self.score_batch_size)
             metrics = score_metrics(scores, ds.ranks, first, second, labels)
             if self.calibration is not None:
                 tiers = tier_metrics(self.calibration.probabilities(scores), ds.ranks)

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirip.atomic import write_atomic
+from mirip.atomic import output_directory, write_atomic
 from mirip.calibration import (CalibrationError, OrdinalCalibration, ScoreReference, fit_ordinal, from_checkpoint,
                                make_score_reference, save_calibration_plot)
 from mirip.checkpoint import load_checkpoint_file, save_checkpoint_file
@@ -32,7 +32,9 @@ from mirip.features.spec import (FEATURE_NORMS, FeatureSpecError, apply_entry_sc
                                  checkpoint_feature_spec, entry_scales, resolve_feature_norm)
 from mirip.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, FingerprintMismatch,
                                check_fingerprint, weights_summary)
+from mirip.metadata_csv import read_metadata_csv
 from mirip.ml.ranking_model import RankingHead
+from mirip.paths import normalize_relpath
 from mirip.tiers import tier_ranks
 from mirip.training.baseline import RidgeBaseline
 from mirip.training.config import TrainingConfig
@@ -60,6 +62,7 @@ class DataSettings:
     val_ratio: float = 0.1
     test_ratio: float = 0.1
     stratify: bool = True
+    encoding: Optional[str] = None  # of the metadata CSV; None: UTF-8, else CP949 with a notice
 
 
 @dataclass
@@ -127,11 +130,14 @@ class RunConfig(DataSettings):
 
 
 # --- data ----------------------------------------------------------------------------------------
-def read_metadata(path: str, filename_column: str = "filename", tier_column: str = "tier") -> pd.DataFrame:
-    """The metadata CSV, checked: columns present, tiers valid, each image named once."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"metadata file not found: {path}")
-    meta = pd.read_csv(path, dtype={filename_column: str})
+def read_metadata(path: str, filename_column: str = "filename", tier_column: str = "tier",
+                  encoding: Optional[str] = None) -> pd.DataFrame:
+    """The metadata CSV, checked: columns present, tiers valid, each image named once.
+
+    Image paths are normalised exactly as extraction normalises them (``./a.png`` -> ``a.png``), so every
+    name finds its cached row.
+    """
+    meta = read_metadata_csv(path, encoding, dtype={filename_column: str})
     for col in (filename_column, tier_column):
         if col not in meta.columns:
             raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, meta.columns))})")
@@ -140,6 +146,8 @@ def read_metadata(path: str, filename_column: str = "filename", tier_column: str
     blank = meta.index[meta[filename_column].isna()].tolist()
     if blank:
         raise ValueError(f"{path}: empty {filename_column!r} in data row(s) {blank[:10]} (0-based, header excluded)")
+    meta[filename_column] = [normalize_relpath(name, f"{path}, row {row}, column {filename_column!r}")
+                             for row, name in meta[filename_column].items()]
     try:
         tier_ranks(meta, tier_column)
     except ValueError as exc:
@@ -205,7 +213,7 @@ def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]]
                   scales: Optional[List[float]] = None, fit_scales: bool = True, ignore_layout: bool = False) -> RunData:
     """Metadata, the spec's features and the split. Per-entry scales are fitted on the train split when the
     resolved ``feature_norm`` is ``entry`` (or taken from ``scales``, e.g. a checkpoint's, with ``fit_scales=False``)."""
-    meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column)
+    meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column, cfg.encoding)
     names = meta[cfg.filename_column].astype(str).tolist()
     features, fingerprint, spec, dims = load_bank_features(cfg.features, names, cfg.feature, expected_fingerprint,
                                                            ignore_layout=ignore_layout)
@@ -369,7 +377,7 @@ def _calibration_title(backbone: Dict[str, Any]) -> str:
 
 
 # Settings a resumed run may change: they do not alter what the epochs already run computed.
-RESUMABLE_CHANGES = ("output_dir", "training.checkpoint_dir", "training.max_epochs", "training.device",
+RESUMABLE_CHANGES = ("output_dir", "encoding", "training.checkpoint_dir", "training.max_epochs", "training.device",
                      "training.wandb_enabled", "training.wandb_project", "training.wandb_run_name")
 
 
@@ -401,12 +409,21 @@ def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path
 # --- the run -------------------------------------------------------------------------------------
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Split, train, keep the best head, evaluate it and the ridge baseline on the test split, write the outputs."""
+    """Split, train, keep the best head, evaluate it and the ridge baseline on the test split, write the outputs.
+
+    A run that fails before writing anything leaves no (empty) output directory behind.
+    """
+    with output_directory(cfg.output_dir):
+        return _train(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log)
+
+
+def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None]
+           ) -> Dict[str, Any]:
     out = cfg.output_dir
     last = os.path.join(out, "last.pt")
     if not resume and not overwrite and any(os.path.exists(os.path.join(out, f)) for f in ("best.pt", "last.pt")):
-        raise FileExistsError(f"{out} already holds a run (best.pt / last.pt); pass resume to continue it, "
-                              "overwrite to start over, or choose another output directory")
+        raise FileExistsError(f"{out} already holds a run (best.pt / last.pt); pass --resume to continue it, "
+                              "--overwrite to start over, or choose another output directory")
     if resume and not os.path.isfile(last):
         raise FileNotFoundError(f"cannot resume: {last} does not exist")
     os.makedirs(out, exist_ok=True)
@@ -485,7 +502,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
 
 def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split: str = "all",
                         device: Optional[str] = None, eval_pairs: Optional[int] = None,
-                        filename_column: Optional[str] = None, tier_column: Optional[str] = None) -> Dict[str, Any]:
+                        filename_column: Optional[str] = None, tier_column: Optional[str] = None,
+                        encoding: Optional[str] = None) -> Dict[str, Any]:
     """Detailed metrics of a trained head on a cache + metadata: all of it, or one split of the run it came from.
 
     A split is rebuilt from the run config stored in the checkpoint, so ``split="test"`` reproduces the
@@ -503,7 +521,8 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     spec = checkpoint_feature_spec(ckpt)
     cfg = RunConfig.from_dict({**run_cfg, "features": features, "metadata": metadata,
                                "output_dir": run_cfg.get("output_dir", ""), "training": tc.to_dict(),
-                               "filename_column": filename_column, "tier_column": tier_column, "feature": spec})
+                               "filename_column": filename_column, "tier_column": tier_column, "feature": spec,
+                               "encoding": encoding})
     if split != "all" and not run_cfg:
         raise ValueError(f"{checkpoint} holds no run config, so its {split} split cannot be rebuilt; use split='all'")
     with open_cache(features) as cache:

@@ -70,3 +70,25 @@ def sample_pairs(
     first = np.where(labels == 1, better, worse)
     second = np.where(labels == 1, worse, better)
     return first, second, labels
+
+
+def all_cross_tier_pairs(ranks: np.ndarray, seed: int = 42, epoch: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every cross-tier pair exactly once, in an order and orientation drawn from (seed, epoch).
+
+    For sets whose cross-tier pairs are no more than the pairs asked for: sampling with replacement
+    would repeat some pairs and miss others. Labels are balanced as in ``sample_pairs``. Only call it
+    for small sets: it enumerates the pairs.
+    """
+    groups = tier_groups(ranks)
+    combos = tier_combinations(ranks)
+    if not combos:
+        only = ", ".join(rank_to_tier(r) for r in groups) or "none"
+        raise ValueError(f"cannot form pairs: need images of at least two different tiers, found only: {only}")
+    better = np.concatenate([np.repeat(groups[hi], len(groups[lo])) for hi, lo in combos])
+    worse = np.concatenate([np.tile(groups[lo], len(groups[hi])) for hi, lo in combos])
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    order = rng.permutation(len(better))
+    better, worse = better[order].astype(np.int64), worse[order].astype(np.int64)
+    n = len(better)
+    labels = np.where(rng.permutation(n) < n // 2, 1, -1).astype(np.int64)
+    return np.where(labels == 1, better, worse), np.where(labels == 1, worse, better), labels

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from mirip.features.cache import FeatureCache, open_cache
 from mirip.preprocessing import Preprocessor, load_image
 from mirip.tiers import rank_to_tier, tier_ranks
-from mirip.training.datasets.pair_sampling import BALANCES, count_cross_tier_pairs, sample_pairs
+from mirip.training.datasets.pair_sampling import BALANCES, all_cross_tier_pairs, count_cross_tier_pairs, sample_pairs
 
 # PairwiseDataset's default length: every cross-tier pair for small sets, capped so large sets stay O(N).
 DEFAULT_MAX_PAIRS = 10_000
@@ -45,7 +45,8 @@ def check_pairable(ranks: np.ndarray, what: str = "dataset") -> None:
 class _PairSampler:
     """The per-epoch pair arrays shared by both datasets."""
 
-    def __init__(self, ranks: np.ndarray, num_pairs: int, seed: int, balance: str, epoch: int, what: str):
+    def __init__(self, ranks: np.ndarray, num_pairs: int, seed: int, balance: str, epoch: int, what: str,
+                 each_once: bool = False):
         if balance not in BALANCES:
             raise ValueError(f"unknown pair balance {balance!r}; use one of {', '.join(BALANCES)}")
         if int(num_pairs) <= 0:
@@ -53,12 +54,19 @@ class _PairSampler:
         check_pairable(ranks, what)
         self.ranks = np.asarray(ranks, dtype=np.int64)
         self.num_pairs, self.seed, self.balance = int(num_pairs), int(seed), balance
+        # When every cross-tier pair fits in the pairs asked for, use each exactly once (no repeats, none missed).
+        self.each_once = each_once and count_cross_tier_pairs(self.ranks) <= self.num_pairs
+        if self.each_once:
+            self.num_pairs = count_cross_tier_pairs(self.ranks)
         self.epoch = -1
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
+            if self.each_once:
+                self.first, self.second, self.labels = all_cross_tier_pairs(self.ranks, self.seed, self.epoch)
+                return
             self.first, self.second, self.labels = sample_pairs(
                 self.ranks, self.num_pairs, seed=self.seed, epoch=self.epoch, balance=self.balance
             )
@@ -69,8 +77,10 @@ class PairwiseDataset(Dataset):
 
     ``len(dataset)`` is the number of pairs per epoch: ``num_pairs`` when given,
     else every cross-tier pair for small sets, capped at ``DEFAULT_MAX_PAIRS``
-    (10,000). Pairs are sampled (with replacement) from ``seed`` and the epoch;
-    ``set_epoch(e)`` draws epoch ``e``'s pairs. With ``transform=None`` images go
+    (10,000). When the set's cross-tier pairs are no more than that, each is used
+    exactly once per epoch (in a shuffled order and orientation, labels balanced)
+    and the length is their count; otherwise pairs are sampled (with replacement).
+    Both are drawn from ``seed`` and the epoch; ``set_epoch(e)`` draws epoch ``e``'s pairs. With ``transform=None`` images go
     through ``mirip.preprocessing.Preprocessor`` (768 px, whole drawing kept);
     any callable taking a PIL image (a torchvision ``Compose``) may be passed.
     """
@@ -106,7 +116,7 @@ class PairwiseDataset(Dataset):
             raise FileNotFoundError(f"Image not found: {missing[0]}{more}")
         if num_pairs is None:
             num_pairs = max(1, min(count_cross_tier_pairs(ranks), DEFAULT_MAX_PAIRS))
-        self._pairs = _PairSampler(ranks, num_pairs, seed, balance, epoch, what="PairwiseDataset")
+        self._pairs = _PairSampler(ranks, num_pairs, seed, balance, epoch, what="PairwiseDataset", each_once=True)
 
     @property
     def ranks(self) -> np.ndarray:
