@@ -12,7 +12,7 @@ import torch
 
 from mirip.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
 from mirip.features.cache import CacheError, FeatureCache, open_cache, write_cache
-from mirip.fingerprint import FingerprintMismatch, check_fingerprint, make_fingerprint
+from mirip.fingerprint import FingerprintMismatch, check_fingerprint, diff_fingerprints, make_fingerprint
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.preprocessing import Preprocessor
 from mirip.tiers import tier_ranks
@@ -32,6 +32,22 @@ def test_fingerprint_names_the_differing_field(tiny_backbone):
     check_fingerprint(a, dict(a, torch_version="0.0"))  # software versions alone do not block reading
     with pytest.raises(FingerprintMismatch, match="torch_version"):
         check_fingerprint(a, dict(a, torch_version="0.0"), ignore=())
+
+
+def test_a_field_on_one_side_only_is_a_difference(tmp_path):
+    """An older cache lacks a newer field (a feature spec, a colour conversion): that is a mismatch, not a match."""
+    base = {"backbone": "b", "image_size": 28}
+    assert diff_fingerprints(base, dict(base, feature_spec="cls@-1")) == {"feature_spec": (None, "cls@-1")}
+    assert diff_fingerprints(dict(base, feature_spec="cls@-1"), base) == {"feature_spec": ("cls@-1", None)}
+    assert diff_fingerprints(base, dict(base)) == {}
+    # ``only`` narrows the comparison, ``ignore`` drops fields, also when they are on one side only.
+    assert diff_fingerprints(base, dict(base, extra=1, image_size=56), only=["image_size"]) == {"image_size": (28, 56)}
+    assert diff_fingerprints(base, dict(base, torch_version="9.9")) == {}
+    assert diff_fingerprints(base, dict(base, torch_version="9.9"), ignore=()) == {"torch_version": (None, "9.9")}
+    path = str(tmp_path / "old.h5")
+    write_cache(path, FP, ["a.png"], np.zeros((1, 4)))
+    with open_cache(path) as cache, pytest.raises(FingerprintMismatch, match="resize_mode: expected 'pad', found None"):
+        cache.check_fingerprint(dict(FP, resize_mode="pad"))
 
 
 def test_cache_roundtrip_keeps_fingerprint_types(tmp_path):
