@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import transformers
 
+import mirip
 from mirip.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
 from mirip.features.cache import CacheError, FeatureCache, open_cache, write_cache
-from mirip.fingerprint import FingerprintMismatch, check_fingerprint, diff_fingerprints, make_fingerprint
+from mirip.fingerprint import (RANDOM_WEIGHTS_NOTE, FingerprintMismatch, check_fingerprint, diff_fingerprints, from_attrs,
+                               make_fingerprint, to_attrs, weights_summary)
+from mirip.ml.backbones import BackboneInfo
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.preprocessing import Preprocessor
 from mirip.tiers import tier_ranks
@@ -48,6 +53,67 @@ def test_a_field_on_one_side_only_is_a_difference(tmp_path):
     write_cache(path, FP, ["a.png"], np.zeros((1, 4)))
     with open_cache(path) as cache, pytest.raises(FingerprintMismatch, match="resize_mode: expected 'pad', found None"):
         cache.check_fingerprint(dict(FP, resize_mode="pad"))
+
+
+def _stub_extractor(revision, seed, pooling="cls", precision="fp32"):
+    info = BackboneInfo(name="org/net", revision=revision, pretrained=seed is None, random_init_seed=seed,
+                        hidden_size=8, patch_size=14)
+    return SimpleNamespace(info=info, output_dim=16, pooling=pooling, precision=precision)
+
+
+def test_make_fingerprint_names_every_field_exactly():
+    pre = Preprocessor(image_size=56, resize_mode="stretch")
+    fp = make_fingerprint(_stub_extractor("abc123", 1234, "cls_mean", "bf16"), pre)
+    assert fp == {
+        "format_version": 1, "backbone": "org/net", "backbone_revision": "abc123", "pretrained": False,
+        "random_init_seed": 1234, "feature_dim": 16, "image_size": 56, "resize_mode": "stretch", "patch_size": 14,
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "pooling": "cls_mean", "precision": "bf16",
+        "feature_dtype": "float32", "views": 0, "mirip_version": mirip.__version__,
+        "torch_version": str(torch.__version__), "transformers_version": transformers.__version__,
+    }
+    assert type(fp["torch_version"]) is str  # not TorchVersion, which h5py cannot store
+    fp = make_fingerprint(_stub_extractor(None, None), pre, feature_dtype="float16", views=3)
+    assert (fp["backbone_revision"], fp["random_init_seed"], fp["pretrained"]) == ("", -1, True)
+    assert (fp["feature_dtype"], fp["views"]) == ("float16", 3)
+
+
+def test_fingerprint_mismatch_message_and_comparison_details():
+    err = FingerprintMismatch({"a": (1, 2), "b": ("x", None)})
+    assert str(err) == "feature cache fingerprint does not match (a: expected 1, found 2; b: expected 'x', found None)"
+    assert err.fields == {"a": (1, 2), "b": ("x", None)}
+    with pytest.raises(FingerprintMismatch) as info:
+        check_fingerprint({"a": 1}, {"a": 2})
+    assert str(info.value).startswith("feature cache fingerprint does not match (a: expected 1, found 2)")
+    with pytest.raises(FingerprintMismatch) as info:
+        check_fingerprint({"a": 1}, {"a": 2}, what="checkpoint x.pt")
+    assert str(info.value).startswith("checkpoint x.pt fingerprint does not match")
+    check_fingerprint({"a": 1, "b": 1}, {"a": 1, "b": 2}, only=["a"])  # b is outside what was asked
+    # Values as HDF5 hands them back (bytes, numpy scalars and arrays, tuples) compare as plain values.
+    stored = {"s": b"pad", "i": np.int64(3), "l": np.array([0.5, 0.25]), "t": (1, 2)}
+    assert diff_fingerprints({"s": "pad", "i": 3, "l": [0.5, 0.25], "t": [1, 2]}, stored) == {}
+    assert diff_fingerprints({"s": "crop"}, {"s": b"pad"}) == {"s": ("crop", "pad")}
+
+
+def test_fingerprint_attrs_roundtrip_every_value_type():
+    fp = {"l": [0.5, 1], "d": {"k": [1]}, "n": None, "s": "pad", "e": "", "i": 3, "b": True, "f": 0.25}
+    attrs = to_attrs(fp)
+    assert attrs == {"l": "[0.5, 1]", "d": '{"k": [1]}', "n": "null", "s": "pad", "e": "", "i": 3, "b": True, "f": 0.25}
+    assert from_attrs(attrs, list(fp)) == fp
+    assert from_attrs({"x": object(), "y": 1}, ["x", "y"]) == {"y": 1}  # values no fingerprint holds are dropped
+
+
+def test_weights_summary_states_the_backbone_weights():
+    assert weights_summary(None) == {"backbone": None, "backbone_weights": "unknown"}
+    assert weights_summary({}) == {"backbone": None, "backbone_weights": "unknown"}
+    fp = {"backbone": "org/net", "image_size": 56, "pooling": "cls"}
+    assert weights_summary(fp) == {"backbone": "org/net", "backbone_weights": "unknown", "image_size": 56,
+                                   "pooling": "cls"}
+    assert weights_summary(dict(fp, pretrained=True)) == {"backbone": "org/net", "backbone_weights": "pretrained",
+                                                          "image_size": 56, "pooling": "cls"}
+    assert weights_summary(dict(fp, pretrained=False)) == {"backbone": "org/net", "backbone_weights": "random",
+                                                           "image_size": 56, "pooling": "cls",
+                                                           "note": RANDOM_WEIGHTS_NOTE}
+    assert RANDOM_WEIGHTS_NOTE.startswith("backbone weights are RANDOM (untrained)")
 
 
 def test_cache_roundtrip_keeps_fingerprint_types(tmp_path):
