@@ -21,7 +21,8 @@ from mirip.ml.backbones import BackboneInfo
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.preprocessing import Preprocessor
 from mirip.tiers import tier_ranks
-from mirip.training.datasets.pair_sampling import count_cross_tier_pairs, sample_pairs
+from mirip.training.datasets.pair_sampling import (count_cross_tier_pairs, sample_pairs, tier_combinations,
+                                                   tier_groups)
 
 FP = {"feature_dim": 4, "feature_dtype": "float32", "backbone": "b", "image_size": 28, "mean": [0.1, 0.2, 0.3]}
 
@@ -244,3 +245,74 @@ def test_rows_of_changed_unreadable_files_are_refused(tmp_path):
         assert cache.rows_for(["a.png"]).tolist() == [0]
         with pytest.raises(CacheError, match=r"changed since extraction.*b.png \(not a recognised image format\)"):
             cache.rows_for(["a.png", "b.png"])
+
+
+def test_checkpoint_errors_name_the_file_and_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*missing\.pt"):
+        load_checkpoint_file(tmp_path / "missing.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    torch.save({"epoch": 1}, tmp_path / "nostate.pt")
+    for name in ("list.pt", "nostate.pt"):
+        with pytest.raises(CheckpointError, match=rf"{name} is not a mirip checkpoint \(no model_state_dict\)"):
+            load_checkpoint_file(str(tmp_path / name))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*empty\.pt: truncated"):
+        load_checkpoint_file(tmp_path / "empty.pt")
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "payload": _Exploit()}, evil)
+    with pytest.raises(CheckpointError, match=r"refused to load checkpoint .*evil\.pt: .*Detail: \S"):
+        load_checkpoint_file(evil)
+
+
+def test_checkpoint_loads_onto_the_cpu_by_default_and_where_asked(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint_file(str(path), {"model_state_dict": {"w": torch.arange(3.0)}, "epoch": 2})
+    loaded = load_checkpoint_file(path)
+    assert loaded["epoch"] == 2 and loaded["model_state_dict"]["w"].device.type == "cpu"
+    assert torch.equal(loaded["model_state_dict"]["w"], torch.arange(3.0))
+    assert load_checkpoint_file(path, map_location="meta")["model_state_dict"]["w"].device.type == "meta"
+    save_checkpoint_file(path, {"model_state_dict": {}, "epoch": 5})  # replaces the file whole
+    assert load_checkpoint_file(path)["epoch"] == 5 and sorted(os.listdir(tmp_path)) == ["c.pt"]
+
+
+def test_tier_groups_and_combinations_best_first():
+    groups = tier_groups(np.array([0, 3, 1, 3, 0]))
+    assert list(groups) == [3, 1, 0]
+    assert {k: v.tolist() for k, v in groups.items()} == {3: [1, 3], 1: [2], 0: [0, 4]}
+    assert tier_combinations(np.array([0, 3, 2, 0])) == [(3, 2), (3, 0), (2, 0)]
+    assert tier_combinations(np.array([1, 1])) == []
+    assert count_cross_tier_pairs(np.array([3, 3, 3, 2, 0, 0])) == 3 * 1 + 3 * 2 + 1 * 2
+    assert count_cross_tier_pairs(np.array([2, 2])) == 0
+
+
+def test_sample_pairs_defaults_limits_and_coverage():
+    ranks = np.array([3] * 4 + [2] * 7 + [1] * 3 + [0] * 5)
+    default = sample_pairs(ranks, 50)
+    explicit = sample_pairs(ranks, 50, seed=42, epoch=0, balance="tier_pair")
+    assert all(np.array_equal(u, v) for u, v in zip(default, explicit))
+    assert not np.array_equal(default[0], sample_pairs(ranks, 50, seed=43)[0])  # the seed matters
+    assert all(a.dtype == np.int64 and a.shape == (50,) for a in default)
+    one = sample_pairs(ranks, 1)
+    assert len(one[0]) == 1 and one[2].tolist() == [-1]  # half of one pair, rounded down, is labelled +1
+    with pytest.raises(ValueError, match="num_pairs must be positive, got 0"):
+        sample_pairs(ranks, 0)
+    with pytest.raises(ValueError, match="found only: none"):
+        sample_pairs(np.array([], dtype=np.int64), 5)
+    with pytest.raises(ValueError, match="found only: S"):
+        sample_pairs(np.array([3, 3]), 5)
+    # Every image of every tier is drawn (no index range cut short), as first and as second.
+    a, b, y = sample_pairs(ranks, 4000, seed=5)
+    assert set(a.tolist()) == set(b.tolist()) == set(range(len(ranks)))
+    assert set(y.tolist()) == {1, -1} and np.all(np.sign(ranks[a] - ranks[b]) == y)
+
+
+def test_uniform_balance_weights_combinations_by_their_pair_counts():
+    # S-A and S-C have 100 pairs each, A-C 2500: uniform over pairs draws A-C 2500/2700 of the time.
+    ranks = np.array([3] * 2 + [2] * 50 + [0] * 50)
+    a, b, y = sample_pairs(ranks, 20_000, seed=0, balance="uniform")
+    lo = np.minimum(ranks[a], ranks[b])
+    hi = np.maximum(ranks[a], ranks[b])
+    share = {c: float(np.mean((hi == c[0]) & (lo == c[1]))) for c in [(3, 2), (3, 0), (2, 0)]}
+    assert share[(2, 0)] == pytest.approx(2500 / 2700, abs=0.01)
+    assert share[(3, 2)] == pytest.approx(100 / 2700, abs=0.006) and share[(3, 0)] == pytest.approx(100 / 2700, abs=0.006)
+    assert (y == 1).sum() == 10_000
