@@ -6,6 +6,7 @@ import os
 import pickle
 from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -316,3 +317,146 @@ def test_uniform_balance_weights_combinations_by_their_pair_counts():
     assert share[(2, 0)] == pytest.approx(2500 / 2700, abs=0.01)
     assert share[(3, 2)] == pytest.approx(100 / 2700, abs=0.006) and share[(3, 0)] == pytest.approx(100 / 2700, abs=0.006)
     assert (y == 1).sum() == 10_000
+
+
+# --- the cache format, pinned (mutation survivors of mirip/features/cache.py) -----------------------
+def test_created_cache_layout(tmp_path):
+    path = tmp_path / "new" / "deeper" / "c.h5"  # parent directories are made
+    fp = {"feature_dim": 4, "backbone": "b"}  # no feature_dtype: float32; no views: none stored
+    with FeatureCache.create(str(path), fp) as cache:
+        assert cache.path == str(path) and (cache.num_rows, cache.dtype, cache.num_views) == (0, np.float32, 0)
+        h5 = cache.h5
+        assert h5["features"].shape == (0, 4) and h5["features"].chunks == (256, 4) and "views" not in h5
+        assert h5["features"].maxshape == (None, 4)
+        for name in ("paths", "source_size", "source_mtime_ns"):
+            assert h5[name].shape == (0,) and h5[name].chunks == (4096,) and h5[name].maxshape == (None,)
+        assert h5["source_size"].dtype == np.int64 and h5["paths"].dtype.kind == "O"
+        for name in ("paths", "reasons", "source_size", "source_mtime_ns"):
+            assert h5["failed"][name].shape == (0,) and h5["failed"][name].chunks == (1024,)
+        assert (int(h5.attrs["num_rows"]), int(h5.attrs["num_failed"])) == (0, 0) and cache.failures() == {}
+    assert sorted(os.listdir(path.parent)) == ["c.h5"]  # built under a temporary name, renamed
+    # ~1 MiB feature chunks: rows = 2**20 // (dim * itemsize), between 1 and 256.
+    for dim, dtype, rows in ((3000, "float32", 87), (2048, "float16", 256), (8192, "float16", 64),
+                             (300_000, "float32", 1)):
+        with FeatureCache.create(str(tmp_path / f"{dim}{dtype}.h5"), {"feature_dim": dim, "feature_dtype": dtype}) as c:
+            assert c.h5["features"].chunks == (rows, dim) and c.dtype == np.dtype(dtype)
+    for views, vrows in ((1, 256), (2, 128), (300, 1)):
+        fp = {"feature_dim": 4, "feature_dtype": "float16", "views": views}
+        with FeatureCache.create(str(tmp_path / f"v{views}.h5"), fp) as c:
+            assert c.num_views == views and c.h5["views"].shape == (0, views, 4)
+            assert c.h5["views"].chunks == (vrows, views, 4) and c.h5["views"].maxshape == (None, views, 4)
+            assert c.h5["views"].dtype == np.float16
+
+
+def test_open_refuses_files_missing_any_part_of_the_format(tmp_path):
+    for missing in ("features", "num_rows", "fingerprint_keys"):
+        path = tmp_path / f"no-{missing}.h5"
+        write_cache(str(path), FP, ["a"], np.zeros((1, 4)))
+        with h5py.File(path, "a") as h5:
+            del (h5 if missing == "features" else h5.attrs)[missing]
+        with pytest.raises(CacheError, match=rf"no-{missing}\.h5 is an HDF5 file but not a mirip feature cache"):
+            open_cache(str(path))
+    with open_cache(write_cache(str(tmp_path / "ok.h5"), FP, ["a"], np.zeros((1, 4)))) as cache:
+        assert cache.path == str(tmp_path / "ok.h5")
+
+
+def test_cache_reads_rows_in_any_order_and_refuses_out_of_range(tmp_path):
+    feats = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path = write_cache(str(tmp_path / "c.h5"), FP, ["a", "b", "c"], feats, sizes=[5, 6, 7], mtimes=[8, 9, 10])
+    with open_cache(path, "a") as cache:
+        assert np.array_equal(cache.features([2, 0, 2, 1]), feats[[2, 0, 2, 1]])
+        assert cache.features([]).shape == (0, 4) and cache.rows_for([]).dtype == np.int64
+        for bad in ([-1], [3], [0, 3]):
+            with pytest.raises(IndexError, match="row out of range for cache with 3 rows"):
+                cache.features(bad)
+        assert cache.row_of("b") == 1 and cache.row_of("zz") is None
+        assert cache.source_facts()[1].tolist() == [8, 9, 10]
+        assert load_dtype(cache) == torch.float16
+        assert cache.load_features(device="meta").device.type == "meta"
+        # Rows written past the counter (a killed append) stay invisible to every reader.
+        for name in ("features", "paths", "source_size", "source_mtime_ns"):
+            cache.h5[name].resize(5, axis=0)
+        assert cache.features().shape == (3, 4) and len(cache.source_facts()[0]) == 3
+
+
+def load_dtype(cache):
+    return cache.load_features(dtype=torch.float16).dtype
+
+
+def test_rows_for_lists_missing_and_stale_paths_together(tmp_path):
+    path = write_cache(str(tmp_path / "c.h5"), FP, [f"p{i}" for i in range(12)], np.zeros((12, 4)))
+    with open_cache(path, "a") as cache:
+        cache.set_failures({"p1": ("unreadable", 1, 1)})
+        with pytest.raises(CacheError) as info:
+            cache.rows_for(["x"] + [f"m{i}" for i in range(10)] + ["p1"])
+        assert str(info.value) == (
+            f"11 image(s) have no cached feature in {path}: x, m0, m1, m2, m3, m4, m5, m6, m7, m8 ... (11 in all); "
+            "1 image(s) changed since extraction and could not be read again (p1 (unreadable)). "
+            "Run scripts/extract.py on them first.")
+        with pytest.raises(CacheError) as info:
+            cache.rows_for([f"m{i}" for i in range(10)])
+        assert "m9. Run" in str(info.value) and "in all" not in str(info.value)  # exactly ten: no "..."
+        with pytest.raises(FingerprintMismatch) as info:
+            cache.check_fingerprint(dict(FP, image_size=56))
+        assert str(info.value).startswith(f"feature cache {path} fingerprint does not match (image_size")
+        cache.check_fingerprint(dict(FP, image_size=56), only=["backbone"])
+        with pytest.raises(FingerprintMismatch, match="torch_version"):
+            cache.check_fingerprint(dict(FP, torch_version="0.1"), ignore=())
+
+
+def test_append_and_replace_with_views_cast_and_commit(tmp_path):
+    fp = dict(FP, feature_dtype="float16", views=2)
+    path = str(tmp_path / "v.h5")
+    f = np.arange(12, dtype=np.float64).reshape(3, 4) / 8
+    v = np.arange(24, dtype=np.float64).reshape(3, 2, 4) / 8
+    with FeatureCache.create(path, fp) as cache:
+        assert cache.append(["a", "b"], f[:2], [1, 2], [3, 4], views=v[:2]) == range(0, 2)
+        assert cache.append(["c"], f[2:], [5], [6], views=v[2:]) == range(2, 3)
+        assert cache.row_of("c") == 2 and cache.index == {"a": 0, "b": 1, "c": 2}
+        with pytest.raises(ValueError, match=r"stores 2 augmented views per image; pass views="):
+            cache.append(["d"], f[:1], [0], [0])
+        with pytest.raises(ValueError, match=r"expected views of shape \(1, 2, 4\), got \(1, 3, 4\)"):
+            cache.append(["d"], f[:1], [0], [0], views=np.zeros((1, 3, 4)))
+        with pytest.raises(ValueError, match=r"expected features of shape \(1, 4\), got \(1, 5\)"):
+            cache.append(["d"], np.zeros((1, 5)), [0], [0], views=v[:1])
+        with pytest.raises(CacheError, match="paths already cached.*duplicates within the batch"):
+            cache.append(["d", "d"], f[:2], [0, 0], [0, 0], views=v[:2])
+        with pytest.raises(CacheError, match=r"paths already cached.*\['b'\]"):
+            cache.append(["b", "e"], f[:2], [0, 0], [0, 0], views=v[:2])
+        assert cache.num_rows == 3
+        cache.replace([2, 0], f[[0, 1]] + 1, [50, 10], [60, 30], views=v[[0, 1]] + 1)
+    with open_cache(path) as cache:
+        assert cache.features().dtype == np.float16 and cache.views().dtype == np.float16
+        np.testing.assert_array_equal(cache.features(), np.stack([f[1] + 1, f[1], f[0] + 1]).astype(np.float16))
+        np.testing.assert_array_equal(cache.views(), np.stack([v[1] + 1, v[1], v[0] + 1]).astype(np.float16))
+        np.testing.assert_array_equal(cache.views([2, 0, 2]), cache.views()[[2, 0, 2]])
+        assert cache.load_views(dtype=torch.float32).dtype == torch.float32 and cache.load_views().shape == (3, 2, 4)
+        assert [x.tolist() for x in cache.source_facts()] == [[10, 2, 50], [30, 4, 60]]
+        with pytest.raises(IndexError, match="row out of range"):
+            cache.views([3])
+    with FeatureCache.create(str(tmp_path / "plain.h5"), FP) as cache:
+        with pytest.raises(ValueError, match="created without augmented views; cannot store views"):
+            cache.append(["a"], f[:1], [0], [0], views=v[:1])
+        with pytest.raises(CacheError, match="holds no augmented views"):
+            cache.views()
+        cache.append(["a"], f[:1], [0], [0])
+        with pytest.raises(ValueError, match="created without augmented views"):
+            cache.replace([0], f[:1], [0], [0], views=v[:1])
+
+
+def test_failure_list_is_replaced_whole_with_its_facts(tmp_path):
+    path = write_cache(str(tmp_path / "c.h5"), FP, ["a"], np.zeros((1, 4)), mtimes=[7])
+    with open_cache(path, "a") as cache:
+        assert cache.source_facts()[0].tolist() == [0] and cache.source_facts()[1].tolist() == [7]
+        cache.set_failures({"x": ("bad", 1, 2), "y": ("worse", 3, 4)})
+        assert cache.failure_records() == {"x": ("bad", 1, 2), "y": ("worse", 3, 4)}
+        assert int(cache.h5.attrs["num_failed"]) == 2
+        cache.set_failures({"z": ("gone", 5, 6)})
+        assert cache.failure_records() == {"z": ("gone", 5, 6)} and cache.h5["failed"]["paths"].shape == (1,)
+        cache.set_failures({})
+        assert cache.failures() == {} and cache.h5["failed"]["reasons"].shape == (0,)
+    with pytest.raises(CacheError, match="already exists"):
+        write_cache(path, FP, ["b"], np.ones((1, 4)))
+    write_cache(path, FP, ["b"], np.ones((1, 4)), sizes=[9], overwrite=True)
+    with open_cache(path) as cache:
+        assert cache.paths == ["b"] and [x.tolist() for x in cache.source_facts()] == [[9], [0]]
