@@ -261,8 +261,17 @@ def test_checkpoint_errors_name_the_file_and_what_is_wrong(tmp_path):
         load_checkpoint_file(tmp_path / "empty.pt")
     evil = tmp_path / "evil.pt"
     torch.save({"model_state_dict": {}, "payload": _Exploit()}, evil)
-    with pytest.raises(CheckpointError, match=r"refused to load checkpoint .*evil\.pt: .*Detail: \S"):
+    with pytest.raises(CheckpointError, match=r"refused to load checkpoint .*evil\.pt: .*Detail: Weights only load failed"):
         load_checkpoint_file(evil)
+
+
+def test_checkpoint_load_asks_for_weights_only_explicitly(tmp_path, monkeypatch):
+    # torch < 2.6 (pyproject allows torch>=2.0) defaults to weights_only=False: relying on the default is unsafe.
+    save_checkpoint_file(tmp_path / "c.pt", {"model_state_dict": {}})
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
+    load_checkpoint_file(tmp_path / "c.pt")
+    assert calls and calls[0].get("weights_only") is True
 
 
 def test_checkpoint_loads_onto_the_cpu_by_default_and_where_asked(tmp_path):
