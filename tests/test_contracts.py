@@ -429,7 +429,7 @@ def test_append_and_replace_with_views_cast_and_commit(tmp_path):
             cache.append(["d"], f[:1], [0], [0], views=np.zeros((1, 3, 4)))
         with pytest.raises(ValueError, match=r"expected features of shape \(1, 4\), got \(1, 5\)"):
             cache.append(["d"], np.zeros((1, 5)), [0], [0], views=v[:1])
-        with pytest.raises(CacheError, match="paths already cached.*duplicates within the batch"):
+        with pytest.raises(CacheError, match=r"paths already cached \(use replace\): duplicates within the batch$"):
             cache.append(["d", "d"], f[:2], [0, 0], [0, 0], views=v[:2])
         with pytest.raises(CacheError, match=r"paths already cached.*\['b'\]"):
             cache.append(["b", "e"], f[:2], [0, 0], [0, 0], views=v[:2])
@@ -441,6 +441,7 @@ def test_append_and_replace_with_views_cast_and_commit(tmp_path):
         np.testing.assert_array_equal(cache.views(), np.stack([v[1] + 1, v[1], v[0] + 1]).astype(np.float16))
         np.testing.assert_array_equal(cache.views([2, 0, 2]), cache.views()[[2, 0, 2]])
         assert cache.load_views(dtype=torch.float32).dtype == torch.float32 and cache.load_views().shape == (3, 2, 4)
+        assert cache.load_views(device="meta").device.type == "meta"
         assert [x.tolist() for x in cache.source_facts()] == [[10, 2, 50], [30, 4, 60]]
         with pytest.raises(IndexError, match="row out of range"):
             cache.views([3])
@@ -470,3 +471,15 @@ def test_failure_list_is_replaced_whole_with_its_facts(tmp_path):
     write_cache(path, FP, ["b"], np.ones((1, 4)), sizes=[9], overwrite=True)
     with open_cache(path) as cache:
         assert cache.paths == ["b"] and [x.tolist() for x in cache.source_facts()] == [[9], [0]]
+
+
+def test_cache_defaults_refuse_to_replace_and_open_read_only(tmp_path):
+    path = write_cache(str(tmp_path / "c.h5"), FP, list("abcdef"), np.zeros((6, 4)))
+    with pytest.raises(CacheError, match="already exists"):
+        FeatureCache.create(path, FP)  # overwrite defaults to False
+    with FeatureCache.open(path) as cache:
+        assert cache.h5.mode == "r" and cache.num_rows == 6
+    with FeatureCache.open(path, "a") as cache:
+        with pytest.raises(CacheError) as info:
+            cache.append(list("abcdef"), np.zeros((6, 4)), [0] * 6, [0] * 6)
+        assert str(info.value) == "paths already cached (use replace): ['a', 'b', 'c', 'd', 'e']"  # the first five
