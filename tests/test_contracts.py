@@ -442,6 +442,7 @@ def test_append_and_replace_with_views_cast_and_commit(tmp_path):
         np.testing.assert_array_equal(cache.views([2, 0, 2]), cache.views()[[2, 0, 2]])
         assert cache.load_views(dtype=torch.float32).dtype == torch.float32 and cache.load_views().shape == (3, 2, 4)
         assert cache.load_views(device="meta").device.type == "meta"
+        assert cache.views([]).shape == (0, 2, 4)
         assert [x.tolist() for x in cache.source_facts()] == [[10, 2, 50], [30, 4, 60]]
         with pytest.raises(IndexError, match="row out of range"):
             cache.views([3])
