@@ -27,6 +27,7 @@ by its replay, so the sequence of updates is the eager one step for step.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -80,6 +81,7 @@ class StaticStep:
         self._pool = None  # one memory pool shared by the graphs of all batch sizes
         self.captures = 0
         self.replays = 0
+        self.capture_error: Optional[str] = None
 
     def buffers(self, n: int) -> Buffers:
         if n not in self._buffers:
@@ -107,8 +109,19 @@ class StaticStep:
             self._eager_runs[n] = self._eager_runs.get(n, 0) + 1
             return
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self.step_fn(bufs)  # recorded, not run
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                self.step_fn(bufs)  # recorded, not run
+        except Exception as exc:  # noqa: BLE001 - any capture failure: train on, eagerly, and say so
+            # Nothing ran during the failed capture (kernels are recorded, not executed), so this step
+            # runs now; every later one runs eagerly on the same buffers: the same numbers, slower.
+            self.graphs = False
+            self.capture_error = f"{exc.__class__.__name__}: {exc}"
+            warnings.warn(f"CUDA graph capture of the head step failed ({self.capture_error}); "
+                          "continuing with the same step run eagerly", RuntimeWarning, stacklevel=2)
+            torch.cuda.synchronize(self.device)
+            self.step_fn(bufs)
+            return
         self._pool = graph.pool()
         self._graphs[n] = graph
         self.captures += 1
