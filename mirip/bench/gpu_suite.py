@@ -163,10 +163,35 @@ def _graph_mode(device: str) -> str:
     return "graph" if device.startswith("cuda") else "static"
 
 
-def _head_trainer(mode: str, device: str, batch: int, **cfg) -> Trainer:
+def _head_trainer(mode: str, device: str, batch: int, dropout: float = 0.1, **cfg) -> Trainer:
     torch.manual_seed(0)
     config = TrainingConfig(device=device, batch_size=batch, checkpoint_dir="", seed=0, head_step=mode, **cfg)
-    return Trainer(RankingHead(1024), config, progress=False, log=lambda m: None)
+    return Trainer(RankingHead(1024, dropout=dropout), config, progress=False, log=lambda m: None)
+
+
+def _compare_modes(modes, device: str, batch: int, data, feats, epochs: int, dropout: float) -> Dict[str, Any]:
+    """The same init, pairs and dropout stream through each mode for a few epochs; how far apart they end."""
+    runs = {}
+    for mode in modes:
+        t = _head_trainer(mode, device, batch, dropout=dropout)
+        torch.manual_seed(1)
+        losses = []
+        for e in range(epochs):
+            data.set_epoch(e)
+            losses.append(t.train_epoch(data)[0])
+        runs[mode] = (t, losses)
+    data.set_epoch(0)
+    (a, la), (b, lb) = runs[modes[0]], runs[modes[1]]
+    diffs = {n: float((p - q).detach().abs().max()) for (n, p), q in
+             zip(a.model.named_parameters(), b.model.parameters())}
+    centred = []
+    for t in (a, b):
+        with torch.no_grad():
+            s = t.model.eval().get_score(feats[:512]).reshape(-1)
+        centred.append(s - s.mean())
+    score_diff = float((centred[0] - centred[1]).abs().max() / centred[0].abs().max())
+    return {"epochs": epochs, "dropout": dropout, f"{modes[0]}_losses": la, f"{modes[1]}_losses": lb,
+            "max_param_diff": diffs, "score_rel_diff": score_diff, "ok": score_diff < 1e-3}
 
 
 def _synthetic(n: int, dim: int, device: str):
@@ -212,31 +237,17 @@ def head_step_section(args, ctx: Dict[str, Any]) -> Dict[str, Any]:
         for mode, t in trainers.items():
             times[mode].append(_wall(lambda: t.train_epoch(data), device) / steps * 1e3)
     med = {m: statistics.median(v) for m, v in times.items()}
-    # Numerics: the same init, pairs and dropout stream through both paths for a few epochs.
+    # Numerics without dropout (the arithmetic), then with it (do replays draw the eager masks too?).
     epochs = _opt(args, "numerics_epochs")
-    runs = {}
-    for mode in ("eager", graph):
-        t = _head_trainer(mode, device, batch)
-        torch.manual_seed(1)
-        losses = []
-        for e in range(epochs):
-            data.set_epoch(e)
-            losses.append(t.train_epoch(data)[0])
-        runs[mode] = (t, losses)
-    data.set_epoch(0)
-    diffs = {n: float((a - b).detach().abs().max()) for (n, a), b in
-             zip(runs["eager"][0].model.named_parameters(), runs[graph][0].model.parameters())}
-    scores = [r[0].model.eval().get_score(feats[:512]).detach().reshape(-1) for r in runs.values()]
-    centred = [s - s.mean() for s in scores]
-    score_diff = float((centred[0] - centred[1]).abs().max() / centred[0].abs().max())
+    numerics = _compare_modes(("eager", graph), device, batch, data, feats, epochs, dropout=0.0)
+    with_dropout = _compare_modes(("eager", graph), device, batch, data, feats, epochs, dropout=0.1)
     ctx["head_step_s"] = {"eager": med["eager"] / 1e3, "graph": med[graph] / 1e3}
     return {
         "batch_size": batch, "head": RankingHead(1024).head_config(), "steps_per_pass": steps, "graph_mode": graph,
         "eager_ms": med["eager"], "graph_ms": med[graph], "speedup": med["eager"] / med[graph], "runs_ms": times,
         "graph_captures": trainers[graph]._static.captures if trainers[graph]._static else 0,
         "graph_capture_error": trainers[graph]._static.capture_error if trainers[graph]._static else None,
-        "numerics": {"epochs": epochs, "eager_losses": runs["eager"][1], "graph_losses": runs[graph][1],
-                     "max_param_diff": diffs, "score_rel_diff": score_diff, "ok": score_diff < 1e-3},
+        "numerics": numerics, "numerics_with_dropout": with_dropout,
         "sync_free_epoch": sync_free_epoch(trainers[graph], data),
         "goal_ms": GOALS["head_step_ms"],
     }
@@ -477,6 +488,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
     lines += [f"| {r['figure']} | {_fmt(r['baseline'])} | {_fmt(r['now'])} | {r['goal']} |" for r in report["summary"]]
     checks = [("backbone compiled vs eager", _get(report, "sections", "backbone", "numerics", "ok")),
               ("head step graph vs eager", _get(report, "sections", "head_step", "numerics", "ok")),
+              ("... with dropout (same masks)", _get(report, "sections", "head_step", "numerics_with_dropout", "ok")),
               ("no host sync inside an epoch", _get(report, "sections", "head_step", "sync_free_epoch", "ok")),
               ("full-image compiled vs eager", _get(report, "sections", "full_image", "numerics", "ok"))]
     lines += ["", "| check | result |", "| --- | --- |"] + [f"| {c} | {_fmt(v)} |" for c, v in checks]
@@ -492,6 +504,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
 
 
 CHECKS = (("backbone", "numerics"), ("backbone", "numerics_padded_batch"), ("head_step", "numerics"),
+          ("head_step", "numerics_with_dropout"),
           ("head_step", "sync_free_epoch"), ("full_image", "numerics"))
 
 
