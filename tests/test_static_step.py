@@ -250,3 +250,11 @@ def test_capturable_batched_adamw_equals_the_plain_one():
     assert ob.capturable and ob.step_count == oa.step_count == 12
     for pa, pb in zip(a.stacked, b.stacked):
         torch.testing.assert_close(pb.detach(), pa.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_full_image_training_stays_eager(tiny_backbone):
+    from mirip.ml.ranking_model import PairwiseRankingModel
+
+    model = PairwiseRankingModel(tiny_backbone, device="cpu", projector_output_dim=4, hidden_dim=8)
+    trainer = Trainer(model, TrainingConfig(device="cpu", head_step="static", checkpoint_dir=""), progress=False)
+    assert trainer.step_mode == "eager" and not trainer.optimizer.param_groups[0]["capturable"]

@@ -22,7 +22,8 @@ Training-step contract (a sweep that trains stacked heads reproduces exactly thi
   features sit on the training device, ``static`` / ``graph`` run this same step over static buffers (the
   batch gathered inside the step, gradients zeroed in place instead of set to None, AdamW with
   ``capturable=True`` and its lr a device tensor); ``graph`` (the default on CUDA) replays it from a CUDA
-  graph. Results equal the eager step's to float rounding. Eager is the default everywhere else.
+  graph. Results equal the eager step's to float rounding. Eager is the default everywhere else, and always
+  for the full-image model.
 - A pair is correct when ``sign(s1 - s2) == label`` (a tie is wrong). The epoch's train
   loss is the mean over batches weighted by batch size (= the mean over pairs).
 - After each epoch: validate (``model.eval()``, no grad). Best = strictly higher val
@@ -154,6 +155,8 @@ class Trainer:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.step_mode = resolve_step_mode(config.head_step, self.device)
+        if getattr(model, "feature_extractor", None) is not None:
+            self.step_mode = "eager"  # full-image training: images, not a feature matrix, feed the step
         self.optimizer = make_optimizer(self.params, config, capturable=self.step_mode != "eager")
         self._static: Optional[StaticStep] = None
         self._static_key = None
@@ -192,7 +195,6 @@ class Trainer:
         dataset = getattr(dataloader, "dataset", dataloader)
         features = getattr(dataset, "features", None)
         return (self.step_mode != "eager" and callable(getattr(dataset, "epoch_index", None))
-                and getattr(self.model, "feature_extractor", None) is None
                 and isinstance(features, torch.Tensor) and features.device == torch.device(self.device))
 
     def train_epoch(self, dataloader: Iterable) -> Tuple[float, float]:
