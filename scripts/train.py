@@ -23,6 +23,7 @@ from mirip.cli_options import DefaultsHelpFormatter, add_data_options
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.training.config import TrainingConfig
+from mirip.training.static_step import STEP_MODES
 from mirip.training.datasets.pair_sampling import BALANCES
 from mirip.training.run import OUTPUT_FILES, RunConfig, train
 
@@ -45,6 +46,8 @@ TRAINING_HELP = {
     "eval_pairs": "validation and test pairs (sampled once)",
     "pair_balance": "'tier_pair': pairs spread evenly over S-A, S-B, ..., B-C; 'uniform': over all cross-tier pairs",
     "num_workers": "DataLoader workers (image datasets only; cached features need none)",
+    "head_step": "head step on cached features: auto (a CUDA graph on CUDA, eager elsewhere), eager, static (the "
+                 "graph's static-buffer step without a graph) or graph",
 }
 SKIPPED = {"checkpoint_dir"}  # the output directory is the checkpoint directory
 
@@ -72,6 +75,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif f.name == "pair_balance":
             group.add_argument(flag, choices=BALANCES, default=f.default, help=help_text)
+        elif f.name == "head_step":
+            group.add_argument(flag, choices=STEP_MODES, default=f.default, help=help_text)
         elif f.name == "device":
             group.add_argument(flag, default=None, help=help_text)
         else:

@@ -18,6 +18,7 @@ epoch and best/last checkpoints, and its wall time is recorded (goal on the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--training-throughput-pairs", type=int, default=None,
                    help="pairs per timed pass of the throughput comparison (20000; --quick 6400)")
     g.add_argument("--training-repeats", type=int, default=None, help="alternating timed passes of each (5; --quick 3)")
+    g.add_argument("--training-static-arm", action="store_true",
+                   help="also time the Trainer's static-buffer head step (head_step static on CPU, graph on CUDA) "
+                        "in the same alternating rounds")
     g.add_argument("--training-threads", type=int, default=None,
                    help="torch CPU threads for this benchmark (default: torch's own choice). On a small, busy CPU "
                         "1 avoids threads spin-waiting on each other")
@@ -132,12 +136,20 @@ def _run(args: argparse.Namespace, device: str) -> Dict:
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                  fused=True)
     trainer = Trainer(_head(dim, 0, device), cfg, progress=False)
+    static_mode = "graph" if device.startswith("cuda") else "static"
+    static_trainer = (Trainer(_head(dim, 0, device), dataclasses.replace(cfg, head_step=static_mode), progress=False)
+                      if getattr(args, "training_static_arm", False) else None)
     _bare_pass(bare_model, bare_opt, feats, first[:batch * 20], second[:batch * 20], labels[:batch * 20], batch, device)
-    _trainer_pass(trainer, FeaturePairDataset(feats, ranks, num_pairs=batch * 20, batch_size=batch), device)  # warm-up
-    bare, ours = [], []
+    warm = FeaturePairDataset(feats, ranks, num_pairs=batch * 20, batch_size=batch)
+    for t in (trainer, static_trainer):
+        if t is not None:
+            _trainer_pass(t, warm, device)  # warm-up
+    bare, ours, static = [], [], []
     for _ in range(repeats):  # alternating, so drifting machine load hits both alike
         bare.append(_bare_pass(bare_model, bare_opt, feats, first, second, labels, batch, device))
         ours.append(_trainer_pass(trainer, dataset, device))
+        if static_trainer is not None:
+            static.append(_trainer_pass(static_trainer, dataset, device))
     # Wall clock is what a user waits; CPU time (process_time) is what the work costs, and stays meaningful
     # when other processes share the cores (on a GPU the CPU time is mostly launch overhead).
     bare_med, ours_med = statistics.median(b[0] for b in bare), statistics.median(o[0] for o in ours)
@@ -159,6 +171,14 @@ def _run(args: argparse.Namespace, device: str) -> Dict:
         fit_trainer.fit(train_ds, val_ds)
         _sync(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if static:
+        st_med = statistics.median(o[0] for o in static)
+        st_cpu = statistics.median(o[1] for o in static)
+        static_result = {"head_step": static_mode, "pairs_per_s": [o[0] for o in static], "median": st_med,
+                         "ratio": st_med / bare_med, "cpu_median": st_cpu, "ratio_cpu_time": st_cpu / bare_cpu,
+                         "meets_goal": st_med / bare_med >= GOAL_RATIO}
+    else:
+        static_result = None
     result = {
         "device": device,
         "torch_threads": torch.get_num_threads(),
@@ -170,6 +190,7 @@ def _run(args: argparse.Namespace, device: str) -> Dict:
             "bare_median": bare_med, "trainer_median": ours_med, "ratio": ours_med / bare_med,
             "bare_cpu_median": bare_cpu, "trainer_cpu_median": ours_cpu, "ratio_cpu_time": ours_cpu / bare_cpu,
             "goal_ratio": GOAL_RATIO, "meets_goal": ours_med / bare_med >= GOAL_RATIO,
+            "trainer_head_step": trainer.step_mode, "static_arm": static_result,
         },
         "full_run": {
             "epochs": epochs, "pairs_per_epoch": pairs, "val_pairs": pairs, "wall_s": wall, "cpu_s": cpu,
@@ -197,6 +218,12 @@ def to_markdown(result: Dict) -> str:
         f"| ratio Trainer / bare | {tp['ratio']:.3f} (goal >= {tp['goal_ratio']}: {'met' if tp['meets_goal'] else 'NOT met'}) |",
         f"| same, by CPU time | bare {tp['bare_cpu_median']:,.0f}, Trainer {tp['trainer_cpu_median']:,.0f} pairs/s: "
         f"ratio {tp['ratio_cpu_time']:.3f} |",
+    ]
+    st = tp.get("static_arm")
+    if st:
+        lines.append(f"| Trainer, {st['head_step']} head step | {st['median']:,.0f} pairs/s: ratio {st['ratio']:.3f} "
+                     f"(by CPU time {st['ratio_cpu_time']:.3f}) |")
+    lines += [
         f"| full run: {fr['epochs']} epochs x {fr['pairs_per_epoch']:,} pairs + val, checkpoints | "
         f"{fr['wall_s']:.1f} s wall, {fr['cpu_s']:.1f} s CPU ({fr['s_per_epoch']:.2f} s/epoch)"
         + (f"; goal < {fr['goal_s']:.0f} s: {'met' if fr['meets_goal'] else 'NOT met'}" if fr["goal_s"] else "")

@@ -6,6 +6,12 @@ the same step, validation scoring each val image once, best = strictly higher
 val accuracy, early stopping per head. A head that stops leaves the stack: the
 stack is rebuilt from the heads still training, so its compute is not spent
 on heads whose result is already fixed.
+
+The step runs eagerly, or (``training.head_step``: ``static`` / ``graph``, ``graph`` by
+default on CUDA) over static batch buffers with the capturable batched AdamW, replayed
+from a CUDA graph on a GPU (``mirip.training.static_step``). Dropout masks are drawn
+outside the captured step, from each head's own RNG stream as before, into a static
+buffer: the same masks, so the same numbers as the eager step.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from mirip.sweep.grid import HeadConfig
 from mirip.sweep.stacked import StackedHeads, build_head, clip_grad_norm_per_head, make_optimizer
 from mirip.training.config import TrainingConfig
+from mirip.training.static_step import StaticStep, persistent_grads, resolve_step_mode, zero_grads_
 
 HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "lr")
 SCORE_BATCH = 4096
@@ -63,11 +70,75 @@ class _Head:
         self.best: Optional[dict] = None
 
 
-def _stack(heads: Sequence[_Head], models: Sequence, rng_states, tc: TrainingConfig, optimizer: Optional[str]):
+def _stack(heads: Sequence[_Head], models: Sequence, rng_states, tc: TrainingConfig, optimizer: Optional[str],
+           capturable: bool = False):
     model = StackedHeads(models, rng_states)
     opt = make_optimizer(model, [h.config.learning_rate for h in heads], [h.config.weight_decay for h in heads],
-                         tc.scheduler_t_max, tc.scheduler_eta_min, kind=optimizer)
+                         tc.scheduler_t_max, tc.scheduler_eta_min, kind=optimizer, capturable=capturable)
     return model, opt
+
+
+def sweep_step_mode(training: TrainingConfig, device: str, optimizer: Optional[str]) -> str:
+    """``eager``, ``static`` or ``graph`` for a group: ``auto`` falls back to eager when a non-batched optimizer
+    was asked for (only the batched one can be captured); an explicit static/graph with one is an error."""
+    mode = resolve_step_mode(getattr(training, "head_step", "auto"), device)
+    if mode != "eager" and (optimizer or "auto") not in ("auto", "batched"):
+        if (getattr(training, "head_step", "auto") or "auto") == "auto":
+            return "eager"
+        raise ValueError(f"head_step {mode!r} needs the batched optimizer, not {optimizer!r}")
+    return mode
+
+
+class _GroupStep:
+    """The stacked step over static buffers (``mirip.training.static_step``): what a CUDA graph captures."""
+
+    def __init__(self, model: StackedHeads, opt, features: torch.Tensor, clip: float, graphs: bool):
+        self.model, self.opt = model, opt
+        persistent_grads(model.stacked)
+        dev = model.device
+        self.loss_sum = torch.zeros(model.k, device=dev)
+        self.correct = torch.zeros(model.k, device=dev, dtype=torch.long)
+        self.dropout = any(p > 0 for p in model.dropouts)
+        params, on = list(model.stacked), [True] * model.k
+
+        def step(bufs) -> None:
+            index = bufs["index"]
+            n = index.shape[1]
+            x = features.index_select(0, index[:2].reshape(-1)).float()  # first rows then second rows
+            labels = index[2]
+            scores = model(x, dropout_scale=bufs.get("scale"))
+            s1, s2 = scores[:, :n], scores[:, n:]
+            losses = model.pair_losses(s1, s2, labels)
+            zero_grads_(params)
+            losses.sum().backward()
+            clip_grad_norm_per_head(params, clip)
+            opt.step(on)
+            self.loss_sum.add_(losses.detach() * n)
+            self.correct.add_((torch.sign(s1.detach() - s2.detach()) == labels.to(s1.dtype)).sum(dim=1))
+
+        def buffers(n: int):
+            bufs = {"index": torch.zeros(3, n, dtype=torch.long, device=dev)}
+            if self.dropout:
+                bufs["scale"] = torch.zeros(model.k, 2 * n, model.hidden_dim, device=dev)  # both halves
+            return bufs
+
+        self.static = StaticStep(step, buffers, str(dev), graphs=graphs)
+
+    def epoch(self, train_data) -> int:
+        """One epoch's steps; returns the pairs seen. No host sync inside."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        index = train_data.epoch_index().to(self.model.device)
+        total, size = index.shape[1], train_data.batch_size
+        for start in range(0, total, size):
+            n = min(size, total - start)
+            bufs = self.static.buffers(n)
+            bufs["index"].copy_(index[:, start:start + n])
+            if self.dropout:
+                # Outside the captured step: each head's own RNG stream, as the eager step draws it.
+                bufs["scale"].copy_(self.model._dropout_scale(2 * n))
+            self.static.run(n)
+        return total
 
 
 def _compact(model: StackedHeads, opt, keep: List[int]) -> tuple:
@@ -124,7 +195,12 @@ def train_group(
         heads.append(_Head(cfg, cpu_k))
         models.append(model_k)
         rngs.append(rng_k)
-    model, opt = _stack(heads, models, rngs, tc, optimizer)
+    mode = sweep_step_mode(tc, device, optimizer)
+    feats = getattr(train_data, "features", None)
+    static = (mode != "eager" and callable(getattr(train_data, "epoch_index", None))
+              and isinstance(feats, torch.Tensor) and feats.device == dev)
+    model, opt = _stack(heads, models, rngs, tc, optimizer, capturable=static)
+    group_step = _GroupStep(model, opt, feats, tc.gradient_clip_norm, mode == "graph") if static else None
     slots = list(range(len(heads)))  # slot in the stack -> index into heads
     outcomes: Dict[int, HeadOutcome] = {}
 
@@ -150,7 +226,10 @@ def train_group(
         correct = torch.zeros(k, device=dev, dtype=torch.long)
         seen = 0
         all_on = [True] * k
-        for f1, f2, labels in train_data:
+        if group_step is not None:
+            seen = group_step.epoch(train_data)
+            loss_sum, correct = group_step.loss_sum, group_step.correct
+        for f1, f2, labels in (train_data if group_step is None else ()):
             f1, f2, labels = f1.to(dev), f2.to(dev), labels.to(dev)
             n = labels.shape[0]
             scores = model(torch.cat([f1, f2], dim=0))
@@ -202,6 +281,8 @@ def train_group(
                 break
             model, opt = _compact(model, opt, keep)
             slots = [slots[s] for s in keep]
+            if group_step is not None:  # a new stack: new buffers, a new capture
+                group_step = _GroupStep(model, opt, feats, tc.gradient_clip_norm, mode == "graph")
     for i in slots:
         if i not in outcomes:
             finish(i, tc.max_epochs, stopped=False)

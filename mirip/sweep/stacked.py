@@ -130,8 +130,11 @@ class StackedHeads(nn.Module):
         _set_rng_state(outer, self.device)
         return torch.stack(scales)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores of every head for every row of ``x`` (N, D): shape (K, N)."""
+    def forward(self, x: torch.Tensor, dropout_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores of every head for every row of ``x`` (N, D): shape (K, N).
+
+        ``dropout_scale``: the (K, N, H) masks drawn beforehand (``_dropout_scale``); a step captured in a
+        CUDA graph takes them from a static buffer, since swapping RNG states cannot be captured."""
         if x.dim() != 2 or x.shape[1] != self.input_dim:
             raise ValueError(f"expected features of shape (N, {self.input_dim}), got {tuple(x.shape)}")
         w1, b1, g1, be1, w2, b2, g2, be2, w3, b3 = self.stacked
@@ -140,7 +143,7 @@ class StackedHeads(nn.Module):
         z = F.linear(x, w1.view(k * h, -1), b1.view(k * h)).view(n, k, h).transpose(0, 1)  # (K, N, H)
         z = F.layer_norm(z, (h,), eps=LAYERNORM_EPS) * g1.unsqueeze(1) + be1.unsqueeze(1)
         z = F.gelu(z)
-        scale = self._dropout_scale(n)
+        scale = self._dropout_scale(n) if dropout_scale is None else dropout_scale
         if scale is not None:
             z = z * scale
         z = torch.baddbmm(b2.unsqueeze(1), z, w2.transpose(1, 2))  # (K, N, P)
@@ -178,16 +181,19 @@ def default_optimizer(device: torch.device) -> str:
 
 
 def make_optimizer(model: StackedHeads, learning_rates: Sequence[float], weight_decays: Sequence[float],
-                   t_max: int, eta_min: float, kind: Optional[str] = None):
+                   t_max: int, eta_min: float, kind: Optional[str] = None, capturable: bool = False):
     """The stacked heads' AdamW + CosineAnnealingLR: ``fused`` / ``plain`` (torch's AdamW per head, fused kernel
-    or the single-tensor loop a single run uses) or ``batched`` (the same arithmetic over the stacked tensors)."""
+    or the single-tensor loop a single run uses) or ``batched`` (the same arithmetic over the stacked tensors).
+    ``capturable``: the batched form a CUDA graph can replay (``auto`` then means ``batched``)."""
     kind = kind or "auto"
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer kind {kind!r}; use one of {', '.join(OPTIMIZERS)}")
     if kind == "auto":
-        kind = default_optimizer(model.device)
+        kind = "batched" if capturable else default_optimizer(model.device)
+    if capturable and kind != "batched":
+        raise ValueError(f"a captured (static or graph) sweep step needs the batched optimizer, not {kind!r}")
     if kind == "batched":
-        return BatchedAdamW(model, learning_rates, weight_decays, t_max, eta_min)
+        return BatchedAdamW(model, learning_rates, weight_decays, t_max, eta_min, capturable=capturable)
     return StackedOptimizer(model, learning_rates, weight_decays, t_max, eta_min, fused=(kind == "fused"))
 
 
@@ -279,6 +285,10 @@ class BatchedAdamW:
     The arithmetic of torch's single-tensor AdamW, op for op (scalars computed in double, as Python does), in
     about seven ops per tensor whatever K. The learning-rate schedule is torch's CosineAnnealingLR, run on
     placeholder parameters (one group per head), so it is exactly a single run's schedule.
+
+    ``capturable``: the step count, bias corrections and per-head lr / decay factors live in device tensors
+    updated in place (the step count by the step, the rest once per epoch), so a CUDA graph that captured
+    ``step`` replays it correctly; the arithmetic is the same, the scalars computed in double on the device.
     """
 
     kind = "batched"
@@ -286,12 +296,14 @@ class BatchedAdamW:
     eps = 1e-8
 
     def __init__(self, model: StackedHeads, learning_rates: Sequence[float], weight_decays: Sequence[float],
-                 t_max: int, eta_min: float):
+                 t_max: int, eta_min: float, capturable: bool = False):
         _check_lengths(model, learning_rates, weight_decays)
         self.model = model
         self.t_max, self.eta_min = t_max, eta_min
         self.weight_decays = [float(w) for w in weight_decays]
-        self.step_count = 0
+        self.capturable = bool(capturable)
+        self._step_count = 0
+        self._step_t = torch.zeros((), dtype=torch.float64, device=model.device) if capturable else None
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in model.stacked]
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in model.stacked]
         self._placeholder = torch.optim.SGD(
@@ -300,6 +312,17 @@ class BatchedAdamW:
         self._decay = None  # per-epoch (K,) tensors, rebuilt when the lrs change
         self._lr64 = None
 
+    @property
+    def step_count(self) -> int:
+        # Capturable: the device counter is the truth (replays of a captured step never run this Python).
+        return int(self._step_t) if self._step_t is not None else self._step_count
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step_count = int(value)
+        if self._step_t is not None:
+            self._step_t.fill_(float(value))
+
     def lrs(self) -> List[float]:
         return [g["lr"] for g in self._placeholder.param_groups]
 
@@ -307,8 +330,12 @@ class BatchedAdamW:
         dev = self.model.device
         lr = torch.tensor(self.lrs(), dtype=torch.float64, device=dev)
         wd = torch.tensor(self.weight_decays, dtype=torch.float64, device=dev)
-        self._lr64 = lr
-        self._decay = (1 - lr * wd).to(self.model.stacked[0].dtype)
+        decay = (1 - lr * wd).to(self.model.stacked[0].dtype)
+        if self.capturable and self._lr64 is not None:
+            self._lr64.copy_(lr)  # in place: a captured step reads these very tensors
+            self._decay.copy_(decay)
+        else:
+            self._lr64, self._decay = lr, decay
 
     @torch.no_grad()
     def step(self, active: Sequence[bool]) -> None:
@@ -316,11 +343,16 @@ class BatchedAdamW:
             raise ValueError("BatchedAdamW steps every head of its stack; rebuild the stack without stopped heads")
         if self._decay is None:
             self._per_epoch()
-        self.step_count += 1
         beta1, beta2 = self.betas
-        bc1 = 1 - beta1 ** self.step_count
-        bc2_sqrt = (1 - beta2 ** self.step_count) ** 0.5
         dtype = self.model.stacked[0].dtype
+        if self.capturable:
+            self._step_t.add_(1)
+            bc1 = 1 - torch.pow(beta1, self._step_t)
+            bc2_sqrt = (1 - torch.pow(beta2, self._step_t)).sqrt().to(dtype)
+        else:
+            self._step_count += 1
+            bc1 = 1 - beta1 ** self._step_count
+            bc2_sqrt = (1 - beta2 ** self._step_count) ** 0.5
         neg_step = (-(self._lr64 / bc1)).to(dtype)
         k = self.model.k
         params = list(self.model.stacked)
@@ -342,7 +374,10 @@ class BatchedAdamW:
     def epoch_end(self) -> None:
         self._placeholder.step()  # no gradients: a no-op that keeps the scheduler's step-order check quiet
         self.scheduler.step()
-        self._decay = None
+        if self.capturable:
+            self._per_epoch()
+        else:
+            self._decay = None
 
     def head_optimizer_state(self, k: int) -> dict:
         template = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=self.lrs()[k],
@@ -362,7 +397,7 @@ class BatchedAdamW:
     def select(self, model: StackedHeads, keep: Sequence[int]) -> "BatchedAdamW":
         groups = self._placeholder.param_groups
         new = BatchedAdamW(model, [groups[k]["initial_lr"] for k in keep], [self.weight_decays[k] for k in keep],
-                           self.t_max, self.eta_min)
+                           self.t_max, self.eta_min, capturable=self.capturable)
         idx = torch.tensor(list(keep), device=model.device)
         new.step_count = self.step_count
         new.exp_avg = [m.index_select(0, idx) for m in self.exp_avg]

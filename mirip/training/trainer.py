@@ -18,6 +18,12 @@ Training-step contract (a sweep that trains stacked heads reproduces exactly thi
   on CPU for a 1024-d head, where the per-tensor loop dominated the step.
   Scheduler: ``CosineAnnealingLR(T_max=scheduler_t_max, eta_min=scheduler_eta_min)``,
   stepped once per epoch after training.
+- Head step mode (``config.head_step``, ``mirip.training.static_step``): on a ``FeaturePairDataset`` whose
+  features sit on the training device, ``static`` / ``graph`` run this same step over static buffers (the
+  batch gathered inside the step, gradients zeroed in place instead of set to None, AdamW with
+  ``capturable=True`` and its lr a device tensor); ``graph`` (the default on CUDA) replays it from a CUDA
+  graph. Results equal the eager step's to float rounding. Eager is the default everywhere else, and always
+  for the full-image model.
 - A pair is correct when ``sign(s1 - s2) == label`` (a tie is wrong). The epoch's train
   loss is the mean over batches weighted by batch size (= the mean over pairs).
 - After each epoch: validate (``model.eval()``, no grad). Best = strictly higher val
@@ -53,6 +59,7 @@ from mirip.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint_file, sa
 from mirip.devices import resolve_device
 from mirip.ml.ranking_model import HEAD_PREFIXES
 from mirip.training.config import TrainingConfig
+from mirip.training.static_step import StaticStep, persistent_grads, resolve_step_mode, zero_grads_
 
 HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "lr")
 
@@ -77,11 +84,34 @@ def set_loader_epoch(loader: Any, epoch: int) -> None:
             return
 
 
-def make_optimizer(params: List[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; the fused kernel wherever every parameter allows it."""
+def make_optimizer(params: List[torch.nn.Parameter], config: TrainingConfig,
+                   capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the fused kernel wherever every parameter allows it.
+
+    ``capturable``: the form a CUDA graph can replay - step counts on the device and the lr a 0-d device tensor
+    (the scheduler updates it in place, so a captured step sees each epoch's lr)."""
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    if capturable:
+        if not fused:
+            raise ValueError("a capturable head step needs floating-point parameters on the CPU or CUDA")
+        lr = torch.tensor(float(config.learning_rate), device=params[0].device)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=True, capturable=True)
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                              fused=fused or None)
+
+
+_LR_KEYS = ("lr", "initial_lr", "base_lrs", "_last_lr")
+
+
+def plain_lrs(state: Any) -> Any:
+    """An optimizer / scheduler state dict with tensor learning rates as floats (checkpoints stay plain)."""
+    if isinstance(state, dict):
+        return {k: ([float(x) for x in v] if k in _LR_KEYS and isinstance(v, list)
+                    else float(v) if k in _LR_KEYS and torch.is_tensor(v) else plain_lrs(v))
+                for k, v in state.items()}
+    if isinstance(state, list):
+        return [plain_lrs(v) for v in state]
+    return state
 
 
 def batch_correct(score1: torch.Tensor, score2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -124,7 +154,13 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = make_optimizer(self.params, config)
+        self.step_mode = resolve_step_mode(config.head_step, self.device)
+        if getattr(model, "feature_extractor", None) is not None:
+            self.step_mode = "eager"  # full-image training: images, not a feature matrix, feed the step
+        self.optimizer = make_optimizer(self.params, config, capturable=self.step_mode != "eager")
+        self._static: Optional[StaticStep] = None
+        self._static_key = None
+        self._static_acc: Dict[str, torch.Tensor] = {}
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=config.scheduler_t_max, eta_min=config.scheduler_eta_min
         )
@@ -148,9 +184,24 @@ class Trainer:
         return (x1.to(self.device, non_blocking=nb), x2.to(self.device, non_blocking=nb),
                 torch.as_tensor(labels).to(self.device, non_blocking=nb))
 
+    def _zero_grad(self) -> None:
+        if self._static is not None:
+            zero_grads_(self.params)  # a captured step holds the gradients' addresses: never free them
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def uses_static_step(self, dataloader: Iterable) -> bool:
+        """Whether ``train_epoch`` runs the static-buffer step (or its CUDA graph) on this loader."""
+        dataset = getattr(dataloader, "dataset", dataloader)
+        features = getattr(dataset, "features", None)
+        return (self.step_mode != "eager" and callable(getattr(dataset, "epoch_index", None))
+                and isinstance(features, torch.Tensor) and features.device == torch.device(self.device))
+
     def train_epoch(self, dataloader: Iterable) -> Tuple[float, float]:
         """One pass over the loader's batches; returns (mean loss over pairs, accuracy)."""
         self.model.train()
+        if self.uses_static_step(dataloader):
+            return self._train_epoch_static(getattr(dataloader, "dataset", dataloader))
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
@@ -158,7 +209,7 @@ class Trainer:
             x1, x2, labels = self._to_device(batch)
             s1, s2 = self.model(x1, x2)
             loss = self.model.compute_loss(s1, s2, labels)
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, self.config.gradient_clip_norm)
             self.optimizer.step()
@@ -170,6 +221,55 @@ class Trainer:
         if seen == 0:
             raise ValueError("the training loader yielded no batches")
         return float(loss_sum) / seen, int(correct) / seen
+
+    def _static_step(self, features: torch.Tensor) -> StaticStep:
+        """The static-buffer step over ``features`` (one per feature matrix: a graph captures its address)."""
+        key = (features.data_ptr(), tuple(features.shape), features.dtype)
+        if self._static is not None and self._static_key == key:
+            return self._static
+        persistent_grads(self.params)
+        model, params, optimizer, clip = self.model, self.params, self.optimizer, self.config.gradient_clip_norm
+        device = self.device
+        acc = self._static_acc = {"loss_sum": torch.zeros((), device=device),
+                                  "correct": torch.zeros((), device=device, dtype=torch.long)}
+
+        def step(bufs: Dict[str, torch.Tensor]) -> None:
+            # The Trainer's step (module docstring), every tensor at a fixed address.
+            index = bufs["index"]
+            x1 = features.index_select(0, index[0]).float()
+            x2 = features.index_select(0, index[1]).float()
+            labels = index[2]
+            zero_grads_(params)
+            s1, s2 = model(x1, x2)
+            loss = model.compute_loss(s1, s2, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            acc["loss_sum"].add_(loss.detach() * index.shape[1])
+            acc["correct"].add_(batch_correct(s1.detach(), s2.detach(), labels))
+
+        def buffers(n: int) -> Dict[str, torch.Tensor]:
+            return {"index": torch.zeros(3, n, dtype=torch.long, device=device)}
+
+        self._static = StaticStep(step, buffers, device, graphs=self.step_mode == "graph")
+        self._static_key = key
+        return self._static
+
+    def _train_epoch_static(self, dataset) -> Tuple[float, float]:
+        stepper = self._static_step(dataset.features)
+        acc = self._static_acc
+        acc["loss_sum"].zero_()
+        acc["correct"].zero_()
+        index = dataset.epoch_index().to(self.device)  # (3, P): first rows, second rows, labels
+        total, size = index.shape[1], dataset.batch_size
+        if total == 0:
+            raise ValueError("the training loader yielded no batches")
+        # No host sync inside the loop: one copy into the static index buffer, then the (replayed) step.
+        for start in range(0, total, size):
+            n = min(size, total - start)
+            stepper.buffers(n)["index"].copy_(index[:, start:start + n])
+            stepper.run(n)
+        return float(acc["loss_sum"]) / total, int(acc["correct"]) / total  # CPU-GPU sync point, once per epoch
 
     @torch.no_grad()
     def validate(self, dataloader: Iterable) -> Tuple[float, float]:
@@ -212,7 +312,7 @@ class Trainer:
         for epoch in bar:
             t0 = time.perf_counter()
             set_loader_epoch(train_loader, epoch)
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = float(self.optimizer.param_groups[0]["lr"])
             train_loss, train_acc = self.train_epoch(train_loader)
             if val_loader is not None:
                 val_loss, val_acc = self.validate(val_loader)
@@ -283,8 +383,8 @@ class Trainer:
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "mirip_version": mirip.__version__,
             "model_state_dict": head,
-            "optimizer_state_dict": self.optimizer.state_dict(),
-            "scheduler_state_dict": self.scheduler.state_dict(),
+            "optimizer_state_dict": plain_lrs(self.optimizer.state_dict()),
+            "scheduler_state_dict": plain_lrs(self.scheduler.state_dict()),
             "epoch": int(epoch),
             "accuracy": float(accuracy),
             "config": self.config.to_dict(),
@@ -309,6 +409,7 @@ class Trainer:
     def load_checkpoint(self, filepath: str) -> Dict[str, Any]:
         """Restore model, optimizer, scheduler and loop state; ``fit`` then continues where it stopped."""
         ckpt = load_checkpoint_file(filepath, map_location=self.device)
+        self._static, self._static_key = None, None  # loading replaces optimizer state a graph may have captured
         if hasattr(self.model, "load_head_state_dict"):
             self.model.load_head_state_dict(ckpt["model_state_dict"])
         else:
@@ -316,7 +417,7 @@ class Trainer:
         if ckpt.get("trainable_state_dict"):
             self.model.load_state_dict(ckpt["trainable_state_dict"], strict=False)
         if ckpt.get("optimizer_state_dict"):
-            self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+            self._load_optimizer_state(ckpt["optimizer_state_dict"])
         if ckpt.get("scheduler_state_dict"):
             self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
         self.epoch = int(ckpt.get("epoch", 0))
@@ -335,6 +436,25 @@ class Trainer:
         if rng.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         return ckpt
+
+    def _load_optimizer_state(self, state: Dict[str, Any]) -> None:
+        # The checkpoint's groups replace ours: keep this Trainer's kernel flags and its lr tensors (a captured
+        # step reads those very tensors), taking only the values from the file.
+        keep = [{k: g[k] for k in ("fused", "capturable", "foreach", "differentiable") if k in g}
+                for g in self.optimizer.param_groups]
+        lrs = [(g["lr"], g.get("initial_lr")) for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state)
+        for group, flags, (lr, initial) in zip(self.optimizer.param_groups, keep, lrs):
+            group.update(flags)
+            for key, tensor in (("lr", lr), ("initial_lr", initial)):
+                if torch.is_tensor(tensor) and key in group:
+                    tensor.fill_(float(group[key]))
+                    group[key] = tensor
+            if flags.get("capturable") or flags.get("fused"):
+                for p in group["params"]:
+                    st = self.optimizer.state.get(p, {})
+                    if torch.is_tensor(st.get("step")):
+                        st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
     # --- logging -----------------------------------------------------------------------------
     def _init_wandb(self):

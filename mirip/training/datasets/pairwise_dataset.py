@@ -294,6 +294,11 @@ class FeaturePairDataset(Dataset):
         """(first, second, labels) as indices into this split's images, for the current epoch."""
         return self._pairs.first, self._pairs.second, self._pairs.labels
 
+    def epoch_index(self) -> torch.Tensor:
+        """This epoch's pairs as one (3, P) int64 tensor on the feature device: matrix rows of the first and
+        second image, and the labels. Batch ``b`` is columns ``[b * batch_size, (b + 1) * batch_size)``."""
+        return torch.stack([self._first, self._second, self._labels])
+
     def image_features(self, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """Features of this split's images [start, stop) as float32, for scoring each image once."""
         return self.features.index_select(0, self.rows[start:stop]).float()

@@ -1,0 +1,188 @@
+"""The frozen extractor's backbone, compiled: ``torch.compile`` with static shapes and a measured SDPA backend.
+
+Stage one runs one backbone over fixed-size batches, the case ``torch.compile`` serves best:
+shapes never change (``dynamic=False``), so one compilation (tens of seconds for DINOv2-large)
+is paid once per process and every batch after it runs fused kernels. Attention goes through
+``scaled_dot_product_attention``; which kernel is fastest (flash, cuDNN, memory-efficient, math)
+depends on the card, head dim and sequence length, so ``choose_sdpa_backend`` times each one
+the device offers on a real batch and keeps the fastest.
+
+Compiling costs time up front, so small jobs skip it: ``should_compile`` compiles only from
+``min_images`` images on (the break-even ``scripts/gpu_check.sh`` measures: compile seconds over
+the seconds saved per image). The extractor itself is untouched: ``compile_extractor`` swaps the
+backbone module's ``forward`` for the compiled one (state dict, hooks and fingerprint unchanged)
+and ``uncompile`` puts it back. Features must not change beyond the precision's tolerance; the
+compiled path is checked against eager on CPU (tests) and on the GPU (``gpu_check``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+# Below this many images extraction runs eager: compilation would cost more than it saves. A conservative
+# placeholder until the GPU check measures it (compile_s / saved seconds per image); see docs/benchmarks.md.
+DEFAULT_MIN_IMAGES = 2000
+COMPILE_MODES = ("off", "auto", "on")
+
+
+def _backend_enum(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def sdpa_context(name: Optional[str]):
+    """Restrict scaled_dot_product_attention to one backend (None: torch's own choice)."""
+    if name is None:
+        return contextlib.nullcontext()
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"unknown SDPA backend {name!r}; use one of {', '.join(SDPA_BACKENDS)}")
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel([_backend_enum(name)])
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()  # CPU-GPU sync point: time the work, not its queueing
+
+
+def time_call(fn: Callable[[], object], device: str, repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def choose_sdpa_backend(extractor, images: torch.Tensor, backends: Sequence[str] = SDPA_BACKENDS,
+                        repeats: int = 3) -> Dict[str, object]:
+    """Time ``extractor.extract(images)`` under each SDPA backend; {"chosen", "seconds": {name: s or None},
+    "unavailable": {name: reason}}. A backend the device or dtype lacks raises, and is recorded as unavailable."""
+    seconds: Dict[str, Optional[float]] = {}
+    unavailable: Dict[str, str] = {}
+    device = str(extractor.device)
+    for name in backends:
+        try:
+            with sdpa_context(name):
+                seconds[name] = time_call(lambda: extractor.extract(images), device, repeats=repeats)
+        except (RuntimeError, ValueError) as exc:  # "No available kernel", unsupported dtype/head dim
+            seconds[name] = None
+            unavailable[name] = str(exc).splitlines()[0][:200]
+    timed = {k: v for k, v in seconds.items() if v is not None}
+    if not timed:
+        raise RuntimeError(f"no SDPA backend ran on {device}: {unavailable}")
+    return {"chosen": min(timed, key=timed.get), "seconds": seconds, "unavailable": unavailable}
+
+
+@dataclass
+class CompileInfo:
+    """What was compiled and how: recorded in benchmark output and the extraction summary."""
+
+    compiled: bool
+    reason: str
+    sdpa_backend: Optional[str] = None
+    backend: str = "inductor"
+    mode: Optional[str] = None
+    compile_seconds: Optional[float] = None  # the first call's time: tracing + code generation (once per process)
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def can_compile(extractor) -> Optional[str]:
+    """None when the extractor can be compiled, else why not."""
+    if not getattr(extractor, "frozen", True):
+        return "the backbone is trainable (compiling is for the frozen extractor)"
+    last = getattr(extractor, "num_layers", None)
+    if last is not None and any(b != last for b in getattr(extractor, "entry_blocks", [last])):
+        # Intermediate blocks are read by forward hooks registered per call: each call would recompile.
+        return "the feature spec reads intermediate blocks (hooks); only last-block features are compiled"
+    return None
+
+
+def should_compile(mode: str, num_images: int, min_images: int = DEFAULT_MIN_IMAGES) -> bool:
+    """``on`` / ``off`` as asked; ``auto`` from ``min_images`` images on (the measured break-even)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+    return mode == "on" or (mode == "auto" and int(num_images) >= int(min_images))
+
+
+def compile_extractor(extractor, *, sdpa_backend: Optional[str] = None, backend: str = "inductor",
+                      mode: Optional[str] = None, warmup_images: Optional[torch.Tensor] = None,
+                      batch_size: Optional[int] = None) -> CompileInfo:
+    """Compile the extractor's backbone forward in place (static shapes). With ``warmup_images`` the first
+    (compiling) call runs now and its time is ``compile_seconds``; otherwise compilation happens on first use.
+    ``batch_size``: smaller batches (a run's last one) are padded to it, so one shape is ever compiled
+    (images are independent in the backbone: padding rows change no other row)."""
+    reason = can_compile(extractor)
+    if reason is not None:
+        return CompileInfo(False, reason, sdpa_backend=sdpa_backend, backend=backend, mode=mode)
+    backbone = extractor.backbone
+    uncompile(extractor)
+    eager_forward = backbone.forward
+    compiled = torch.compile(eager_forward, dynamic=False, backend=backend, mode=mode)
+
+    def forward(*args, **kwargs):
+        # The SDPA choice holds at trace time and on every call, so the compiled graph keeps that kernel.
+        with sdpa_context(sdpa_backend):
+            return compiled(*args, **kwargs)
+
+    forward._mirip_eager_forward = eager_forward  # type: ignore[attr-defined]
+    backbone.forward = forward
+    if batch_size:
+        eager_extract = extractor._extract
+
+        def padded(images: torch.Tensor) -> torch.Tensor:
+            n = images.shape[0]
+            if n >= batch_size:
+                return eager_extract(images)
+            pad = images.new_zeros((batch_size - n,) + tuple(images.shape[1:]))
+            return eager_extract(torch.cat([images, pad]))[:n]
+
+        padded._mirip_padded = True  # type: ignore[attr-defined]
+        extractor._extract = padded
+    info = CompileInfo(True, "compiled", sdpa_backend=sdpa_backend, backend=backend, mode=mode,
+                       extra={"batch_size": batch_size})
+    if warmup_images is not None:
+        _sync(str(extractor.device))
+        t0 = time.perf_counter()
+        extractor.extract(warmup_images)
+        _sync(str(extractor.device))
+        info.compile_seconds = time.perf_counter() - t0
+    return info
+
+
+def uncompile(extractor) -> None:
+    """Back to the eager forward (no-op when not compiled)."""
+    forward = extractor.backbone.__dict__.get("forward")
+    if forward is not None and hasattr(forward, "_mirip_eager_forward"):
+        del extractor.backbone.forward
+    if hasattr(extractor.__dict__.get("_extract"), "_mirip_padded"):
+        del extractor._extract
+
+
+def is_compiled(extractor) -> bool:
+    return hasattr(extractor.backbone.__dict__.get("forward"), "_mirip_eager_forward")
+
+
+def break_even_images(compile_seconds: float, eager_s_per_image: float, compiled_s_per_image: float) -> Optional[int]:
+    """Images from which compiling pays for itself; None when compiled is not faster."""
+    saved = eager_s_per_image - compiled_s_per_image
+    if saved <= 0:
+        return None
+    return int(compile_seconds / saved) + 1
