@@ -46,7 +46,7 @@ TRAINING_HELP = {
     "eval_pairs": "validation and test pairs (sampled once)",
     "pair_balance": "'tier_pair': pairs spread evenly over S-A, S-B, ..., B-C; 'uniform': over all cross-tier pairs",
     "num_workers": "DataLoader workers (image datasets only; cached features need none)",
-    "head_step": "head step on cached features: auto (a CUDA graph on CUDA, eager elsewhere), eager, static (the "
+    "head_step": "head step on cached features: auto (eager until the CUDA graph is verified on a GPU), eager, static (the "
                  "graph's static-buffer step without a graph) or graph",
 }
 SKIPPED = {"checkpoint_dir"}  # the output directory is the checkpoint directory

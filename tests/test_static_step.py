@@ -65,7 +65,7 @@ def _fit(mode, epochs=4, pairs=150, batch=32, dropout=0.1):
 
 def test_step_modes_resolve_by_device():
     assert resolve_step_mode("auto", "cpu") == "eager"
-    assert resolve_step_mode("auto", "cuda") == "graph"
+    assert resolve_step_mode("auto", "cuda") == "eager"  # until the GPU check of the graph has passed
     assert resolve_step_mode("static", "cpu") == "static"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_step_mode("graph", "cpu")
@@ -224,9 +224,21 @@ def test_stacked_static_step_needs_the_batched_optimizer():
         _group("static", optimizer="fused")
     from mirip.sweep.engine import sweep_step_mode
 
-    tc = TrainingConfig(device="cuda")  # auto: a graph on CUDA, unless another optimizer was asked for
-    assert sweep_step_mode(tc, "cuda", None) == "graph" and sweep_step_mode(tc, "cuda", "fused") == "eager"
-    assert sweep_step_mode(tc, "cpu", None) == "eager"
+    tc = TrainingConfig(device="cuda")  # auto: eager until the graph is verified on a GPU
+    assert sweep_step_mode(tc, "cuda", None) == "eager" and sweep_step_mode(tc, "cpu", None) == "eager"
+    tc = TrainingConfig(device="cuda", head_step="graph")  # asked for: a graph, with the batched optimizer only
+    assert sweep_step_mode(tc, "cuda", None) == "graph"
+    with pytest.raises(ValueError, match="needs the batched optimizer"):
+        sweep_step_mode(tc, "cuda", "fused")
+    monkey = pytest.MonkeyPatch()
+    from mirip.training import static_step
+
+    monkey.setitem(static_step.AUTO_MODE, "cuda", "graph")  # what the GPU suite measures: auto as a graph
+    try:
+        tc = TrainingConfig(device="cuda")
+        assert sweep_step_mode(tc, "cuda", None) == "graph" and sweep_step_mode(tc, "cuda", "fused") == "eager"
+    finally:
+        monkey.undo()
 
 
 def test_capturable_batched_adamw_equals_the_plain_one():

@@ -36,16 +36,20 @@ STEP_MODES = ("auto", "eager", "static", "graph")
 WARMUP_STEPS = 2  # eager runs per batch size before capture (lazy inits, cuBLAS workspaces, optimizer state)
 
 Buffers = Dict[str, torch.Tensor]
+# What ``auto`` means per device. The graph step equals the eager one on CPU (as the static step), but the
+# captured graph has not yet been run on a GPU (scripts/gpu_check.py checks graph == eager there): until that
+# check has passed on a real card, ``auto`` stays eager on CUDA too and ``graph`` is an explicit opt-in.
+AUTO_MODE = {"cuda": "eager", "cpu": "eager"}
 
 
 def resolve_step_mode(mode: Optional[str], device: str) -> str:
-    """``auto`` -> ``graph`` on CUDA, ``eager`` elsewhere; ``graph`` anywhere but CUDA is an error."""
+    """``auto`` -> ``eager`` (see AUTO_MODE); ``graph`` anywhere but CUDA is an error."""
     mode = mode or "auto"
     if mode not in STEP_MODES:
         raise ValueError(f"unknown head step mode {mode!r}; use one of {', '.join(STEP_MODES)}")
     cuda = str(device).startswith("cuda")
     if mode == "auto":
-        return "graph" if cuda else "eager"
+        return AUTO_MODE["cuda" if cuda else "cpu"]
     if mode == "graph" and not cuda:
         raise ValueError(f"head step mode 'graph' needs a CUDA device, got {device!r}; use 'static' to run the "
                          "same static-buffer step without a graph, or 'eager'")
