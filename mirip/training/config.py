@@ -31,7 +31,7 @@ class TrainingConfig:
     eval_pairs: int = 10_000  # validation / test pairs, sampled once (epoch 0)
     pair_balance: str = "tier_pair"  # "tier_pair": even over S-A, S-B, ...; "uniform": over all cross-tier pairs
     num_workers: int = 0  # DataLoader workers for image-file datasets (features need none)
-    # Head step on cached features (mirip.training.static_step): "auto" = a CUDA graph on CUDA, eager elsewhere;
+    # Head step on cached features (mirip.training.static_step): "auto" = eager until the CUDA graph is verified on a GPU;
     # "eager", "static" (the graph's static-buffer step run eagerly) or "graph".
     head_step: str = "auto"
 

@@ -19,7 +19,7 @@ lives at a fixed address:
     eager    the plain loop (the default wherever there is no GPU)
     static   the static-buffer step run eagerly: exactly what ``graph`` captures, checkable on a CPU
     graph    static, captured once per batch size after ``warmup`` eager runs and replayed (CUDA only)
-    auto     graph on CUDA, eager elsewhere
+    auto     eager everywhere for now (AUTO_MODE): graph on CUDA once the GPU suite has verified it
 
 Warm-up runs are real training steps (nothing is thrown away) and a capture is followed
 by its replay, so the sequence of updates is the eager one step for step.
