@@ -25,7 +25,9 @@ cannot be detected (nothing is verified); appending to it is refused likewise (r
 Integrity. Every read of features verifies the rows' checksums (and the path list's) and refuses a damaged
 cache with ``CacheDamaged``, naming the rows; ``damaged_rows()`` scans the whole file, and
 ``scripts/extract.py`` re-extracts such rows (the plan's "repaired"). A file whose HDF5 structure itself is
-damaged (object header, path heap) is refused with a one-line ``CacheError`` naming the file.
+damaged (object header, path heap) is refused with a one-line ``CacheError`` naming the file; format-3 files
+are written in HDF5 1.8's newer file format (``libver="v108"``), whose superblock and object headers carry
+HDF5's own checksums.
 
 Rows are committed by ``num_rows``: data and checksums are written, flushed and fsync'ed first, the counter
 last, so a process killed (or a disk that fills) mid-write leaves every committed row intact and the
@@ -117,6 +119,18 @@ class FeatureCache:
         self.h5, self.path = h5, path
         self._paths: Optional[List[str]] = None
         self._index: Optional[Dict[str, int]] = None
+        self._hold()
+
+    def _hold(self) -> None:
+        """Keep every dataset of a writable file open while it is open.
+
+        HDF5 writes a dataset's cached chunks when its last handle closes; ``h5["x"][...] = v`` opens and closes a
+        handle, and an error at that close (a full disk) is only printed by h5py, never raised, so the row counter
+        would then commit rows whose bytes never reached the disk. Held open, chunks are written by our own
+        ``flush`` (whose errors are raised) or at ``close``."""
+        self._held = []
+        if self.h5.mode == "r+":
+            self.h5.visititems(lambda _, obj: self._held.append(obj) if isinstance(obj, h5py.Dataset) else None)
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -147,7 +161,10 @@ class FeatureCache:
 
     @staticmethod
     def _build(tmp: str, fingerprint: Mapping) -> None:
-        h5 = h5py.File(tmp, "w")
+        # HDF5 1.8's newer file format: superblock and object headers carry checksums, so a damaged header is
+        # refused by HDF5 itself (the oldest format reads some damage as other values). Not 1.10's: its
+        # superblock marks a file open for writing, and after a kill -9 the file would refuse every open.
+        h5 = h5py.File(tmp, "w", libver=("v108", "v108"))
         dim, dtype = int(fingerprint["feature_dim"]), np.dtype(fingerprint.get("feature_dtype", "float32"))
         dims = fingerprint.get("feature_entry_dims") or [dim]
         # One entry per chunk column (when entries are equal in width): reading a few entries of a big bank
@@ -202,6 +219,7 @@ class FeatureCache:
         return cls(h5, path)
 
     def close(self) -> None:
+        self._held = []
         if self.h5.id.valid:
             try:
                 self.h5.close()
@@ -218,8 +236,11 @@ class FeatureCache:
     # --- reading -------------------------------------------------------------------------------
     @property
     def fingerprint(self) -> dict:
-        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in self.h5.attrs["fingerprint_keys"]]
-        return from_attrs(self.h5.attrs, keys)
+        try:
+            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in self.h5.attrs["fingerprint_keys"]]
+            return from_attrs(self.h5.attrs, keys)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise _describe_os_error(self.path, exc) from None
 
     @property
     def num_rows(self) -> int:
@@ -265,7 +286,7 @@ class FeatureCache:
     def _read(self, name: str, selection):
         try:
             return self.h5[name][selection]
-        except (OSError, RuntimeError, KeyError) as exc:
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise _describe_os_error(self.path, exc) from None
 
     def _entry_bounds(self) -> np.ndarray:
@@ -432,7 +453,7 @@ class FeatureCache:
 
     def source_facts(self) -> Tuple[np.ndarray, np.ndarray]:
         n = self.num_rows
-        return self.h5["source_size"][:n], self.h5["source_mtime_ns"][:n]
+        return self._read("source_size", slice(0, n)), self._read("source_mtime_ns", slice(0, n))
 
     def rows_for(self, paths: Iterable[str]) -> np.ndarray:
         """Rows of the given relative paths; CacheError lists every path without a valid feature.
@@ -456,16 +477,18 @@ class FeatureCache:
 
     def failures(self) -> Dict[str, str]:
         """Relative path -> reason, for every image extraction could not read."""
-        g, n = self.h5["failed"], int(self.h5.attrs["num_failed"])
-        dec = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
-        return {dec(p): dec(r) for p, r in zip(g["paths"][:n], g["reasons"][:n])}
+        return {p: r for p, (r, _, _) in self.failure_records().items()}
 
     def failure_records(self) -> Dict[str, Tuple[str, int, int]]:
         """Relative path -> (reason, size, mtime_ns): the form ``set_failures`` takes."""
-        g, n = self.h5["failed"], int(self.h5.attrs["num_failed"])
+        n = int(self.h5.attrs["num_failed"])
         dec = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
-        sizes, mtimes = g["source_size"][:n], g["source_mtime_ns"][:n]
-        return {dec(p): (dec(r), int(s), int(m)) for p, r, s, m in zip(g["paths"][:n], g["reasons"][:n], sizes, mtimes)}
+        paths, reasons = self._read("failed/paths", slice(0, n)), self._read("failed/reasons", slice(0, n))
+        sizes, mtimes = self._read("failed/source_size", slice(0, n)), self._read("failed/source_mtime_ns", slice(0, n))
+        try:
+            return {dec(p): (dec(r), int(s), int(m)) for p, r, s, m in zip(paths, reasons, sizes, mtimes)}
+        except UnicodeDecodeError as exc:
+            raise _describe_os_error(self.path, exc) from None
 
     def check_fingerprint(self, expected: Mapping, ignore: Iterable[str] = ENVIRONMENT_FIELDS, only=None) -> None:
         check_fingerprint(expected, self.fingerprint, what=f"feature cache {self.path}", ignore=ignore, only=only)
@@ -527,8 +550,15 @@ class FeatureCache:
 
     def _write_failed(self, exc: BaseException) -> CacheWriteError:
         """Close the file after a failed write (freeing the reserve so HDF5 can) and describe what happened."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            st = os.statvfs(directory)  # before the reserve goes: what the user has to work with
+            free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
         self._drop_reserve()
         committed = int(self.h5.attrs["num_rows"]) if self.h5.id.valid else self.num_rows
+        self._held = []
         try:
             self.h5.close()
         except Exception:  # noqa: BLE001 - the first error is the one to report
@@ -536,13 +566,7 @@ class FeatureCache:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         added = committed - getattr(self, "_rows_at_open", committed)
         full = getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in str(exc) or "No space left" in str(exc)
-        directory = os.path.dirname(os.path.abspath(self.path))
         if full:
-            try:
-                st = os.statvfs(directory)
-                free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free now)"
-            except OSError:
-                free = ""
             what = (f"the disk holding it is full: No space left on device{free}. {committed} rows are committed "
                     f"and intact ({added} added by this run); free space on {directory} and rerun the same command "
                     f"to continue where it stopped")
@@ -653,8 +677,10 @@ class FeatureCache:
         new = parent.create_dataset(staged, ds.shape, dtype=ds.dtype, maxshape=ds.maxshape, chunks=ds.chunks)
         new[:keep] = kept
         self._durable_flush()
+        self._held = [d for d in self._held if d.name != ds.name]
         del parent[base]
         parent.move(staged, base)  # a kill between these two lines is finished by ``_finish_rebuilds``
+        self._hold()
 
     def _finish_rebuilds(self) -> None:
         for group in (self.h5, self.h5.get("failed")):
