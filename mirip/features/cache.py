@@ -104,7 +104,7 @@ def _describe_os_error(path: str, exc: BaseException) -> CacheError:
         return CacheInUse(f"feature cache {path} is in use by another process (HDF5 file lock held, e.g. by a "
                           "running extraction): wait for it to finish, or choose another --output")
     first = text.splitlines()[0] if text else type(exc).__name__
-    return CacheError(f"cannot read feature cache {path}: the file is damaged or not an HDF5 file ({first}); "
+    return CacheError(f"cannot read feature cache {path}: the file is damaged or not a readable HDF5 file ({first}); "
                       "re-extract it (scripts/extract.py --overwrite), or restore it from a backup")
 
 
