@@ -101,8 +101,7 @@ def test_a_full_disk_stops_the_run_with_one_message_keeps_every_committed_row_an
                     "--views", "8"]
     # A first run of 4 images (the cache exists, its first chunks are allocated), then a disk with almost no room.
     write_metadata(tmp_path / "first.csv", names[:4])
-    run = subprocess.run(args() + ["--metadata", str(tmp_path / "first.csv")], env=_env(), capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    extract(images, str(output), tiny_backbone, views=8, batch_size=2, metadata=str(tmp_path / "first.csv"))
     with open_cache(str(output), "a") as cache:
         reserve = cache._reserve_bytes()
     filler = _fill(small_fs, reserve + 24 * 1024)
@@ -123,9 +122,8 @@ def test_a_full_disk_stops_the_run_with_one_message_keeps_every_committed_row_an
         np.testing.assert_allclose(cache.features(), ref[rows], atol=ATOL)  # no zero rows, no stale rows
 
     filler.unlink()  # space freed: the same command continues
-    run = subprocess.run(args(), env=_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert f"skipped, cached:      {committed}" in run.stdout
+    summary = extract(images, str(output), tiny_backbone, views=8, batch_size=2)
+    assert summary.skipped_cached == committed and summary.extracted == len(names) - committed
     with open_cache(str(output)) as cache:
         assert cache.num_rows == len(names) and cache.damaged_rows() == []
         rows = [names.index(p) for p in cache.paths]
