@@ -373,3 +373,24 @@ def test_a_failed_write_removes_its_own_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         FeatureCache.create(str(tmp_path / "cache.h5"), {"format_version": 3, "feature_dim": 4})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_appending_over_path_slots_a_killed_run_left_dangling_works(tmp_path):
+    """A kill mid-flush can leave the path chunk on disk but not the heap holding its strings; the next append
+    must still work (HDF5 fails to overwrite such slots: "bad heap index")."""
+    fp = {"format_version": 3, "backbone": "x", "feature_dim": 4, "feature_dtype": "float32", "views": 0}
+    path, ahead = tmp_path / "c.h5", tmp_path / "ahead.h5"
+    write_cache(str(path), fp, [f"img_{i}.png" for i in range(5)], np.zeros((5, 4), np.float32))
+    shutil.copy(path, ahead)
+    with open_cache(str(ahead), "a") as cache:
+        cache.append([f"img_{i}.png" for i in range(5, 10)], np.ones((5, 4), np.float32), [0] * 5, [0] * 5)
+    with h5py.File(ahead, "r") as h5:
+        mask, raw = h5["paths"].id.read_direct_chunk((0,))
+    with h5py.File(path, "a") as h5:  # the chunk reached the disk, the strings it points to did not
+        h5["paths"].id.write_direct_chunk((0,), raw, mask)
+    with open_cache(str(path), "a") as cache:
+        assert cache.paths == [f"img_{i}.png" for i in range(5)]
+        cache.append(["new_a.png", "new_b.png"], np.full((2, 4), 2, np.float32), [1, 1], [1, 1])
+    with open_cache(str(path)) as cache:
+        assert cache.paths == [f"img_{i}.png" for i in range(5)] + ["new_a.png", "new_b.png"]
+        assert cache.damaged_rows() == [] and cache.features()[5:].tolist() == [[2.0] * 4] * 2
