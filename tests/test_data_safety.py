@@ -394,3 +394,21 @@ def test_appending_over_path_slots_a_killed_run_left_dangling_works(tmp_path):
     with open_cache(str(path)) as cache:
         assert cache.paths == [f"img_{i}.png" for i in range(5)] + ["new_a.png", "new_b.png"]
         assert cache.damaged_rows() == [] and cache.features()[5:].tolist() == [[2.0] * 4] * 2
+
+
+def test_checksums_are_per_entry_so_reading_some_entries_checks_just_those(tmp_path):
+    fp = {"format_version": 3, "backbone": "x", "feature_dim": 8, "feature_dtype": "float16", "views": 0,
+          "feature_entries": ["cls@-1", "mean@-1"]}  # no feature_entry_dims: two entries of 4 columns
+    path = str(tmp_path / "c.h5")
+    feats = np.arange(48, dtype=np.float32).reshape(6, 8)
+    write_cache(path, fp, [f"img_{i}.png" for i in range(6)], feats)
+    with h5py.File(path, "r+") as h5:  # a changed value, checksums untouched: what a flipped bit does
+        h5["features"][3, 5] = 99
+    with open_cache(path) as cache:
+        np.testing.assert_array_equal(cache.features(spec="cls@-1"), feats[:, :4])
+        with pytest.raises(CacheDamaged, match=r"3 \(img_3.png\)") as info:
+            cache.features(spec="mean@-1")
+        assert info.value.rows == [3]
+        with pytest.raises(CacheDamaged):
+            cache.features([5, 3, 0])
+        assert cache.damaged_rows() == [3]

@@ -32,7 +32,7 @@ HDF5's own checksums.
 Rows are committed by ``num_rows``: data and checksums are written, flushed and fsync'ed first, the counter
 last, so a process killed (or a disk that fills) mid-write leaves every committed row intact and the
 uncommitted tail is simply overwritten by the next append. While a writer has the file open it holds a
-*reserve* file beside it (``<cache>.reserve-<host>-<pid>``): when the disk fills, the reserve is deleted so
+*reserve* file beside it (``<cache>.tmp-<host>-<pid>-reserve``): when the disk fills, the reserve is deleted so
 HDF5 can still close the file cleanly, and the error says how many rows are committed.
 """
 
@@ -92,6 +92,12 @@ def _crc_paths(paths: Sequence[str]) -> np.ndarray:
     return np.fromiter((zlib.crc32(p.encode("utf-8")) for p in paths), dtype=np.uint32, count=len(paths))
 
 
+def _entry_bounds_of(fingerprint: Mapping, dim: int) -> np.ndarray:
+    """Column bounds of the bank's entries, one checksum each (one span when the fingerprint's dims do not add up)."""
+    dims = bank_layout(fingerprint)[2]
+    return np.concatenate([[0], np.cumsum(dims)]).astype(int) if sum(dims) == dim else np.array([0, dim])
+
+
 def _rows_text(rows: Sequence[int], paths: Optional[Sequence[str]] = None, limit: int = 10) -> str:
     shown = [f"{r} ({paths[r]})" if paths is not None and r < len(paths) else str(r) for r in rows[:limit]]
     return ", ".join(shown) + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
@@ -102,7 +108,7 @@ def _describe_os_error(path: str, exc: BaseException) -> CacheError:
     text = str(exc)
     if getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in text:
         return CacheInUse(f"feature cache {path} is in use by another process (HDF5 file lock held, e.g. by a "
-                          "running extraction): wait for it to finish, or choose another --output")
+                          "running extraction): wait for it to finish, or, to extract now, choose another --output")
     first = text.splitlines()[0] if text else type(exc).__name__
     return CacheError(f"cannot read feature cache {path}: the file is damaged or not a readable HDF5 file ({first}); "
                       "re-extract it (scripts/extract.py --overwrite), or restore it from a backup")
@@ -179,8 +185,8 @@ class FeatureCache:
                               chunks=(vrows, views, dim))
         for name in _ROW_FIELDS:
             h5.create_dataset(name, (0,), dtype=_STR if name == "paths" else np.int64, maxshape=(None,), chunks=(4096,))
-        h5.create_dataset("checksums", (0, len(dims)), dtype=np.uint32, maxshape=(None, len(dims)),
-                          chunks=(4096, len(dims)))
+        entries = len(_entry_bounds_of(fingerprint, dim)) - 1
+        h5.create_dataset("checksums", (0, entries), dtype=np.uint32, maxshape=(None, entries), chunks=(4096, entries))
         h5.create_dataset("path_checksums", (0,), dtype=np.uint32, maxshape=(None,), chunks=(4096,))
         if views > 0:
             h5.create_dataset("view_checksums", (0, views), dtype=np.uint32, maxshape=(None, views),
@@ -290,7 +296,7 @@ class FeatureCache:
             raise _describe_os_error(self.path, exc) from None
 
     def _entry_bounds(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(bank_layout(self.fingerprint)[2])]).astype(int)
+        return _entry_bounds_of(self.fingerprint, self.dim)
 
     def _verify(self, rows: np.ndarray, block: np.ndarray, entries: Sequence[int], spans: Sequence[slice]) -> None:
         """Compare ``block`` (the given rows; columns = the given entries' spans, side by side) with stored sums."""
@@ -390,10 +396,13 @@ class FeatureCache:
         slices = None if spec is None else self.entry_slices(spec)
         n = self.num_rows
         bounds = self._entry_bounds()
-        starts = [int(b) for b in bounds[:-1]]
         all_spans = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        entries = list(range(len(all_spans))) if slices is None else [starts.index(s.start) for s in slices]
-        spans = all_spans if slices is None else slices
+        # Each checksum covers one entry's span; a spec's slices are such spans (caches made by extract always).
+        entries = list(range(len(all_spans))) if slices is None else [
+            next((i for i, sp in enumerate(all_spans) if (sp.start, sp.stop) == (s.start, s.stop)), None) for s in slices]
+        if None in entries:  # a hand-made cache whose fingerprint's entry dims do not add up: not verifiable per entry
+            entries, all_spans = [], []
+        spans = all_spans if slices is None else [s for s, e in zip(slices, entries) if e is not None]
         if rows is None:
             if slices is None:
                 out = self._read("features", slice(0, n))
