@@ -287,7 +287,7 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
                          f"<div class='basis'>Rows: tier in the metadata; columns: predicted tier; "
                          f"{html.escape(basis_text)}.</div>" + _confusion_html(basis))
         parts.append("<h2 id='distributions'>Scores per tier</h2>"
-                     f"<div class='basis'>One dot per drawing, the median as a bar"
+                     "<div class='basis'>One dot per drawing, the median as a bar"
                      + ("; dashed lines: the calibration's tier boundaries" if calibration is not None else "")
                      + f"; {html.escape(basis_text)}.</div>" + _distribution_svg(basis, calibration))
     if failures:

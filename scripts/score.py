@@ -90,18 +90,8 @@ def match_tiers(paths: Sequence[str], metadata: pd.DataFrame, roots: Sequence[st
         raise ValueError(f"metadata has no filename column {filename_column!r} "
                          f"(columns: {', '.join(map(str, metadata.columns))})")
     tiers = [rank_to_tier(r) for r in tier_ranks(metadata, tier_column)]
-    by_name = {os.path.normpath(str(f)): t for f, t in zip(metadata[filename_column], tiers)}
-    base_counts: Dict[str, int] = {}
-    for f in by_name:
-        base_counts[os.path.basename(f)] = base_counts.get(os.path.basename(f), 0) + 1
-    by_base = {os.path.basename(f): t for f, t in by_name.items() if base_counts[os.path.basename(f)] == 1}
-    out = {}
-    for p in paths:
-        rels = [os.path.normpath(os.path.relpath(p, r)) for r in roots if os.path.isdir(r)]
-        tier = next((by_name[r] for r in rels if r in by_name), None) or by_base.get(os.path.basename(p))
-        if tier is not None:
-            out[p] = tier
-    return out
+    by_name = dict(zip(map(str, metadata[filename_column]), tiers))
+    return {p: by_name[name] for p, name in match_paths(paths, list(by_name), roots).items()}
 
 
 def _frame(result: ScoreResult, weights: str, tiers: Optional[Dict[str, str]], scorer: Optional[Scorer] = None,

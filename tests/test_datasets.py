@@ -203,8 +203,26 @@ def test_from_cache_checks_rows_fingerprint_and_tiers(tmp_path):
         FeaturePairDataset.from_cache(path, pd.DataFrame({"filename": ["a.png", "b.png"], "tier": ["S", "Z"]}))
 
 
-def test_default_pairs_capped(image_dir):
+def _naive_cross_tier_pairs(tiers) -> int:
+    return sum(1 for i, j in itertools.combinations(range(len(tiers)), 2) if tiers[i] != tiers[j])
+
+
+def test_default_pairs_capped(tmp_path):
+    """Without num_pairs: every cross-tier pair of a small set, at most DEFAULT_MAX_PAIRS for a large one."""
     assert DEFAULT_MAX_PAIRS == 10_000
+    for i in range(240):
+        (tmp_path / f"f{i}.png").touch()  # only existence is checked when the dataset is built
+
+    def dataset(tiers, **kw):
+        meta = pd.DataFrame({"filename": [f"f{i}.png" for i in range(len(tiers))], "tier": tiers})
+        return PairwiseDataset(meta, str(tmp_path), **kw)
+
+    small = list("SSSAABBBBC") * 3
+    assert len(dataset(small)) == _naive_cross_tier_pairs(small) == 315
+    large = list("SABC") * 60  # 21,600 cross-tier pairs
+    assert _naive_cross_tier_pairs(large) == 21_600
+    assert len(dataset(large)) == DEFAULT_MAX_PAIRS
+    assert len(dataset(large, num_pairs=12_345)) == 12_345  # an explicit length is not capped
 
 
 # --- metrics -------------------------------------------------------------------------------------

@@ -58,10 +58,33 @@ def test_pad_keeps_the_whole_drawing_inside_the_seen_area():
     assert dark[:, 1].min() == 0 and dark[:, 1].max() == 755 and out[:, 756:].min() == 255
 
 
-@pytest.mark.parametrize("mode", ["stretch", "center_crop"])
-def test_other_resize_modes(mode):
-    out = resize(Image.new("RGB", (300, 100)), 64, mode)
-    assert out.size == (64, 64)
+def _thirds(w: int = 300, h: int = 100) -> Image.Image:
+    """Red, green and blue vertical bands, one third of the width each."""
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    for band in range(3):
+        arr[:, band * w // 3:(band + 1) * w // 3, band] = 255
+    return Image.fromarray(arr)
+
+
+def _dominant(region: np.ndarray) -> int:
+    return int(np.argmax(region.reshape(-1, 3).astype(int).sum(axis=0)))
+
+
+def test_stretch_keeps_every_band_and_squashes_the_aspect():
+    out = np.asarray(resize(_thirds(), 63, "stretch"))
+    assert out.shape == (63, 63, 3)
+    # All three bands survive, each a third of the width, over the full height (the aspect is not kept).
+    assert [_dominant(out[:, x0:x0 + 17]) for x0 in (2, 23, 44)] == [0, 1, 2]
+    assert out[0, 5].tolist() == out[62, 5].tolist() == [255, 0, 0]
+
+
+def test_center_crop_keeps_only_the_middle_of_the_longer_side():
+    out = np.asarray(resize(_thirds(), 63, "center_crop"))
+    assert out.shape == (63, 63, 3)
+    # 300x100 scaled to 189x63 and the middle 63 columns cut out: exactly the green band, nothing else.
+    assert np.all(out[:, 3:60] == [0, 255, 0])
+    tall = np.asarray(resize(_thirds().transpose(Image.Transpose.ROTATE_90), 63, "center_crop"))
+    assert np.all(tall[3:60, :] == [0, 255, 0])
 
 
 def test_normalisation_uses_imagenet_stats(tmp_path):
@@ -100,10 +123,19 @@ def test_decompression_bomb_refused(tmp_path, monkeypatch):
         load_image(tmp_path / "big.png")
 
 
-def test_jpeg_draft_is_deterministic(tmp_path):
-    make_image(tmp_path / "big.jpg", size=(1200, 900))
-    pre = Preprocessor(image_size=224)
-    assert torch.equal(pre(tmp_path / "big.jpg"), pre(tmp_path / "big.jpg"))
+def test_jpeg_draft_decodes_small_and_matches_a_full_decode(tmp_path):
+    # A smooth picture: what a reduced-scale JPEG decode changes is fine detail, which a 224 px resize drops anyway.
+    yy, xx = np.mgrid[0:900, 0:1200]
+    arr = np.stack([xx * 255 // 1199, yy * 255 // 899, (xx + yy) * 255 // 2098], axis=2).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "big.jpg", quality=95)
+    # Decoded at a quarter of the size (the smallest power-of-two scale still at least 224 px), not in full.
+    assert load_image(tmp_path / "big.jpg", draft_size=224).size == (300, 225)
+    assert load_image(tmp_path / "big.jpg").size == (1200, 900)
+    drafted = Preprocessor(image_size=224)(tmp_path / "big.jpg")
+    full = Preprocessor(image_size=224, draft=False)(tmp_path / "big.jpg")
+    assert not torch.equal(drafted, full)  # the draft path really ran
+    assert float((drafted - full).abs().mean()) < 0.01 and float((drafted - full).abs().max()) < 0.1
+    assert torch.equal(drafted, Preprocessor(image_size=224)(tmp_path / "big.jpg"))  # and it is deterministic
 
 
 def test_preprocessor_config_and_validation():

@@ -48,9 +48,10 @@ def _datasets(feats, ranks, tc: TrainingConfig, seed: int):
     return train, val
 
 
-def _alone(cfg, feats, ranks, tc):
+def _alone(cfg, feats, ranks, tc, checkpoint_dir: str = ""):
     """The configuration trained by itself, exactly as scripts/train.py trains it."""
-    c = dataclasses.replace(tc, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    c = dataclasses.replace(tc, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                            checkpoint_dir=checkpoint_dir)
     torch.manual_seed(cfg.seed)
     head = RankingHead(feats.shape[1], cfg.projector_dim, cfg.margin, cfg.hidden_dim, cfg.dropout)
     trainer = Trainer(head, c, progress=False, log=lambda msg: None)
@@ -149,7 +150,7 @@ def test_optimizer_equals_adamw_per_head(kind):
 
 
 @pytest.mark.parametrize("kind", ["plain", "fused", "batched"])
-def test_stacked_group_equals_trainer_alone(kind):
+def test_stacked_group_equals_trainer_alone(kind, tmp_path):
     """The acceptance test: every head of a stacked group ends exactly where the Trainer alone ends."""
     feats, ranks = _data()
     tc = TrainingConfig(batch_size=16, max_epochs=5, pairs_per_epoch=96, eval_pairs=160, early_stopping_patience=2,
@@ -165,8 +166,8 @@ def test_stacked_group_equals_trainer_alone(kind):
     # Heads stopped at different epochs, so the stack was rebuilt mid-run at least once.
     assert len({o.epochs_run for o in outcomes}) > 1
     tight = dict(rtol=1e-5, atol=1e-6) if kind == "plain" else dict(rtol=1e-4, atol=1e-5)
-    for cfg, out in zip(configs, outcomes):
-        trainer, history = _alone(cfg, feats, ranks, tc)
+    for i, (cfg, out) in enumerate(zip(configs, outcomes)):
+        trainer, history = _alone(cfg, feats, ranks, tc, checkpoint_dir=str(tmp_path / str(i)))
         assert out.best_epoch == trainer.best_epoch, cfg.describe()
         assert out.epochs_run == trainer.epoch and out.stopped_early == trainer.stopped_early, cfg.describe()
         assert out.history["val_acc"] == history["val_acc"], cfg.describe()
@@ -186,9 +187,12 @@ def test_stacked_group_equals_trainer_alone(kind):
         with torch.no_grad():
             a, b = ours.get_score(feats).reshape(-1), theirs.get_score(feats).reshape(-1)
         torch.testing.assert_close(a - a.mean(), b - b.mean(), **tight)
-        # The head's dropout stream ends where the single run's global RNG ends.
-        if cfg.dropout > 0 and out.best_epoch == trainer.epoch:
-            assert torch.equal(out.rng_state["torch"], torch.get_rng_state())
+        # At its best epoch the head's dropout stream stands where the single run's global RNG stood then: what
+        # the single run's best.pt stores for an exact resume (for dropout 0 too: the stream after the init).
+        best = torch.load(tmp_path / str(i) / "best.pt", weights_only=True)
+        assert best["epoch"] == out.best_epoch
+        assert torch.equal(out.rng_state["torch"], best["rng_state"]["torch"]), cfg.describe()
+    assert any(o.best_epoch > 1 for o, c in zip(outcomes, configs) if c.dropout > 0)  # a stream that moved
 
 
 def test_dropout_masks_follow_each_heads_own_stream():

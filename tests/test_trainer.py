@@ -66,46 +66,96 @@ def test_same_seed_gives_identical_history():
     assert h3["train_loss"] != h1["train_loss"]
 
 
+def _naive_scores(p: dict, x: torch.Tensor, dropout: float, train: bool) -> torch.Tensor:
+    """The seed's head written out by hand: Linear -> LayerNorm -> GELU -> Dropout -> Linear -> LayerNorm -> Linear."""
+
+    def layer_norm(h, weight, bias, eps=1e-5):
+        mean = h.mean(dim=1, keepdim=True)
+        var = ((h - mean) ** 2).mean(dim=1, keepdim=True)
+        return (h - mean) / torch.sqrt(var + eps) * weight + bias
+
+    h = x @ p["projector.net.0.weight"].T + p["projector.net.0.bias"]
+    h = layer_norm(h, p["projector.net.1.weight"], p["projector.net.1.bias"])
+    h = 0.5 * h * (1 + torch.erf(h / 2 ** 0.5))
+    if train and dropout > 0:
+        # torch's own dropout, one mask over the whole batch from the global stream (as the head's forward draws it).
+        h = torch.nn.functional.dropout(h, dropout, training=True)
+    h = h @ p["projector.net.4.weight"].T + p["projector.net.4.bias"]
+    h = layer_norm(h, p["projector.net.5.weight"], p["projector.net.5.bias"])
+    return (h @ p["score_head.0.weight"].T + p["score_head.0.bias"]).reshape(-1)
+
+
+def _checked_pairs(ranks, first, second, labels):
+    """The explicit pairs of one epoch, each checked by hand: two tiers, label +1 exactly when the first is better."""
+    pairs = []
+    for a, b, y in zip(first.tolist(), second.tolist(), labels.tolist()):
+        assert ranks[a] != ranks[b], f"same-tier pair ({a}, {b})"
+        assert y == (1 if ranks[a] > ranks[b] else -1), f"pair ({a}, {b}) labelled {y}"
+        pairs.append((a, b, y))
+    assert sum(y == 1 for *_, y in pairs) == len(pairs) // 2
+    return pairs
+
+
+# The score bias and the last LayerNorm's bias shift both scores of a pair alike: their true gradient is zero and
+# the rounding noise Adam normalises differs between two ways of writing the same sums (see test_sweep_stacked).
+PAIR_INVARIANT = ("projector.net.5.bias", "score_head.0.bias")
+
+
 def test_trainer_follows_the_training_step_contract():
-    """A hand-written loop of the documented contract reproduces the Trainer exactly (what a stacked sweep must match)."""
-    cfg = _config(max_epochs=3, early_stopping_patience=5)
+    """A naive loop over explicit pairs, written without the library's loss, forward or clipping, equals the Trainer."""
+    cfg = _config(max_epochs=3, early_stopping_patience=5, batch_size=24)
     trainer, history = _fit(cfg)
     feats, ranks, train_rows, val_rows, *_ = _data(cfg)
-    model = _head(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    model = _head(cfg)  # the same init as the Trainer's model; its parameters become plain leaf tensors
+    p = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    drop, margin, clip = model.dropout, model.margin, cfg.gradient_clip_norm
+    opt = torch.optim.AdamW(list(p.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.scheduler_t_max, eta_min=cfg.scheduler_eta_min)
-    vf, vs, vl = sample_pairs(ranks[val_rows], cfg.eval_pairs, seed=cfg.seed, epoch=0, balance=cfg.pair_balance)
+    tr_ranks, va_ranks = ranks[train_rows].tolist(), ranks[val_rows].tolist()
+    val_pairs = _checked_pairs(va_ranks, *sample_pairs(ranks[val_rows], cfg.eval_pairs, seed=cfg.seed, epoch=0))
     losses, accs, val_accs = [], [], []
     for epoch in range(cfg.max_epochs):
-        first, second, labels = sample_pairs(ranks[train_rows], cfg.pairs_per_epoch, seed=cfg.seed, epoch=epoch,
-                                             balance=cfg.pair_balance)
+        pairs = _checked_pairs(tr_ranks, *sample_pairs(ranks[train_rows], cfg.pairs_per_epoch, seed=cfg.seed,
+                                                       epoch=epoch, balance=cfg.pair_balance))
         total_loss, correct = 0.0, 0
-        for s in range(0, len(labels), cfg.batch_size):
-            f1 = feats[train_rows[first[s:s + cfg.batch_size]]]
-            f2 = feats[train_rows[second[s:s + cfg.batch_size]]]
-            y = torch.from_numpy(labels[s:s + cfg.batch_size])
-            model.train()
-            s1, s2 = model(f1, f2)
-            loss = model.compute_loss(s1, s2, y)
-            opt.zero_grad(set_to_none=True)
+        for s in range(0, len(pairs), cfg.batch_size):
+            batch = pairs[s:s + cfg.batch_size]
+            x = feats[[int(train_rows[a]) for a, _, _ in batch] + [int(train_rows[b]) for _, b, _ in batch]]
+            scores = _naive_scores(p, x, drop, train=True)
+            pair_losses = []
+            for i, (_, _, y) in enumerate(batch):
+                s1, s2 = scores[i], scores[len(batch) + i]
+                pair_losses.append(torch.clamp(-y * (s1 - s2) + margin, min=0.0))
+                correct += int((1 if s1 > s2 else -1 if s1 < s2 else 0) == y)  # a tie is wrong
+            loss = sum(pair_losses) / len(batch)
+            for t in p.values():
+                t.grad = None
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.gradient_clip_norm)
+            norm = sum(float((t.grad.double() ** 2).sum()) for t in p.values()) ** 0.5
+            with torch.no_grad():
+                for t in p.values():
+                    t.grad *= min(1.0, clip / (norm + 1e-6))
             opt.step()
-            total_loss += loss.item() * len(y)
-            correct += int((torch.sign(s1 - s2).reshape(-1) == y).sum())
-        model.eval()
+            total_loss += float(loss.detach()) * len(batch)
         with torch.no_grad():
-            sv = model.get_score(feats[val_rows]).reshape(-1)
-        val_accs.append(int((torch.sign(sv[vf] - sv[vs]) == torch.from_numpy(vl)).sum()) / len(vl))
+            sv = _naive_scores(p, feats[val_rows], drop, train=False).tolist()
+        val_accs.append(sum((sv[a] - sv[b]) * y > 0 for a, b, y in val_pairs) / len(val_pairs))
         sched.step()
-        losses.append(total_loss / len(labels))
-        accs.append(correct / len(labels))
+        losses.append(total_loss / len(pairs))
+        accs.append(correct / len(pairs))
     assert history["train_loss"] == pytest.approx(losses, rel=1e-5)
     assert history["train_acc"] == accs
-    assert history["val_acc"] == pytest.approx(val_accs, abs=1e-9)
-    for a, b in zip(trainer.model.state_dict().values(), model.state_dict().values()):
-        torch.testing.assert_close(a, b)
+    assert history["val_acc"] == val_accs
+    ours = trainer.model.state_dict()
+    for name, t in p.items():
+        if name not in PAIR_INVARIANT:
+            # fused AdamW vs the for-loop one, and another order of the same sums: a few 1e-6 apart after 3 epochs.
+            # fused AdamW vs the for-loop one and another order of the same sums: up to ~2e-5 apart after 3 epochs
+            # (Adam divides by sqrt(v), so noise in tiny gradients becomes visible), where a changed step moves 1e-3.
+            torch.testing.assert_close(ours[name], t.detach(), rtol=1e-4, atol=1e-4, msg=name)
+    with torch.no_grad():
+        a, b = trainer.model.eval().get_score(feats).reshape(-1), _naive_scores(p, feats, drop, train=False)
+    torch.testing.assert_close(a - a.mean(), b - b.mean(), rtol=1e-4, atol=1e-4)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -13,6 +13,7 @@ once in the pipeline's thread by the next ``put()`` or by ``close()``.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -84,6 +85,7 @@ class CacheWriter:
             except BaseException as exc:  # surfaced to the pipeline thread by put()/close()
                 self._error = exc
             self.write_s += time.perf_counter() - t0
+            _pause_for_tests(self.cache)
 
     def write(self, job: WriteJob) -> None:
         """Changed images replace their rows; new ones are appended; failures are recorded after the rows."""
@@ -107,3 +109,16 @@ class CacheWriter:
             self.failures.update(job.failed)
             # Sorted: the failure list of a cache does not depend on batch order or on how many ranks wrote it.
             self.cache.set_failures(dict(sorted(self.failures.items())))
+
+
+def _pause_for_tests(cache: FeatureCache) -> None:
+    """Test-only: with MIRIP_TEST_PAUSE_WRITER="ROWS:FLAG", once ROWS rows are committed the writer writes the
+    committed count to the file FLAG and stops for good, so a kill -9 test kills at a known state, not a race."""
+    spec = os.environ.get("MIRIP_TEST_PAUSE_WRITER")
+    if spec:
+        rows, flag = spec.split(":", 1)
+        if cache.num_rows >= int(rows):
+            with open(flag, "w") as f:
+                f.write(str(cache.num_rows))
+            while True:
+                time.sleep(60)

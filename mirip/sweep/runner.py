@@ -45,7 +45,7 @@ from mirip.tiers import tier_ranks
 from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator
 from mirip.features.cache import open_cache
-from mirip.features.spec import FEATURE_NORMS, apply_entry_scales, canonical_spec, entry_scales, resolve_feature_norm
+from mirip.features.spec import FEATURE_NORMS, apply_entry_scales, entry_scales, resolve_feature_norm
 from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, read_metadata,
                                 split_dataset)
 from mirip.training.trainer import check_config
