@@ -164,7 +164,7 @@ class ExtractSummary:
             f"  skipped, cached:      {self.skipped_cached}",
             f"  failed:               {len(self.failed)}",
         ]
-        if self.verified is not None:
+        if self.verified or self.repaired or self.damaged_unlisted:  # nothing to say about a new cache
             lines.insert(1, f"checksums: {self.verified} cached rows verified, {self.repaired} damaged row(s) "
                             "re-extracted" + (f", {len(self.damaged_unlisted)} damaged row(s) of images not listed "
                                               f"in this run, still refused: {', '.join(self.damaged_unlisted[:10])}"
