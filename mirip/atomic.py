@@ -3,9 +3,70 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import socket
 import tempfile
-from typing import BinaryIO, Callable, Iterator, Union
+import time
+from typing import BinaryIO, Callable, Iterator, List, Union
+
+# A temporary file is named ``<target>.tmp-<host>-<pid>-<random>`` (hidden, beside its target): a later run can
+# tell whose it is, and removes it only when that process is gone (same host, pid no longer running). A temp
+# file of another host (a shared filesystem) is left alone unless it is older than STALE_FOREIGN_SECONDS.
+STALE_FOREIGN_SECONDS = 7 * 24 * 3600
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def temp_prefix(path: Union[str, os.PathLike], hidden: bool = True) -> str:
+    """The name prefix of this process's temporary files for ``path`` (``.best.pt.tmp-host-1234-``)."""
+    name = os.path.basename(os.fspath(path))
+    return f"{'.' if hidden else ''}{name}.tmp-{_host()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _is_stale(tmp: str, now: float) -> bool:
+    """Whether a ``*.tmp-<host>-<pid>-*`` file was left by a process that no longer runs."""
+    tail = tmp.rsplit(".tmp-", 1)[-1].split("-")
+    if len(tail) == 1 and tail[0].isdigit():  # ``<cache>.tmp-<pid>``, the name before hosts were recorded
+        tail = [_host(), tail[0]]
+    if len(tail) < 2 or not tail[1].isdigit():
+        return False  # not named by this module: not ours to judge
+    host, pid = tail[0], int(tail[1])
+    if host != _host():
+        try:
+            return now - os.path.getmtime(tmp) > STALE_FOREIGN_SECONDS
+        except OSError:
+            return False
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
+def remove_stale_temps(path: Union[str, os.PathLike]) -> List[str]:
+    """Remove temporary files of ``path`` (``.<name>.tmp-*`` and ``<name>.tmp-*`` beside it) left by an
+    interrupted write whose process is gone; a live writer's temp file is never touched. Returns the removed."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    removed, now = [], time.time()
+    for pattern in (f".{glob.escape(name)}.tmp-*", f"{glob.escape(name)}.tmp-*"):
+        for tmp in glob.glob(os.path.join(glob.escape(directory), pattern)):
+            if _is_stale(tmp, now):
+                try:
+                    os.remove(tmp)
+                    removed.append(tmp)
+                except FileNotFoundError:
+                    pass  # another run cleaned it first
+    return removed
 
 
 def current_umask() -> int:
@@ -23,11 +84,15 @@ def current_umask() -> int:
 
 
 def write_atomic_with(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    A failed write removes its temporary file; temporary files of ``path`` left by killed processes are
+    removed first (``remove_stale_temps``), so interrupted runs do not pile them up."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
     try:
         # mkstemp makes the file 0600; the result should have the mode open() would give it (0644 at umask 022).
         os.fchmod(fd, 0o666 & ~current_umask())

@@ -16,8 +16,9 @@ import transformers
 import mirip
 
 # Format 2: a feature bank (feature_entries / feature_entry_blocks / feature_entry_dims / backbone_layers);
-# a format-1 file (no such fields) reads as a bank of one entry, ``<pooling>@-1``.
-CACHE_FORMAT_VERSION = 2
+# a format-1 file (no such fields) reads as a bank of one entry, ``<pooling>@-1``. Format 3: per-row checksums
+# (mirip.features.cache); a format-2 file has none and is read unverified.
+CACHE_FORMAT_VERSION = 3
 # Fields added after caches already existed, with the value those older caches implicitly have: a cache
 # without "color_management" ignored embedded ICC profiles, so it reads as "none" and is refused beside a
 # cache made with profiles converted to sRGB ("icc-to-srgb"), naming the field.

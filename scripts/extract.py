@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     run.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
     run.add_argument("--overwrite", action="store_true", help="delete the existing cache and start over")
+    run.add_argument("--no-verify", action="store_true",
+                     help="skip checking the cached rows' checksums before extracting (by default the whole cache "
+                          "is read once and damaged rows are re-extracted)")
     run.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be read")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, feature_dtype=args.feature_dtype, views=args.views, retry_failed=args.retry_failed,
         overwrite=args.overwrite, strict=args.strict, cache_dir=args.cache_dir, progress=not args.no_progress,
         tier_column=args.tier_column or None, encoding=args.encoding, allow_outside_links=args.allow_outside_links,
-        max_image_pixels=args.max_image_pixels,
+        max_image_pixels=args.max_image_pixels, verify=not args.no_verify,
     )
     try:
         summary = extract_features(config)

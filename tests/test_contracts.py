@@ -68,7 +68,7 @@ def test_make_fingerprint_names_every_field_exactly():
     pre = Preprocessor(image_size=56, resize_mode="stretch")
     fp = make_fingerprint(_stub_extractor("abc123", 1234, "cls_mean", "bf16"), pre)
     assert fp == {
-        "format_version": 2, "backbone": "org/net", "backbone_revision": "abc123", "pretrained": False,
+        "format_version": 3, "backbone": "org/net", "backbone_revision": "abc123", "pretrained": False,
         "random_init_seed": 1234, "feature_dim": 16, "image_size": 56, "resize_mode": "stretch", "patch_size": 14,
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "color_management": "icc-to-srgb", "pooling": "cls_mean",
         "feature_entries": ["cls_mean@-1"], "feature_entry_blocks": [3], "feature_entry_dims": [16],

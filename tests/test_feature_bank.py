@@ -142,7 +142,7 @@ def test_a_bank_cache_lists_its_entries_and_cls_last_equals_the_single_vector_ca
     assert summary.size_bytes == os.path.getsize(root / "bank.h5")
     with open_cache(str(root / "bank.h5")) as bank, open_cache(str(root / "one.h5")) as one:
         fp = bank.fingerprint
-        assert fp["format_version"] == 2 and fp["backbone_layers"] == LAYERS
+        assert fp["format_version"] == 3 and fp["backbone_layers"] == LAYERS
         assert fp["feature_entries"] == bank.entries and fp["feature_entry_blocks"] == [1, 2, 3, 4] * 3
         assert one.entries == ["cls@-1"] and one.default_spec == "cls@-1"
         assert bank.h5["features"].chunks[1] == 32  # one entry per chunk column

@@ -1,6 +1,6 @@
 """The HDF5 feature cache: the contract between stage one (extract) and stage two (train, sweep, score).
 
-Layout (format 2)::
+Layout (format 3)::
 
     /features          (N, D) float32 | float16   one row per image: the bank's entries side by side
                                                   (attrs feature_entries / feature_entry_dims give the
@@ -10,26 +10,44 @@ Layout (format 2)::
     /source_size       (N,)   int64               file size when extracted  } detect a changed file
     /source_mtime_ns   (N,)   int64               file mtime when extracted }
     /views             (N, K, D)                  K augmented views per image (only when fingerprint views > 0)
+    /checksums         (N, E) uint32              CRC-32 of each row's bytes of each bank entry (column order)
+    /path_checksums    (N,)   uint32              CRC-32 of each row's UTF-8 path
+    /view_checksums    (N, K) uint32              CRC-32 of each row's bytes of each view (with /views)
     /failed/{paths,reasons,source_size,source_mtime_ns}   images that could not be read, and why
     attrs: the feature fingerprint (mirip.fingerprint) + num_rows + num_failed
 
 Format 1 (no feature_entries) reads as a bank of one entry, ``<pooling>@-1``; it is never rewritten:
 appending to it is refused by the fingerprint check (format_version differs).
+Format 2 is format 3 without the checksum datasets: it reads as before, but damage inside its feature data
+cannot be detected (nothing is verified); appending to it is refused likewise (re-extract with
+``--overwrite`` to get checksums).
 
-Rows are committed by ``num_rows``: data is written and flushed first, the
-counter last, so a process killed mid-write leaves every committed row intact
-and the uncommitted tail is simply overwritten by the next append.
+Integrity. Every read of features verifies the rows' checksums (and the path list's) and refuses a damaged
+cache with ``CacheDamaged``, naming the rows; ``damaged_rows()`` scans the whole file, and
+``scripts/extract.py`` re-extracts such rows (the plan's "repaired"). A file whose HDF5 structure itself is
+damaged (object header, path heap) is refused with a one-line ``CacheError`` naming the file; format-3 files
+are written in HDF5 1.8's newer file format (``libver="v108"``), whose superblock and object headers carry
+HDF5's own checksums.
+
+Rows are committed by ``num_rows``: data and checksums are written, flushed and fsync'ed first, the counter
+last, so a process killed (or a disk that fills) mid-write leaves every committed row intact and the
+uncommitted tail is simply overwritten by the next append. While a writer has the file open it holds a
+*reserve* file beside it (``<cache>.tmp-<host>-<pid>-reserve``): when the disk fills, the reserve is deleted so
+HDF5 can still close the file cleanly, and the error says how many rows are committed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import zlib
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 import torch
 
+from mirip.atomic import remove_stale_temps, temp_prefix
 from mirip.features.spec import FeatureSpec, default_spec, match_entries
 from mirip.fingerprint import ENVIRONMENT_FIELDS, bank_layout, check_fingerprint, from_attrs, to_attrs
 
@@ -43,6 +61,59 @@ class CacheError(ValueError):
     """A cache file that is missing, unreadable, or inconsistent with what a run needs."""
 
 
+class CacheInUse(CacheError):
+    """Another process holds the cache open (HDF5's file lock)."""
+
+
+class CacheDamaged(CacheError):
+    """Rows whose stored bytes no longer match their checksums; ``rows`` lists them."""
+
+    def __init__(self, message: str, rows: Sequence[int] = ()):
+        super().__init__(message)
+        self.rows = list(rows)
+
+
+class CacheWriteError(CacheError):
+    """Writing to the cache failed (a full disk, an I/O error); the committed rows are intact."""
+
+    def __init__(self, message: str, committed: int = 0, cause: Optional[BaseException] = None):
+        super().__init__(message)
+        self.committed, self.cause = committed, cause
+
+
+def _crc_rows(block: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's bytes (rows of a C-contiguous copy; any dtype)."""
+    block = np.ascontiguousarray(block)
+    flat = block.reshape(len(block), -1)
+    return np.fromiter((zlib.crc32(r) for r in flat), dtype=np.uint32, count=len(flat))
+
+
+def _crc_paths(paths: Sequence[str]) -> np.ndarray:
+    return np.fromiter((zlib.crc32(p.encode("utf-8")) for p in paths), dtype=np.uint32, count=len(paths))
+
+
+def _entry_bounds_of(fingerprint: Mapping, dim: int) -> np.ndarray:
+    """Column bounds of the bank's entries, one checksum each (one span when the fingerprint's dims do not add up)."""
+    dims = bank_layout(fingerprint)[2]
+    return np.concatenate([[0], np.cumsum(dims)]).astype(int) if sum(dims) == dim else np.array([0, dim])
+
+
+def _rows_text(rows: Sequence[int], paths: Optional[Sequence[str]] = None, limit: int = 10) -> str:
+    shown = [f"{r} ({paths[r]})" if paths is not None and r < len(paths) else str(r) for r in rows[:limit]]
+    return ", ".join(shown) + (f" ... ({len(rows)} in all)" if len(rows) > limit else "")
+
+
+def _describe_os_error(path: str, exc: BaseException) -> CacheError:
+    """One line for an HDF5 failure to open or read ``path``: in use (file lock) or damaged."""
+    text = str(exc)
+    if getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in text:
+        return CacheInUse(f"feature cache {path} is in use by another process (HDF5 file lock held, e.g. by a "
+                          "running extraction): wait for it to finish, or, to extract now, choose another --output")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return CacheError(f"cannot read feature cache {path}: the file is damaged or not a readable HDF5 file ({first}); "
+                      "re-extract it (scripts/extract.py --overwrite), or restore it from a backup")
+
+
 def _shown(items: List[str], limit: int = 10) -> str:
     return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
 
@@ -54,6 +125,18 @@ class FeatureCache:
         self.h5, self.path = h5, path
         self._paths: Optional[List[str]] = None
         self._index: Optional[Dict[str, int]] = None
+        self._hold()
+
+    def _hold(self) -> None:
+        """Keep every dataset of a writable file open while it is open.
+
+        HDF5 writes a dataset's cached chunks when its last handle closes; ``h5["x"][...] = v`` opens and closes a
+        handle, and an error at that close (a full disk) is only printed by h5py, never raised, so the row counter
+        would then commit rows whose bytes never reached the disk. Held open, chunks are written by our own
+        ``flush`` (whose errors are raised) or at ``close``."""
+        self._held = []
+        if self.h5.mode == "r+":
+            self.h5.visititems(lambda _, obj: self._held.append(obj) if isinstance(obj, h5py.Dataset) else None)
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -62,9 +145,32 @@ class FeatureCache:
         if os.path.exists(path) and not overwrite:
             raise CacheError(f"cache {path} already exists; open it to append, or pass overwrite=True to start over")
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        # Built under a temporary name and renamed: a kill mid-create never leaves a half-made cache behind.
-        tmp = f"{path}.tmp-{os.getpid()}"
-        h5 = h5py.File(tmp, "w")
+        if os.path.exists(path):
+            # Replacing a file another process is writing would pull it from under that process.
+            try:
+                h5py.File(path, "r").close()
+            except OSError as exc:
+                if isinstance(_describe_os_error(path, exc), CacheInUse):
+                    raise _describe_os_error(path, exc) from None
+        remove_stale_temps(path)
+        # Built under a temporary name and renamed: a kill mid-create never leaves a half-made cache behind
+        # (and a later run removes such a leftover once its process is gone).
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), temp_prefix(path, hidden=False) + "h5")
+        try:
+            cls._build(tmp, fingerprint)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return cls(h5py.File(path, "a"), path)
+
+    @staticmethod
+    def _build(tmp: str, fingerprint: Mapping) -> None:
+        # HDF5 1.8's newer file format: superblock and object headers carry checksums, so a damaged header is
+        # refused by HDF5 itself (the oldest format reads some damage as other values). Not 1.10's: its
+        # superblock marks a file open for writing, and after a kill -9 the file would refuse every open.
+        h5 = h5py.File(tmp, "w", libver=("v108", "v108"))
         dim, dtype = int(fingerprint["feature_dim"]), np.dtype(fingerprint.get("feature_dtype", "float32"))
         dims = fingerprint.get("feature_entry_dims") or [dim]
         # One entry per chunk column (when entries are equal in width): reading a few entries of a big bank
@@ -79,6 +185,12 @@ class FeatureCache:
                               chunks=(vrows, views, dim))
         for name in _ROW_FIELDS:
             h5.create_dataset(name, (0,), dtype=_STR if name == "paths" else np.int64, maxshape=(None,), chunks=(4096,))
+        entries = len(_entry_bounds_of(fingerprint, dim)) - 1
+        h5.create_dataset("checksums", (0, entries), dtype=np.uint32, maxshape=(None, entries), chunks=(4096, entries))
+        h5.create_dataset("path_checksums", (0,), dtype=np.uint32, maxshape=(None,), chunks=(4096,))
+        if views > 0:
+            h5.create_dataset("view_checksums", (0, views), dtype=np.uint32, maxshape=(None, views),
+                              chunks=(4096, views))
         failed = h5.create_group("failed")
         for name in _FAILED_FIELDS:
             dt = _STR if name in ("paths", "reasons") else np.int64
@@ -87,8 +199,6 @@ class FeatureCache:
         h5.attrs["fingerprint_keys"] = list(fingerprint)
         h5.attrs["num_rows"], h5.attrs["num_failed"] = 0, 0
         h5.close()
-        os.replace(tmp, path)
-        return cls(h5py.File(path, "a"), path)
 
     @classmethod
     def open(cls, path: str, mode: str = "r") -> "FeatureCache":
@@ -97,15 +207,31 @@ class FeatureCache:
         try:
             h5 = h5py.File(path, mode)
         except OSError as exc:
-            raise CacheError(f"cannot open feature cache {path}: not a readable HDF5 file ({exc})") from exc
-        if "features" not in h5 or "num_rows" not in h5.attrs or "fingerprint_keys" not in h5.attrs:
+            raise _describe_os_error(path, exc) from None
+        if mode != "r":
+            remove_stale_temps(path)
+        try:
+            if mode != "r":
+                cls(h5, path)._finish_rebuilds()
+            ok = "features" in h5 and "num_rows" in h5.attrs and "fingerprint_keys" in h5.attrs
+            if ok:  # touch what every run reads first, so a damaged object header is caught here, in one line
+                h5["features"].shape, h5["paths"].shape, h5.attrs["num_rows"], h5.attrs["fingerprint_keys"]
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:
+            h5.close()
+            raise _describe_os_error(path, exc) from None
+        if not ok:
             h5.close()
             raise CacheError(f"{path} is an HDF5 file but not a mirip feature cache (no features / fingerprint)")
         return cls(h5, path)
 
     def close(self) -> None:
+        self._held = []
         if self.h5.id.valid:
-            self.h5.close()
+            try:
+                self.h5.close()
+            except (OSError, RuntimeError) as exc:
+                raise self._write_failed(exc) from None
+        self._drop_reserve()
 
     def __enter__(self) -> "FeatureCache":
         return self
@@ -116,8 +242,11 @@ class FeatureCache:
     # --- reading -------------------------------------------------------------------------------
     @property
     def fingerprint(self) -> dict:
-        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in self.h5.attrs["fingerprint_keys"]]
-        return from_attrs(self.h5.attrs, keys)
+        try:
+            keys = [k.decode() if isinstance(k, bytes) else str(k) for k in self.h5.attrs["fingerprint_keys"]]
+            return from_attrs(self.h5.attrs, keys)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise _describe_os_error(self.path, exc) from None
 
     @property
     def num_rows(self) -> int:
@@ -136,9 +265,81 @@ class FeatureCache:
 
     @property
     def paths(self) -> List[str]:
+        """Relative paths of the committed rows; CacheError (one line) when the path list is damaged."""
         if self._paths is None:
-            self._paths = [p.decode() if isinstance(p, bytes) else p for p in self.h5["paths"][: self.num_rows]]
+            try:
+                raw = self.h5["paths"][: self.num_rows]
+                paths = [p.decode() if isinstance(p, bytes) else p for p in raw]
+            except (OSError, RuntimeError, ValueError, KeyError, UnicodeDecodeError) as exc:
+                raise CacheError(f"the path list of feature cache {self.path} is damaged and cannot be read "
+                                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); re-extract it "
+                                 "(scripts/extract.py --overwrite) or restore it from a backup") from None
+            if self.has_checksums:
+                bad = np.flatnonzero(_crc_paths(paths) != self._read("path_checksums", slice(0, len(paths)))).tolist()
+                if bad:
+                    raise CacheDamaged(f"the path list of feature cache {self.path} is damaged at row(s) "
+                                       f"{_rows_text(bad)}: these rows cannot be matched to images; re-extract the "
+                                       "cache (scripts/extract.py --overwrite) or restore it from a backup", bad)
+            self._paths = paths
         return self._paths
+
+    # --- integrity -----------------------------------------------------------------------------
+    @property
+    def has_checksums(self) -> bool:
+        """Whether rows carry checksums (format 3); a format-1/2 cache has none and is not verified."""
+        return "checksums" in self.h5
+
+    def _read(self, name: str, selection):
+        try:
+            return self.h5[name][selection]
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise _describe_os_error(self.path, exc) from None
+
+    def _entry_bounds(self) -> np.ndarray:
+        return _entry_bounds_of(self.fingerprint, self.dim)
+
+    def _verify(self, rows: np.ndarray, block: np.ndarray, entries: Sequence[int], spans: Sequence[slice]) -> None:
+        """Compare ``block`` (the given rows; columns = the given entries' spans, side by side) with stored sums."""
+        if not self.has_checksums or not len(rows):
+            return
+        stored = self._read("checksums", np.s_[int(rows.min()):int(rows.max()) + 1])[rows - rows.min()]
+        bad, col = np.zeros(len(rows), dtype=bool), 0
+        for e, span in zip(entries, spans):
+            width = span.stop - span.start
+            bad |= _crc_rows(block[:, col:col + width]) != stored[:, e]
+            col += width
+        if bad.any():
+            damaged = sorted(set(rows[bad].tolist()))
+            raise CacheDamaged(self._damage_message(damaged), damaged)
+
+    def _damage_message(self, rows: Sequence[int]) -> str:
+        try:
+            paths = self.paths
+        except CacheError:
+            paths = None
+        return (f"feature cache {self.path} is damaged: {len(rows)} row(s) do not match their checksums: "
+                f"{_rows_text(list(rows), paths)}. Rerun scripts/extract.py with the same settings and "
+                f"--output {self.path} to re-extract them")
+
+    def damaged_rows(self, block: int = 4096) -> List[int]:
+        """Every committed row whose features (any entry), views or path fail their checksums ([] when the cache
+        has no checksums). Reads the whole file; raises CacheError when HDF5 itself cannot read part of it."""
+        if not self.has_checksums:
+            return []
+        n, bounds = self.num_rows, self._entry_bounds()
+        spans = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        bad = set()
+        self.paths  # a damaged path list cannot be repaired in place: refused here, in one line
+        for start in range(0, n, block):
+            sel = slice(start, min(n, start + block))
+            feats, sums = self._read("features", sel), self._read("checksums", sel)
+            for e, span in enumerate(spans):
+                bad.update((start + np.flatnonzero(_crc_rows(feats[:, span]) != sums[:, e])).tolist())
+            if "view_checksums" in self.h5:
+                views, vsums = self._read("views", sel), self._read("view_checksums", sel)
+                for k in range(views.shape[1]):
+                    bad.update((start + np.flatnonzero(_crc_rows(views[:, k]) != vsums[:, k])).tolist())
+        return sorted(bad)
 
     @property
     def index(self) -> Dict[str, int]:
@@ -194,10 +395,21 @@ class FeatureCache:
         data = self.h5["features"]
         slices = None if spec is None else self.entry_slices(spec)
         n = self.num_rows
+        bounds = self._entry_bounds()
+        all_spans = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        # Each checksum covers one entry's span; a spec's slices are such spans (caches made by extract always).
+        entries = list(range(len(all_spans))) if slices is None else [
+            next((i for i, sp in enumerate(all_spans) if (sp.start, sp.stop) == (s.start, s.stop)), None) for s in slices]
+        if None in entries:  # a hand-made cache whose fingerprint's entry dims do not add up: not verifiable per entry
+            entries, all_spans = [], []
+        spans = all_spans if slices is None else [s for s, e in zip(slices, entries) if e is not None]
         if rows is None:
             if slices is None:
-                return data[:n]
-            return np.concatenate([data[:n, s] for s in slices], axis=1)
+                out = self._read("features", slice(0, n))
+            else:
+                out = np.concatenate([self._read("features", np.s_[:n, s]) for s in slices], axis=1)
+            self._verify(np.arange(n), out, entries, spans)
+            return out
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             raise IndexError(f"row out of range for cache with {n} rows")
@@ -205,11 +417,13 @@ class FeatureCache:
         order = np.argsort(rows, kind="stable")
         uniq, inverse = np.unique(rows[order], return_inverse=True)
         if slices is None:
-            out = data[uniq][inverse]
+            picked = self._read("features", uniq)
         elif not uniq.size:
-            out = np.empty((0, sum(s.stop - s.start for s in slices)), dtype=data.dtype)
+            picked = np.empty((0, sum(s.stop - s.start for s in slices)), dtype=data.dtype)
         else:
-            out = np.concatenate([data[uniq, s] for s in slices], axis=1)[inverse]
+            picked = np.concatenate([self._read("features", np.s_[uniq, s]) for s in slices], axis=1)
+        self._verify(uniq, picked, entries, spans)
+        out = picked[inverse]
         result = np.empty_like(out)
         result[order] = out
         return result
@@ -228,14 +442,19 @@ class FeatureCache:
         """(rows, K, D) augmented-view features; row order as in ``features``."""
         if "views" not in self.h5:
             raise CacheError(f"{self.path} holds no augmented views (extract with --views K)")
-        data = self.h5["views"]
-        if rows is None:
-            return data[: self.num_rows]
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.arange(self.num_rows) if rows is None else np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"row out of range for cache with {self.num_rows} rows")
         uniq, inverse = np.unique(rows, return_inverse=True)
-        return data[uniq][inverse]
+        picked = self._read("views", uniq)
+        if "view_checksums" in self.h5 and uniq.size:
+            sums = self._read("view_checksums", uniq)
+            bad = np.zeros(len(uniq), dtype=bool)
+            for k in range(picked.shape[1]):
+                bad |= _crc_rows(picked[:, k]) != sums[:, k]
+            if bad.any():
+                raise CacheDamaged(self._damage_message(uniq[bad].tolist()), uniq[bad].tolist())
+        return picked[inverse]
 
     def load_views(self, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         tensor = torch.from_numpy(self.views())
@@ -243,7 +462,7 @@ class FeatureCache:
 
     def source_facts(self) -> Tuple[np.ndarray, np.ndarray]:
         n = self.num_rows
-        return self.h5["source_size"][:n], self.h5["source_mtime_ns"][:n]
+        return self._read("source_size", slice(0, n)), self._read("source_mtime_ns", slice(0, n))
 
     def rows_for(self, paths: Iterable[str]) -> np.ndarray:
         """Rows of the given relative paths; CacheError lists every path without a valid feature.
@@ -267,26 +486,110 @@ class FeatureCache:
 
     def failures(self) -> Dict[str, str]:
         """Relative path -> reason, for every image extraction could not read."""
-        g, n = self.h5["failed"], int(self.h5.attrs["num_failed"])
-        dec = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
-        return {dec(p): dec(r) for p, r in zip(g["paths"][:n], g["reasons"][:n])}
+        return {p: r for p, (r, _, _) in self.failure_records().items()}
 
     def failure_records(self) -> Dict[str, Tuple[str, int, int]]:
         """Relative path -> (reason, size, mtime_ns): the form ``set_failures`` takes."""
-        g, n = self.h5["failed"], int(self.h5.attrs["num_failed"])
+        n = int(self.h5.attrs["num_failed"])
         dec = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
-        sizes, mtimes = g["source_size"][:n], g["source_mtime_ns"][:n]
-        return {dec(p): (dec(r), int(s), int(m)) for p, r, s, m in zip(g["paths"][:n], g["reasons"][:n], sizes, mtimes)}
+        paths, reasons = self._read("failed/paths", slice(0, n)), self._read("failed/reasons", slice(0, n))
+        sizes, mtimes = self._read("failed/source_size", slice(0, n)), self._read("failed/source_mtime_ns", slice(0, n))
+        try:
+            return {dec(p): (dec(r), int(s), int(m)) for p, r, s, m in zip(paths, reasons, sizes, mtimes)}
+        except UnicodeDecodeError as exc:
+            raise _describe_os_error(self.path, exc) from None
 
     def check_fingerprint(self, expected: Mapping, ignore: Iterable[str] = ENVIRONMENT_FIELDS, only=None) -> None:
         check_fingerprint(expected, self.fingerprint, what=f"feature cache {self.path}", ignore=ignore, only=only)
 
     # --- writing -------------------------------------------------------------------------------
+    def _durable_flush(self) -> None:
+        self.h5.flush()
+        # HDF5's flush hands the bytes to the OS only; fsync makes them survive a crash of the machine too.
+        os.fsync(self.h5.id.get_vfd_handle())
+
     def _commit(self, **counters: int) -> None:
-        self.h5.flush()  # data first ...
+        self._durable_flush()  # data and checksums first ...
         for k, v in counters.items():
             self.h5.attrs[k] = int(v)
-        self.h5.flush()  # ... then the counter that makes it visible
+        self._durable_flush()  # ... then the counter that makes them visible
+
+    def _reserve_bytes(self) -> int:
+        """Room HDF5 needs to close the file after a failed write: its dirty chunks and metadata (~2x the
+        chunks a batch touches, plus 1 MiB), at most 64 MiB."""
+        total = 0
+        for name, ds in self.h5.items():
+            if isinstance(ds, h5py.Dataset) and ds.chunks:
+                columns = -(-ds.shape[-1] // ds.chunks[-1]) if ds.ndim > 1 else 1
+                total += int(np.prod(ds.chunks)) * max(ds.dtype.itemsize, 16) * columns
+        return min(64 << 20, 2 * total + (1 << 20))
+
+    def _ensure_reserve(self) -> None:
+        """Hold a reserve file beside the cache while writing (see the module docstring)."""
+        if getattr(self, "_reserve", None) or self.h5.mode != "r+":
+            return
+        remove_stale_temps(self.path)
+        reserve = os.path.join(os.path.dirname(os.path.abspath(self.path)), temp_prefix(self.path, hidden=False) + "reserve")
+        size = self._reserve_bytes()
+        try:
+            fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                        raise
+                    os.write(fd, b"\0" * size)  # a filesystem without fallocate: really write the blocks
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if os.path.exists(reserve):
+                os.remove(reserve)
+            raise CacheWriteError(f"cannot write to feature cache {self.path}: {exc.strerror or exc} while setting "
+                                  f"aside {size / 2**20:.1f} MiB to close the file safely; free space on "
+                                  f"{os.path.dirname(os.path.abspath(self.path))} and rerun to continue "
+                                  f"({self.num_rows} rows committed)", self.num_rows, exc) from None
+        self._reserve = reserve
+        self._rows_at_open = getattr(self, "_rows_at_open", self.num_rows)
+
+    def _drop_reserve(self) -> None:
+        reserve, self._reserve = getattr(self, "_reserve", None), None
+        if reserve and os.path.exists(reserve):
+            os.remove(reserve)
+
+    def _write_failed(self, exc: BaseException) -> CacheWriteError:
+        """Close the file after a failed write (freeing the reserve so HDF5 can) and describe what happened."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            st = os.statvfs(directory)  # before the reserve goes: what the user has to work with
+            free = f" ({st.f_bavail * st.f_frsize / 2**20:.1f} MiB free)"
+        except OSError:
+            free = ""
+        self._drop_reserve()
+        committed = int(self.h5.attrs["num_rows"]) if self.h5.id.valid else self.num_rows
+        self._held = []
+        try:
+            self.h5.close()
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        added = committed - getattr(self, "_rows_at_open", committed)
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in str(exc) or "No space left" in str(exc)
+        if full:
+            what = (f"the disk holding it is full: No space left on device{free}. {committed} rows are committed "
+                    f"and intact ({added} added by this run); free space on {directory} and rerun the same command "
+                    f"to continue where it stopped")
+        else:
+            what = (f"{text}. {committed} rows are committed and intact ({added} added by this run); fix the cause "
+                    "and rerun the same command to continue where it stopped")
+        return CacheWriteError(f"writing feature cache {self.path} failed: {what}", committed, exc)
+
+    def _guarded(self, write) -> None:
+        self._ensure_reserve()
+        try:
+            write()
+        except (OSError, RuntimeError) as exc:
+            raise self._write_failed(exc) from None
 
     def _check_views(self, views: Optional[np.ndarray], k: int) -> Optional[np.ndarray]:
         if self.num_views == 0:
@@ -313,16 +616,24 @@ class FeatureCache:
         dup = [p for p in paths if p in known]
         if dup or len(set(paths)) != k:
             raise CacheError(f"paths already cached (use replace): {dup[:5] or 'duplicates within the batch'}")
-        for name in ("features",) + _ROW_FIELDS:
-            self.h5[name].resize(n + k, axis=0)
-        self.h5["features"][n:n + k] = features.astype(self.dtype, copy=False)
-        if views is not None:
-            self.h5["views"].resize(n + k, axis=0)
-            self.h5["views"][n:n + k] = views.astype(self.dtype, copy=False)
-        self.h5["paths"][n:n + k] = list(paths)
-        self.h5["source_size"][n:n + k] = np.asarray(sizes, dtype=np.int64)
-        self.h5["source_mtime_ns"][n:n + k] = np.asarray(mtimes, dtype=np.int64)
-        self._commit(num_rows=n + k)
+        features = features.astype(self.dtype, copy=False)
+        views = None if views is None else views.astype(self.dtype, copy=False)
+
+        def write() -> None:
+            names = ("features",) + _ROW_FIELDS + ("checksums", "path_checksums") * self.has_checksums
+            for name in names + ("views",) * (views is not None) + ("view_checksums",) * (views is not None and self.has_checksums):
+                self.h5[name].resize(n + k, axis=0)
+            self.h5["features"][n:n + k] = features
+            if views is not None:
+                self.h5["views"][n:n + k] = views
+            self._clear_dangling("paths", n)
+            self.h5["paths"][n:n + k] = list(paths)
+            self.h5["source_size"][n:n + k] = np.asarray(sizes, dtype=np.int64)
+            self.h5["source_mtime_ns"][n:n + k] = np.asarray(mtimes, dtype=np.int64)
+            self._write_checksums(slice(n, n + k), features, views, paths)
+            self._commit(num_rows=n + k)  # rows become visible only once all of the above is on disk
+
+        self._guarded(write)
         self.paths.extend(paths)
         self._index.update((p, n + i) for i, p in enumerate(paths))
         return range(n, n + k)
@@ -333,27 +644,92 @@ class FeatureCache:
         the next run re-extracts again rather than trusting a half-written row."""
         rows = np.asarray(rows, dtype=np.int64)
         views = self._check_views(views, len(rows))
-        for i, r in enumerate(rows):
-            self.h5["features"][r] = np.asarray(features[i]).astype(self.dtype, copy=False)
-            if views is not None:
-                self.h5["views"][r] = views[i].astype(self.dtype, copy=False)
-        self.h5.flush()
-        for i, r in enumerate(rows):
-            self.h5["source_size"][r] = int(sizes[i])
-            self.h5["source_mtime_ns"][r] = int(mtimes[i])
-        self._commit()
+        features = np.asarray(features)[: len(rows)].astype(self.dtype, copy=False)
+        views = None if views is None else views.astype(self.dtype, copy=False)
+        paths = self.paths
+
+        def write() -> None:
+            for i, r in enumerate(rows):
+                self.h5["features"][r] = features[i]
+                if views is not None:
+                    self.h5["views"][r] = views[i]
+                # A kill between a row's features and its checksum leaves it "damaged": repaired next run.
+                self._write_checksums(int(r), features[i:i + 1], None if views is None else views[i:i + 1],
+                                      [paths[int(r)]])
+            self._durable_flush()
+            for i, r in enumerate(rows):
+                self.h5["source_size"][r] = int(sizes[i])
+                self.h5["source_mtime_ns"][r] = int(mtimes[i])
+            self._commit()
+
+        self._guarded(write)
+
+    def _clear_dangling(self, name: str, keep: int) -> None:
+        """Make rows ``keep:`` of a string dataset safe to overwrite.
+
+        A process killed mid-flush can leave string slots past the committed rows pointing into heap space that
+        never reached the disk; overwriting such a slot fails inside HDF5 ("bad heap index"). Reading the slots
+        first tells: when they cannot be read, the dataset is rebuilt from its first ``keep`` (committed, hence
+        intact) rows under a new name and moved into place."""
+        ds = self.h5[name]
+        try:
+            ds[keep:]
+            return
+        except (OSError, RuntimeError):
+            pass
+        kept = ds[:keep]
+        group, base = name.rpartition("/")[0], name.rpartition("/")[2]
+        parent = self.h5[group] if group else self.h5
+        staged = base + ".rebuilt"
+        if staged in parent:
+            del parent[staged]
+        new = parent.create_dataset(staged, ds.shape, dtype=ds.dtype, maxshape=ds.maxshape, chunks=ds.chunks)
+        new[:keep] = kept
+        self._durable_flush()
+        self._held = [d for d in self._held if d.name != ds.name]
+        del parent[base]
+        parent.move(staged, base)  # a kill between these two lines is finished by ``_finish_rebuilds``
+        self._hold()
+
+    def _finish_rebuilds(self) -> None:
+        for group in (self.h5, self.h5.get("failed")):
+            for name in list(group or []):
+                if name.endswith(".rebuilt"):
+                    base = name[: -len(".rebuilt")]
+                    if base in group:
+                        del group[name]  # the rebuild did not get as far as deleting the original
+                    else:
+                        group.move(name, base)
+
+    def _write_checksums(self, where, features: np.ndarray, views: Optional[np.ndarray], paths: Sequence[str]) -> None:
+        """Checksums of rows ``where`` (a slice, or one row) computed from the bytes as stored (cast dtype)."""
+        if not self.has_checksums:
+            return
+        bounds = self._entry_bounds()
+        sums = np.stack([_crc_rows(features[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
+        self.h5["checksums"][where] = sums if isinstance(where, slice) else sums[0]
+        self.h5["path_checksums"][where] = _crc_paths(paths) if isinstance(where, slice) else _crc_paths(paths)[0]
+        if views is not None and "view_checksums" in self.h5:
+            vsums = np.stack([_crc_rows(views[:, j]) for j in range(views.shape[1])], axis=1)
+            self.h5["view_checksums"][where] = vsums if isinstance(where, slice) else vsums[0]
 
     def set_failures(self, failures: Mapping[str, Tuple[str, int, int]]) -> None:
         """Replace the failure list with {path: (reason, size, mtime_ns)}."""
         g, items = self.h5["failed"], list(failures.items())
-        for name in _FAILED_FIELDS:
-            g[name].resize(len(items), axis=0)
-        if items:
-            g["paths"][:] = [p for p, _ in items]
-            g["reasons"][:] = [r for _, (r, _, _) in items]
-            g["source_size"][:] = np.array([s for _, (_, s, _) in items], dtype=np.int64)
-            g["source_mtime_ns"][:] = np.array([m for _, (_, _, m) in items], dtype=np.int64)
-        self._commit(num_failed=len(items))
+
+        def write() -> None:
+            for name in _FAILED_FIELDS:
+                g[name].resize(len(items), axis=0)
+            for name in ("paths", "reasons"):
+                self._clear_dangling(f"failed/{name}", 0)
+            if items:
+                g["paths"][:] = [p for p, _ in items]
+                g["reasons"][:] = [r for _, (r, _, _) in items]
+                g["source_size"][:] = np.array([s for _, (_, s, _) in items], dtype=np.int64)
+                g["source_mtime_ns"][:] = np.array([m for _, (_, _, m) in items], dtype=np.int64)
+            self._commit(num_failed=len(items))
+
+        self._guarded(write)
 
 
 def open_cache(path: str, mode: str = "r") -> FeatureCache:

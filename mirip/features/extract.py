@@ -4,9 +4,10 @@
     -> reader (DataLoader workers) -> mapper (backbone) -> writer (background thread) -> summary
 
 The plan is what makes reruns cheap and kills harmless: an image is extracted
-only when it has no row yet, its file changed (size or mtime), or it failed
+only when it has no row yet, its file changed (size or mtime), its row fails
+its checksum (a damaged cache is repaired, not reported cached), or it failed
 before and ``retry_failed`` is set. Rows are committed batch by batch, so a
-killed run resumes where it stopped.
+killed run, or one stopped by a full disk, resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class ExtractConfig:
     encoding: Optional[str] = None  # of the metadata CSV; None: UTF-8, else CP949 with a notice
     allow_outside_links: bool = False  # follow symbolic links resolving outside image_dir
     max_image_pixels: Optional[int] = None  # None: mirip.preprocessing.MAX_IMAGE_PIXELS
+    verify: bool = True  # check every cached row's checksum first and re-extract the damaged ones
 
     def __post_init__(self):
         checks = [
@@ -112,6 +114,8 @@ class Plan:
     changed: int = 0
     retried: int = 0
     cached: int = 0  # unchanged rows, skipped
+    repaired: int = 0  # rows failing their checksum, re-extracted
+    damaged_unlisted: List[str] = field(default_factory=list)  # damaged rows of images not in this run's list
     known_failed: Dict[str, str] = field(default_factory=dict)  # failed before, unchanged, skipped
     had_row: set = field(default_factory=set)  # paths in todo whose (stale) row a success will overwrite
 
@@ -138,6 +142,9 @@ class ExtractSummary:
     entries: List[str] = field(default_factory=list)  # the bank's entries, in column order
     size_bytes: int = 0  # the cache file's size on disk after the run
     skipped_links: Dict[str, str] = field(default_factory=dict)  # path -> why the directory walk left it out
+    repaired: int = 0  # of extracted: rows that failed their checksum, re-extracted
+    verified: Optional[int] = None  # rows whose checksums were verified before the run (None: not verified)
+    damaged_unlisted: List[str] = field(default_factory=list)  # damaged rows this run could not re-extract
 
     @property
     def images_per_s(self) -> float:
@@ -157,6 +164,11 @@ class ExtractSummary:
             f"  skipped, cached:      {self.skipped_cached}",
             f"  failed:               {len(self.failed)}",
         ]
+        if self.verified or self.repaired or self.damaged_unlisted:  # nothing to say about a new cache
+            lines.insert(1, f"checksums: {self.verified} cached rows verified, {self.repaired} damaged row(s) "
+                            "re-extracted" + (f", {len(self.damaged_unlisted)} damaged row(s) of images not listed "
+                                              f"in this run, still refused: {', '.join(self.damaged_unlisted[:10])}"
+                                              if self.damaged_unlisted else ""))
         lines += _listing(self.failed)
         if self.skipped_links:
             lines.append(f"  symbolic links skipped: {len(self.skipped_links)}")
@@ -193,13 +205,21 @@ def default_output(fingerprint: dict, cache_dir: str = "cache") -> str:
     return os.path.join(cache_dir, name)
 
 
-def make_plan(items: Sequence[Item], cache: FeatureCache, retry_failed: bool = False) -> Plan:
+def make_plan(items: Sequence[Item], cache: FeatureCache, retry_failed: bool = False,
+              damaged: Sequence[int] = ()) -> Plan:
+    """``damaged``: rows failing their checksums (``FeatureCache.damaged_rows``), re-extracted whatever their facts."""
     index, (sizes, mtimes) = cache.index, cache.source_facts()
     failures = cache.failure_records()
     plan = Plan(todo=[])
+    damaged = set(int(r) for r in damaged)
+    listed = set()
     for rel, size, mtime in items:
         row, failed = index.get(rel), failures.get(rel)
-        if failed is not None and (failed[1], failed[2]) == (size, mtime) and not retry_failed:
+        listed.add(rel)
+        if row is not None and row in damaged:
+            plan.todo.append((rel, size, mtime))
+            plan.repaired += 1
+        elif failed is not None and (failed[1], failed[2]) == (size, mtime) and not retry_failed:
             plan.known_failed[rel] = failed[0]
         elif failed is not None and (failed[1], failed[2]) == (size, mtime):
             plan.todo.append((rel, size, mtime))
@@ -212,8 +232,10 @@ def make_plan(items: Sequence[Item], cache: FeatureCache, retry_failed: bool = F
                 plan.new += 1
             else:
                 plan.changed += 1
-        if row is not None and plan.todo and plan.todo[-1][0] == rel:
+        if row is not None and row not in damaged and plan.todo and plan.todo[-1][0] == rel:
             plan.had_row.add(rel)
+    paths = cache.paths
+    plan.damaged_unlisted = sorted(paths[r] for r in damaged if paths[r] not in listed)
     return plan
 
 
@@ -362,11 +384,15 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
         # Rank 0 alone touches the main cache here; the others get the plan through the process group.
         with open_for_append(output, fingerprint, config.overwrite) as cache:
             merge_parts(cache, leftover_parts(output), order)
-            cache.h5.attrs["extract_config"] = json.dumps(config.to_dict())
+            # Guarded like every write: a disk already full says so in one line, with the reserve in place.
+            cache._guarded(lambda: cache.h5.attrs.__setitem__("extract_config", json.dumps(config.to_dict())))
             write_config_json(config, output, fingerprint)
-            return items, make_plan(items, cache, config.retry_failed)
+            # A full read of the cache: damage found here is re-extracted by this run, not reported cached.
+            damaged = cache.damaged_rows() if config.verify else []
+            plan = make_plan(items, cache, config.retry_failed, damaged)
+            return items, plan, (cache.num_rows if config.verify and cache.has_checksums else None)
 
-    items, plan = ctx.on_main(prepare)
+    items, plan, verified = ctx.on_main(prepare)
     shard = plan.todo[ctx.rank::ctx.world_size]
     target = part_path(output, ctx.rank, ctx.world_size) if ctx.enabled else output
     if ctx.enabled:
@@ -396,4 +422,5 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
         read_s=max(s.read_s for s in all_stats), infer_s=max(s.infer_s for s in all_stats),
         write_s=max(s.write_s for s in all_stats), rows=rows, world_size=ctx.world_size,
         entries=list(extractor.entry_names), size_bytes=os.path.getsize(output) if os.path.exists(output) else 0,
+        repaired=plan.repaired, verified=verified, damaged_unlisted=plan.damaged_unlisted,
     )

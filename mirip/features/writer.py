@@ -4,6 +4,11 @@ Each batch is flushed before the next one is taken (``FeatureCache.append``
 commits by its row counter), which is what makes ``kill -9`` at any moment safe.
 The bounded queue gives back-pressure instead of unbounded memory if the disk
 is slower than the backbone.
+
+The first write error (a full disk, say) stops the writer: later jobs are
+dropped, the file is closed by the cache (committed rows intact), and the
+error, a ``CacheWriteError`` that says how many rows are committed, is raised
+once in the pipeline's thread by the next ``put()`` or by ``close()``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from mirip.features.cache import FeatureCache
+from mirip.features.cache import CacheError, FeatureCache
 
 Failure = Tuple[str, int, int]  # (reason, size, mtime_ns)
 
@@ -46,17 +51,28 @@ class CacheWriter:
         self._thread.start()
 
     def put(self, job: WriteJob) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"writing {self.cache.path} failed: {self._error}") from self._error
+        self._raise_error()
         self._queue.put(job)
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
-        if self._error is not None:
-            raise RuntimeError(f"writing {self.cache.path} failed: {self._error}") from self._error
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        error = self._error
+        if error is None:
+            return
+        if isinstance(error, CacheError):  # already says what failed and what is committed
+            raise error
+        raise RuntimeError(f"writing {self.cache.path} failed: {error}") from error
 
     def _run(self) -> None:
+        try:  # HDF5 prints its error stack from threads h5py has not silenced; the error is raised instead
+            from h5py._errors import silence_errors
+            silence_errors()
+        except ImportError:
+            pass
         while True:
             job = self._queue.get()
             if job is None:
