@@ -196,7 +196,7 @@ def test_describe_records_layout_for_the_fingerprint(tiny_dirs):
 
 def test_full_checkpoints_load_their_vision_tower_completely(tiny_dirs):
     for kind in ("clip", "siglip"):
-        model, info = load_backbone(tiny_dirs[kind])
+        model, info = load_backbone(tiny_dirs[kind], allowed_families=None)
         assert info.family == kind and info.pretrained is True and info.hidden_size == 32 and info.patch_size == 14
         reference = _reference(tiny_dirs[kind], kind)
         images = _images(3)
@@ -231,7 +231,7 @@ def test_missing_vision_weight_is_refused_naming_it(tiny_dirs, tmp_path):
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     (d / "config.json").write_text(open(os.path.join(src, "config.json")).read())
     with pytest.raises(IncompleteWeightsError, match="encoder.layers.1.mlp.fc1.weight"):
-        load_backbone(str(d))
+        load_backbone(str(d), allowed_families=None)
 
 
 def test_unexpected_vision_weight_is_refused(tiny_dirs, tmp_path):
@@ -243,7 +243,7 @@ def test_unexpected_vision_weight_is_refused(tiny_dirs, tmp_path):
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     (d / "config.json").write_text(open(os.path.join(src, "config.json")).read())
     with pytest.raises(IncompleteWeightsError, match="unexpected.*embeddings.extra_token"):
-        load_backbone(str(d))
+        load_backbone(str(d), allowed_families=None)
 
 
 def test_unsupported_model_type_directory_is_refused(tmp_path):
@@ -254,14 +254,36 @@ def test_unsupported_model_type_directory_is_refused(tmp_path):
         load_backbone(str(tmp_path))
 
 
+def test_extractor_default_refuses_families_it_does_not_pool_yet(tiny_dirs):
+    # DINOv2FeatureExtractor reads last_hidden_state[:, 0]: for SigLIP that is a patch token, for CLIP an
+    # un-normed CLS. Until it pools through the family, load_backbone's default admits only DINOv2.
+    for kind in ("siglip", "clip_vision_model", "dinov3_vit"):
+        with pytest.raises(UnsupportedBackboneError, match="pools only dinov2"):
+            load_backbone(tiny_dirs[kind])
+    model, info = load_backbone(tiny_dirs["dinov2"])
+    assert info.family == "dinov2"
+
+
+def test_image_normalization_prefers_the_checkpoints_preprocessor_config(tiny_dirs, tmp_path):
+    family = FAMILIES["dinov3_vit"]
+    assert families.image_normalization(family, tiny_dirs["dinov3_vit"]) == (family.mean, family.std)
+    assert families.image_normalization(FAMILIES["clip"], None) == (FAMILIES["clip"].mean, FAMILIES["clip"].std)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.43, 0.411, 0.296], "image_std": [0.213, 0.156, 0.143]}))  # DINOv3 SAT-493M
+    assert families.image_normalization(family, str(tmp_path)) == ((0.43, 0.411, 0.296), (0.213, 0.156, 0.143))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5], "image_std": [0.5]}))
+    with pytest.raises(ValueError, match="preprocessor_config.json: image_mean and image_std must each be 3"):
+        families.image_normalization(family, str(tmp_path))
+
+
 # -- random init -----------------------------------------------------------------------------------------------
 
 def test_random_init_of_a_directory_is_seeded_and_keeps_the_callers_rng(tiny_dirs):
     with pytest.warns(RandomWeightsWarning):
-        a, info = load_backbone(tiny_dirs["siglip"], random_init=True)
+        a, info = load_backbone(tiny_dirs["siglip"], random_init=True, allowed_families=None)
     torch.manual_seed(5)
     state = torch.get_rng_state()
-    b, _ = load_backbone(tiny_dirs["siglip"], random_init=True)
+    b, _ = load_backbone(tiny_dirs["siglip"], random_init=True, allowed_families=None)
     assert torch.equal(state, torch.get_rng_state())
     assert info.family == "siglip" and info.pretrained is False and info.random_init_seed == 0
     assert type(a).__name__ == "SiglipVisionModel"
@@ -273,7 +295,7 @@ def test_random_init_of_a_directory_is_seeded_and_keeps_the_callers_rng(tiny_dir
 def test_small_shipped_architectures_build_offline(name, family):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        model, info = load_backbone(name, random_init=True)
+        model, info = load_backbone(name, random_init=True, allowed_families=None)
     assert info.family == family and info.hidden_size == 384 and info.pretrained is False
     assert sum(p.numel() for p in model.parameters()) == count_parameters(families.shipped_config_dict(name))
     with torch.no_grad():
@@ -333,6 +355,6 @@ def test_registers_add_exactly_four_tokens_to_dinov2(size, hidden):
 def test_every_shipped_architecture_builds_at_random_init(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        model, info = load_backbone(name, random_init=True)
+        model, info = load_backbone(name, random_init=True, allowed_families=None)
     assert sum(p.numel() for p in model.parameters()) == count_parameters(families.shipped_config_dict(name))
     assert info.family == families.family_for(families.shipped_config_dict(name)["model_type"]).name

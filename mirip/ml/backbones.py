@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -48,11 +48,19 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and os.sep != "/"
 
 
-def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False) -> Tuple[nn.Module, BackboneInfo]:
+# Families whose features DINOv2FeatureExtractor pools correctly today (it reads last_hidden_state[:, 0] and
+# [:, 1:]): only DINOv2. The other families load through mirip.ml.families; the extractor takes them once
+# it pools through family.final_norm / family.cls / family.patch_tokens.
+EXTRACTOR_FAMILIES = ("dinov2",)
+
+
+def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False, *,
+                  allowed_families: Optional[Sequence[str]] = EXTRACTOR_FAMILIES) -> Tuple[nn.Module, BackboneInfo]:
     """Build the backbone named by a hub id or a local directory; ``random_init`` skips the weights.
 
     Weights that do not load completely, and a ``model_type`` mirip does not support, are refused
-    (``families.IncompleteWeightsError`` / ``families.UnsupportedBackboneError``).
+    (``families.IncompleteWeightsError`` / ``families.UnsupportedBackboneError``); so is a family outside
+    ``allowed_families`` (None allows every family in ``families.FAMILIES``).
     """
     name = os.path.expanduser(str(name))
     if not os.path.isdir(name) and _looks_like_path(name):
@@ -61,7 +69,8 @@ def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False
             "(and model weights), or a hub id such as facebook/dinov2-large"
         )
     try:
-        model, family, _ = families.load_model(name, random_init=random_init, warn_stacklevel=2)
+        model, family, _ = families.load_model(name, random_init=random_init, warn_stacklevel=2,
+                                               allowed=allowed_families)
     except (families.UnsupportedBackboneError, families.IncompleteWeightsError):
         raise
     except (OSError, ValueError) as exc:

@@ -506,18 +506,25 @@ def pretrained_model(name: str, config_dict: Optional[dict] = None) -> Tuple[nn.
     return model, family
 
 
-def load_model(name: str, random_init: bool = False, seed: int = RANDOM_INIT_SEED,
-               warn_stacklevel: int = 2) -> Tuple[nn.Module, BackboneFamily, dict]:
+def load_model(name: str, random_init: bool = False, seed: int = RANDOM_INIT_SEED, warn_stacklevel: int = 1,
+               allowed: Optional[Sequence[str]] = None) -> Tuple[nn.Module, BackboneFamily, dict]:
     """Build the vision model named by a local directory or hub id; returns (model, family, config dict).
 
     ``random_init`` builds the architecture with seeded random weights (from the directory's config.json,
     or from the configs shipped in the package for hub ids) and warns with :class:`RandomWeightsWarning`.
+    ``allowed`` (family names) refuses other families before any weights are read; None allows all.
     """
     if os.path.isdir(name) or not random_init:
         config_dict = read_config_dict(name)
     else:
         config_dict = shipped_config_dict(name)
     family = family_for(config_dict.get("model_type"))
+    if allowed is not None and family.name not in allowed:
+        raise UnsupportedBackboneError(
+            f"backbone {name!r} is a {family.title} (model_type {config_dict.get('model_type')!r}); the feature "
+            f"extractor pools only {', '.join(allowed)} so far. Its architecture and weights load with "
+            "mirip.ml.families.load_model; extraction from it comes with the multi-family extractor."
+        )
     if not random_init:
         model, family = pretrained_model(name, config_dict)
         return model, family, config_dict
@@ -528,6 +535,26 @@ def load_model(name: str, random_init: bool = False, seed: int = RANDOM_INIT_SEE
         stacklevel=warn_stacklevel + 1,
     )
     return random_model(family.vision_config(config_dict), seed), family, config_dict
+
+
+def image_normalization(family: BackboneFamily, name: Optional[str] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) for a backbone: a local checkpoint's ``preprocessor_config.json`` wins (DINOv3's satellite
+    weights, a fine-tuned checkpoint with its own statistics), else the family's published values."""
+    path = os.path.join(name, "preprocessor_config.json") if name and os.path.isdir(name) else None
+    if not path or not os.path.isfile(path):
+        return family.mean, family.std
+    with open(path) as f:
+        d = json.load(f)
+    mean, std = d.get("image_mean"), d.get("image_std")
+    if mean is None and std is None:
+        return family.mean, family.std
+    ok = all(isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+             for v in (mean, std))
+    if not ok or any(x <= 0 for x in std):
+        raise ValueError(f"{path}: image_mean and image_std must each be 3 numbers (std > 0), got "
+                         f"image_mean={mean!r}, image_std={std!r}; fix the file or delete those two keys to use "
+                         f"the {family.title} defaults")
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
 
 
 def count_parameters(config_dict: dict, full: bool = False) -> int:
