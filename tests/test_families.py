@@ -358,3 +358,16 @@ def test_every_shipped_architecture_builds_at_random_init(name):
         model, info = load_backbone(name, random_init=True, allowed_families=None)
     assert sum(p.numel() for p in model.parameters()) == count_parameters(families.shipped_config_dict(name))
     assert info.family == families.family_for(families.shipped_config_dict(name)["model_type"]).name
+
+
+def test_a_dinov2_classifier_checkpoint_gives_its_backbone(tmp_path):
+    # The classifier head is the one part of a DINO checkpoint allowed to stay unused.
+    config = transformers.Dinov2Config(**TINY_FAMILIES["dinov2"][2], num_labels=3)
+    torch.manual_seed(0)
+    full = transformers.Dinov2ForImageClassification(config).eval()
+    full.save_pretrained(tmp_path)
+    model, info = load_backbone(str(tmp_path))
+    images = _images(4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(pixel_values=images).pooler_output,
+                                   full.dinov2(pixel_values=images).pooler_output)

@@ -447,9 +447,11 @@ def shipped_config(name: str):
 
 def read_config_dict(name: str) -> dict:
     """config.json of a local directory or hub id (the hub cache, or the hub when reachable)."""
-    from transformers import PretrainedConfig
+    import transformers
 
-    config_dict, _ = PretrainedConfig.get_config_dict(name)
+    # PreTrainedConfig since transformers 5; the older spelling stays as an alias in some releases.
+    base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+    config_dict, _ = base.get_config_dict(name)
     return config_dict
 
 
