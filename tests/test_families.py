@@ -371,3 +371,29 @@ def test_a_dinov2_classifier_checkpoint_gives_its_backbone(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(pixel_values=images).pooler_output,
                                    full.dinov2(pixel_values=images).pooler_output)
+
+
+@pytest.mark.parametrize("model_type,rename", [
+    # DINOv3 hub checkpoints name blocks `layer.N.` (transformers 4.x); 5.x models keep them under `model.`
+    # and rename on load (and save in the hub layout, so the tiny checkpoint already has it).
+    ("dinov3_vit", lambda k: k.replace("model.layer.", "layer.")),
+    # 4.x vision-only SigLIP/CLIP checkpoints keep every weight under `vision_model.`.
+    ("siglip_vision_model", lambda k: "vision_model." + k),
+    ("clip_vision_model", lambda k: "vision_model." + k),
+])
+def test_checkpoints_in_the_older_key_layout_load_completely(tiny_dirs, tmp_path, model_type, rename):
+    src = tiny_dirs[model_type]
+    state = load_file(os.path.join(src, "model.safetensors"))
+    renamed = {rename(k): v for k, v in state.items()}
+    if model_type == "dinov3_vit":
+        assert any(k.startswith("layer.0.") for k in renamed) and not any(k.startswith("model.") for k in renamed)
+    else:
+        assert renamed.keys() != state.keys()
+    save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    model, family, _ = families.load_model(str(tmp_path))
+    reference = _reference(src, model_type)
+    images = _images(5)
+    with torch.no_grad():
+        torch.testing.assert_close(family.forward(model.eval(), images).last_hidden_state,
+                                   reference(pixel_values=images).last_hidden_state)
