@@ -380,7 +380,8 @@ def tap_blocks(model: nn.Module, indices: Sequence[int],
                family: Optional[BackboneFamily] = None) -> Iterator[Dict[int, torch.Tensor]]:
     """Capture the raw outputs of chosen blocks during forward passes inside the ``with``.
 
-    ``indices`` are Python indices into ``family.blocks(model)`` (0-based; negative from the end). Yields a
+    ``indices`` are Python indices into ``family.blocks(model)`` (0-based; negative from the end; a 1-based
+    layer number L of the feature bank, ``--layers``, is ``L - 1``, and its negative ones are the same). Yields a
     dict filled by each forward, keyed by the indices as given; only the requested blocks are hooked, so no
     other layer's tokens are kept alive. Hooks are removed on exit, also on error.
     """
@@ -409,7 +410,17 @@ def tap_blocks(model: nn.Module, indices: Sequence[int],
 
 # -- shipped configs ------------------------------------------------------------------------------------------
 
-# Short name -> hub organisation; the JSON lies in mirip/ml/configs/<short>.json.
+# Short name -> hub organisation; the JSON lies in mirip/ml/configs/<short>.json. Where the numbers come from:
+# - dinov2-with-registers-*: transformers' convert_dinov2_with_registers_to_hf.py (518 px, patch 14, 4 registers,
+#   dinov2 ViT-S/B/L widths and depths); parameter counts = dinov2-* + 4 register tokens.
+# - dinov3-vit{s,b,l}16-*: facebookresearch/dinov3 dinov3/hub/backbones.py (ffn_ratio 4, mlp, 4 storage tokens,
+#   mask_k_bias -> no key bias, LayerNorm eps 1e-5, RoPE base 100, rescale_coords 2, 224 px).
+# - siglip-so400m-patch14-384: google/siglip-so400m-patch14-384 config.json (both towers 1152 / 4304 / 27 / 16).
+# - siglip2-so400m-patch16-512: the same So400m shape, patch 16 at 512 px, Gemma vocabulary (256000); the
+#   fixed-resolution SigLIP2 checkpoints are SiglipModel checkpoints (model_type "siglip").
+# - clip-vit-large-patch14: openai/clip-vit-large-patch14 (vision 1024 / 4096 / 24 / 16, patch 14, 224 px;
+#   text 768 / 3072 / 12 / 12; projection 768; quick_gelu).
+# tests/test_families.py checks each one's parameter count against its model card.
 SHIPPED: Dict[str, str] = {
     "dinov2-small": "facebook", "dinov2-base": "facebook", "dinov2-large": "facebook", "dinov2-giant": "facebook",
     "dinov2-with-registers-small": "facebook", "dinov2-with-registers-base": "facebook",
