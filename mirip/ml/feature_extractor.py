@@ -11,7 +11,7 @@ from torch import nn
 from mirip.devices import autocast_dtype, check_precision, default_precision, device_type, resolve_device
 from mirip.features.spec import Entry, FeatureSpec, FeatureSpecError, bank_entries, parse_entry
 from mirip.ml.backbones import BackboneInfo, load_backbone
-from mirip.ml.families import family_for
+from mirip.ml.families import block_output, family_of
 
 POOLINGS = ("cls", "mean", "cls_mean")
 
@@ -75,9 +75,9 @@ class DINOv2FeatureExtractor(nn.Module):
         self.device = resolve_device(device)
         self.precision = check_precision(precision or default_precision(self.device))
         self.backbone, self.info = load_backbone(model_name, random_init=random_init)
-        self.family = family_for(self.backbone)
-        self.layout = self.family.token_layout(self.backbone)
-        self.num_layers = self.family.num_layers(self.backbone)
+        self.family = family_of(self.backbone)
+        self.layout = self.family.layout(self.backbone.config)
+        self.num_layers = len(self.family.blocks(self.backbone))
         hidden = self.info.hidden_size
         try:
             blocks = [e.block(self.num_layers) for e in entry_list]
@@ -154,7 +154,7 @@ class DINOv2FeatureExtractor(nn.Module):
 
     def _pool(self, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
         """One pooled vector per image from normed tokens (B, T, H); CLS and registers never enter mean/std."""
-        cls, patches = self.layout.cls_index, hidden[:, self.layout.patch_start:]
+        cls, patches = self.layout.cls_index, self.layout.patch_tokens(hidden)
         if pooling == "cls":
             return hidden[:, cls]
         if pooling == "mean":
@@ -176,7 +176,7 @@ class DINOv2FeatureExtractor(nn.Module):
 
         def hook_for(block: int):
             def hook(module, args, output):
-                normed = norm(self.family.block_output(output))
+                normed = norm(block_output(output))
                 for e in wanted[block]:
                     out[e.name] = self._pool(normed, e.pooling)
                 if block == deepest:
@@ -185,7 +185,7 @@ class DINOv2FeatureExtractor(nn.Module):
 
         handles = [blocks[b - 1].register_forward_hook(hook_for(b)) for b in wanted if b != last]
         try:
-            hidden = self.family.last_hidden(self.backbone(pixel_values=images))
+            hidden = self.backbone(pixel_values=images).last_hidden_state
             for e in wanted.get(last, []):
                 out[e.name] = self._pool(hidden, e.pooling)
         except _StopForward:
