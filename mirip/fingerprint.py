@@ -22,6 +22,10 @@ CACHE_FORMAT_VERSION = 2
 ENVIRONMENT_FIELDS = ("mirip_version", "torch_version", "transformers_version")
 # Fields that describe which entries a cache holds and how they are laid out, not what an entry means: a head
 # trained on some entries of one cache may read the same entries from another cache (checked by name instead).
+# The backbone family's facts (mirip.ml.families): which family, which tokens are CLS / registers / patches,
+# and what ``cls`` pools. Caches and checkpoints from before families were recorded are all DINOv2 (nothing
+# else could be extracted), so a fingerprint without these fields reads as DINOv2's (``with_family_defaults``).
+FAMILY_FIELDS = ("backbone_family", "token_layout", "cls_pooling")
 LAYOUT_FIELDS = ("format_version", "feature_dim", "pooling", "views", "feature_entries", "feature_entry_blocks",
                  "feature_entry_dims", "backbone_layers")
 
@@ -39,6 +43,7 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
     """The fingerprint of features made by ``extractor`` (a DINOv2FeatureExtractor) from ``preprocessor``."""
     info = extractor.info
     pre = preprocessor.config()
+    facts = extractor.family_facts()
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "backbone": info.name,
@@ -51,6 +56,9 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
         "patch_size": int(pre["patch_size"]),
         "mean": [float(x) for x in pre["mean"]],
         "std": [float(x) for x in pre["std"]],
+        "backbone_family": facts["family"],
+        "token_layout": facts["token_layout"],
+        "cls_pooling": facts["cls"],
         "pooling": extractor.pooling,
         "feature_entries": list(extractor.entry_names),
         "feature_entry_blocks": [int(b) for b in extractor.entry_blocks],
@@ -78,6 +86,17 @@ def bank_layout(fingerprint: Mapping) -> Tuple[List[str], Optional[List[int]], L
     return [f"{fingerprint.get('pooling', 'cls')}@-1"], None, [int(fingerprint.get("feature_dim", 0))], None
 
 
+def with_family_defaults(fingerprint: Mapping) -> dict:
+    """``fingerprint`` with the family fields filled in as DINOv2's where it predates them."""
+    out = dict(fingerprint)
+    if "backbone_family" not in out and "backbone" in out:
+        out["backbone_family"] = "dinov2"
+        out.setdefault("token_layout", {"num_prefix_tokens": 1, "cls_index": 0, "num_register_tokens": 0,
+                                        "patch_size": int(out.get("patch_size", 14))})
+        out.setdefault("cls_pooling", "token")
+    return out
+
+
 def _norm(value):
     # HDF5 attributes come back as numpy scalars/arrays; compare as JSON-level values.
     if hasattr(value, "tolist"):
@@ -93,6 +112,7 @@ def diff_fingerprints(
     expected: Mapping, actual: Mapping, ignore: Iterable[str] = ENVIRONMENT_FIELDS, only: Optional[Iterable[str]] = None
 ) -> dict:
     """Fields whose values differ, as {field: (expected, actual)}; a field missing on one side differs."""
+    expected, actual = with_family_defaults(expected), with_family_defaults(actual)
     keys = set(only) if only is not None else (set(expected) | set(actual))
     keys -= set(ignore)
     return {
@@ -123,6 +143,7 @@ def weights_summary(fingerprint: Optional[Mapping]) -> dict:
     pretrained = fingerprint.get("pretrained")
     weights = "unknown" if pretrained is None else "pretrained" if pretrained else "random"
     summary = {"backbone": fingerprint.get("backbone"), "backbone_weights": weights,
+               "backbone_family": with_family_defaults(fingerprint).get("backbone_family"),
                "image_size": fingerprint.get("image_size"), "pooling": fingerprint.get("pooling")}
     if weights == "random":
         summary["note"] = RANDOM_WEIGHTS_NOTE

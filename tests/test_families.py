@@ -254,13 +254,14 @@ def test_unsupported_model_type_directory_is_refused(tmp_path):
         load_backbone(str(tmp_path))
 
 
-def test_extractor_default_refuses_families_it_does_not_pool_yet(tiny_dirs):
-    # DINOv2FeatureExtractor reads last_hidden_state[:, 0]: for SigLIP that is a patch token, for CLIP an
-    # un-normed CLS. Until it pools through the family, load_backbone's default admits only DINOv2.
+def test_load_backbone_admits_every_family_unless_narrowed(tiny_dirs):
+    # The extractor pools every family through its adapter (tests/test_family_extraction.py), so the default
+    # admits all of them; a caller may still narrow the choice.
     for kind in ("siglip", "clip_vision_model", "dinov3_vit"):
-        with pytest.raises(UnsupportedBackboneError, match="pools only dinov2"):
-            load_backbone(tiny_dirs[kind])
-    model, info = load_backbone(tiny_dirs["dinov2"])
+        assert load_backbone(tiny_dirs[kind])[1].family == FAMILY_OF.get(kind, kind)
+        with pytest.raises(UnsupportedBackboneError, match="only dinov2 backbones are accepted"):
+            load_backbone(tiny_dirs[kind], allowed_families=("dinov2",))
+    model, info = load_backbone(tiny_dirs["dinov2"], allowed_families=("dinov2",))
     assert info.family == "dinov2"
 
 

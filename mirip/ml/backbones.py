@@ -48,19 +48,14 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and os.sep != "/"
 
 
-# Families whose features DINOv2FeatureExtractor pools correctly today (it reads last_hidden_state[:, 0] and
-# [:, 1:]): only DINOv2. The other families load through mirip.ml.families; the extractor takes them once
-# it pools through family.final_norm / family.cls / family.patch_tokens.
-EXTRACTOR_FAMILIES = ("dinov2",)
-
-
 def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False, *,
-                  allowed_families: Optional[Sequence[str]] = EXTRACTOR_FAMILIES) -> Tuple[nn.Module, BackboneInfo]:
+                  allowed_families: Optional[Sequence[str]] = None) -> Tuple[nn.Module, BackboneInfo]:
     """Build the backbone named by a hub id or a local directory; ``random_init`` skips the weights.
 
     Weights that do not load completely, and a ``model_type`` mirip does not support, are refused
-    (``families.IncompleteWeightsError`` / ``families.UnsupportedBackboneError``); so is a family outside
-    ``allowed_families`` (None allows every family in ``families.FAMILIES``).
+    (``families.IncompleteWeightsError`` / ``families.UnsupportedBackboneError``). ``allowed_families`` (family
+    names) narrows the choice for a caller that handles only some; None (default) allows every family in
+    ``families.FAMILIES``, all of which the feature extractor pools.
     """
     name = os.path.expanduser(str(name))
     if not os.path.isdir(name) and _looks_like_path(name):

@@ -534,9 +534,8 @@ def load_model(name: str, random_init: bool = False, seed: int = RANDOM_INIT_SEE
     family = family_for(config_dict.get("model_type"))
     if allowed is not None and family.name not in allowed:
         raise UnsupportedBackboneError(
-            f"backbone {name!r} is a {family.title} (model_type {config_dict.get('model_type')!r}); the feature "
-            f"extractor pools only {', '.join(allowed)} so far. Its architecture and weights load with "
-            "mirip.ml.families.load_model; extraction from it comes with the multi-family extractor."
+            f"backbone {name!r} is a {family.title} (model_type {config_dict.get('model_type')!r}); only "
+            f"{', '.join(allowed)} backbones are accepted here"
         )
     if not random_init:
         model, family = pretrained_model(name, config_dict)

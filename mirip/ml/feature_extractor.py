@@ -1,4 +1,10 @@
-"""DINOv2FeatureExtractor: a frozen DINOv2 backbone that turns image batches into feature vectors."""
+"""DINOv2FeatureExtractor: a frozen vision backbone that turns image batches into feature vectors.
+
+The seed's name stays; the backbone may be any family in ``mirip.ml.families`` (DINOv2 by default, DINOv2 with
+registers, DINOv3, SigLIP / SigLIP2, CLIP), recognised by its config's ``model_type``. All family-specific
+reading (blocks, final norm, which tokens are CLS / registers / patches, SigLIP's pooling head) goes through
+the family adapter, so this class has no per-family branches.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from torch import nn
 from mirip.devices import autocast_dtype, check_precision, default_precision, device_type, resolve_device
 from mirip.features.spec import Entry, FeatureSpec, FeatureSpecError, bank_entries, parse_entry
 from mirip.ml.backbones import BackboneInfo, load_backbone
-from mirip.ml.families import block_output, family_of
+from mirip.ml.families import block_output, family_of, image_normalization
 
 POOLINGS = ("cls", "mean", "cls_mean")
 
@@ -77,6 +83,8 @@ class DINOv2FeatureExtractor(nn.Module):
         self.backbone, self.info = load_backbone(model_name, random_init=random_init)
         self.family = family_of(self.backbone)
         self.layout = self.family.layout(self.backbone.config)
+        # The family's published statistics, or the checkpoint directory's own preprocessor_config.json.
+        self.mean, self.std = image_normalization(self.family, self.info.name)
         self.num_layers = len(self.family.blocks(self.backbone))
         hidden = self.info.hidden_size
         try:
@@ -93,6 +101,7 @@ class DINOv2FeatureExtractor(nn.Module):
         else:
             self.pooling = ",".join(dict.fromkeys(e.pooling for e in entry_list))
         self.output_dim = sum(self.entry_dims)
+        self._checked_size: Optional[tuple] = None
         self.entry_scales: Optional[List[float]] = None
         self._scale: Optional[torch.Tensor] = None
         self.frozen = True
@@ -134,6 +143,15 @@ class DINOv2FeatureExtractor(nn.Module):
     def patch_size(self) -> int:
         return self.info.patch_size
 
+    def family_facts(self) -> dict:
+        """Family, token layout and what ``cls`` means, for fingerprints (``BackboneFamily.describe``)."""
+        return self.family.describe(self.backbone)
+
+    def check_image_size(self, height: int, width: Optional[int] = None) -> None:
+        """Refuse an input size this backbone cannot take (a fixed-size position table), naming the sizes it
+        accepts; DINOv2 / DINOv3 take any size, CLIP / SigLIP interpolate their position embeddings."""
+        self.family.check_image_size(self.backbone, height, width)
+
     def freeze(self) -> None:
         self.frozen = True
         self.backbone.requires_grad_(False)
@@ -152,22 +170,29 @@ class DINOv2FeatureExtractor(nn.Module):
             self.backbone.eval()
         return self
 
-    def _pool(self, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
-        """One pooled vector per image from normed tokens (B, T, H); CLS and registers never enter mean/std."""
-        cls, patches = self.layout.cls_index, self.layout.patch_tokens(hidden)
+    def _pool(self, normed: torch.Tensor, pooling: str) -> torch.Tensor:
+        """One pooled vector per image from normed tokens (B, T, H); CLS and registers never enter mean/std.
+
+        ``cls`` is the family's: the CLS token, or for SigLIP (no CLS token) its attention-pooling head.
+        """
         if pooling == "cls":
-            return hidden[:, cls]
+            return self.family.cls(self.backbone, normed)
+        patches = self.layout.patch_tokens(normed)
         if pooling == "mean":
             return patches.mean(dim=1)
         if pooling == "std":
             # Population std over the patch tokens, in fp32 (a difference of near-equal bf16 values loses it).
             return patches.float().std(dim=1, correction=0)
-        return torch.cat([hidden[:, cls], patches.mean(dim=1)], dim=1)
+        return torch.cat([self.family.cls(self.backbone, normed), patches.mean(dim=1)], dim=1)
 
     def _forward_entries(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Run the backbone once; pool each requested block inside its hook, so no block's tokens outlive it."""
+        """Run the backbone once; pool each requested block inside its hook, so no block's tokens outlive it.
+
+        Every requested block, the last one included, is read the same way: its output through the family's
+        final norm (for DINOv2 that is exactly ``last_hidden_state``; CLIP's ``last_hidden_state`` is not
+        normed, and SigLIP's head would pool it), and the forward stops after the deepest one.
+        """
         out: Dict[str, torch.Tensor] = {}
-        last = self.num_layers
         wanted: Dict[int, List[Entry]] = {}
         for e, b in zip(self.entries, self.entry_blocks):
             wanted.setdefault(b, []).append(e)
@@ -183,11 +208,9 @@ class DINOv2FeatureExtractor(nn.Module):
                     raise _StopForward
             return hook
 
-        handles = [blocks[b - 1].register_forward_hook(hook_for(b)) for b in wanted if b != last]
+        handles = [blocks[b - 1].register_forward_hook(hook_for(b)) for b in wanted]
         try:
-            hidden = self.backbone(pixel_values=images).last_hidden_state
-            for e in wanted.get(last, []):
-                out[e.name] = self._pool(hidden, e.pooling)
+            self.family.forward(self.backbone, images)
         except _StopForward:
             pass
         finally:
@@ -229,6 +252,9 @@ class DINOv2FeatureExtractor(nn.Module):
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
+        if tuple(images.shape[2:]) != self._checked_size:
+            self.check_image_size(*images.shape[2:])
+            self._checked_size = tuple(images.shape[2:])
         images = images.to(self.device, dtype=self.weight_dtype, non_blocking=True)
         if not self.frozen:
             with self._autocast():
