@@ -48,9 +48,15 @@ def _no_tf32():
 
 
 class DINOv2FeatureExtractor(nn.Module):
-    """Frozen DINOv2: ``extract(images (B, 3, H, W)) -> (B, D)``.
+    """Frozen vision backbone (DINOv2 by default; any family of ``mirip.ml.families``):
+    ``extract(images (B, 3, H, W)) -> (B, D)``.
 
-    ``pooling`` picks the CLS token (default), the mean of the patch tokens, or both
+    ``model_name`` is a hub id or local directory; its config's ``model_type`` picks the family. ``mean`` /
+    ``std`` are the family's normalisation (or the directory's ``preprocessor_config.json``): images given to
+    ``extract`` must be normalised with them (``mirip.preprocessing.Preprocessor(mean=..., std=...)``).
+
+    ``pooling`` picks the CLS token (default; SigLIP, which has none: its attention-pooling head's output;
+    CLIP: the CLS token after ``post_layernorm``), the mean of the patch tokens, or both
     concatenated (``cls_mean``, 2 x hidden). ``precision`` defaults to bf16 autocast on
     CUDA and fp32 on CPU; outputs are always float32.
 
@@ -58,9 +64,9 @@ class DINOv2FeatureExtractor(nn.Module):
     of ``cls`` / ``mean`` / ``std`` gives one entry per (pooling, layer), pooling-major; ``entries``
     (``["cls@-4", "mean@-1"]`` or a ``FeatureSpec``) lists them explicitly in any order. ``extract``
     returns the entries concatenated in that order (``entry_names``, ``entry_dims``); ``extract_entries``
-    returns them by name. Each selected block's output goes through the final layer norm before pooling;
-    intermediate blocks are read by forward hooks, the last block from the model's own output, so
-    ``cls@-1`` is the default feature bit for bit.
+    returns them by name. Each selected block's output goes through the family's final norm before pooling;
+    blocks are read by forward hooks and the forward stops after the deepest one (for DINOv2 ``cls@-1`` is
+    ``last_hidden_state[:, 0]`` bit for bit).
     """
 
     def __init__(
