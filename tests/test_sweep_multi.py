@@ -19,7 +19,7 @@ from _sweep_helpers import TIER_RANK, one_thread
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import sweep as sweep_script  # noqa: E402
 
-FAST = ["--max-epochs", "2", "--pairs-per-epoch", "64", "--eval-pairs", "80", "--batch-size", "16",
+FAST = ["--max-epochs", "3", "--learning-rate", "0.01", "--pairs-per-epoch", "64", "--eval-pairs", "80", "--batch-size", "16",
         "--device", "cpu", "--no-progress", "--hidden-dim", "16", "--projector-dim", "8"]
 N = 60
 
