@@ -211,3 +211,12 @@ def test_normalisation_from_the_directorys_preprocessor_config(dirs, tmp_path):
     with torch.no_grad():
         expected = model(pixel_values=pixels).last_hidden_state[0, 0].numpy()
     np.testing.assert_allclose(row, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_siglip_without_pooling_head_is_refused_for_cls_at_construction(tmp_path):
+    config = transformers.SiglipVisionConfig(**TINY_FAMILIES["siglip_vision_model"][2], vision_use_head=False)
+    transformers.SiglipVisionModel(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no CLS token and no pooling head.*use mean or std pooling"):
+        DINOv2FeatureExtractor(str(tmp_path), device="cpu")
+    extractor = DINOv2FeatureExtractor(str(tmp_path), device="cpu", pooling="mean")
+    assert extractor.extract(torch.randn(1, 3, 28, 28)).shape == (1, 32)

@@ -246,6 +246,15 @@ class BackboneFamily:
                              "use the mean or std pooling of the patch tokens instead of cls")
         return head(normed_tokens)
 
+    def provides_cls(self, model: nn.Module) -> bool:
+        """Whether ``cls`` exists for this model: a CLS token, or (SigLIP) an attention-pooling head."""
+        if self.has_cls_token:
+            return True
+        try:
+            return _resolve(model, self.head_paths, "attention-pooling head") is not None
+        except AttributeError:
+            return False
+
     def patch_tokens(self, model: nn.Module, normed_tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, P, D): the patch tokens, without CLS and register tokens."""
         return self.layout(model.config).patch_tokens(normed_tokens)

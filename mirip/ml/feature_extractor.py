@@ -97,6 +97,9 @@ class DINOv2FeatureExtractor(nn.Module):
             blocks = [e.block(self.num_layers) for e in entry_list]
         except FeatureSpecError as exc:
             raise ValueError(f"{model_name}: {exc}") from None
+        if any(e.pooling in ("cls", "cls_mean") for e in entry_list) and not self.family.provides_cls(self.backbone):
+            raise ValueError(f"{model_name}: this {self.family.title} has no CLS token and no pooling head "
+                             "(vision_use_head is false), so it has no cls feature; use mean or std pooling")
         self.entries: List[Entry] = entry_list
         self.entry_names: List[str] = [e.name for e in entry_list]
         self.entry_blocks: List[int] = blocks
