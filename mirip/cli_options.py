@@ -23,10 +23,17 @@ def add_encoding_option(parser) -> None:
                              "with a notice, as Korean Excel saves it)")
 
 
-def add_data_options(parser: argparse.ArgumentParser, output_help: str) -> argparse._ArgumentGroup:
-    """--features, --metadata, --output-dir, the metadata columns and the split: what a run trains on."""
+def add_data_options(parser: argparse.ArgumentParser, output_help: str,
+                     features_help: str = "") -> argparse._ArgumentGroup:
+    """--features, --metadata, --output-dir, the metadata columns and the split: what a run trains on.
+
+    ``features_help`` (a sweep's) makes --features take one or more caches.
+    """
     data = parser.add_argument_group("data")
-    data.add_argument("--features", required=True, metavar="H5", help="feature cache written by scripts/extract.py")
+    if features_help:
+        data.add_argument("--features", required=True, nargs="+", metavar="H5", help=features_help)
+    else:
+        data.add_argument("--features", required=True, metavar="H5", help="feature cache written by scripts/extract.py")
     data.add_argument("--metadata", required=True, metavar="CSV", help="CSV with one row per image")
     data.add_argument("--output-dir", required=True, metavar="DIR", help=output_help)
     data.add_argument("--filename-column", default="filename",

@@ -25,6 +25,10 @@ CACHE_FORMAT_VERSION = 3
 LEGACY_DEFAULTS = {"color_management": "none"}
 # Fields that record the software, not the numbers' meaning: compared only when appending to a cache.
 ENVIRONMENT_FIELDS = ("mirip_version", "torch_version", "transformers_version")
+# The backbone family's facts (mirip.ml.families): which family, which tokens are CLS / registers / patches,
+# and what ``cls`` pools. Caches and checkpoints from before families were recorded are all DINOv2 (nothing
+# else could be extracted), so a fingerprint without these fields reads as DINOv2's (``with_family_defaults``).
+FAMILY_FIELDS = ("backbone_family", "token_layout", "cls_pooling")
 # Fields that describe which entries a cache holds and how they are laid out, not what an entry means: a head
 # trained on some entries of one cache may read the same entries from another cache (checked by name instead).
 LAYOUT_FIELDS = ("format_version", "feature_dim", "pooling", "views", "feature_entries", "feature_entry_blocks",
@@ -44,6 +48,7 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
     """The fingerprint of features made by ``extractor`` (a DINOv2FeatureExtractor) from ``preprocessor``."""
     info = extractor.info
     pre = preprocessor.config()
+    facts = extractor.family_facts()
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "backbone": info.name,
@@ -57,6 +62,9 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
         "mean": [float(x) for x in pre["mean"]],
         "std": [float(x) for x in pre["std"]],
         "color_management": pre.get("color_management", LEGACY_DEFAULTS["color_management"]),
+        "backbone_family": facts["family"],
+        "token_layout": facts["token_layout"],
+        "cls_pooling": facts["cls"],
         "pooling": extractor.pooling,
         "feature_entries": list(extractor.entry_names),
         "feature_entry_blocks": [int(b) for b in extractor.entry_blocks],
@@ -84,6 +92,17 @@ def bank_layout(fingerprint: Mapping) -> Tuple[List[str], Optional[List[int]], L
     return [f"{fingerprint.get('pooling', 'cls')}@-1"], None, [int(fingerprint.get("feature_dim", 0))], None
 
 
+def with_family_defaults(fingerprint: Mapping) -> dict:
+    """``fingerprint`` with the family fields filled in as DINOv2's where it predates them."""
+    out = dict(fingerprint)
+    if "backbone_family" not in out and "backbone" in out:
+        out["backbone_family"] = "dinov2"
+        out.setdefault("token_layout", {"num_prefix_tokens": 1, "cls_index": 0, "num_register_tokens": 0,
+                                        "patch_size": int(out.get("patch_size", 14))})
+        out.setdefault("cls_pooling", "token")
+    return out
+
+
 def _norm(value):
     # HDF5 attributes come back as numpy scalars/arrays; compare as JSON-level values.
     if hasattr(value, "tolist"):
@@ -99,6 +118,7 @@ def diff_fingerprints(
     expected: Mapping, actual: Mapping, ignore: Iterable[str] = ENVIRONMENT_FIELDS, only: Optional[Iterable[str]] = None
 ) -> dict:
     """Fields whose values differ, as {field: (expected, actual)}; a field missing on one side differs."""
+    expected, actual = with_family_defaults(expected), with_family_defaults(actual)
     keys = set(only) if only is not None else (set(expected) | set(actual))
     keys -= set(ignore)
 
@@ -129,6 +149,7 @@ def weights_summary(fingerprint: Optional[Mapping]) -> dict:
     pretrained = fingerprint.get("pretrained")
     weights = "unknown" if pretrained is None else "pretrained" if pretrained else "random"
     summary = {"backbone": fingerprint.get("backbone"), "backbone_weights": weights,
+               "backbone_family": with_family_defaults(fingerprint).get("backbone_family"),
                "image_size": fingerprint.get("image_size"), "pooling": fingerprint.get("pooling")}
     if weights == "random":
         summary["note"] = RANDOM_WEIGHTS_NOTE

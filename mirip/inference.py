@@ -43,7 +43,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # Fields of the fingerprint that decide the features' numbers (besides the backbone's identity). Which entries
 # (layers, poolings) the head sees comes from the checkpoint's feature spec, checked entry by entry.
 FEATURE_FIELDS = ("patch_size", "image_size", "resize_mode", "mean", "std", "color_management")
-BACKBONE_FIELDS = ("backbone", "pretrained", "random_init_seed")
+BACKBONE_FIELDS = ("backbone", "pretrained", "random_init_seed", "backbone_family", "token_layout", "cls_pooling")
 PathLike = Union[str, os.PathLike]
 
 
@@ -355,6 +355,7 @@ def load_scorer(
         # A head trained on features made before ICC conversion existed scores images the way they were read.
         color_management=fp.get("color_management", LEGACY_DEFAULTS["color_management"]),
     )
+    extractor.check_image_size(preprocessor.image_size)
     rebuilt = make_fingerprint(extractor, preprocessor)
     compare = [k for k in FEATURE_FIELDS + BACKBONE_FIELDS if k in fp and k not in substituted]
     check_fingerprint(fp, rebuilt, what=what, ignore=(), only=compare)

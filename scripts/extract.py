@@ -84,14 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cache file to create or extend; unset: <cache-dir>/<backbone>-<size>px-<pooling>-<hash>.h5")
     io.add_argument("--cache-dir", default="cache", help="where the default-named cache goes")
     model = p.add_argument_group("backbone and preprocessing (all part of the cache fingerprint)")
-    model.add_argument("--backbone", default="facebook/dinov2-large", help="hub id or local directory of a DINOv2 model")
+    model.add_argument("--backbone", default="facebook/dinov2-large",
+                       help="hub id or local directory of a vision backbone; its config's model_type picks the "
+                            "family: dinov2, dinov2_with_registers, dinov3_vit, siglip (also fixed-resolution "
+                            "SigLIP2) or clip (a full CLIP/SigLIP checkpoint gives its vision tower). Normalisation "
+                            "comes from the family, or from the directory's preprocessor_config.json")
     model.add_argument("--random-init", action="store_true",
                        help="random weights from the built-in architecture (benchmarks and tests only)")
-    model.add_argument("--image-size", type=_positive, default=768, metavar="PX", help="square input size in pixels")
+    model.add_argument("--image-size", type=_positive, default=768, metavar="PX",
+                       help="square input size in pixels; DINOv2/DINOv3 take any size, CLIP/SigLIP interpolate "
+                            "their position embeddings (their native size, e.g. 224 or 384, is what they were "
+                            "trained at)")
     model.add_argument("--resize-mode", choices=RESIZE_MODES, default="pad", help="how images are fitted to the square")
     model.add_argument("--pooling", nargs="+", choices=tuple(dict.fromkeys(POOLINGS + BANK_POOLINGS)), default=["cls"],
                        metavar="POOLING",
-                       help="which tokens make each feature: cls (the CLS token), mean (mean of the patch tokens), "
+                       help="which tokens make each feature: cls (the CLS token; CLIP: the CLS token after "
+                            "post_layernorm; SigLIP, which has no CLS token: its attention-pooling head's output, "
+                            "the image embedding it was trained with), mean (mean of the patch tokens), "
                             "std (their per-channel standard deviation), cls_mean (cls and mean concatenated, one "
                             "layer only); several make a feature bank with --layers")
     model.add_argument("--layers", nargs="+", type=_layer, default=None, metavar="L",

@@ -5,6 +5,12 @@ Example, from the repository root:
     python scripts/sweep.py --features cache/features.h5 --metadata data/metadata.csv \\
         --output-dir runs/sweep-margin --margin 0.1 0.5 1.0 --hidden-dim 256 512 --projector-dim 64 128 --seeds 0 1 2
 
+Several caches of the same images (other backbones or image sizes) become one more axis, each trained on
+the same splits and reported side by side:
+
+    python scripts/sweep.py --features cache/dinov2-large.h5 cache/siglip-so400m.h5 --metadata data/metadata.csv \\
+        --output-dir runs/backbones --seeds 0 1 2
+
 Run the same command again after an interruption: finished configurations are skipped.
 """
 
@@ -26,6 +32,7 @@ from mirip.cli_options import DefaultsHelpFormatter, add_data_options
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.sweep.grid import SweepConfigError, SweepGrid
+from mirip.sweep.multi import run_multi_sweep
 from mirip.sweep.runner import GRID_FIELDS, OUTPUT_FILES, SweepSettings, run_sweep
 from mirip.sweep.stacked import OPTIMIZERS
 from mirip.training.config import TrainingConfig
@@ -68,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "configuration x seed into --output-dir. Rerun the same command to continue.",
         formatter_class=DefaultsHelpFormatter,
     )
-    add_data_options(parser, "sweep directory (results, checkpoints)")
+    add_data_options(parser, "sweep directory (results, checkpoints)", features_help=(
+        "feature cache(s) written by scripts/extract.py. Several caches of the same images (made with other "
+        "backbones or image sizes) become one more grid axis: the split is made once per seed from the metadata "
+        "and is the same for every cache; each cache's sweep goes to <output-dir>/<cache file stem>/ and the "
+        "top-level results.csv, summary.md, best.json and heatmap.png put the caches side by side"))
     grid = parser.add_argument_group("grid (one or more values each; the sweep is their product)")
     for flag, dest, kind, default, help_text in GRID_OPTIONS:
         grid.add_argument(flag, dest=dest, type=kind, nargs="+", default=default, metavar="SPEC" if dest == "feature" else kind.__name__.upper(),
@@ -116,7 +127,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
         training["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     training["checkpoint_dir"] = args.output_dir
     settings = SweepSettings(
-        features=args.features, metadata=args.metadata, output_dir=args.output_dir,
+        features=args.features[0], metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column, train_ratio=args.train_ratio,
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
         encoding=args.encoding,
@@ -129,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         grid, settings = settings_from_args(args)
-        result = run_sweep(grid, settings, progress=not args.no_progress)
+        if len(args.features) > 1:
+            result = run_multi_sweep(grid, settings, args.features, progress=not args.no_progress, log=print)
+        else:
+            result = run_sweep(grid, settings, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, CacheError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -137,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{result['trained']} configuration(s) trained, {result['skipped']} already done, "
           f"{result['wall_time_s']:.1f} s")
     if best:
-        print(f"best on validation: {best['config']} val {best['val_acc_mean']:.4f} test {best['test_acc_mean']:.4f}")
+        where = f"cache {best['cache']} ({best['backbone']}) " if "cache" in best else ""
+        print(f"best on validation: {where}{best['config']} val {best['val_acc_mean']:.4f} test {best['test_acc_mean']:.4f}")
         print(f"train it: {best['train_command']}")
     return 0
 

@@ -112,7 +112,7 @@ def extract(image_dir, output, backbone, **overrides):
 def reference_features(backbone, files, image_size: int = SIZE, **kw) -> np.ndarray:
     """Features through the public API, one file at a time: what every cached row must equal."""
     extractor = DINOv2FeatureExtractor(backbone, device="cpu", **kw)
-    pre = Preprocessor(image_size=image_size, patch_size=extractor.patch_size)
+    pre = Preprocessor(image_size=image_size, mean=extractor.mean, std=extractor.std, patch_size=extractor.patch_size)
     with torch.no_grad():
         return np.concatenate([extractor.extract(pre(str(f))[None]).numpy() for f in files])
 

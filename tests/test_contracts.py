@@ -61,7 +61,9 @@ def _stub_extractor(revision, seed, pooling="cls", precision="fp32"):
     info = BackboneInfo(name="org/net", revision=revision, pretrained=seed is None, random_init_seed=seed,
                         hidden_size=8, patch_size=14)
     return SimpleNamespace(info=info, output_dim=16, pooling=pooling, precision=precision,
-                           entry_names=[f"{pooling}@-1"], entry_blocks=[3], entry_dims=[16], num_layers=3)
+                           entry_names=[f"{pooling}@-1"], entry_blocks=[3], entry_dims=[16], num_layers=3,
+                           family_facts=lambda: {"family": "fam", "token_layout": {"num_prefix_tokens": 2},
+                                                 "cls": "token"})
 
 
 def test_make_fingerprint_names_every_field_exactly():
@@ -72,7 +74,8 @@ def test_make_fingerprint_names_every_field_exactly():
         "random_init_seed": 1234, "feature_dim": 16, "image_size": 56, "resize_mode": "stretch", "patch_size": 14,
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "color_management": "icc-to-srgb", "pooling": "cls_mean",
         "feature_entries": ["cls_mean@-1"], "feature_entry_blocks": [3], "feature_entry_dims": [16],
-        "backbone_layers": 3, "precision": "bf16", "feature_dtype": "float32", "views": 0, "mirip_version": mirip.__version__,
+        "backbone_layers": 3, "backbone_family": "fam", "token_layout": {"num_prefix_tokens": 2},
+        "cls_pooling": "token", "precision": "bf16", "feature_dtype": "float32", "views": 0, "mirip_version": mirip.__version__,
         "torch_version": str(torch.__version__), "transformers_version": transformers.__version__,
     }
     assert type(fp["torch_version"]) is str  # not TorchVersion, which h5py cannot store
@@ -110,13 +113,11 @@ def test_weights_summary_states_the_backbone_weights():
     assert weights_summary(None) == {"backbone": None, "backbone_weights": "unknown"}
     assert weights_summary({}) == {"backbone": None, "backbone_weights": "unknown"}
     fp = {"backbone": "org/net", "image_size": 56, "pooling": "cls"}
-    assert weights_summary(fp) == {"backbone": "org/net", "backbone_weights": "unknown", "image_size": 56,
-                                   "pooling": "cls"}
-    assert weights_summary(dict(fp, pretrained=True)) == {"backbone": "org/net", "backbone_weights": "pretrained",
-                                                          "image_size": 56, "pooling": "cls"}
-    assert weights_summary(dict(fp, pretrained=False)) == {"backbone": "org/net", "backbone_weights": "random",
-                                                           "image_size": 56, "pooling": "cls",
-                                                           "note": RANDOM_WEIGHTS_NOTE}
+    base = {"backbone": "org/net", "backbone_family": "dinov2", "image_size": 56, "pooling": "cls"}  # pre-family: DINOv2
+    assert weights_summary(fp) == dict(base, backbone_weights="unknown")
+    assert weights_summary(dict(fp, pretrained=True)) == dict(base, backbone_weights="pretrained")
+    assert weights_summary(dict(fp, pretrained=False)) == dict(base, backbone_weights="random", note=RANDOM_WEIGHTS_NOTE)
+    assert weights_summary(dict(fp, backbone_family="siglip"))["backbone_family"] == "siglip"
     assert RANDOM_WEIGHTS_NOTE.startswith("backbone weights are RANDOM (untrained)")
 
 

@@ -96,6 +96,9 @@ def test_fingerprint_records_color_management_and_refuses_old_caches():
         info, output_dim, pooling, precision = Info(), 32, "cls", "fp32"
         entry_names, entry_blocks, entry_dims, num_layers = ["cls@-1"], [2], [32], 2
 
+        def family_facts(self):
+            return {"family": "dinov2", "token_layout": {"num_prefix_tokens": 1}, "cls": "token"}
+
     new = make_fingerprint(Ex(), Preprocessor(image_size=28))
     assert new["color_management"] == "icc-to-srgb"
     old = {k: v for k, v in new.items() if k != "color_management"}  # a cache written before the field existed

@@ -262,7 +262,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "device": device, "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
         "cpu_cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
-        "torch_threads": torch.get_num_threads(), "backbone": config.backbone, "random_init": config.random_init,
+        "torch_threads": torch.get_num_threads(), "backbone": config.backbone, "family": extractor.info.family,
+        "random_init": config.random_init,
         "image_size": config.image_size, "precision": precision, "batch_size": batch, "num_workers": workers,
         "source_size": None if getattr(args, "extract_image_dir", None) else _opt(args, "source_size"),
         "bare_images_per_s": bare, "bare_runs_images_per_s": bare_runs,
@@ -294,7 +295,8 @@ def run(args: argparse.Namespace) -> dict:
 def to_markdown(r: dict) -> str:
     p, s = r["pipeline"], r["pipeline_small"]
     lines = [
-        f"**Stage-one extraction** — {r['backbone']} ({'random' if r['random_init'] else 'pretrained'} weights), "
+        f"**Stage-one extraction** — {r['backbone']} ({r.get('family', 'dinov2')}, "
+        f"{'random' if r['random_init'] else 'pretrained'} weights), "
         f"{r['image_size']} px, {r['precision']}, batch {r['batch_size']}, {r['num_workers']} workers, "
         f"on {r['device_name']} ({r['cpu_cores']} CPU cores, load {r['load_average_1min']:.1f}).",
         "",

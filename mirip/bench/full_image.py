@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return {
         "name": "full_image",
         "backbone": backbone,
+        "family": model.feature_extractor.info.family,
         "checkpoint": checkpoint,
         "feature_spec": spec,
         "weights": "random" if random_init else "pretrained",
@@ -170,7 +171,8 @@ def to_markdown(result: Dict[str, Any]) -> str:
     lines = [
         "### Full-image mode (backbone + head)",
         "",
-        f"{result['backbone']} ({result['weights']} weights, {result['parameters']:,} parameters), "
+        f"{result['backbone']} ({result.get('family', 'dinov2')}, {result['weights']} weights, "
+        f"{result['parameters']:,} parameters), "
         f"{result['image_size']} px, features {result.get('feature_spec', 'cls@-1')}, "
         f"{result['precision']} on {result['device_name']} ({result['device']})"
         + (" — quick smoke run, small repeat counts" if result.get("quick") else ""),

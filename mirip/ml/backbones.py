@@ -1,29 +1,25 @@
-"""Loading DINOv2 backbones: from the hub, from a local directory, or as an architecture with random weights.
+"""Loading backbones: from the hub, from a local directory, or as an architecture with random weights.
 
-Configs for dinov2-small/base/large/giant ship inside the package, so the
-architecture builds offline. Random weights are an explicit opt-in, seeded so
+The family (DINOv2, DINOv2 with registers, DINOv3, SigLIP, CLIP) comes from the
+config's ``model_type``; the per-family facts and the strict loading live in
+``mirip.ml.families``. Configs for the common sizes ship inside the package, so
+each architecture builds offline. Random weights are an explicit opt-in, seeded so
 that the same "random backbone" can be rebuilt later (a cache made with it and
 a full-image model rebuilt from a checkpoint give the same numbers).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from dataclasses import asdict, dataclass
-from importlib import resources
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
-import torch
-from transformers import Dinov2Config, Dinov2Model
+from torch import nn
+
+from mirip.ml import families
+from mirip.ml.families import RANDOM_INIT_SEED, RandomWeightsWarning  # noqa: F401  (re-exported)
 
 KNOWN_BACKBONES = ("dinov2-small", "dinov2-base", "dinov2-large", "dinov2-giant")
-RANDOM_INIT_SEED = 0
-
-
-class RandomWeightsWarning(UserWarning):
-    """Raised as a warning whenever a backbone has random (untrained) weights."""
 
 
 @dataclass(frozen=True)
@@ -36,21 +32,15 @@ class BackboneInfo:
     random_init_seed: Optional[int]
     hidden_size: int
     patch_size: int
+    family: str = "dinov2"  # the config's model_type family (mirip.ml.families)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def shipped_config(name: str) -> Dinov2Config:
+def shipped_config(name: str):
     """The packaged architecture config for a hub id or short name (``facebook/dinov2-large``, ``dinov2-large``)."""
-    short = name.rstrip("/").split("/")[-1]
-    if short not in KNOWN_BACKBONES:
-        raise ValueError(
-            f"no built-in architecture for backbone {name!r}; random weights are available for "
-            f"{', '.join('facebook/' + k for k in KNOWN_BACKBONES)}, or pass a local directory with a config.json"
-        )
-    text = resources.files("mirip.ml").joinpath("configs", f"{short}.json").read_text()
-    return Dinov2Config(**json.loads(text))
+    return families.shipped_config(name)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -58,49 +48,35 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and os.sep != "/"
 
 
-def _random_model(config: Dinov2Config, name: str) -> Dinov2Model:
-    warnings.warn(
-        f"backbone {name!r} is built with RANDOM weights: its features carry no learned meaning. "
-        "Use this only for benchmarks and tests; caches and checkpoints made with it are marked pretrained=False.",
-        RandomWeightsWarning,
-        stacklevel=3,
-    )
-    config._attn_implementation = "sdpa"
-    # Seeded without touching the caller's RNG, so the same random backbone can be rebuilt anywhere.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return Dinov2Model(config)
+def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False, *,
+                  allowed_families: Optional[Sequence[str]] = None) -> Tuple[nn.Module, BackboneInfo]:
+    """Build the backbone named by a hub id or a local directory; ``random_init`` skips the weights.
 
-
-def _pretrained_model(name: str) -> Dinov2Model:
+    Weights that do not load completely, and a ``model_type`` mirip does not support, are refused
+    (``families.IncompleteWeightsError`` / ``families.UnsupportedBackboneError``). ``allowed_families`` (family
+    names) narrows the choice for a caller that handles only some; None (default) allows every family in
+    ``families.FAMILIES``, all of which the feature extractor pools.
+    """
+    name = os.path.expanduser(str(name))
+    if not os.path.isdir(name) and _looks_like_path(name):
+        raise FileNotFoundError(
+            f"backbone directory {name!r} does not exist; pass an existing directory holding config.json "
+            "(and model weights), or a hub id such as facebook/dinov2-large"
+        )
     try:
-        return Dinov2Model.from_pretrained(name, attn_implementation="sdpa")
+        model, family, _ = families.load_model(name, random_init=random_init, warn_stacklevel=2,
+                                               allowed=allowed_families)
+    except (families.UnsupportedBackboneError, families.IncompleteWeightsError):
+        raise
     except (OSError, ValueError) as exc:
+        if random_init:
+            raise
         raise OSError(
             f"could not load backbone {name!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}).\n"
             "To fix: download it once where the hub is reachable (e.g. `hf download "
             f"{name} --local-dir models/{name.split('/')[-1]}`) and pass that directory as the backbone name, "
             "or opt into an untrained architecture with random_init=True (--random-init) for benchmarks and tests."
         ) from exc
-
-
-def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False) -> Tuple[Dinov2Model, BackboneInfo]:
-    """Build the backbone named by a hub id or a local directory; ``random_init`` skips the weights."""
-    name = os.path.expanduser(str(name))
-    if os.path.isdir(name):
-        if random_init:
-            model = _random_model(Dinov2Config.from_pretrained(name), name)
-        else:
-            model = _pretrained_model(name)
-    elif _looks_like_path(name):
-        raise FileNotFoundError(
-            f"backbone directory {name!r} does not exist; pass an existing directory holding config.json "
-            "(and model weights), or a hub id such as facebook/dinov2-large"
-        )
-    elif random_init:
-        model = _random_model(shipped_config(name), name)
-    else:
-        model = _pretrained_model(name)
     config = model.config
     info = BackboneInfo(
         name=name,
@@ -108,7 +84,8 @@ def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False
         pretrained=not random_init,
         random_init_seed=RANDOM_INIT_SEED if random_init else None,
         hidden_size=int(config.hidden_size),
-        patch_size=int(config.patch_size),
+        patch_size=family.patch_size(config),
+        family=family.name,
     )
     return model, info
 

@@ -1,84 +1,594 @@
-"""Backbone families: where a vision transformer keeps its blocks, its final norm, and which tokens are which.
+"""Backbone families: what mirip needs to know about each kind of vision transformer it can extract from.
 
-The feature extractor only asks these questions, so a new family (DINOv2 with registers, DINOv3, SigLIP,
-CLIP) is one more adapter here, registered by the config's ``model_type``, not a new extractor.
+A family is recognised by the ``model_type`` in a checkpoint's ``config.json`` and brings its own facts:
+which transformers classes build its vision tower, how images are normalised, the patch size, the token
+layout (CLS, register and patch tokens), which modules are its transformer blocks, which norm a block's
+output goes through before pooling, and what ``cls`` means when the family has no CLS token.
+
+Supported families (``SUPPORTED_MODEL_TYPES``):
+
+- ``dinov2`` (the seed's): CLS + patches; ImageNet mean/std; position embeddings interpolate to any size.
+- ``dinov2_with_registers``: CLS + 4 registers + patches; otherwise as DINOv2.
+- ``dinov3_vit``: CLS + 4 registers + patches; RoPE, so any size works with no interpolation at all.
+- ``siglip`` (also ``siglip_vision_model``; covers the fixed-resolution SigLIP2 checkpoints, which use the
+  same ``model_type``): patches only, no CLS token. ``cls`` is the attention-pooling (MAP) head's output on
+  the normed tokens, i.e. the image embedding SigLIP was trained with. Mean/std 0.5/0.5.
+- ``clip`` (also ``clip_vision_model``): CLS + patches; OpenAI CLIP mean/std.
+
+The final norm, per family (it turns a block's output into what the family's own output is made of):
+
+- DINOv2 / registers / DINOv3: the model's last LayerNorm (``layernorm`` / ``norm``); transformers applies it
+  to every token of ``last_hidden_state``, and DINOv2's linear evaluation pools after it.
+- SigLIP: ``post_layernorm``, which transformers applies to every token before the attention-pooling head.
+- CLIP: ``post_layernorm``. transformers' CLIP ``last_hidden_state`` is *not* post-layernormed; only the pooled
+  CLS token is (``pooler_output = post_layernorm(last_hidden_state[:, 0])``). mirip applies ``post_layernorm``
+  to every token (it is a per-token operation, so ``cls`` stays exactly ``pooler_output``) and ``mean``/``std``
+  pool the normed patch tokens, as open_clip does with ``ln_post`` before token pooling. This keeps one rule
+  for every family and every layer: pool ``final_norm(block output)``.
+
+Loading refuses silent wrong results: an unknown ``model_type`` is refused naming the supported ones, and a
+checkpoint whose weights do not load completely into the family's vision model is refused naming the missing
+and unexpected weights. The text tower of a full CLIP/SigLIP checkpoint (and a DINO classifier head) is the
+only thing allowed to go unused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict
+import contextlib
+import inspect
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+RANDOM_INIT_SEED = 0
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's preprocessing (clip/clip.py `_transform`), also in every openai/clip-* preprocessor_config.json.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP / SigLIP2 map pixels to [-1, 1] (big_vision `value_range(-1, 1)`).
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+class RandomWeightsWarning(UserWarning):
+    """Raised as a warning whenever a backbone has random (untrained) weights."""
+
+
+class UnsupportedBackboneError(ValueError):
+    """The checkpoint's ``model_type`` is not one mirip can extract features from."""
+
+
+class IncompleteWeightsError(ValueError):
+    """A checkpoint's weights do not fill the family's vision model exactly (missing / unexpected / mismatched)."""
+
+    def __init__(self, message: str, missing: Sequence[str] = (), unexpected: Sequence[str] = (),
+                 mismatched: Sequence[str] = ()):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+
+
+def _resolve(model: nn.Module, paths: Sequence[str], what: str) -> nn.Module:
+    """The first attribute path that exists: transformers has moved vision towers in and out of wrappers
+    (``CLIPVisionModel.vision_model.encoder`` in 4.x, ``CLIPVisionModel.encoder`` in 5.x)."""
+    for path in paths:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj
+    raise AttributeError(
+        f"{type(model).__name__} has no {what} at any of {', '.join(paths)}; this transformers version lays the "
+        "model out differently from the ones mirip knows (5.x)"
+    )
+
+
+def _size_pair(value) -> Tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Token positions in a block's output: ``cls_index`` (None: no CLS token), then registers, then patches."""
+    """Where a backbone's tokens are: ``[CLS?][registers...][patches...]`` along the sequence axis.
 
-    cls_index: int = 0
-    num_registers: int = 0
+    ``num_prefix_tokens`` counts everything before the first patch token (CLS and registers).
+    ``cls_index`` is None for a family without a CLS token (SigLIP).
+    """
+
+    num_prefix_tokens: int
+    cls_index: Optional[int]
+    num_register_tokens: int
+    patch_size: int
+
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, P, D): the patch tokens only (CLS and registers dropped)."""
+        return tokens[:, self.num_prefix_tokens:]
+
+    def register_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        start = 0 if self.cls_index is None else self.cls_index + 1
+        return tokens[:, start:start + self.num_register_tokens]
+
+    def num_patches(self, height: int, width: int) -> int:
+        # The stride-p patch conv drops the last (size mod p) pixels of each side.
+        return (height // self.patch_size) * (width // self.patch_size)
+
+    def to_dict(self) -> dict:
+        return {"num_prefix_tokens": self.num_prefix_tokens,
+                "cls_index": -1 if self.cls_index is None else self.cls_index,
+                "num_register_tokens": self.num_register_tokens, "patch_size": self.patch_size}
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """The facts about one transformers ``model_type`` family that extraction and full-image mode need."""
+
+    name: str                                  # the canonical model_type ("siglip")
+    title: str                                 # for --help and reports
+    model_types: Tuple[str, ...]               # every config model_type recognised as this family
+    vision_model_types: Tuple[str, ...]        # model_types of a vision-only config (others are full configs)
+    config_class_name: str                     # transformers class of the vision config
+    model_class_name: str                      # transformers class of the vision-only model
+    full_config_class_name: Optional[str]      # dual-tower config (CLIPConfig) whose vision_config we take
+    full_model_class_name: Optional[str]       # dual-tower model, only to count a shipped config's parameters
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    has_cls_token: bool
+    cls_meaning: str                           # what `cls` pools to, in words (for --help)
+    position_embeddings: str                   # "interpolated" | "rope" | "interpolated-on-request"
+    block_paths: Tuple[str, ...]
+    norm_paths: Tuple[str, ...]
+    head_paths: Tuple[str, ...] = ()
+    # Checkpoint weights allowed to stay unused: another tower of a dual-tower checkpoint, a classifier head.
+    ignorable_unexpected: Tuple[str, ...] = ()
+    forward_kwargs: Dict[str, object] = field(default_factory=dict)
+
+    # -- classes and configs ---------------------------------------------------------------------------------
+    @property
+    def config_class(self):
+        import transformers
+
+        return getattr(transformers, self.config_class_name)
 
     @property
-    def patch_start(self) -> int:
-        """First patch token: after the CLS token (if any) and the register tokens."""
-        return (0 if self.cls_index is None else 1) + self.num_registers
+    def model_class(self):
+        import transformers
 
+        return getattr(transformers, self.model_class_name)
 
-class BackboneFamily:
-    """How to read one family's model; subclasses answer for their ``model_type``."""
+    def vision_config(self, config_or_dict):
+        """The vision-tower config from a vision-only or a full (dual-tower) config, object or dict."""
+        d = config_or_dict if isinstance(config_or_dict, dict) else config_or_dict.to_dict()
+        if d.get("model_type") not in self.vision_model_types and "vision_config" in d:
+            d = d["vision_config"]
+        d = {k: v for k, v in d.items() if k not in ("transformers_version", "_name_or_path")}
+        d.pop("model_type", None)
+        return self.config_class(**d)
 
-    model_type: str = ""
+    # -- token layout and sizes ------------------------------------------------------------------------------
+    def layout(self, config) -> TokenLayout:
+        registers = int(getattr(config, "num_register_tokens", 0) or 0)
+        has_cls = self.has_cls_token
+        return TokenLayout(
+            num_prefix_tokens=int(has_cls) + registers,
+            cls_index=0 if has_cls else None,
+            num_register_tokens=registers,
+            patch_size=_size_pair(config.patch_size)[0],
+        )
 
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        raise NotImplementedError
+    def patch_size(self, config) -> int:
+        return _size_pair(config.patch_size)[0]
+
+    def native_image_size(self, config) -> int:
+        return _size_pair(config.image_size)[0]
+
+    def interpolates(self, model: nn.Module) -> bool:
+        """Whether this model accepts image sizes other than its native one."""
+        if self.position_embeddings in ("interpolated", "rope"):
+            return True
+        # CLIP/SigLIP interpolate only when asked; transformers versions without the argument cannot.
+        return "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+
+    def check_image_size(self, model: nn.Module, height: int, width: Optional[int] = None) -> None:
+        """Refuse an input size this backbone cannot take, naming the sizes it accepts."""
+        width = height if width is None else width
+        config = model.config
+        p = self.patch_size(config)
+        if height < p or width < p:
+            raise ValueError(f"image size {height}x{width} is smaller than one {p}x{p} patch of this {self.title}; "
+                             f"use at least {p} px (the native size is {self.native_image_size(config)})")
+        if not self.interpolates(model):
+            native = self.native_image_size(config)
+            if (height, width) != (native, native):
+                raise ValueError(
+                    f"this {self.title} cannot interpolate its position embeddings in transformers "
+                    f"{_transformers_version()}: it accepts only {native}x{native} images (got {height}x{width}); "
+                    f"use --image-size {native}, or a transformers version whose {type(model).__name__}.forward "
+                    "takes interpolate_pos_encoding")
+
+    def forward(self, model: nn.Module, pixel_values: torch.Tensor):
+        """Run the model on a batch at any supported size (asks CLIP/SigLIP to interpolate; at their native
+        size that is the identity, so the numbers do not change)."""
+        kwargs = dict(self.forward_kwargs) if self.interpolates(model) else {}
+        return model(pixel_values=pixel_values, **kwargs)
+
+    # -- modules ---------------------------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> List[nn.Module]:
+        """The transformer blocks in order (hook these to read intermediate layers)."""
+        return list(_resolve(model, self.block_paths, "transformer blocks"))
 
     def final_norm(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        """The norm a block's output goes through before pooling (see the module docstring, per family)."""
+        return _resolve(model, self.norm_paths, "final norm")
 
-    def token_layout(self, model: nn.Module) -> TokenLayout:
-        raise NotImplementedError
+    def cls(self, model: nn.Module, normed_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) normed tokens -> (B, D): the family's ``cls`` feature (see ``cls_meaning``)."""
+        if self.has_cls_token:
+            return normed_tokens[:, 0]
+        try:
+            head = _resolve(model, self.head_paths, "attention-pooling head")
+        except AttributeError:
+            head = None  # vision_use_head=False builds no head
+        if head is None:
+            raise ValueError(f"this {self.title} has no CLS token and no pooling head (vision_use_head is false); "
+                             "use the mean or std pooling of the patch tokens instead of cls")
+        return head(normed_tokens)
 
-    def num_layers(self, model: nn.Module) -> int:
-        return len(self.blocks(model))
+    def provides_cls(self, model: nn.Module) -> bool:
+        """Whether ``cls`` exists for this model: a CLS token, or (SigLIP) an attention-pooling head."""
+        if self.has_cls_token:
+            return True
+        try:
+            return _resolve(model, self.head_paths, "attention-pooling head") is not None
+        except AttributeError:
+            return False
 
-    def block_output(self, output) -> torch.Tensor:
-        """A block's forward output as the (B, T, H) token tensor (some versions return a tuple)."""
-        return output[0] if isinstance(output, (tuple, list)) else output
+    def patch_tokens(self, model: nn.Module, normed_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, P, D): the patch tokens, without CLS and register tokens."""
+        return self.layout(model.config).patch_tokens(normed_tokens)
 
-    def last_hidden(self, model_output) -> torch.Tensor:
-        """The model's final, normed tokens (B, T, H)."""
-        return model_output.last_hidden_state
-
-
-class Dinov2Family(BackboneFamily):
-    """transformers' Dinov2Model: ``encoder.layer[i]`` blocks, ``layernorm`` final norm, token 0 is CLS."""
-
-    model_type = "dinov2"
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.encoder.layer
-
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.layernorm
-
-    def token_layout(self, model: nn.Module) -> TokenLayout:
-        return TokenLayout(cls_index=0, num_registers=0)
-
-
-FAMILIES: Dict[str, BackboneFamily] = {"dinov2": Dinov2Family()}
-
-
-def family_for(model: nn.Module) -> BackboneFamily:
-    """The adapter for ``model`` by its config's ``model_type``; unknown types are refused by name."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = FAMILIES.get(model_type)
-    if family is None:
-        raise ValueError(f"no backbone family adapter for model_type {model_type!r}; known: "
-                         f"{', '.join(sorted(FAMILIES))} (add one in mirip.ml.families)")
-    return family
+    def describe(self, model: nn.Module) -> dict:
+        """Plain facts for a fingerprint: family, normalisation, patch size, token layout, native size."""
+        config = model.config
+        return {
+            "family": self.name,
+            "model_type": str(getattr(config, "model_type", self.name)),
+            "mean": [float(x) for x in self.mean],
+            "std": [float(x) for x in self.std],
+            "patch_size": self.patch_size(config),
+            "native_image_size": self.native_image_size(config),
+            "hidden_size": int(config.hidden_size),
+            "num_blocks": len(self.blocks(model)),
+            "token_layout": self.layout(config).to_dict(),
+            "cls": "token" if self.has_cls_token else "attention_pool_head",
+            "position_embeddings": self.position_embeddings,
+        }
 
 
-def register_family(family: BackboneFamily) -> None:
-    FAMILIES[family.model_type] = family
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+_DINO_IGNORABLE = ("classifier.",)
+
+FAMILIES: Dict[str, BackboneFamily] = {f.name: f for f in (
+    BackboneFamily(
+        name="dinov2", title="DINOv2",
+        model_types=("dinov2",), vision_model_types=("dinov2",),
+        config_class_name="Dinov2Config", model_class_name="Dinov2Model",
+        full_config_class_name=None, full_model_class_name=None,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, has_cls_token=True,
+        cls_meaning="the CLS token",
+        position_embeddings="interpolated",
+        block_paths=("encoder.layer",), norm_paths=("layernorm",),
+        ignorable_unexpected=_DINO_IGNORABLE,
+    ),
+    BackboneFamily(
+        name="dinov2_with_registers", title="DINOv2 with registers",
+        model_types=("dinov2_with_registers",), vision_model_types=("dinov2_with_registers",),
+        config_class_name="Dinov2WithRegistersConfig", model_class_name="Dinov2WithRegistersModel",
+        full_config_class_name=None, full_model_class_name=None,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, has_cls_token=True,
+        cls_meaning="the CLS token (register tokens are excluded from every pooling)",
+        position_embeddings="interpolated",
+        block_paths=("encoder.layer",), norm_paths=("layernorm",),
+        ignorable_unexpected=_DINO_IGNORABLE,
+    ),
+    BackboneFamily(
+        name="dinov3_vit", title="DINOv3 ViT",
+        model_types=("dinov3_vit",), vision_model_types=("dinov3_vit",),
+        config_class_name="DINOv3ViTConfig", model_class_name="DINOv3ViTModel",
+        full_config_class_name=None, full_model_class_name=None,
+        # LVD-1689M weights use ImageNet statistics (dinov3 README); the SAT-493M satellite weights differ.
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, has_cls_token=True,
+        cls_meaning="the CLS token (register tokens are excluded from every pooling)",
+        position_embeddings="rope",
+        block_paths=("model.layer", "layer"), norm_paths=("norm",),
+        ignorable_unexpected=_DINO_IGNORABLE,
+    ),
+    BackboneFamily(
+        name="siglip", title="SigLIP / SigLIP2 vision tower",
+        model_types=("siglip", "siglip_vision_model"), vision_model_types=("siglip_vision_model",),
+        config_class_name="SiglipVisionConfig", model_class_name="SiglipVisionModel",
+        full_config_class_name="SiglipConfig", full_model_class_name="SiglipModel",
+        mean=SIGLIP_MEAN, std=SIGLIP_STD, has_cls_token=False,
+        cls_meaning=("SigLIP has no CLS token: cls is its attention-pooling (MAP) head applied to the normed "
+                     "tokens, i.e. the image embedding it was trained with (at layers other than the last, the "
+                     "same head on that layer's normed tokens)"),
+        position_embeddings="interpolated-on-request",
+        block_paths=("encoder.layers", "vision_model.encoder.layers"),
+        norm_paths=("post_layernorm", "vision_model.post_layernorm"),
+        head_paths=("head", "vision_model.head"),
+        ignorable_unexpected=("text_model.", "logit_scale", "logit_bias"),
+        forward_kwargs={"interpolate_pos_encoding": True},
+    ),
+    BackboneFamily(
+        name="clip", title="CLIP vision tower",
+        model_types=("clip", "clip_vision_model"), vision_model_types=("clip_vision_model",),
+        config_class_name="CLIPVisionConfig", model_class_name="CLIPVisionModel",
+        full_config_class_name="CLIPConfig", full_model_class_name="CLIPModel",
+        mean=CLIP_MEAN, std=CLIP_STD, has_cls_token=True,
+        cls_meaning=("the CLS token after post_layernorm (transformers' pooler_output, before the text-aligned "
+                     "projection)"),
+        position_embeddings="interpolated-on-request",
+        block_paths=("encoder.layers", "vision_model.encoder.layers"),
+        norm_paths=("post_layernorm", "vision_model.post_layernorm"),
+        ignorable_unexpected=("text_model.", "text_projection.", "visual_projection.", "logit_scale"),
+        forward_kwargs={"interpolate_pos_encoding": True},
+    ),
+)}
+
+SUPPORTED_MODEL_TYPES: Tuple[str, ...] = tuple(t for f in FAMILIES.values() for t in f.model_types)
+
+_HINTS = {
+    "siglip2": "NaFlex SigLIP2 checkpoints (model_type siglip2) are not supported; the fixed-resolution SigLIP2 "
+               "checkpoints (e.g. google/siglip2-so400m-patch16-512) use model_type siglip and are.",
+    "dinov3_convnext": "DINOv3 ConvNeXt backbones have no transformer tokens to pool; use a dinov3 ViT.",
+}
+
+
+def family_for(model_type: Optional[str]) -> BackboneFamily:
+    """The family of a config ``model_type``; anything else is refused, naming what is supported."""
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    hint = _HINTS.get(str(model_type), "")
+    raise UnsupportedBackboneError(
+        f"unsupported backbone model_type {model_type!r}; mirip extracts features from "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}" + (f". {hint}" if hint else "")
+    )
+
+
+def family_of(model: nn.Module) -> BackboneFamily:
+    return family_for(getattr(model.config, "model_type", None))
+
+
+# -- hooks ---------------------------------------------------------------------------------------------------
+
+def block_output(output) -> torch.Tensor:
+    """A block's hidden states, whether it returns a tensor (transformers 5.x) or a tuple (4.x)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def tap_blocks(model: nn.Module, indices: Sequence[int],
+               family: Optional[BackboneFamily] = None) -> Iterator[Dict[int, torch.Tensor]]:
+    """Capture the raw outputs of chosen blocks during forward passes inside the ``with``.
+
+    ``indices`` are Python indices into ``family.blocks(model)`` (0-based; negative from the end; a 1-based
+    layer number L of the feature bank, ``--layers``, is ``L - 1``, and its negative ones are the same). Yields a
+    dict filled by each forward, keyed by the indices as given; only the requested blocks are hooked, so no
+    other layer's tokens are kept alive. Hooks are removed on exit, also on error.
+    """
+    family = family or family_of(model)
+    blocks = family.blocks(model)
+    n = len(blocks)
+    for i in indices:
+        if not -n <= int(i) < n:
+            raise IndexError(f"block index {i} is out of range for a backbone with {n} blocks (use {-n}..{n - 1})")
+    captured: Dict[int, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(key: int) -> Callable:
+        def hook(_module, _inputs, output):
+            captured[key] = block_output(output)
+        return hook
+
+    try:
+        for i in indices:
+            handles.append(blocks[int(i)].register_forward_hook(hook_for(i)))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# -- shipped configs ------------------------------------------------------------------------------------------
+
+# Short name -> hub organisation; the JSON lies in mirip/ml/configs/<short>.json. Where the numbers come from:
+# - dinov2-with-registers-*: transformers' convert_dinov2_with_registers_to_hf.py (518 px, patch 14, 4 registers,
+#   dinov2 ViT-S/B/L widths and depths); parameter counts = dinov2-* + 4 register tokens.
+# - dinov3-vit{s,b,l}16-*: facebookresearch/dinov3 dinov3/hub/backbones.py (ffn_ratio 4, mlp, 4 storage tokens,
+#   mask_k_bias -> no key bias, LayerNorm eps 1e-5, RoPE base 100, rescale_coords 2, 224 px).
+# - siglip-so400m-patch14-384: google/siglip-so400m-patch14-384 config.json (both towers 1152 / 4304 / 27 / 16).
+# - siglip2-so400m-patch16-512: the same So400m shape, patch 16 at 512 px, Gemma vocabulary (256000); the
+#   fixed-resolution SigLIP2 checkpoints are SiglipModel checkpoints (model_type "siglip").
+# - clip-vit-large-patch14: openai/clip-vit-large-patch14 (vision 1024 / 4096 / 24 / 16, patch 14, 224 px;
+#   text 768 / 3072 / 12 / 12; projection 768; quick_gelu).
+# tests/test_families.py checks each one's parameter count against its model card.
+SHIPPED: Dict[str, str] = {
+    "dinov2-small": "facebook", "dinov2-base": "facebook", "dinov2-large": "facebook", "dinov2-giant": "facebook",
+    "dinov2-with-registers-small": "facebook", "dinov2-with-registers-base": "facebook",
+    "dinov2-with-registers-large": "facebook",
+    "dinov3-vits16-pretrain-lvd1689m": "facebook", "dinov3-vitb16-pretrain-lvd1689m": "facebook",
+    "dinov3-vitl16-pretrain-lvd1689m": "facebook",
+    "siglip-so400m-patch14-384": "google", "siglip2-so400m-patch16-512": "google",
+    "clip-vit-large-patch14": "openai",
+}
+
+
+def shipped_names() -> List[str]:
+    """Hub ids with an architecture config inside the package (buildable offline with random weights)."""
+    return [f"{org}/{short}" for short, org in SHIPPED.items()]
+
+
+def shipped_config_dict(name: str) -> dict:
+    """The packaged config.json (as a dict) for a hub id or short name; a full config for CLIP/SigLIP."""
+    short = str(name).rstrip("/").split("/")[-1]
+    if short not in SHIPPED:
+        raise ValueError(
+            f"no built-in architecture for backbone {name!r}; random weights are available for "
+            f"{', '.join(shipped_names())}, or pass a local directory with a config.json"
+        )
+    return json.loads(resources.files("mirip.ml").joinpath("configs", f"{short}.json").read_text())
+
+
+def shipped_config(name: str):
+    """The vision-tower config of a shipped architecture (``facebook/dinov3-vitl16-pretrain-lvd1689m``...)."""
+    d = shipped_config_dict(name)
+    return family_for(d.get("model_type")).vision_config(d)
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+
+def read_config_dict(name: str) -> dict:
+    """config.json of a local directory or hub id (the hub cache, or the hub when reachable)."""
+    import transformers
+
+    # PreTrainedConfig since transformers 5; the older spelling stays as an alias in some releases.
+    base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+    config_dict, _ = base.get_config_dict(name)
+    return config_dict
+
+
+def random_model(config, seed: int = RANDOM_INIT_SEED) -> nn.Module:
+    """The family's vision model with seeded random weights, without touching the caller's RNG."""
+    family = family_for(getattr(config, "model_type", None))
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return family.model_class(config)
+
+
+def _weight_problems(family: BackboneFamily, loading_info: dict) -> Tuple[List[str], List[str], List[str]]:
+    missing = sorted(loading_info.get("missing_keys") or [])
+    unexpected = sorted(k for k in (loading_info.get("unexpected_keys") or [])
+                        if not k.startswith(family.ignorable_unexpected))
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k)
+                        for k in (loading_info.get("mismatched_keys") or []))
+    return missing, unexpected, mismatched
+
+
+def _listing(keys: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def pretrained_model(name: str, config_dict: Optional[dict] = None) -> Tuple[nn.Module, BackboneFamily]:
+    """Load a checkpoint's vision tower with all of its weights, or refuse.
+
+    The family comes from the checkpoint's ``model_type``; a full CLIP/SigLIP checkpoint gives its vision
+    tower (its text tower is the only part allowed to stay unused). Missing, unexpected or mismatched
+    weights raise :class:`IncompleteWeightsError` naming them: a model that would run half-random is never
+    returned.
+    """
+    config_dict = read_config_dict(name) if config_dict is None else config_dict
+    family = family_for(config_dict.get("model_type"))
+    model, info = family.model_class.from_pretrained(name, attn_implementation="sdpa", output_loading_info=True)
+    missing, unexpected, mismatched = _weight_problems(family, info)
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing (would be random): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected (would be ignored): {_listing(unexpected)}")
+        if mismatched:
+            parts.append(f"wrong shape: {_listing(mismatched)}")
+        raise IncompleteWeightsError(
+            f"backbone {name!r} (model_type {config_dict.get('model_type')!r}) does not load completely as a "
+            f"{family.title} ({type(model).__name__}); refusing it rather than extracting from partly random "
+            f"weights. {'; '.join(parts)}. Check that the directory holds the weights that belong to its "
+            "config.json (a converted or fine-tuned checkpoint must keep the original parameter names).",
+            missing, unexpected, mismatched,
+        )
+    return model, family
+
+
+def load_model(name: str, random_init: bool = False, seed: int = RANDOM_INIT_SEED, warn_stacklevel: int = 1,
+               allowed: Optional[Sequence[str]] = None) -> Tuple[nn.Module, BackboneFamily, dict]:
+    """Build the vision model named by a local directory or hub id; returns (model, family, config dict).
+
+    ``random_init`` builds the architecture with seeded random weights (from the directory's config.json,
+    or from the configs shipped in the package for hub ids) and warns with :class:`RandomWeightsWarning`.
+    ``allowed`` (family names) refuses other families before any weights are read; None allows all.
+    """
+    if os.path.isdir(name) or not random_init:
+        config_dict = read_config_dict(name)
+    else:
+        config_dict = shipped_config_dict(name)
+    family = family_for(config_dict.get("model_type"))
+    if allowed is not None and family.name not in allowed:
+        raise UnsupportedBackboneError(
+            f"backbone {name!r} is a {family.title} (model_type {config_dict.get('model_type')!r}); only "
+            f"{', '.join(allowed)} backbones are accepted here"
+        )
+    if not random_init:
+        model, family = pretrained_model(name, config_dict)
+        return model, family, config_dict
+    warnings.warn(
+        f"backbone {name!r} is built with RANDOM weights: its features carry no learned meaning. "
+        "Use this only for benchmarks and tests; caches and checkpoints made with it are marked pretrained=False.",
+        RandomWeightsWarning,
+        stacklevel=warn_stacklevel + 1,
+    )
+    return random_model(family.vision_config(config_dict), seed), family, config_dict
+
+
+def image_normalization(family: BackboneFamily, name: Optional[str] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) for a backbone: a local checkpoint's ``preprocessor_config.json`` wins (DINOv3's satellite
+    weights, a fine-tuned checkpoint with its own statistics), else the family's published values."""
+    path = os.path.join(name, "preprocessor_config.json") if name and os.path.isdir(name) else None
+    if not path or not os.path.isfile(path):
+        return family.mean, family.std
+    with open(path) as f:
+        d = json.load(f)
+    mean, std = d.get("image_mean"), d.get("image_std")
+    if mean is None and std is None:
+        return family.mean, family.std
+    ok = all(isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+             for v in (mean, std))
+    if not ok or any(x <= 0 for x in std):
+        raise ValueError(f"{path}: image_mean and image_std must each be 3 numbers (std > 0), got "
+                         f"image_mean={mean!r}, image_std={std!r}; fix the file or delete those two keys to use "
+                         f"the {family.title} defaults")
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
+def count_parameters(config_dict: dict, full: bool = False) -> int:
+    """Parameters of an architecture, counted on the meta device (no memory, no init): the vision tower,
+    or with ``full`` the whole dual-tower model a CLIP/SigLIP config describes."""
+    import transformers
+
+    family = family_for(config_dict.get("model_type"))
+    with torch.device("meta"):
+        if full and family.full_model_class_name and "vision_config" in config_dict:
+            d = {k: v for k, v in config_dict.items() if k != "model_type"}
+            config = getattr(transformers, family.full_config_class_name)(**d)
+            model = getattr(transformers, family.full_model_class_name)(config)
+        else:
+            model = family.model_class(family.vision_config(config_dict))
+    return sum(p.numel() for p in model.parameters())

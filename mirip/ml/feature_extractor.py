@@ -1,4 +1,10 @@
-"""DINOv2FeatureExtractor: a frozen DINOv2 backbone that turns image batches into feature vectors."""
+"""DINOv2FeatureExtractor: a frozen vision backbone that turns image batches into feature vectors.
+
+The seed's name stays; the backbone may be any family in ``mirip.ml.families`` (DINOv2 by default, DINOv2 with
+registers, DINOv3, SigLIP / SigLIP2, CLIP), recognised by its config's ``model_type``. All family-specific
+reading (blocks, final norm, which tokens are CLS / registers / patches, SigLIP's pooling head) goes through
+the family adapter, so this class has no per-family branches.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from torch import nn
 from mirip.devices import autocast_dtype, check_precision, default_precision, device_type, resolve_device
 from mirip.features.spec import Entry, FeatureSpec, FeatureSpecError, bank_entries, parse_entry
 from mirip.ml.backbones import BackboneInfo, load_backbone
-from mirip.ml.families import family_for
+from mirip.ml.families import block_output, family_of, image_normalization
 
 POOLINGS = ("cls", "mean", "cls_mean")
 
@@ -42,9 +48,15 @@ def _no_tf32():
 
 
 class DINOv2FeatureExtractor(nn.Module):
-    """Frozen DINOv2: ``extract(images (B, 3, H, W)) -> (B, D)``.
+    """Frozen vision backbone (DINOv2 by default; any family of ``mirip.ml.families``):
+    ``extract(images (B, 3, H, W)) -> (B, D)``.
 
-    ``pooling`` picks the CLS token (default), the mean of the patch tokens, or both
+    ``model_name`` is a hub id or local directory; its config's ``model_type`` picks the family. ``mean`` /
+    ``std`` are the family's normalisation (or the directory's ``preprocessor_config.json``): images given to
+    ``extract`` must be normalised with them (``mirip.preprocessing.Preprocessor(mean=..., std=...)``).
+
+    ``pooling`` picks the CLS token (default; SigLIP, which has none: its attention-pooling head's output;
+    CLIP: the CLS token after ``post_layernorm``), the mean of the patch tokens, or both
     concatenated (``cls_mean``, 2 x hidden). ``precision`` defaults to bf16 autocast on
     CUDA and fp32 on CPU; outputs are always float32.
 
@@ -52,9 +64,9 @@ class DINOv2FeatureExtractor(nn.Module):
     of ``cls`` / ``mean`` / ``std`` gives one entry per (pooling, layer), pooling-major; ``entries``
     (``["cls@-4", "mean@-1"]`` or a ``FeatureSpec``) lists them explicitly in any order. ``extract``
     returns the entries concatenated in that order (``entry_names``, ``entry_dims``); ``extract_entries``
-    returns them by name. Each selected block's output goes through the final layer norm before pooling;
-    intermediate blocks are read by forward hooks, the last block from the model's own output, so
-    ``cls@-1`` is the default feature bit for bit.
+    returns them by name. Each selected block's output goes through the family's final norm before pooling;
+    blocks are read by forward hooks and the forward stops after the deepest one (for DINOv2 ``cls@-1`` is
+    ``last_hidden_state[:, 0]`` bit for bit).
     """
 
     def __init__(
@@ -75,14 +87,19 @@ class DINOv2FeatureExtractor(nn.Module):
         self.device = resolve_device(device)
         self.precision = check_precision(precision or default_precision(self.device))
         self.backbone, self.info = load_backbone(model_name, random_init=random_init)
-        self.family = family_for(self.backbone)
-        self.layout = self.family.token_layout(self.backbone)
-        self.num_layers = self.family.num_layers(self.backbone)
+        self.family = family_of(self.backbone)
+        self.layout = self.family.layout(self.backbone.config)
+        # The family's published statistics, or the checkpoint directory's own preprocessor_config.json.
+        self.mean, self.std = image_normalization(self.family, self.info.name)
+        self.num_layers = len(self.family.blocks(self.backbone))
         hidden = self.info.hidden_size
         try:
             blocks = [e.block(self.num_layers) for e in entry_list]
         except FeatureSpecError as exc:
             raise ValueError(f"{model_name}: {exc}") from None
+        if any(e.pooling in ("cls", "cls_mean") for e in entry_list) and not self.family.provides_cls(self.backbone):
+            raise ValueError(f"{model_name}: this {self.family.title} has no CLS token and no pooling head "
+                             "(vision_use_head is false), so it has no cls feature; use mean or std pooling")
         self.entries: List[Entry] = entry_list
         self.entry_names: List[str] = [e.name for e in entry_list]
         self.entry_blocks: List[int] = blocks
@@ -93,6 +110,7 @@ class DINOv2FeatureExtractor(nn.Module):
         else:
             self.pooling = ",".join(dict.fromkeys(e.pooling for e in entry_list))
         self.output_dim = sum(self.entry_dims)
+        self._checked_size: Optional[tuple] = None
         self.entry_scales: Optional[List[float]] = None
         self._scale: Optional[torch.Tensor] = None
         self.frozen = True
@@ -134,6 +152,15 @@ class DINOv2FeatureExtractor(nn.Module):
     def patch_size(self) -> int:
         return self.info.patch_size
 
+    def family_facts(self) -> dict:
+        """Family, token layout and what ``cls`` means, for fingerprints (``BackboneFamily.describe``)."""
+        return self.family.describe(self.backbone)
+
+    def check_image_size(self, height: int, width: Optional[int] = None) -> None:
+        """Refuse an input size this backbone cannot take (a fixed-size position table), naming the sizes it
+        accepts; DINOv2 / DINOv3 take any size, CLIP / SigLIP interpolate their position embeddings."""
+        self.family.check_image_size(self.backbone, height, width)
+
     def freeze(self) -> None:
         self.frozen = True
         self.backbone.requires_grad_(False)
@@ -152,22 +179,29 @@ class DINOv2FeatureExtractor(nn.Module):
             self.backbone.eval()
         return self
 
-    def _pool(self, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
-        """One pooled vector per image from normed tokens (B, T, H); CLS and registers never enter mean/std."""
-        cls, patches = self.layout.cls_index, hidden[:, self.layout.patch_start:]
+    def _pool(self, normed: torch.Tensor, pooling: str) -> torch.Tensor:
+        """One pooled vector per image from normed tokens (B, T, H); CLS and registers never enter mean/std.
+
+        ``cls`` is the family's: the CLS token, or for SigLIP (no CLS token) its attention-pooling head.
+        """
         if pooling == "cls":
-            return hidden[:, cls]
+            return self.family.cls(self.backbone, normed)
+        patches = self.layout.patch_tokens(normed)
         if pooling == "mean":
             return patches.mean(dim=1)
         if pooling == "std":
             # Population std over the patch tokens, in fp32 (a difference of near-equal bf16 values loses it).
             return patches.float().std(dim=1, correction=0)
-        return torch.cat([hidden[:, cls], patches.mean(dim=1)], dim=1)
+        return torch.cat([self.family.cls(self.backbone, normed), patches.mean(dim=1)], dim=1)
 
     def _forward_entries(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Run the backbone once; pool each requested block inside its hook, so no block's tokens outlive it."""
+        """Run the backbone once; pool each requested block inside its hook, so no block's tokens outlive it.
+
+        Every requested block, the last one included, is read the same way: its output through the family's
+        final norm (for DINOv2 that is exactly ``last_hidden_state``; CLIP's ``last_hidden_state`` is not
+        normed, and SigLIP's head would pool it), and the forward stops after the deepest one.
+        """
         out: Dict[str, torch.Tensor] = {}
-        last = self.num_layers
         wanted: Dict[int, List[Entry]] = {}
         for e, b in zip(self.entries, self.entry_blocks):
             wanted.setdefault(b, []).append(e)
@@ -176,18 +210,16 @@ class DINOv2FeatureExtractor(nn.Module):
 
         def hook_for(block: int):
             def hook(module, args, output):
-                normed = norm(self.family.block_output(output))
+                normed = norm(block_output(output))
                 for e in wanted[block]:
                     out[e.name] = self._pool(normed, e.pooling)
                 if block == deepest:
                     raise _StopForward
             return hook
 
-        handles = [blocks[b - 1].register_forward_hook(hook_for(b)) for b in wanted if b != last]
+        handles = [blocks[b - 1].register_forward_hook(hook_for(b)) for b in wanted]
         try:
-            hidden = self.family.last_hidden(self.backbone(pixel_values=images))
-            for e in wanted.get(last, []):
-                out[e.name] = self._pool(hidden, e.pooling)
+            self.family.forward(self.backbone, images)
         except _StopForward:
             pass
         finally:
@@ -229,6 +261,9 @@ class DINOv2FeatureExtractor(nn.Module):
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
+        if tuple(images.shape[2:]) != self._checked_size:
+            self.check_image_size(*images.shape[2:])
+            self._checked_size = tuple(images.shape[2:])
         images = images.to(self.device, dtype=self.weight_dtype, non_blocking=True)
         if not self.frozen:
             with self._autocast():

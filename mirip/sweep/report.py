@@ -22,14 +22,16 @@ def _std(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
-def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
+def aggregate(rows: pd.DataFrame, extra_keys: Sequence[str] = ()) -> pd.DataFrame:
     """One row per grid point: mean and std over seeds of each metric, best first by mean val accuracy.
 
     Ties in mean val accuracy keep grid order (a stable sort); test accuracy plays no part in the order.
+    ``extra_keys`` are further axes (``cache`` in a multi-cache sweep), kept first in each row.
     """
     if rows.empty:
         raise ValueError("no finished configurations to summarise")
-    keys = [k for k in HYPERPARAMETERS if k in rows.columns]  # tables from before feature specs lack "feature"
+    # Tables from before feature specs lack "feature".
+    keys = list(extra_keys) + [k for k in HYPERPARAMETERS if k in rows.columns]
     out = []
     for values, g in rows.groupby(keys, sort=False, dropna=False):
         rec: Dict[str, Any] = dict(zip(keys, values))
@@ -56,16 +58,19 @@ def _pm(mean: float, std: float) -> str:
 def summary_markdown(table: pd.DataFrame, title: str = "Sweep summary", notes: Sequence[str] = ()) -> str:
     lines = [f"# {title}", ""]
     lines += [f"{n}" for n in notes] + ([""] if notes else [])
+    # A multi-cache sweep has a cache column (the backbone / image size behind each row, listed in the notes).
+    cache = "cache" in table.columns
     lines += [
         "Sorted by mean validation pairwise accuracy (best first); ± is the standard deviation over seeds.",
         "",
-        "| rank | features | margin | hidden | proj | lr | dropout | wd | seeds | val acc | test acc | Spearman "
+        "| rank | " + ("cache | " if cache else "") + "features | margin | hidden | proj | lr | dropout | wd | seeds | val acc | test acc | Spearman "
         "| best epoch |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |",
+        "| ---: | " + ("--- | " if cache else "") + "--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- "
+        "| --- | ---: |",
     ]
     for i, r in table.iterrows():
         lines.append(
-            f"| {i + 1} | `{r.get('feature')}` | {r['margin']:g} | {int(r['hidden_dim'])} | {int(r['projector_dim'])} | "
+            f"| {i + 1} | " + (f"`{r['cache']}` | " if cache else "") + f"`{r.get('feature')}` | {r['margin']:g} | {int(r['hidden_dim'])} | {int(r['projector_dim'])} | "
             f"{r['learning_rate']:g} | {r['dropout']:g} | {r['weight_decay']:g} | {int(r['seeds'])} | "
             f"{_pm(r['val_acc_mean'], r['val_acc_std'])} | {_pm(r['test_acc_mean'], r['test_acc_std'])} | "
             f"{_pm(r['spearman_mean'], r['spearman_std'])} | {r['best_epoch_mean']:.1f} |"
@@ -116,9 +121,13 @@ def save_heatmap(table: pd.DataFrame, path: str, title: str = "") -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    # ``table`` is sorted best first, so the first row per cell is the val-chosen one.
-    cells = table.drop_duplicates(["margin", "hidden_dim", "projector_dim"], keep="first")
-    margins = sorted(cells["margin"].unique())
+    # ``table`` is sorted best first, so the first row per cell is the val-chosen one. A multi-cache sweep gets
+    # one row per (cache, margin), the caches side by side in the same panel.
+    table = table.copy()
+    table["_row"] = ([(str(c), float(m)) for c, m in zip(table["cache"], table["margin"])] if "cache" in table.columns
+                     else [("", float(m)) for m in table["margin"]])
+    cells = table.drop_duplicates(["_row", "hidden_dim", "projector_dim"], keep="first")
+    margins = sorted(set(cells["_row"]))
     dims = sorted({(int(h), int(p)) for h, p in zip(cells["hidden_dim"], cells["projector_dim"])})
     panels = [("val_acc_mean", "validation (selection)"), ("test_acc_mean", "test (same points)")]
     fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(dims) * 2 + 2), max(3.0, 0.6 * len(margins) + 2)),
@@ -126,12 +135,12 @@ def save_heatmap(table: pd.DataFrame, path: str, title: str = "") -> bool:
     for ax, (key, label) in zip(axes[0], panels):
         grid = np.full((len(margins), len(dims)), np.nan)
         for _, r in cells.iterrows():
-            grid[margins.index(r["margin"]), dims.index((int(r["hidden_dim"]), int(r["projector_dim"])))] = r[key]
+            grid[margins.index(r["_row"]), dims.index((int(r["hidden_dim"]), int(r["projector_dim"])))] = r[key]
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(dims)), [f"h{h}/p{p}" for h, p in dims], rotation=45, ha="right")
-        ax.set_yticks(range(len(margins)), [f"{m:g}" for m in margins])
+        ax.set_yticks(range(len(margins)), [f"{c} m{m:g}" if c else f"{m:g}" for c, m in margins])
         ax.set_xlabel("hidden / projector dim")
-        ax.set_ylabel("margin")
+        ax.set_ylabel("cache, margin" if margins[0][0] else "margin")
         ax.set_title(f"pairwise accuracy, {label}")
         for (i, j), v in np.ndenumerate(grid):
             if not np.isnan(v):

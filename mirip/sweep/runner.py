@@ -139,8 +139,12 @@ class SweepRunner:
     """Runs a ``SweepGrid`` under ``SweepSettings``; ``run()`` returns the finished table and the winner."""
 
     def __init__(self, grid: SweepGrid, settings: SweepSettings, *, progress: bool = True,
-                 log: Optional[Callable[[str], None]] = None):
+                 log: Optional[Callable[[str], None]] = None,
+                 splits: Optional[Dict[int, Dict[str, List[str]]]] = None):
         settings.check()
+        # seed -> {split: image names}, made once from the metadata by a multi-cache sweep (mirip.sweep.multi)
+        # so that every cache trains and is tested on the same drawings; None: made here, the same way.
+        self.fixed_splits = splits
         self.grid, self.settings = grid, settings
         self.out = settings.output_dir
         self.progress = progress
@@ -204,9 +208,17 @@ class SweepRunner:
         # The split and pairs depend on the seed and the fixed settings only, not on the head's hyperparameters.
         rc = self.settings.run_config(HeadConfig(1.0, 1, 1, 1.0, 0.0, 0.0, seed), feature=spec)
         splitter = rc.splitter()
-        positions = pd.Series(np.arange(len(data["meta"])), index=data["meta"].index)
-        frames = splitter.split(data["meta"])
-        splits = {name: positions.loc[frame.index].to_numpy() for name, frame in zip(SPLITS, frames)}
+        if self.fixed_splits is not None:
+            at = {n: i for i, n in enumerate(data["names"])}
+            splits = {name: np.array([at[n] for n in self.fixed_splits[seed][name]], dtype=np.int64)
+                      for name in SPLITS}
+        else:
+            positions = pd.Series(np.arange(len(data["meta"])), index=data["meta"].index)
+            frames = splitter.split(data["meta"])
+            splits = {name: positions.loc[frame.index].to_numpy() for name, frame in zip(SPLITS, frames)}
+        # Which drawings each split holds, per seed: comparable across sweeps (and across caches).
+        write_atomic(os.path.join(self.out, "splits", f"seed{seed}.json"), json.dumps(
+            {name: [data["names"][i] for i in splits[name]] for name in SPLITS}, indent=1))
         features, dims = data["by_spec"][spec]
         norm = resolve_feature_norm(rc.feature_norm, spec)
         scales = entry_scales(features, dims, splits["train"]) if norm == "entry" else None
