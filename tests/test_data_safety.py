@@ -11,8 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import h5py

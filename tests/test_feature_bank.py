@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +14,7 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from _extract_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
-from _extract_helpers import SIZE, extract, make_images
+from _extract_helpers import extract, make_images
 from mirip.features.cache import CacheError, open_cache, write_cache
 from mirip.features.extract import open_for_append
 from mirip.features.spec import FeatureSpec, FeatureSpecError, match_entries, resolve_layer

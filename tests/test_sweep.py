@@ -14,7 +14,7 @@ import torch
 
 from mirip.checkpoint import load_checkpoint_file
 from mirip.ml.ranking_model import RankingHead
-from mirip.sweep.grid import HeadConfig, SweepConfigError, SweepGrid, group_configs
+from mirip.sweep.grid import SweepConfigError, SweepGrid, group_configs
 from mirip.sweep.report import aggregate, choose_best, to_argv
 from mirip.sweep.runner import RESULT_COLUMNS, SweepRunner, SweepSettings, run_sweep
 from mirip.training.config import TrainingConfig

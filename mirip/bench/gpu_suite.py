@@ -30,7 +30,7 @@ import time
 import traceback
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
