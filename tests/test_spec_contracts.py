@@ -102,6 +102,9 @@ def test_spec_errors_name_the_spec_and_the_entry():
     with _raises_exactly("feature spec 'cls@-1,-2+mean@1+cls@-1+mean@1,1' names entries more than once: "
                          "cls@-1, mean@1"):
         FeatureSpec.parse("cls@-1,-2+mean@1+cls@-1+mean@1,1")
+    with _raises_exactly("bad feature spec 'cls@1,2@3': bad feature entry 'cls@2@3': write POOLING@LAYER, e.g. "
+                         "cls@-1 or mean@-4"):
+        FeatureSpec.parse("cls@1,2@3")
     with pytest.raises(FeatureSpecError) as info:
         FeatureSpec.parse("cls@x")
     assert info.value.__cause__ is None and info.value.__suppress_context__
@@ -120,6 +123,8 @@ def test_the_canonical_form_joins_only_adjacent_entries_of_one_pooling():
         assert canonical_spec(text) == canonical
     assert str(FeatureSpec.from_entries([Entry("cls", 1), "cls@2", "mean@-1"])) == "cls@1,2+mean@-1"
     assert FeatureSpec.from_entries(["std@2"]).entries == (Entry("std", 2),)
+    given = Entry("mean", -3)
+    assert FeatureSpec.from_entries([given]).entries[0] is given  # entries are kept, not re-parsed
     assert canonical_spec(FeatureSpec((Entry("cls", -1), Entry("cls", -2)))) == "cls@-1,-2"
 
 
@@ -208,6 +213,11 @@ def test_entry_scales_are_one_over_each_entries_rms_spread():
     np.testing.assert_allclose(entry_scales(x32, [1, 4], rows), _naive_scales(x32.numpy(), [1, 4], [0, 2, 3, 6]),
                                rtol=1e-12)
     np.testing.assert_allclose(entry_scales(x32, [5], [1, 4]), _naive_scales(x32.numpy(), [5], [1, 4]), rtol=1e-12)
+    # Three entries, spreads below and above 1: each entry starts where the previous one ended.
+    small = x32 * torch.tensor([0.05, 0.05, 50.0, 0.3, 0.3])
+    want = _naive_scales(small.numpy(), [2, 1, 2])
+    assert want[0] > 1 and want[1] < 1
+    np.testing.assert_allclose(entry_scales(small, [2, 1, 2]), want, rtol=1e-12)
     # A constant entry (no spread) and no rows at all leave the scale at 1.
     flat = torch.cat([torch.full((4, 2), 2.5), torch.arange(8.0).reshape(4, 2)], dim=1)
     assert entry_scales(flat, [2, 2])[0] == 1.0
@@ -223,6 +233,12 @@ def test_apply_entry_scales_multiplies_each_entrys_columns_in_a_copy():
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-6)
     assert out.dtype == torch.float64 and torch.equal(x, before)
     assert apply_entry_scales(x, [6], None) is x and apply_entry_scales(x, [6], []) is x
+    # The entries are the last dimension: one image (1-d) or views of images (3-d) scale the same way.
+    np.testing.assert_allclose(apply_entry_scales(x[0], [1, 2, 3], [2.0, 0.5, -1.0]).numpy(), want[0], rtol=1e-6)
+    views = apply_entry_scales(x.reshape(2, 1, 6), [1, 2, 3], [2.0, 0.5, -1.0])
+    np.testing.assert_allclose(views.numpy().reshape(2, 6), want, rtol=1e-6)
+    with _raises_exactly("1 entry scales for 1 entries of dims [6] do not fit features of width 2"):
+        apply_entry_scales(torch.ones(6, 2), [6], [1.0])
     half = apply_entry_scales(x.half(), [3, 3], [1.0, 3.0])
     assert half.dtype == torch.float16
     with _raises_exactly("2 entry scales for 3 entries of dims [1, 2, 3] do not fit features of width 6"):
