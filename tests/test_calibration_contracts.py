@@ -56,6 +56,17 @@ def test_logistic_difference_cdf_matches_its_formula_in_high_precision():
     for x, g in zip(xs, got):
         assert g == pytest.approx(naive(x), rel=1e-9, abs=1e-8), x  # float64 cancels near |x| = 1e-4
     assert logistic_difference_cdf(0.0) == 0.5 and logistic_difference_cdf(-0.0) == 0.5
+    # Computed in float64 whatever comes in (float32 scores, integers), and 0/0 at x = 0 warns nothing.
+    x32 = np.array([0.3, -2.7, 0.05], dtype=np.float32)
+    got32 = logistic_difference_cdf(x32)
+    for x, g in zip(x32.astype(np.float64), got32):
+        assert g == pytest.approx(naive(float(x)), rel=1e-12)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(logistic_difference_cdf(np.array([0, 2, -2])), [0.5, naive(2.0), naive(-2.0)],
+                                   rtol=1e-12)
     assert float(logistic_difference_cdf(1e-5)) == pytest.approx(0.5 + 1e-5 / 6, rel=1e-14)
 
 
@@ -111,7 +122,8 @@ def test_probabilities_predictions_and_boundaries_written_out():
     p = cal.probabilities(scores)
     assert p.flags["C_CONTIGUOUS"] and torch.from_numpy(p).shape == (6, 4)
     assert cal.boundaries() == (-2.0, 1.0, 4.0)
-    assert all(math.isnan(b) for b in OrdinalCalibration(slope=0.0, thresholds=(0, 1, 2)).boundaries())
+    flat_slope = OrdinalCalibration(slope=0.0, thresholds=(0, 1, 2)).boundaries()
+    assert len(flat_slope) == 3 and all(math.isnan(b) for b in flat_slope)
     # Equal thresholds: a tier of probability 0, never negative.
     flat = OrdinalCalibration(slope=1.0, thresholds=(0.0, 0.0, 0.0)).probabilities_by_rank([0.3])
     assert flat[0, 1] == 0.0 and flat[0, 2] == 0.0 and flat.min() >= 0.0
@@ -350,6 +362,7 @@ def test_make_score_reference_quantiles_counts_and_names():
     ranks = [3, 3, 0, 1, 3, 0, 1]
     ref = make_score_reference(scores, ranks, split="trainval", levels=[0, 10, 50, 75, 100], names=["b", "a"])
     assert ref.levels == (0.0, 10.0, 50.0, 75.0, 100.0) and ref.split == "trainval"
+    assert all(type(v) is float for v in ref.levels)  # stored as floats even when given as integers
     assert ref.overall == pytest.approx([_naive_quantile(scores, l) for l in ref.levels], abs=1e-12)
     assert ref.per_tier["S"] == pytest.approx([_naive_quantile([3.0, -1.0, 9.0], l) for l in ref.levels], abs=1e-12)
     assert ref.per_tier["B"] == pytest.approx([_naive_quantile([1.5, 0.0], l) for l in ref.levels], abs=1e-12)
@@ -375,6 +388,11 @@ def test_percentile_interpolates_between_quantiles_and_collapses_ties():
     assert np.isnan(ref.percentile([0.0, 1.0], tier="C")).all() and ref.percentile([0.0, 1.0], tier="C").shape == (2,)
     assert np.isnan(ref.percentile([0.0], tier="B")).all()  # a tier not stored at all
     np.testing.assert_array_equal(ref.percentile([4.0, 5.0, 6.0], tier="A"), [0.0, 50.0, 100.0])
+    # Two quantiles: a straight line between them; levels that do not reach 0 and 100 still give 0 and 100 outside.
+    two = ScoreReference(levels=(0.0, 100.0), overall=(1.0, 2.0), per_tier={}, counts={})
+    np.testing.assert_allclose(two.percentile([0.5, 1.0, 1.25, 2.0, 2.5]), [0.0, 0.0, 25.0, 100.0, 100.0])
+    inner = ScoreReference(levels=(10.0, 50.0, 90.0), overall=(1.0, 2.0, 4.0), per_tier={}, counts={})
+    np.testing.assert_allclose(inner.percentile([0.0, 1.0, 1.5, 3.0, 4.0, 5.0]), [0.0, 10.0, 30.0, 70.0, 90.0, 100.0])
     v, l = cm._strictly_increasing(np.array([1.0, 2.0, 2.0, 2.0, 3.0, 3.0]), np.array([0.0, 10, 20, 40, 50, 70]))
     assert v.tolist() == [1.0, 2.0, 3.0] and l.tolist() == [0.0, 70 / 3, 60.0]
 
