@@ -254,6 +254,23 @@ def test_the_fit_is_the_minimum_of_the_naive_posterior(prior_sd):
     assert m["tier_accuracy"] == pytest.approx(float(np.mean(pred == y)))
 
 
+def test_a_separable_fit_is_the_minimum_of_the_naive_posterior_too():
+    # Perfectly separated tiers: the likelihood alone has no maximum; with the prior the fit is a hard, flat one.
+    s, y = np.arange(8.0), np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    cal = fit_ordinal(s, y)
+    params = [cal.slope, *cal.thresholds]
+
+    def objective(p):
+        return _naive_objective(s, y, p[0], p[1:], s.mean(), s.std(), 5.0)[0]
+
+    best = objective(params)
+    for i in range(4):
+        for step in (1e-4, -1e-4):
+            moved = list(params)
+            moved[i] += step
+            assert objective(moved) > best
+
+
 def test_the_fit_starts_from_the_tier_frequencies_and_the_sign_of_the_correlation():
     z = np.array([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
     y = np.array([0, 0, 1, 1, 3, 3])
@@ -267,8 +284,16 @@ def test_the_fit_starts_from_the_tier_frequencies_and_the_sign_of_the_correlatio
     np.testing.assert_allclose(got, [logit(0.98), math.log(0.1), math.log(0.1), 1.0], rtol=1e-12)
     got = cm._initial_params(np.array([0.0, 1.0, 2.0]), np.array([3, 3, 3]))
     np.testing.assert_allclose(got, [logit(0.02), math.log(0.1), math.log(0.1), 1.0], rtol=1e-12)
-    # No score spread: no correlation, slope +1.
+    # No score spread: no correlation, slope +1. A negative correlation of tiers spread by less than 1: slope -1;
+    # no correlation at all: +1. One tier only: +1, and no division by a zero spread.
     assert cm._initial_params(np.zeros(4), np.array([0, 1, 2, 3]))[3] == 1.0
+    assert cm._initial_params(np.array([2.0, 1.0, 0.0, -1.0]), np.array([0, 0, 1, 1]))[3] == -1.0
+    assert cm._initial_params(np.array([-1.0, 1.0, 1.0, -1.0]), np.array([0, 0, 1, 1]))[3] == 1.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cm._initial_params(np.array([0.0, 1.0, 2.0]), np.array([2, 2, 2]))[3] == 1.0
 
 
 def test_the_negative_log_posterior_term_by_term():
@@ -299,6 +324,8 @@ def test_a_fit_is_refused_with_the_split_named():
     with _exactly("cannot calibrate on the val split: every drawing has the same score"):
         fit_ordinal([2.0, 2.0, 2.0], [0, 1, 3])
     fit_ordinal([0.0, 1e-9], [0, 3])  # a tiny spread is still a spread
+    with _exactly("cannot calibrate on the val split: every drawing has the same score"):
+        fit_ordinal([0.0, 2e-12], [0, 3])  # a spread of exactly 1e-12 is not
 
 
 # --- figures on labelled scores ------------------------------------------------------------------------
@@ -328,8 +355,15 @@ def test_ranked_probability_score_confusion_and_tier_metrics_by_hand():
     rps = ((0.0 - 0) ** 2 + (0.1 - 0) ** 2 + (0.3 - 0) ** 2) / 3 + ((0.6 - 0) ** 2 + (1.0 - 1) ** 2 + 0) / 3 \
         + ((0.1 - 1) ** 2 + (0.4 - 1) ** 2 + (0.9 - 1) ** 2) / 3
     assert ranked_probability_score(p, y) == pytest.approx(rps / 3, abs=1e-15)
-    assert math.isnan(ranked_probability_score(np.zeros((0, 4)), []))
-    assert confusion_matrix([3, 1, 0, 0], [3, 0, 2, 0]) == [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 1]]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no mean of an empty slice
+        assert math.isnan(ranked_probability_score(np.zeros((0, 4)), []))
+    want = [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 1]]
+    assert confusion_matrix([3, 1, 0, 0], [3, 0, 2, 0]) == want
+    got = confusion_matrix(np.array([[3.0, 1.0], [0.0, 0.0]]), np.array([[3.0, 0.0], [2.0, 0.0]]))
+    assert got == want and all(type(c) is int for row in got for c in row)
     m = tier_metrics(p, y, bins=5)
     assert m["num_images"] == 3 and m["tier_accuracy"] == pytest.approx(1 / 3)  # predicted S, C, A
     assert m["tier_mae"] == pytest.approx((0 + 1 + 2) / 3)
