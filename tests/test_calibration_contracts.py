@@ -39,7 +39,11 @@ def test_sigmoid_matches_a_high_precision_reference_without_overflow():
         got = cm._sigmoid(xs)
     np.testing.assert_allclose(got, [_sig(x) for x in xs], rtol=1e-14, atol=0)
     assert got.dtype == np.float64 and got[4] == 0.5
-    assert cm._sigmoid(np.array([[1, -1]])).shape == (1, 2)  # integers in, shape kept
+    ints = cm._sigmoid(np.array([[1, -1]]))  # integers in: shape kept, float64 out
+    assert ints.shape == (1, 2) and ints.dtype == np.float64
+    np.testing.assert_allclose(ints, [[_sig(1.0), _sig(-1.0)]], rtol=1e-14)
+    np.testing.assert_allclose(cm._sigmoid(np.array([0.1], dtype=np.float32)), [_sig(float(np.float32(0.1)))],
+                               rtol=1e-14)
 
 
 def test_logistic_difference_cdf_matches_its_formula_in_high_precision():
@@ -342,6 +346,12 @@ def test_reliability_bins_and_ece_by_hand():
     ]
     ece = (1 * 0.75 + 2 * 0.0 + 2 * 0.375) / 5
     assert expected_calibration_error(p, y, bins=4) == pytest.approx(ece, abs=1e-15)
+    # One bin: mean confidence 0.6 against 3 right of 5; ten bins (the default) split them.
+    assert expected_calibration_error(p, y, bins=1) == pytest.approx(0.0, abs=1e-15)
+    assert tier_metrics(p, y, bins=1)["calibration_error"]["value"] == pytest.approx(0.0, abs=1e-15)
+    assert expected_calibration_error(p, y) == pytest.approx(0.3, abs=1e-15)
+    # Two bins: the first, [0, 0.5), holds the 0.25.
+    assert [(b["lower"], b["count"]) for b in reliability_bins(p, y, bins=2)] == [(0.0, 1), (0.5, 4)]
     assert len(reliability_bins(p, y)) == 4  # ten bins by default: 0.2-0.3, 0.5-0.6, 0.7-0.8, 0.9-1.0
     assert [b["count"] for b in reliability_bins(p, y)] == [1, 2, 1, 1]
     assert math.isnan(expected_calibration_error(np.zeros((0, 4)), []))

@@ -237,8 +237,8 @@ def test_apply_entry_scales_multiplies_each_entrys_columns_in_a_copy():
     np.testing.assert_allclose(apply_entry_scales(x[0], [1, 2, 3], [2.0, 0.5, -1.0]).numpy(), want[0], rtol=1e-6)
     views = apply_entry_scales(x.reshape(2, 1, 6), [1, 2, 3], [2.0, 0.5, -1.0])
     np.testing.assert_allclose(views.numpy().reshape(2, 6), want, rtol=1e-6)
-    with _raises_exactly("1 entry scales for 1 entries of dims [6] do not fit features of width 2"):
-        apply_entry_scales(torch.ones(6, 2), [6], [1.0])
+    with _raises_exactly("1 entry scales for 1 entries of dims [6] do not fit features of width 3"):
+        apply_entry_scales(torch.ones(2, 6, 3), [6], [1.0])
     half = apply_entry_scales(x.half(), [3, 3], [1.0, 3.0])
     assert half.dtype == torch.float16
     with _raises_exactly("2 entry scales for 3 entries of dims [1, 2, 3] do not fit features of width 6"):
