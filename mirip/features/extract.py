@@ -367,11 +367,7 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
                         skipped=skipped)
     ctx.init()
     try:
-        summary = _extract(config, ctx, paths)
-        # The ranks tear their process group down together: a gloo rank whose peer has already closed its
-        # connections can abort (SIGABRT) in its own teardown, seen once under heavy load.
-        ctx.barrier()
-        return dataclasses.replace(summary, skipped_links=skipped)
+        return dataclasses.replace(_extract(config, ctx, paths), skipped_links=skipped)
     finally:
         ctx.shutdown()
 
