@@ -27,6 +27,7 @@ from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option
 from mirip.devices import PRECISIONS
 from mirip.features.spec import BANK_POOLINGS
 from mirip.features.extract import FEATURE_DTYPES, ExtractConfig, extract_features
+from mirip.ml import compiled
 from mirip.ml.feature_extractor import POOLINGS
 from mirip.preprocessing import MAX_IMAGE_PIXELS, RESIZE_MODES
 
@@ -119,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=_non_negative, default=None, metavar="N",
                      help="DataLoader decoding processes (default: from the CPU count)")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    speed = p.add_argument_group("speed (none of these changes the features beyond the precision's tolerance, nor "
+                                 "the cache fingerprint: compiled and eager rows share one cache)")
+    speed.add_argument("--compile", choices=compiled.COMPILE_MODES, default="auto",
+                       help="torch.compile the backbone with static shapes (the last short batch is padded to "
+                            "--batch-size); compiling is paid once per process (per rank under torchrun). auto: "
+                            "only on CUDA and only from the break-even of "
+                            f"{compiled.DEFAULT_MIN_IMAGES} images to extract on (a placeholder until "
+                            "scripts/gpu_check.py measures it); on a CPU auto means off, since compiling a CPU "
+                            "backbone has not been measured to pay. Feature specs reading intermediate blocks "
+                            "(--layers other than -1) run eager, and the summary says so")
+    speed.add_argument("--sdpa-backend", choices=compiled.SDPA_CHOICES, default="auto",
+                       help="scaled-dot-product-attention kernel: auto is torch's own choice, measured per backend "
+                            "when compiling on CUDA; a named one is checked before any image is read and refused "
+                            "with the reason if this device cannot run it")
+    speed.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                       help="torch.compile backend (inductor generates kernels; eager only traces, for testing)")
     run.add_argument("--retry-failed", action="store_true", help="try again the images that failed before")
     run.add_argument("--overwrite", action="store_true", help="delete the existing cache and start over")
     run.add_argument("--no-verify", action="store_true",
@@ -140,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite, strict=args.strict, cache_dir=args.cache_dir, progress=not args.no_progress,
         tier_column=args.tier_column or None, encoding=args.encoding, allow_outside_links=args.allow_outside_links,
         max_image_pixels=args.max_image_pixels, verify=not args.no_verify,
+        compile=args.compile, sdpa_backend=args.sdpa_backend, compile_backend=args.compile_backend,
     )
     try:
         summary = extract_features(config)

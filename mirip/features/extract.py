@@ -33,6 +33,7 @@ from mirip.features.spec import BANK_POOLINGS
 from mirip.features.reader import ImageFileDataset, ReadBatch, collate, list_images, source_facts
 from mirip.features.writer import CacheWriter, WriteJob
 from mirip.fingerprint import ENVIRONMENT_FIELDS, make_fingerprint
+from mirip.ml import compiled
 from mirip.ml.feature_extractor import POOLINGS, DINOv2FeatureExtractor
 from mirip.preprocessing import RESIZE_MODES, Preprocessor
 
@@ -70,6 +71,10 @@ class ExtractConfig:
     allow_outside_links: bool = False  # follow symbolic links resolving outside image_dir
     max_image_pixels: Optional[int] = None  # None: mirip.preprocessing.MAX_IMAGE_PIXELS
     verify: bool = True  # check every cached row's checksum first and re-extract the damaged ones
+    # How the backbone runs; none of it changes the numbers beyond the precision's tolerance or the fingerprint.
+    compile: str = "auto"  # off / auto (CUDA only, from the break-even image count on) / on
+    sdpa_backend: str = "auto"  # auto (torch's own choice; measured when compiling on CUDA), flash, cudnn, ...
+    compile_backend: str = "inductor"  # torch.compile backend (tests use "eager": tracing without code generation)
 
     def __post_init__(self):
         checks = [
@@ -85,6 +90,10 @@ class ExtractConfig:
             (self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (self.feature_dtype in FEATURE_DTYPES, f"feature_dtype must be one of {FEATURE_DTYPES}, got {self.feature_dtype!r}"),
             (self.views >= 0, f"views must be >= 0, got {self.views}"),
+            (self.compile in compiled.COMPILE_MODES,
+             f"compile must be one of {compiled.COMPILE_MODES}, got {self.compile!r}"),
+            (self.sdpa_backend in compiled.SDPA_CHOICES,
+             f"sdpa_backend must be one of {compiled.SDPA_CHOICES}, got {self.sdpa_backend!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -145,6 +154,8 @@ class ExtractSummary:
     repaired: int = 0  # of extracted: rows that failed their checksum, re-extracted
     verified: Optional[int] = None  # rows whose checksums were verified before the run (None: not verified)
     damaged_unlisted: List[str] = field(default_factory=list)  # damaged rows this run could not re-extract
+    compile: Dict[str, object] = field(default_factory=dict)  # rank 0's CompileInfo: compiled or not, and why
+    compile_ranks: List[Dict[str, object]] = field(default_factory=list)  # every rank's, under torchrun
 
     @property
     def images_per_s(self) -> float:
@@ -179,6 +190,13 @@ class ExtractSummary:
         lines.append(f"speed: {self.images_per_s:.1f} images/s over {self.seconds:.1f} s "
                      f"(read wait {self.read_s:.1f} s, infer {self.infer_s:.1f} s, write {self.write_s:.1f} s"
                      + (f", {self.world_size} ranks" if self.world_size > 1 else "") + ")")
+        if self.compile:
+            lines.append(compiled.describe(self.compile))
+            if self.world_size > 1:
+                done = [r for r in self.compile_ranks if r.get("compiled")]
+                seconds = [r["compile_seconds"] for r in done if r.get("compile_seconds") is not None]
+                lines.append(f"  each rank decides for its own shard: {len(done)} of {self.world_size} compiled"
+                             + (f" (compile up to {max(seconds):.1f} s)" if seconds else ""))
         return "\n".join(lines)
 
 
@@ -252,9 +270,13 @@ def verify_complete(cache: FeatureCache, items: Sequence[Item]) -> None:
         raise CacheError(f"{cache.path} holds duplicate rows")
 
 
-def write_config_json(config: ExtractConfig, output: str, fingerprint: dict) -> str:
+def write_config_json(config: ExtractConfig, output: str, fingerprint: dict, last_run: Optional[dict] = None) -> str:
+    """``<cache>.json``: the run's config and the fingerprint; after a run also ``last_run`` (how it ran)."""
     path = output + ".json"
-    write_atomic(path, json.dumps({"config": config.to_dict(), "fingerprint": fingerprint}, indent=2))
+    record = {"config": config.to_dict(), "fingerprint": fingerprint}
+    if last_run is not None:
+        record["last_run"] = last_run
+    write_atomic(path, json.dumps(record, indent=2, default=str))
     return path
 
 
@@ -284,6 +306,7 @@ class RunStats:
     write_s: float = 0.0
     seconds: float = 0.0
     startup_s: float = 0.0  # until the first batch arrives (worker start-up, first decode)
+    compile: Dict[str, object] = field(default_factory=dict)  # this rank's CompileInfo.to_dict()
 
 
 def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2FeatureExtractor,
@@ -356,6 +379,19 @@ def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2Fe
     return extractor, preprocessor
 
 
+def prepare_backbone(extractor: DINOv2FeatureExtractor, config: ExtractConfig, num_images: int) -> compiled.CompileInfo:
+    """Compile the backbone for this process's ``num_images`` images, or say why it stays eager. Under
+    torchrun every rank decides for its own shard and compiles its own copy (compiling is paid per process)."""
+    if num_images == 0:
+        return compiled.CompileInfo(False, "nothing to extract in this run",
+                                    sdpa_backend=None if config.sdpa_backend == "auto" else config.sdpa_backend,
+                                    backend=config.compile_backend)
+    # Each loader batch holds batch_size images x (1 + views) views: the one shape compiled.
+    return compiled.prepare_extractor(extractor, compile=config.compile, num_images=num_images,
+                                      batch_size=config.batch_size * (1 + config.views), image_size=config.image_size,
+                                      sdpa_backend=config.sdpa_backend, backend=config.compile_backend)
+
+
 # --- the runner ----------------------------------------------------------------------------------
 def extract_features(config: ExtractConfig) -> ExtractSummary:
     """Run stage one as configured (one process, or one rank of a ``torchrun`` job); returns the summary."""
@@ -397,13 +433,20 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
 
     items, plan, verified = ctx.on_main(prepare)
     shard = plan.todo[ctx.rank::ctx.world_size]
+    info = prepare_backbone(extractor, config, len(shard))  # before a cache is opened: a bad SDPA backend stops here
     target = part_path(output, ctx.rank, ctx.world_size) if ctx.enabled else output
     if ctx.enabled:
         cache = FeatureCache.create(target, fingerprint, overwrite=True)
     else:
         cache = open_for_append(output, fingerprint, overwrite=False)
-    with cache:
-        stats = run_pipeline(shard, cache, extractor, preprocessor, config, progress=config.progress and ctx.is_main)
+    try:
+        # Eager batches run under the SDPA backend asked for too; a compiled forward enters it itself.
+        with cache, compiled.sdpa_context(info.sdpa_backend):
+            stats = run_pipeline(shard, cache, extractor, preprocessor, config,
+                                 progress=config.progress and ctx.is_main)
+    finally:
+        compiled.uncompile(extractor)
+    stats.compile = info.to_dict()
     all_stats = ctx.gather(stats)
     ctx.barrier()  # every part is complete and closed
 
@@ -412,7 +455,12 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
             if ctx.enabled:
                 merge_parts(cache, [part_path(output, r, ctx.world_size) for r in range(ctx.world_size)], order)
             verify_complete(cache, items)
-            return cache.num_rows
+            rows = cache.num_rows
+        last_run = {"compile": all_stats[0].compile}
+        if ctx.enabled:
+            last_run["compile_per_rank"] = [s.compile for s in all_stats]
+        write_config_json(config, output, fingerprint, last_run)
+        return rows
 
     rows = ctx.on_main(finish)
     failed: Dict[str, str] = {}
@@ -426,4 +474,5 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
         write_s=max(s.write_s for s in all_stats), rows=rows, world_size=ctx.world_size,
         entries=list(extractor.entry_names), size_bytes=os.path.getsize(output) if os.path.exists(output) else 0,
         repaired=plan.repaired, verified=verified, damaged_unlisted=plan.damaged_unlisted,
+        compile=all_stats[0].compile, compile_ranks=[s.compile for s in all_stats] if ctx.enabled else [],
     )

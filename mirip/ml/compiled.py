@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,6 +29,8 @@ SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 # placeholder until the GPU check measures it (compile_s / saved seconds per image); see docs/benchmarks.md.
 DEFAULT_MIN_IMAGES = 2000
 COMPILE_MODES = ("off", "auto", "on")
+SDPA_CHOICES = ("auto",) + SDPA_BACKENDS  # auto: torch's own choice (measured when compiling on CUDA)
+FULL_IMAGE_COMPILE = ("off", "on")
 
 
 def _backend_enum(name: str):
@@ -127,8 +129,8 @@ def compile_extractor(extractor, *, sdpa_backend: Optional[str] = None, backend:
                       batch_size: Optional[int] = None) -> CompileInfo:
     """Compile the extractor's backbone forward in place (static shapes). With ``warmup_images`` the first
     (compiling) call runs now and its time is ``compile_seconds``; otherwise compilation happens on first use.
-    ``batch_size``: smaller batches (a run's last one) are padded to it, so one shape is ever compiled
-    (images are independent in the backbone: padding rows change no other row)."""
+    ``batch_size``: smaller batches (a run's last one) are padded to it and larger ones split into chunks of it,
+    so one shape is ever compiled (images are independent in the backbone: padding rows change no other row)."""
     reason = can_compile(extractor)
     if reason is not None:
         return CompileInfo(False, reason, sdpa_backend=sdpa_backend, backend=backend, mode=mode)
@@ -149,7 +151,9 @@ def compile_extractor(extractor, *, sdpa_backend: Optional[str] = None, backend:
 
         def padded(images: torch.Tensor) -> torch.Tensor:
             n = images.shape[0]
-            if n >= batch_size:
+            if n > batch_size:  # a larger batch runs as compiled-size chunks, never as a new shape
+                return torch.cat([padded(images[i:i + batch_size]) for i in range(0, n, batch_size)])
+            if n == batch_size:
                 return eager_extract(images)
             pad = images.new_zeros((batch_size - n,) + tuple(images.shape[1:]))
             return eager_extract(torch.cat([images, pad]))[:n]
@@ -186,3 +190,119 @@ def break_even_images(compile_seconds: float, eager_s_per_image: float, compiled
     if saved <= 0:
         return None
     return int(compile_seconds / saved) + 1
+
+
+# --- what a run asks for: stage one's --compile / --sdpa-backend, full-image scoring's --compile ----------
+def _is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+def compile_decision(mode: str, num_images: int, device, min_images: int = DEFAULT_MIN_IMAGES) -> Tuple[bool, str]:
+    """Whether a stage-one run of ``num_images`` images compiles, and why, in the words of its summary.
+
+    ``auto`` compiles only on CUDA and only from the break-even on: compiling a CPU backbone has not been
+    measured to pay, and a small job would spend longer compiling than it saves."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; use one of {', '.join(COMPILE_MODES)}")
+    if mode != "auto":
+        return mode == "on", f"{mode}: asked for (--compile {mode})"
+    if not _is_cuda(device):
+        return False, (f"auto: not compiled on {device} (compiling a CPU backbone has not been measured to pay; "
+                       "--compile on forces it)")
+    if not should_compile(mode, num_images, min_images):
+        return False, f"auto: {num_images} images < break-even {min_images}"
+    return True, f"auto: {num_images} images >= break-even {min_images}"
+
+
+def check_sdpa_backend(extractor, name: Optional[str], image_size: int) -> None:
+    """Refuse, before any image is read, an SDPA backend this device, dtype and backbone cannot run
+    (one forward of a blank image under it); None (torch's own choice) always runs."""
+    if name is None:
+        return
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"unknown SDPA backend {name!r}; use auto or one of {', '.join(SDPA_BACKENDS)}")
+    probe = torch.zeros(1, 3, image_size, image_size, device=extractor.device)
+    try:
+        with sdpa_context(name):
+            extractor.extract(probe)
+    except RuntimeError as exc:
+        raise ValueError(f"SDPA backend {name!r} cannot run on {extractor.device} in {extractor.precision} with "
+                         f"this backbone ({str(exc).splitlines()[0][:160]}); use --sdpa-backend auto (torch's own "
+                         f"choice) or another of {', '.join(SDPA_BACKENDS)}") from None
+
+
+def _probe_images(extractor, batch_size: int, image_size: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(extractor.device)
+
+
+def prepare_extractor(extractor, *, compile: str, num_images: int, batch_size: int, image_size: int,
+                      sdpa_backend: str = "auto", backend: str = "inductor", mode: Optional[str] = None,
+                      min_images: int = DEFAULT_MIN_IMAGES, warmup: bool = True) -> CompileInfo:
+    """Stage one's ``--compile`` / ``--sdpa-backend`` applied to ``extractor`` for ``num_images`` images in
+    batches of ``batch_size``: compiled in place (static shapes, short batches padded) or left eager, and why.
+
+    ``sdpa_backend`` auto is torch's own choice, measured with ``choose_sdpa_backend`` when compiling on CUDA;
+    a named one is checked first (``check_sdpa_backend``) and the caller runs eager batches under
+    ``sdpa_context(info.sdpa_backend)``. A spec that reads intermediate blocks runs eager, with the reason.
+    With ``warmup`` the compiling call runs now on a synthetic batch, so ``compile_seconds`` is its own figure.
+    Nothing here touches the weights or what the fingerprint records: compiled and eager rows share a cache."""
+    if sdpa_backend not in SDPA_CHOICES:
+        raise ValueError(f"unknown SDPA backend {sdpa_backend!r}; use one of {', '.join(SDPA_CHOICES)}")
+    chosen = None if sdpa_backend == "auto" else sdpa_backend
+    check_sdpa_backend(extractor, chosen, image_size)
+    extra: Dict[str, object] = {"asked": compile, "images": int(num_images), "break_even_images": int(min_images),
+                                "batch_size": int(batch_size), "sdpa": "torch's own choice" if chosen is None
+                                else "asked for"}
+    wanted, reason = compile_decision(compile, num_images, extractor.device, min_images)
+    why_not = can_compile(extractor) if wanted else None
+    if not wanted or why_not is not None:
+        reason = reason if why_not is None else f"{reason}, but {why_not}: runs eager"
+        return CompileInfo(False, reason, sdpa_backend=chosen, backend=backend, mode=mode, extra=extra)
+    if chosen is None and _is_cuda(extractor.device):
+        measured = choose_sdpa_backend(extractor, _probe_images(extractor, batch_size, image_size), repeats=2)
+        chosen, extra["sdpa"], extra["sdpa_seconds"] = measured["chosen"], "measured", measured["seconds"]
+    info = compile_extractor(extractor, sdpa_backend=chosen, backend=backend, mode=mode, batch_size=batch_size,
+                             warmup_images=_probe_images(extractor, batch_size, image_size) if warmup else None)
+    info.reason = reason
+    info.extra.update(extra)
+    return info
+
+
+def describe(info: Optional[Dict[str, object]]) -> str:
+    """One summary line from ``CompileInfo.to_dict()``: whether it compiled, why, the SDPA backend, compile time."""
+    if not info:
+        return "compile: not recorded"
+    extra = info.get("extra") or {}
+    sdpa = info.get("sdpa_backend") or "torch's own choice"
+    how = f" ({extra['sdpa']})" if extra.get("sdpa") and info.get("sdpa_backend") else ""
+    text = f"compile: {'yes' if info.get('compiled') else 'no'} ({info.get('reason')}); SDPA backend {sdpa}{how}"
+    if info.get("compiled"):
+        text += f"; torch.compile backend {info.get('backend')}, mode {info.get('mode') or 'default'}"
+        if extra.get("batch_size"):
+            text += f", batch {extra['batch_size']} (shorter batches padded)"
+        seconds = info.get("compile_seconds")
+        text += f"; compile {seconds:.1f} s once" if seconds is not None else "; compiled on first use"
+    return text
+
+
+def full_image_mode(device, mode: Optional[str] = None) -> Optional[str]:
+    """torch.compile mode for full-image scoring: "reduce-overhead" (CUDA graphs) on CUDA, the default on CPU."""
+    return mode or ("reduce-overhead" if _is_cuda(device) else None)
+
+
+def compile_full_image(extractor, *, batch_size: int, image_size: Optional[int] = None, backend: str = "inductor",
+                       mode: Optional[str] = None, sdpa_backend: Optional[str] = None,
+                       warmup_images: Optional[torch.Tensor] = None) -> CompileInfo:
+    """Full-image scoring compiled at one fixed batch size: every batch is padded (or split) to ``batch_size``,
+    so one compiled graph (one CUDA graph under "reduce-overhead") serves them all. Warm-up (the compiling call,
+    timed as ``compile_seconds``) on ``warmup_images``, else on a synthetic batch when ``image_size`` is given."""
+    if warmup_images is None and image_size is not None:
+        warmup_images = _probe_images(extractor, batch_size, image_size)
+    info = compile_extractor(extractor, sdpa_backend=sdpa_backend, backend=backend,
+                             mode=full_image_mode(extractor.device, mode), batch_size=batch_size,
+                             warmup_images=warmup_images)
+    info.reason = (f"on: scoring compiled at batch {batch_size}" if info.compiled
+                   else f"on, but {info.reason}: scores eager")
+    info.extra["batch_size"] = int(batch_size)
+    return info
