@@ -167,6 +167,24 @@ class Scorer:
         self.checkpoint_path = checkpoint_path
         self.calibration, self.score_reference, self.calibration_note = from_checkpoint(
             self.checkpoint, checkpoint_path or "(none given)")
+        self.compile_info = None  # a mirip.ml.compiled.CompileInfo once ``compile`` was called
+
+    def compile(self, batch_size: int = 16, *, backend: str = "inductor", mode: Optional[str] = None,
+                warmup: bool = True):
+        """Opt-in: score through a backbone compiled at one fixed batch size (``torch.compile`` mode
+        "reduce-overhead", i.e. CUDA graphs, on CUDA; the default mode on CPU). Every batch is padded or split
+        to ``batch_size``, so one graph serves them all; scores equal the eager ones within the precision's
+        tolerance. With ``warmup`` the compiling call runs now (``compile_info.compile_seconds``). A feature
+        spec that reads intermediate blocks cannot compile: it scores eager and ``compile_info.reason`` says
+        why. Returns the ``CompileInfo``."""
+        from mirip.ml.compiled import compile_full_image
+
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.compile_info = compile_full_image(
+            self.model.feature_extractor, batch_size=batch_size, backend=backend, mode=mode,
+            image_size=self.preprocessor.image_size if warmup else None)
+        return self.compile_info
 
     @property
     def has_tiers(self) -> bool:

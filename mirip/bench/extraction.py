@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-extract-bank", dest="extract_bank", action="store_false",
                    help="skip the feature-bank comparison")
     g.add_argument("--extract-compile", choices=("off", "auto", "on"), default="off",
-                   help="torch.compile the backbone (static shapes) for both figures; auto: from the break-even "
-                        "image count on (mirip.ml.compiled.DEFAULT_MIN_IMAGES)")
+                   help="torch.compile the backbone (static shapes) for both figures; auto: on CUDA only, from the "
+                        "break-even image count on (mirip.ml.compiled.DEFAULT_MIN_IMAGES), as scripts/extract.py")
     g.add_argument("--extract-compile-backend", default="inductor", help="torch.compile backend")
     g.add_argument("--extract-sdpa-backend", default=None, choices=("flash", "cudnn", "efficient", "math"),
                    help="restrict attention to this SDPA kernel (default: torch's choice)")
@@ -191,13 +191,12 @@ def pipeline(config: ExtractConfig, names: List[str], extractor, preprocessor, f
 def _maybe_compile(args: argparse.Namespace, extractor, n: int, batch: int) -> dict:
     from mirip.ml import compiled
 
-    mode = getattr(args, "extract_compile", "off") or "off"
-    if not compiled.should_compile(mode, n):
-        return {"compiled": False, "reason": f"--extract-compile {mode}" + (
-            f" and {n} images < break-even {compiled.DEFAULT_MIN_IMAGES}" if mode == "auto" else "")}
-    info = compiled.compile_extractor(extractor, sdpa_backend=getattr(args, "extract_sdpa_backend", None),
-                                      backend=getattr(args, "extract_compile_backend", "inductor"), batch_size=batch)
-    return info.to_dict()
+    # The same decision and compilation as scripts/extract.py; the warm-up pass below pays the compilation.
+    return compiled.prepare_extractor(
+        extractor, compile=getattr(args, "extract_compile", "off") or "off", num_images=n, batch_size=batch,
+        image_size=int(getattr(args, "image_size", 768) or 768),
+        sdpa_backend=getattr(args, "extract_sdpa_backend", None) or "auto",
+        backend=getattr(args, "extract_compile_backend", "inductor"), warmup=False).to_dict()
 
 
 def run(args: argparse.Namespace) -> dict:

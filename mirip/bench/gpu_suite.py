@@ -320,9 +320,9 @@ def full_image_section(args, ctx: Dict[str, Any]) -> Dict[str, Any]:
 
     ref = torch.cat(pair())
     eager_ms = C.time_call(pair, device, repeats=repeats, warmup=3) * 1e3
-    mode = args.pair_compile_mode or ("reduce-overhead" if device.startswith("cuda") else None)
-    info = C.compile_extractor(extractor, sdpa_backend=ctx.get("sdpa_backend"), backend=args.compile_backend,
-                               mode=mode, warmup_images=torch.cat([x1, x2]), batch_size=2)
+    # The same compilation as ``Scorer.compile`` (scripts/score.py --compile on), at batch 2.
+    info = C.compile_full_image(extractor, batch_size=2, backend=args.compile_backend, mode=args.pair_compile_mode,
+                                sdpa_backend=ctx.get("sdpa_backend"), warmup_images=torch.cat([x1, x2]))
     compiled_ms = C.time_call(pair, device, repeats=repeats, warmup=3) * 1e3
     got = torch.cat(pair())
     C.uncompile(extractor)

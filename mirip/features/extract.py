@@ -414,6 +414,9 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
         device = f"cuda:{ctx.local_rank}"
         torch.cuda.set_device(device)
     extractor, preprocessor = build_models(config, device)
+    # A named SDPA kernel this device cannot run is refused before any cache is touched.
+    compiled.check_sdpa_backend(extractor, None if config.sdpa_backend == "auto" else config.sdpa_backend,
+                                config.image_size)
     fingerprint = make_fingerprint(extractor, preprocessor, config.feature_dtype, config.views)
     output = config.output or default_output(fingerprint, config.cache_dir)
     order = {p: i for i, p in enumerate(paths)}
