@@ -67,10 +67,10 @@ def test_compiled_and_eager_rows_share_one_cache(tmp_path, tiny_backbone):
     names = make_images(d, 4)
     out = tmp_path / "mixed.h5"
     first = extract(d, out, tiny_backbone, batch_size=3, compile="off")
-    names += make_images(d, 3, start=4)
+    names += make_images(d, 4, start=4)  # batches of 3 and 1 (padded)
     second = extract(d, out, tiny_backbone, batch_size=3, compile="on", compile_backend="eager")
     assert not first.compile["compiled"] and second.compile["compiled"]
-    assert (second.extracted, second.skipped_cached, second.rows) == (3, 4, 7)  # appended, no fingerprint refusal
+    assert (second.extracted, second.skipped_cached, second.rows) == (4, 4, 8)  # appended, no fingerprint refusal
     paths, feats, _ = _rows(out)
     assert paths == names
     np.testing.assert_allclose(feats, reference_features(tiny_backbone, [d / n for n in names]), rtol=TOL, atol=TOL)

@@ -8,7 +8,7 @@ depends on the card, head dim and sequence length, so ``choose_sdpa_backend`` ti
 the device offers on a real batch and keeps the fastest.
 
 Compiling costs time up front, so small jobs skip it: ``should_compile`` compiles only from
-``min_images`` images on (the break-even ``scripts/gpu_check.sh`` measures: compile seconds over
+``min_images`` images on (the break-even ``scripts/gpu_check.py`` measures: compile seconds over
 the seconds saved per image). The extractor itself is untouched: ``compile_extractor`` swaps the
 backbone module's ``forward`` for the compiled one (state dict, hooks and fingerprint unchanged)
 and ``uncompile`` puts it back. Features must not change beyond the precision's tolerance; the
