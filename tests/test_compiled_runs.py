@@ -139,31 +139,13 @@ def test_compiled_batches_larger_than_the_compiled_size_run_in_chunks(tiny_backb
 
 
 # --- full-image scoring ------------------------------------------------------------------------------
-def _score_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("mirip_script_score", ROOT / "scripts" / "score.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+# The score script's own fixture: 8 tiered images, their checkpoint, and a broken file (a batch one image short).
+from test_score_script import score, scored_folder  # noqa: E402,F401
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_backbone, tmp_path_factory):
-    from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
-
-    tmp = tmp_path_factory.mktemp("compiled-score")
-    d = tmp / "images"
-    meta = make_tiered_images(d)
-    with torch_threads(1):
-        _, ckpt, _, _ = make_cache_and_checkpoint(tiny_backbone, str(d), list(meta["filename"]), str(tmp))
-    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")  # a batch one image short of the compiled size
-    return d, ckpt
-
-
-def test_score_compile_on_equals_eager(checkpoint, tmp_path, capsys):
-    d, ckpt = checkpoint
-    main = _score_script()
+def test_score_compile_on_equals_eager(scored_folder, tmp_path, capsys):
+    d, _, ckpt, _ = scored_folder
+    main = score.main
     common = ["--checkpoint", ckpt, str(d), "--batch-size", "3", "--device", "cpu", "--no-progress"]
     assert main(common + ["--output", str(tmp_path / "eager.csv")]) == 0
     assert "compile:" not in capsys.readouterr().out  # opt-in
