@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{compiled.DEFAULT_MIN_IMAGES} images to extract on (a placeholder until "
                             "scripts/gpu_check.py measures it); on a CPU auto means off, since compiling a CPU "
                             "backbone has not been measured to pay. Feature specs reading intermediate blocks "
-                            "(--layers other than -1) run eager, and the summary says so")
+                            "(--layers naming a block before the last) run eager, and the summary says so")
     speed.add_argument("--sdpa-backend", choices=compiled.SDPA_CHOICES, default="auto",
                        help="scaled-dot-product-attention kernel: auto is torch's own choice, measured per backend "
                             "when compiling on CUDA; a named one is checked before any image is read and refused "
