@@ -317,3 +317,36 @@ def test_training_benchmark_runs_and_reports():
     assert result["full_run"]["epochs"] == 2 and result["full_run"]["wall_s"] > 0
     assert result["throughput"]["ratio"] == result["throughput"]["trainer_median"] / result["throughput"]["bare_median"]
     assert "ratio Trainer / bare" in bench.to_markdown(result)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1.0, 1e6, 0.0])
+def test_clip_and_step_is_bit_identical_to_clip_grad_norm_then_step(max_norm):
+    """The CPU shortcut (no multiply when the coefficient is 1) changes no bit against torch's own clipping,
+    over steps where clipping is active and steps where it is not."""
+    from mirip.training.trainer import clip_and_step
+
+    torch.manual_seed(0)
+    ours, ref = RankingHead(48), RankingHead(48)
+    ref.load_state_dict(ours.state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01, fused=True) for m in (ours, ref)]
+    gen = torch.Generator().manual_seed(1)
+    clipped = 0
+    for step in range(12):
+        x1, x2 = torch.randn(8, 48, generator=gen) * (1 + step), torch.randn(8, 48, generator=gen)
+        labels = torch.ones(8)
+        for model, opt, mine in ((ours, opts[0], True), (ref, opts[1], False)):
+            model.eval()
+            opt.zero_grad(set_to_none=True)
+            model.compute_loss(*model(x1, x2), labels).backward()
+            if mine:
+                clip_and_step(opt, list(model.parameters()), max_norm)
+            else:
+                clipped += float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)) > max_norm
+                opt.step()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), name
+        assert torch.equal(a.grad, b.grad), name
+    if max_norm == 1e6:
+        assert clipped == 0
+    elif max_norm <= 1e-3:
+        assert clipped == 12
