@@ -323,12 +323,14 @@ def test_training_benchmark_runs_and_reports():
 def test_clip_and_step_is_bit_identical_to_clip_grad_norm_then_step(max_norm):
     """The CPU shortcut (no multiply when the coefficient is 1) changes no bit against torch's own clipping,
     over steps where clipping is active and steps where it is not."""
-    from mirip.training.trainer import clip_and_step
+    from mirip.training.optim_step import _plain_fused_adamw, clip_and_step
 
     torch.manual_seed(0)
     ours, ref = RankingHead(48), RankingHead(48)
     ref.load_state_dict(ours.state_dict())
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01, fused=True) for m in (ours, ref)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01, betas=(0.8, 0.95), fused=True)
+            for m in (ours, ref)]
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5) for o in opts]
     gen = torch.Generator().manual_seed(1)
     clipped = 0
     for step in range(12):
@@ -340,13 +342,38 @@ def test_clip_and_step_is_bit_identical_to_clip_grad_norm_then_step(max_norm):
             model.compute_loss(*model(x1, x2), labels).backward()
             if mine:
                 clip_and_step(opt, list(model.parameters()), max_norm)
+                assert _plain_fused_adamw(opt, list(model.parameters())) is None  # the direct kernel call ran
             else:
                 clipped += float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)) > max_norm
                 opt.step()
+        if step % 3 == 2:
+            for sched in scheds:
+                sched.step()  # the lr changes between steps
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
         assert torch.equal(a, b), name
         assert torch.equal(a.grad, b.grad), name
+    mine, theirs = opts[0].state_dict()["state"], opts[1].state_dict()["state"]
+    for k in theirs:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(mine[k][key], theirs[k][key]), (k, key)
     if max_norm == 1e6:
         assert clipped == 0
     elif max_norm <= 1e-3:
         assert clipped == 12
+
+
+def test_clip_and_step_keeps_step_hooks_and_other_optimizers_on_the_ordinary_path():
+    from mirip.training.optim_step import clip_and_step
+
+    torch.manual_seed(0)
+    model = RankingHead(16)
+    params = list(model.parameters())
+    calls = []
+    for opt in (torch.optim.AdamW(params, lr=1e-2, fused=True), torch.optim.AdamW(params, lr=1e-2, foreach=False)):
+        handle = opt.register_step_post_hook(lambda o, args, kwargs: calls.append(o))
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            model.compute_loss(*model(torch.randn(4, 16), torch.randn(4, 16)), torch.ones(4)).backward()
+            clip_and_step(opt, params, 1.0)
+        handle.remove()
+    assert len(calls) == 6  # every step of both went through AdamW.step (hooks run there)

@@ -11,8 +11,8 @@ Training-step contract (a sweep that trains stacked heads reproduces exactly thi
   sampled once, ``epoch=0`` and ``config.seed``, from the val split.
 - Step: ``model.train()``; ``s1, s2 = model(f1, f2)``; ``loss = model.compute_loss(s1, s2,
   labels)``; ``optimizer.zero_grad(set_to_none=True)``; ``loss.backward()``;
-  ``clip_grad_norm_(trainable params, gradient_clip_norm)``; ``optimizer.step()`` (``clip_and_step``: the same,
-  with a multiply by exactly 1 skipped on a CPU).
+  ``clip_grad_norm_(trainable params, gradient_clip_norm)``; ``optimizer.step()`` (``mirip.training.optim_step``:
+  the same arithmetic bit for bit, with less Python per step).
   Optimizer: ``AdamW(trainable params, lr=learning_rate, weight_decay=weight_decay,
   fused=True)`` (``make_optimizer``), torch defaults otherwise; the fused kernel computes
   the same update as the default for-loop one (to float rounding) and is ~10x faster
@@ -60,6 +60,7 @@ from mirip.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint_file, sa
 from mirip.devices import resolve_device
 from mirip.ml.ranking_model import HEAD_PREFIXES
 from mirip.training.config import TrainingConfig
+from mirip.training.optim_step import clip_and_step
 from mirip.training.static_step import StaticStep, persistent_grads, resolve_step_mode, zero_grads_
 
 HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "lr")
@@ -113,25 +114,6 @@ def plain_lrs(state: Any) -> Any:
     if isinstance(state, list):
         return [plain_lrs(v) for v in state]
     return state
-
-
-def clip_and_step(optimizer: torch.optim.Optimizer, params: List[torch.Tensor], max_norm: float) -> None:
-    """``clip_grad_norm_(params, max_norm)`` then ``optimizer.step()``; on a CPU the multiply is skipped when the
-    clip coefficient is 1.
-
-    ``clip_grad_norm_`` multiplies every gradient by ``min(1, max_norm / (total + 1e-6))`` even when that is 1:
-    on a CPU, a pass over every gradient (a tenth of the step for a 1024-d head) that changes no bit. Reading the
-    coefficient there costs nothing (on a GPU it would be a sync per step, so a GPU clips as before). Same
-    total norm, same coefficient, same multiply when it is below 1: bit-identical to ``clip_grad_norm_``.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or any(g.device.type != "cpu" for g in grads):
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        total = torch.nn.utils.get_total_norm(grads, 2.0)
-        if not bool(max_norm / (total + 1e-6) >= 1.0):  # NaN norms take the multiply too, as before
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    optimizer.step()
 
 
 def batch_correct(score1: torch.Tensor, score2: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
