@@ -350,9 +350,7 @@ def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2Fe
                                        layers=None if config.layers is None else [int(l) for l in config.layers])
     # Refused here, before any image is read, if the backbone cannot take this size.
     extractor.check_image_size(config.image_size)
-    preprocessor = Preprocessor(image_size=config.image_size, resize_mode=config.resize_mode,
-                                mean=extractor.mean, std=extractor.std, patch_size=extractor.patch_size,
-                                max_pixels=config.max_image_pixels)
+    preprocessor = extractor.preprocessor(config.image_size, config.resize_mode, max_pixels=config.max_image_pixels)
     return extractor, preprocessor
 
 
