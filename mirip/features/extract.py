@@ -19,7 +19,7 @@ import os
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from mirip.atomic import write_atomic
 from mirip.devices import PRECISIONS
 from mirip.features.cache import CacheError, FeatureCache
-from mirip.features.distributed import DistContext, leftover_parts, merge_parts, part_path
+from mirip.features.distributed import DistContext, StopRequested, leftover_parts, merge_parts, part_path
 from mirip.features.mapper import Mapper, Normalizer
 from mirip.features.spec import BANK_POOLINGS
 from mirip.features.reader import ImageFileDataset, ReadBatch, collate, list_images, source_facts
@@ -365,8 +365,11 @@ class RunStats:
 
 
 def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2FeatureExtractor,
-                 preprocessor: Preprocessor, config: ExtractConfig, progress: bool = True) -> RunStats:
-    """reader -> mapper -> writer over ``items``; the writer commits to ``cache``."""
+                 preprocessor: Preprocessor, config: ExtractConfig, progress: bool = True,
+                 should_stop: Optional[Callable[[], bool]] = None) -> RunStats:
+    """reader -> mapper -> writer over ``items``; the writer commits to ``cache``. ``should_stop`` is asked
+    before each batch (under torchrun: has another rank failed?); when it says so, the batches handed over so
+    far are committed and ``StopRequested`` is raised."""
     stats = RunStats()
     if not items:
         return stats
@@ -396,6 +399,10 @@ def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2Fe
     batches = iter(loader)
     try:
         while True:
+            if should_stop is not None and should_stop():
+                if previous is not None:
+                    hand_over(*previous)  # its features are computed already: commit them too
+                raise StopRequested("another rank asked every rank to stop")
             t0 = time.perf_counter()
             batch = next(batches, None)
             t1 = time.perf_counter()
@@ -478,13 +485,23 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
     items, plan, verified, repairs = ctx.on_main(prepare)
     shard = plan.todo[ctx.rank::ctx.world_size]
     target = part_path(output, ctx.rank, ctx.world_size) if ctx.enabled else output
-    if ctx.enabled:
-        cache = FeatureCache.create(target, fingerprint, overwrite=True)
-    else:
-        cache = open_for_append(output, fingerprint, overwrite=False)
-    with cache:
-        stats = run_pipeline(shard, cache, extractor, preprocessor, config, progress=config.progress and ctx.is_main)
-    all_stats = ctx.gather(stats)
+    stats, error = None, None
+    try:
+        if ctx.enabled:
+            cache = FeatureCache.create(target, fingerprint, overwrite=True)
+        else:
+            cache = open_for_append(output, fingerprint, overwrite=False)
+        with cache:
+            stats = run_pipeline(shard, cache, extractor, preprocessor, config,
+                                 progress=config.progress and ctx.is_main,
+                                 should_stop=ctx.stop_requested if ctx.enabled else None)
+    except Exception as exc:  # noqa: BLE001 - under torchrun every rank must hear of it (settle re-raises)
+        if not ctx.enabled:
+            raise
+        if not isinstance(exc, StopRequested):
+            ctx.request_stop(str(exc))  # the others stop at their next batch instead of finishing their shards
+        error = exc
+    all_stats = ctx.settle(stats, error)  # every rank's stats, or RankFailed on every rank
     ctx.barrier()  # every part is complete and closed
 
     def finish() -> int:
