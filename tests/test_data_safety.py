@@ -296,6 +296,99 @@ def test_a_damaged_object_header_or_path_list_gives_one_line_naming_the_file(tmp
     assert rc != 0 and str(copy) in _one_line_error(capsys.readouterr().err)
 
 
+def _raw(path) -> dict:
+    """Every dataset of a cache file, read with h5py alone."""
+    with h5py.File(path, "r") as h5:
+        out = {name: h5[name][()] for name in ("features", "paths", "source_size", "source_mtime_ns", "checksums",
+                                                "path_checksums")}
+    out["paths"] = [p.decode() for p in out["paths"]]
+    return out
+
+
+def _raw_write(path, name, row, value) -> None:
+    with h5py.File(path, "r+") as h5:
+        h5[name][row] = value
+
+
+def test_a_damaged_path_entry_gets_its_path_back_and_only_its_row_is_re_extracted(tiny_backbone, tmp_path, capsys):
+    images = tmp_path / "images"
+    names = make_images(images, 10)
+    meta = write_metadata(tmp_path / "meta.csv", names)
+    output = str(tmp_path / "cache.h5")
+    args = _args(images, output, tiny_backbone, batch_size=4) + ["--metadata", meta]
+    assert extract_script.main(args) == 0
+    capsys.readouterr()
+    before = _raw(output)
+    row = before["paths"].index("img_003.png")
+    _raw_write(output, "paths", row, "img_0O3.png")  # one character changed; its checksum left as it was
+    with pytest.raises(CacheDamaged, match=rf"damaged at row\(s\) {row}\b.*rerun scripts/extract.py"):
+        open_cache(output).paths
+
+    assert extract_script.main(args) == 0
+    text = capsys.readouterr().out
+    assert f"row {row} ('img_0O3.png') -> img_003.png (named by its stored checksum)" in text, text
+    assert "path list: 1 damaged entry" in text and "extracted:            1 (" in text, text
+    after = _raw(output)
+    others = [r for r in range(len(names)) if r != row]
+    assert after["paths"] == before["paths"]
+    for name in ("features", "checksums", "source_size", "source_mtime_ns", "path_checksums"):
+        assert after[name].shape == before[name].shape
+        np.testing.assert_array_equal(after[name][others], before[name][others])  # bit-identical
+    # Only that row was re-extracted: it was marked stale (facts -1) and written again by the re-extraction.
+    assert (after["source_size"][row], after["source_mtime_ns"][row]) == (before["source_size"][row],
+                                                                          before["source_mtime_ns"][row])
+    np.testing.assert_allclose(after["features"][row], before["features"][row], atol=ATOL)
+    with open_cache(output) as cache:
+        assert cache.damaged_rows() == [] and cache.paths == before["paths"]
+        np.testing.assert_allclose(cache.features(), before["features"], atol=ATOL)
+
+
+def test_path_repairs_when_the_checksum_or_both_are_damaged_and_when_the_row_cannot_be_told(
+        tiny_backbone, tmp_path, capsys):
+    images = tmp_path / "images"
+    names = make_images(images, 8)
+    output = str(tmp_path / "cache.h5")
+    extract(images, output, tiny_backbone)
+    before = _raw(output)
+    # The checksum is the damaged part: the stored text names the image.
+    _raw_write(output, "path_checksums", 2, np.uint32(before["path_checksums"][2] ^ 0xFF))
+    # Text and checksum both damaged: the row's image is the one listed image left without a row.
+    _raw_write(output, "paths", 5, "garbage")
+    _raw_write(output, "path_checksums", 5, np.uint32(12345))
+    with open_cache(output) as cache:
+        assert cache.damaged_path_rows() == [2, 5]
+    summary = extract(images, output, tiny_backbone)
+    assert [(r.row, r.path, r.how) for r in summary.paths_repaired] == [
+        (2, before["paths"][2], "text"), (5, before["paths"][5], "reused")]
+    assert summary.extracted == 2 and summary.skipped_cached == 6
+    with open_cache(output) as cache:
+        assert cache.damaged_rows() == [] and cache.paths == before["paths"]
+        np.testing.assert_allclose(cache.features(), before["features"], atol=ATOL)
+
+    # Between giving a row its path back and re-extracting it, the row reads as damaged, never as valid.
+    with FeatureCache.open(output, "a") as cache:
+        cache.rewrite_paths([4], [before["paths"][4]])
+    with open_cache(output) as cache:
+        assert cache.paths == before["paths"] and cache.source_facts()[0][4] == -1
+        with pytest.raises(CacheDamaged) as info:
+            cache.features()
+        assert info.value.rows == [4]
+    assert extract(images, output, tiny_backbone).repaired == 1
+
+    # A damaged row whose image is not listed in this run, and no listed image without a row: said, not guessed.
+    _raw_write(output, "paths", 7, "zzz")
+    damaged = _raw(output)
+    listed = [n for n in names if n != before["paths"][7]]
+    rc = extract_script.main(_args(images, output, tiny_backbone)
+                             + ["--metadata", write_metadata(tmp_path / "fewer.csv", listed)])
+    line = _one_line_error(capsys.readouterr().err)
+    assert rc == 2 and "row(s) 7 ('zzz')" in line and "cannot be told" in line and "--overwrite" in line, line
+    assert "Nothing was changed" in line
+    after = _raw(output)
+    for name, value in damaged.items():
+        np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(value))
+
+
 # --- 3. two processes on one cache ---------------------------------------------------------------
 def test_a_cache_held_by_another_process_is_named_in_use_and_never_unlocked(tiny_backbone, tmp_path, capsys):
     images = tmp_path / "images"

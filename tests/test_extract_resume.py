@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +131,123 @@ def test_torchrun_two_ranks_give_the_same_cache_as_one_process(tmp_path, tiny_ba
     assert done.returncode == 0, done.stderr[-3000:]
     assert "extracted:            4 (1 changed files re-extracted)" in done.stdout
     _assert_same_cache(one, two)
+
+
+def test_a_write_error_on_one_rank_stops_every_rank_with_one_line_and_a_rerun_continues(tmp_path, tiny_backbone):
+    """Rank 1 meets a full disk (MIRIP_TEST_WRITE_ERROR, read by mirip.features.writer) after 2 committed rows.
+    Before, rank 0 waited at the next collective until torchrun killed it (SIGTERM, no message, exit -15; under
+    a launcher that does not, for the 12-hour timeout). Now both ranks leave on their own, each with the same
+    one line naming rank 1 and its error, exit status 2, and a rerun continues from every committed row."""
+    d = tmp_path / "images"
+    make_images(d, 24)
+    out, logs = tmp_path / "out.h5", tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=localhost:0", "--log-dir", str(logs), "--redirects", "3",
+           str(ROOT / "scripts" / "extract.py"), *_args(d, out, tiny_backbone, 1)]
+    # A hang would be a failure, never a stuck suite: the run takes seconds (mostly start-up).
+    done = subprocess.run(cmd, env=dict(_env(), MIRIP_TEST_WRITE_ERROR="1:2"), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode != 0
+    # torchrun sends SIGTERM to the ranks still running once the first one exits (and logs that it did); every
+    # rank it reports must have exited with status 2 by itself, none by the signal (-15).
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", done.stderr)
+    assert codes and set(codes) == {"2"} and "Signal 15" not in done.stderr, done.stderr[-3000:]
+    for rank in (0, 1):
+        [log] = list(logs.glob(f"**/attempt_0/{rank}/stderr.log"))
+        text = log.read_text()
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+        assert ("extraction stopped on all 2 ranks because rank 1 of 2 failed: writing feature cache "
+                f"{part_path(str(out), 1, 2)} failed: the disk holding it is full") in errors[0], errors[0]
+        assert "2 rows are committed and intact" in errors[0] and "rerun the same command" in errors[0]
+    assert list(tmp_path.glob("*.tmp-*")) == []  # every cache, parts included, was closed cleanly
+    committed = 0
+    for part in leftover_parts(str(out)):
+        with open_cache(part) as cache:
+            committed += cache.num_rows
+            cache.features()  # what is committed verifies
+    with open_cache(part_path(str(out), 1, 2)) as cache:
+        assert cache.num_rows == 2
+    # The rerun merges the parts and extracts only the rest.
+    summary = extract(d, out, tiny_backbone, batch_size=3, **BANK)
+    assert summary.extracted == 24 - committed and summary.skipped_cached == committed
+    extract(d, tmp_path / "ref.h5", tiny_backbone, batch_size=3, **BANK)
+    _assert_same_cache(tmp_path / "ref.h5", out, same_order=False)
+    assert leftover_parts(str(out)) == []
+
+
+def _FakeGather(others):
+    """What all_gather_object would give every rank: each rank's outcome, this one's included."""
+
+    def gather(ctx, value):
+        out = list(others)
+        out.insert(ctx.rank, value)
+        return out
+    return gather
+
+
+def test_settle_gives_every_rank_the_same_one_line_naming_the_failed_ranks(monkeypatch):
+    from mirip.features.cache import CacheWriteError
+    from mirip.features.distributed import DistContext, RankFailed, StopRequested
+
+    monkeypatch.setattr("signal.signal", lambda *a: None)  # settle shields the process from SIGTERM; not here
+    barriers = []
+    monkeypatch.setattr(DistContext, "barrier", lambda self: barriers.append(self.rank))
+    ctx = DistContext(rank=0, world_size=3)
+    monkeypatch.setattr(DistContext, "gather", _FakeGather([("ok", 1), ("ok", 2)]))
+    assert ctx.settle(0) == [0, 1, 2]
+    full = CacheWriteError("writing feature cache c.h5 failed: the disk holding it is full", 5)
+    monkeypatch.setattr(DistContext, "gather", _FakeGather([("failed", str(full)), ("stopped", None)]))
+    with pytest.raises(RankFailed) as info:
+        ctx.settle(None, StopRequested())
+    assert str(info.value) == ("extraction stopped on all 3 ranks because rank 1 of 3 failed: writing feature "
+                               "cache c.h5 failed: the disk holding it is full")
+    assert info.value.failed == [(1, str(full))]
+    # This rank failed too; a rank whose error is a bug keeps its traceback.
+    monkeypatch.setattr(DistContext, "gather", _FakeGather([("failed", "x"), ("ok", 2)]))
+    with pytest.raises(RankFailed, match=r"ranks 0, 1 of 3 failed: rank 0: OSError: \[Errno 5\] I/O; rank 1: x"):
+        ctx.settle(None, OSError(5, "I/O"))
+    with pytest.raises(KeyError):
+        ctx.settle(None, KeyError("bug"))
+    monkeypatch.setattr(DistContext, "gather", _FakeGather([("stopped", None), ("ok", 2)]))
+    with pytest.raises(RankFailed, match="no rank reported an error"):
+        ctx.settle(None, StopRequested())
+    assert barriers == [0, 0, 0, 0]  # before leaving, every failed settle waits until all ranks ignore SIGTERM
+
+
+def test_a_stop_request_ends_a_ranks_pipeline_with_its_committed_rows_intact(tmp_path, tiny_backbone, monkeypatch):
+    import torch.distributed as dist
+
+    from _extract_helpers import config
+    from mirip.features.distributed import DistContext, StopRequested
+    from mirip.features.extract import build_models, run_pipeline
+    from mirip.fingerprint import make_fingerprint
+
+    # The flag travels through the process group's store; a HashStore stands in for torchrun's.
+    store = dist.HashStore()
+    monkeypatch.setattr(DistContext, "_store", staticmethod(lambda: store))
+    failing, other = DistContext(rank=1, world_size=2), DistContext(rank=0, world_size=2)
+    assert not other.stop_requested()
+    failing.request_stop("disk full")
+    assert other.stop_requested() and failing.stop_requested()
+    assert DistContext(rank=0, world_size=1).stop_requested() is False  # one process: no flag, no store
+
+    d = tmp_path / "images"
+    names = make_images(d, 8)
+    cfg = config(d, tmp_path / "c.h5", tiny_backbone, batch_size=1)
+    extractor, pre = build_models(cfg, "cpu")
+    asked = []
+    stop_after = lambda: asked.append(1) or len(asked) > 3  # noqa: E731 - stop before the 4th batch is read
+    with FeatureCache.create(str(tmp_path / "c.h5"), make_fingerprint(extractor, pre)) as cache:
+        with pytest.raises(StopRequested):
+            run_pipeline([(n, 1, 1) for n in names], cache, extractor, pre, cfg, progress=False,
+                         should_stop=stop_after)
+    with open_cache(str(tmp_path / "c.h5")) as cache:
+        assert cache.paths == names[:3]  # every batch read before the stop is committed, nothing after
+        ref = extract(d, tmp_path / "ref.h5", tiny_backbone)
+        with open_cache(str(tmp_path / "ref.h5")) as r:
+            np.testing.assert_allclose(cache.features(), r.features(r.rows_for(names[:3])), atol=ATOL)
+    assert ref.extracted == 8
 
 
 def _fp(dim=4):

@@ -24,7 +24,9 @@ cannot be detected (nothing is verified); appending to it is refused likewise (r
 
 Integrity. Every read of features verifies the rows' checksums (and the path list's) and refuses a damaged
 cache with ``CacheDamaged``, naming the rows; ``damaged_rows()`` scans the whole file, and
-``scripts/extract.py`` re-extracts such rows (the plan's "repaired"). A file whose HDF5 structure itself is
+``scripts/extract.py`` re-extracts such rows (the plan's "repaired"). Rows whose path entry fails its checksum
+(``damaged_path_rows``) get their path back from the images an extraction lists (``rewrite_paths``) and are
+re-extracted like damaged feature rows. A file whose HDF5 structure itself is
 damaged (object header, path heap) is refused with a one-line ``CacheError`` naming the file; format-3 files
 are written in HDF5 1.8's newer file format (``libver="v108"``), whose superblock and object headers carry
 HDF5's own checksums.
@@ -267,21 +269,42 @@ class FeatureCache:
     def paths(self) -> List[str]:
         """Relative paths of the committed rows; CacheError (one line) when the path list is damaged."""
         if self._paths is None:
-            try:
-                raw = self.h5["paths"][: self.num_rows]
-                paths = [p.decode() if isinstance(p, bytes) else p for p in raw]
-            except (OSError, RuntimeError, ValueError, KeyError, UnicodeDecodeError) as exc:
-                raise CacheError(f"the path list of feature cache {self.path} is damaged and cannot be read "
-                                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); re-extract it "
-                                 "(scripts/extract.py --overwrite) or restore it from a backup") from None
-            if self.has_checksums:
-                bad = np.flatnonzero(_crc_paths(paths) != self._read("path_checksums", slice(0, len(paths)))).tolist()
-                if bad:
-                    raise CacheDamaged(f"the path list of feature cache {self.path} is damaged at row(s) "
-                                       f"{_rows_text(bad)}: these rows cannot be matched to images; re-extract the "
-                                       "cache (scripts/extract.py --overwrite) or restore it from a backup", bad)
+            paths = self.stored_paths()
+            bad = self.damaged_path_rows(paths)
+            if bad:
+                raise CacheDamaged(f"the path list of feature cache {self.path} is damaged at row(s) "
+                                   f"{_rows_text(bad)}: these rows cannot be matched to images; rerun "
+                                   f"scripts/extract.py with the same settings and --output {self.path} (it gives "
+                                   "these rows their paths back from the images it lists and re-extracts them), "
+                                   "or restore the cache from a backup", bad)
             self._paths = paths
         return self._paths
+
+    def stored_paths(self) -> List[str]:
+        """The committed rows' paths as stored, unverified (``paths`` verifies them); CacheError (one line)
+        when HDF5 cannot read the path list at all."""
+        try:
+            raw = self.h5["paths"][: self.num_rows]
+            return [p.decode() if isinstance(p, bytes) else p for p in raw]
+        except (OSError, RuntimeError, ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise CacheError(f"the path list of feature cache {self.path} is damaged and cannot be read "
+                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}), so no row can be "
+                             "matched to its image; re-extract it (scripts/extract.py --overwrite) or restore it "
+                             "from a backup") from None
+
+    def damaged_path_rows(self, paths: Optional[Sequence[str]] = None) -> List[int]:
+        """Rows whose stored path fails its checksum ([] when the cache has no checksums)."""
+        if not self.has_checksums:
+            return []
+        paths = self.stored_paths() if paths is None else paths
+        return np.flatnonzero(_crc_paths(paths) != self._read("path_checksums", slice(0, len(paths)))).tolist()
+
+    def stored_path_checksums(self, rows: Sequence[int]) -> np.ndarray:
+        """The stored CRC-32 of the given rows' paths (what the path was when it was written)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not rows.size:
+            return np.empty(0, dtype=np.uint32)
+        return self._read("path_checksums", slice(0, self.num_rows))[rows]
 
     # --- integrity -----------------------------------------------------------------------------
     @property
@@ -329,7 +352,7 @@ class FeatureCache:
         n, bounds = self.num_rows, self._entry_bounds()
         spans = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         bad = set()
-        self.paths  # a damaged path list cannot be repaired in place: refused here, in one line
+        self.paths  # a damaged path entry is refused here (extraction gives it its path back first)
         for start in range(0, n, block):
             sel = slice(start, min(n, start + block))
             feats, sums = self._read("features", sel), self._read("checksums", sel)
@@ -663,6 +686,40 @@ class FeatureCache:
             self._commit()
 
         self._guarded(write)
+
+    def rewrite_paths(self, rows: Sequence[int], paths: Sequence[str]) -> None:
+        """Give rows whose path entry is damaged a path again, and mark them for re-extraction.
+
+        Their features are not trusted to belong to the new path: each row's source facts are set to -1 (no
+        file matches them) and its feature checksums are made not to match, so the row reads as damaged (refused
+        by training, re-extracted by ``scripts/extract.py``) until ``replace`` writes fresh features. Facts and
+        checksums go to disk first, the paths second: a kill in between leaves rows still damaged, never a
+        valid-looking path beside another image's features."""
+        rows, paths = [int(r) for r in rows], list(paths)
+        if len(rows) != len(paths) or len(set(paths)) != len(paths) or len(set(rows)) != len(rows):
+            raise ValueError("rewrite_paths needs distinct rows and distinct paths, one path per row")
+        if not rows:
+            return
+        n = self.num_rows
+        if min(rows) < 0 or max(rows) >= n:
+            raise IndexError(f"row out of range for cache with {n} rows")
+        bounds = self._entry_bounds()
+
+        def write() -> None:
+            for r in rows:
+                self.h5["source_size"][r] = -1
+                self.h5["source_mtime_ns"][r] = -1
+                feats = self.h5["features"][r:r + 1]
+                sums = np.stack([_crc_rows(feats[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], axis=1)[0]
+                self.h5["checksums"][r] = sums ^ np.uint32(1)
+            self._durable_flush()
+            for r, p in zip(rows, paths):
+                self.h5["paths"][r] = p
+                self.h5["path_checksums"][r] = _crc_paths([p])[0]
+            self._commit()
+
+        self._guarded(write)
+        self._paths, self._index = None, None
 
     def _clear_dangling(self, name: str, keep: int) -> None:
         """Make rows ``keep:`` of a string dataset safe to overwrite.

@@ -4,25 +4,52 @@ No feature tensor crosses ranks: parts go through the (shared) filesystem and
 the process group only carries control messages (barriers, small objects), so
 gloo serves on CPU and GPU machines alike and NCCL is not needed. For
 multi-node runs the output directory must be on a filesystem every node sees.
+
+A rank that cannot go on (a full disk: ``CacheWriteError``) must not leave the
+others waiting at the next collective: it raises a stop flag in the process
+group's store, which every rank checks between batches, and all ranks then
+meet once (``settle``) to learn who failed and why. Every rank leaves with the
+same one-line ``RankFailed`` (exit status 2 from ``scripts/extract.py``); each
+rank's part file keeps its committed rows, and the next run merges them.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, List, Mapping, Optional, TypeVar
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch.distributed as dist
 
-from mirip.features.cache import FeatureCache
+from mirip.features.cache import CacheError, FeatureCache
 from mirip.features.writer import CacheWriter, WriteJob
 
 T = TypeVar("T")
 # A rank that finished its shard waits for the slowest one at the final barrier.
 BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+class RankFailed(CacheError):
+    """Raised on every rank when one or more ranks failed during their shard; ``failed`` is [(rank, error)]."""
+
+    def __init__(self, message: str, failed: Sequence[Tuple[int, str]] = ()):
+        super().__init__(message)
+        self.failed = list(failed)
+
+
+class StopRequested(Exception):
+    """Another rank raised the stop flag: this rank stops its shard (committed rows kept) and goes to ``settle``."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    # A CacheError already says what failed and what to do; anything else is named by its type too.
+    return text if isinstance(exc, CacheError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 @dataclass(frozen=True)
@@ -82,6 +109,84 @@ class DistContext:
         out: List[object] = [None] * self.world_size
         dist.all_gather_object(out, value)
         return out
+
+    # --- a rank that cannot go on ------------------------------------------------------------
+    @staticmethod
+    def _store():
+        # The process group's own key-value store (torchrun's, or rank 0's TCPStore): reachable without a
+        # collective, so a rank can look at it between batches without waiting for anyone.
+        try:
+            return dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - no store: ranks still meet at settle(), only later
+            return None
+
+    @staticmethod
+    def _stop_key() -> str:
+        # One flag per launch and restart of a torchrun job (its store outlives a restarted worker group).
+        return ("mirip/extract/stop/" + os.environ.get("TORCHELASTIC_RUN_ID", "") + "/"
+                + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+    def request_stop(self, reason: str) -> None:
+        """Tell every other rank, without waiting for them, that this rank cannot finish its shard."""
+        store = self._store() if self.enabled else None
+        if store is not None:
+            try:
+                store.set(self._stop_key(), f"rank {self.rank}: {reason}")
+            except Exception:  # noqa: BLE001 - the others still learn it at settle()
+                pass
+
+    def stop_requested(self) -> bool:
+        """Whether some rank has raised the stop flag (one store round trip; called between batches)."""
+        store = self._store() if self.enabled else None
+        if store is None:
+            return False
+        try:
+            return bool(store.check([self._stop_key()]))
+        except Exception:  # noqa: BLE001 - a store that cannot answer: carry on, settle() still tells
+            return False
+
+    def settle(self, value: T, error: Optional[BaseException] = None) -> List[T]:
+        """Where every rank meets after its shard: every rank's ``value``, or, when any rank failed (``error``)
+        or stopped, ``RankFailed`` on every rank naming the failed ranks and their errors.
+
+        A rank whose own error is not a ``ValueError`` / ``OSError`` (a bug, say) re-raises it, traceback and
+        all; the others report it in one line."""
+        if not self.enabled:
+            if error is not None:
+                raise error
+            return [value]
+        if isinstance(error, StopRequested):
+            outcome = ("stopped", None)
+        elif error is not None:
+            outcome = ("failed", _describe(error))
+        else:
+            outcome = ("ok", value)
+        outcomes = self.gather(outcome)
+        failed = [(r, text) for r, (status, text) in enumerate(outcomes) if status == "failed"]
+        if not failed and all(status == "ok" for status, _ in outcomes):
+            return [v for _, v in outcomes]
+        _leave_on_our_own()
+        self.barrier()  # no rank exits (and draws torchrun's SIGTERM to the rest) before every rank ignores it
+        if error is not None and not isinstance(error, (StopRequested, ValueError, OSError)):
+            raise error
+        if not failed:
+            raise RankFailed(f"extraction stopped on all {self.world_size} ranks at a stop request, but no rank "
+                             "reported an error; rerun the same command to continue (committed rows are kept)")
+        if len(failed) == 1:
+            why = f"rank {failed[0][0]} of {self.world_size} failed: {failed[0][1]}"
+        else:
+            why = (f"ranks {', '.join(str(r) for r, _ in failed)} of {self.world_size} failed: "
+                   + "; ".join(f"rank {r}: {text}" for r, text in failed))
+        cause = None if isinstance(error, StopRequested) else error
+        raise RankFailed(f"extraction stopped on all {self.world_size} ranks because {why}", failed) from cause
+
+
+def _leave_on_our_own() -> None:
+    """Every rank now knows the outcome and exits within moments with its own message and status. torchrun
+    stops the remaining ranks with SIGTERM as soon as the first one exits, which would cut their message short
+    and turn their exit status into -15: ignore it for the little time left."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def part_path(output: str, rank: int, world_size: int) -> str:

@@ -17,8 +17,9 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from mirip.atomic import write_atomic
 from mirip.devices import PRECISIONS
 from mirip.features.cache import CacheError, FeatureCache
-from mirip.features.distributed import DistContext, leftover_parts, merge_parts, part_path
+from mirip.features.distributed import DistContext, StopRequested, leftover_parts, merge_parts, part_path
 from mirip.features.mapper import Mapper, Normalizer
 from mirip.features.spec import BANK_POOLINGS
 from mirip.features.reader import ImageFileDataset, ReadBatch, collate, list_images, source_facts
@@ -156,6 +157,7 @@ class ExtractSummary:
     damaged_unlisted: List[str] = field(default_factory=list)  # damaged rows this run could not re-extract
     compile: Dict[str, object] = field(default_factory=dict)  # rank 0's CompileInfo: compiled or not, and why
     compile_ranks: List[Dict[str, object]] = field(default_factory=list)  # every rank's, under torchrun
+    paths_repaired: List["PathRepair"] = field(default_factory=list)  # damaged path entries given their path back
 
     @property
     def images_per_s(self) -> float:
@@ -180,6 +182,12 @@ class ExtractSummary:
                             "re-extracted" + (f", {len(self.damaged_unlisted)} damaged row(s) of images not listed "
                                               f"in this run, still refused: {', '.join(self.damaged_unlisted[:10])}"
                                               if self.damaged_unlisted else ""))
+        if self.paths_repaired:
+            lines.insert(2 if self.verified or self.repaired or self.damaged_unlisted else 1,
+                         f"path list: {len(self.paths_repaired)} damaged entr"
+                         f"{'y' if len(self.paths_repaired) == 1 else 'ies'} given their path back from the images "
+                         "listed, their rows re-extracted: " + "; ".join(r.describe() for r in self.paths_repaired[:10])
+                         + (f" ... ({len(self.paths_repaired)} in all)" if len(self.paths_repaired) > 10 else ""))
         lines += _listing(self.failed)
         if self.skipped_links:
             lines.append(f"  symbolic links skipped: {len(self.skipped_links)}")
@@ -257,6 +265,76 @@ def make_plan(items: Sequence[Item], cache: FeatureCache, retry_failed: bool = F
     return plan
 
 
+@dataclass
+class PathRepair:
+    """One row whose path entry failed its checksum, and the listed image it holds now."""
+
+    row: int
+    stored: str  # the damaged text as it was read
+    path: str  # the image the row now belongs to (its features re-extracted)
+    how: str  # "checksum": the stored checksum names it; "text": the text does (its checksum was the damaged
+    #           part); "reused": neither tells, so a listed image without a row takes the row over
+
+    def describe(self) -> str:
+        why = {"checksum": "named by its stored checksum", "text": "named by the stored text",
+               "reused": "its own image unknown, reused for an image without a row"}[self.how]
+        return f"row {self.row} ({self.stored!r}) -> {self.path} ({why})"
+
+
+def repair_path_list(cache: FeatureCache, listed: Sequence[str],
+                     known_failed: Sequence[str] = ()) -> List[PathRepair]:
+    """Give every row whose path fails its checksum a path from ``listed`` (this run's images) and mark it for
+    re-extraction (``FeatureCache.rewrite_paths``); the good rows are untouched. CacheError, writing nothing,
+    when some damaged row cannot be given any listed image.
+
+    Only images without a good row can be a damaged row's: first the one whose CRC-32 is the row's stored path
+    checksum (the text was damaged), else the stored text itself (the checksum was damaged). A row neither
+    tells takes over such an image that would otherwise be appended as new (never one that failed before), so
+    rerunning the command that made the cache always repairs it; its own image, if listed later, is new then.
+    """
+    if not cache.has_checksums:
+        return []
+    stored = cache.stored_paths()
+    bad = cache.damaged_path_rows(stored)
+    if not bad:
+        return []
+    bad_set = set(bad)
+    held = {p for r, p in enumerate(stored) if r not in bad_set}
+    free = [p for p in dict.fromkeys(listed) if p not in held]
+    by_crc: Dict[int, List[str]] = {}
+    for p in free:
+        by_crc.setdefault(zlib.crc32(p.encode("utf-8")), []).append(p)
+    taken: Dict[str, int] = {}
+    out: Dict[int, PathRepair] = {}
+    for r, crc in zip(bad, cache.stored_path_checksums(bad).tolist()):
+        hits = [p for p in by_crc.get(int(crc), []) if p not in taken]
+        if len(hits) == 1:
+            out[r], taken[hits[0]] = PathRepair(r, stored[r], hits[0], "checksum"), r
+    free_set = set(free)
+    for r in bad:
+        if r not in out and stored[r] in free_set and stored[r] not in taken:
+            out[r], taken[stored[r]] = PathRepair(r, stored[r], stored[r], "text"), r
+    failed = set(known_failed)
+    spare = [p for p in free if p not in taken and p not in failed]
+    rest = [r for r in bad if r not in out]
+    for r, p in zip(rest, spare):
+        out[r] = PathRepair(r, stored[r], p, "reused")
+    unknown = rest[len(spare):]
+    if unknown:
+        shown = ", ".join(f"{r} ({stored[r]!r})" for r in unknown[:10]) + (
+            f" ... ({len(unknown)} in all)" if len(unknown) > 10 else "")
+        raise CacheError(
+            f"the path list of feature cache {cache.path} is damaged at row(s) {shown}, and which image these rows "
+            f"belong to cannot be told: none of the {len(dict.fromkeys(listed))} images listed in this run matches "
+            "their stored checksum, and every listed image already has a row to keep. Nothing was changed. Rerun "
+            "with --metadata / --image-dir listing every image this cache was made from (the rows are then given "
+            "their paths back and re-extracted), or --overwrite to re-extract the whole cache, or restore it from a "
+            "backup")
+    repairs = [out[r] for r in sorted(out)]
+    cache.rewrite_paths([x.row for x in repairs], [x.path for x in repairs])
+    return repairs
+
+
 def verify_complete(cache: FeatureCache, items: Sequence[Item]) -> None:
     """After a run every listed image has a current row or a recorded failure (DINOv2's eval asserts the same)."""
     index, (sizes, mtimes) = cache.index, cache.source_facts()
@@ -310,8 +388,11 @@ class RunStats:
 
 
 def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2FeatureExtractor,
-                 preprocessor: Preprocessor, config: ExtractConfig, progress: bool = True) -> RunStats:
-    """reader -> mapper -> writer over ``items``; the writer commits to ``cache``."""
+                 preprocessor: Preprocessor, config: ExtractConfig, progress: bool = True,
+                 should_stop: Optional[Callable[[], bool]] = None) -> RunStats:
+    """reader -> mapper -> writer over ``items``; the writer commits to ``cache``. ``should_stop`` is asked
+    before each batch (under torchrun: has another rank failed?); when it says so, the batches handed over so
+    far are committed and ``StopRequested`` is raised."""
     stats = RunStats()
     if not items:
         return stats
@@ -341,6 +422,10 @@ def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2Fe
     batches = iter(loader)
     try:
         while True:
+            if should_stop is not None and should_stop():
+                if previous is not None:
+                    hand_over(*previous)  # its features are computed already: commit them too
+                raise StopRequested("another rank asked every rank to stop")
             t0 = time.perf_counter()
             batch = next(batches, None)
             t1 = time.perf_counter()
@@ -373,9 +458,7 @@ def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2Fe
                                        layers=None if config.layers is None else [int(l) for l in config.layers])
     # Refused here, before any image is read, if the backbone cannot take this size.
     extractor.check_image_size(config.image_size)
-    preprocessor = Preprocessor(image_size=config.image_size, resize_mode=config.resize_mode,
-                                mean=extractor.mean, std=extractor.std, patch_size=extractor.patch_size,
-                                max_pixels=config.max_image_pixels)
+    preprocessor = extractor.preprocessor(config.image_size, config.resize_mode, max_pixels=config.max_image_pixels)
     return extractor, preprocessor
 
 
@@ -422,35 +505,47 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
     order = {p: i for i, p in enumerate(paths)}
     items = [(rel, *source_facts(config.image_dir, rel)) for rel in paths] if ctx.is_main else None
 
-    def prepare() -> Tuple[List[Item], Plan]:
+    def prepare() -> Tuple[List[Item], Plan, Optional[int], List[PathRepair]]:
         # Rank 0 alone touches the main cache here; the others get the plan through the process group.
         with open_for_append(output, fingerprint, config.overwrite) as cache:
+            # Rows whose path entry is damaged get their path back from this run's images, then count as
+            # damaged rows below: re-extracted, while every good row is kept (cheap: the path list is read anyway).
+            repairs = repair_path_list(cache, [rel for rel, _, _ in items], cache.failures())
             merge_parts(cache, leftover_parts(output), order)
             # Guarded like every write: a disk already full says so in one line, with the reserve in place.
             cache._guarded(lambda: cache.h5.attrs.__setitem__("extract_config", json.dumps(config.to_dict())))
             write_config_json(config, output, fingerprint)
             # A full read of the cache: damage found here is re-extracted by this run, not reported cached.
-            damaged = cache.damaged_rows() if config.verify else []
+            # (Without it, the rows given their path back above are still re-extracted.)
+            damaged = cache.damaged_rows() if config.verify else [x.row for x in repairs]
             plan = make_plan(items, cache, config.retry_failed, damaged)
-            return items, plan, (cache.num_rows if config.verify and cache.has_checksums else None)
+            return items, plan, (cache.num_rows if config.verify and cache.has_checksums else None), repairs
 
-    items, plan, verified = ctx.on_main(prepare)
+    items, plan, verified, repairs = ctx.on_main(prepare)
     shard = plan.todo[ctx.rank::ctx.world_size]
     info = prepare_backbone(extractor, config, len(shard))  # before a cache is opened: a bad SDPA backend stops here
     target = part_path(output, ctx.rank, ctx.world_size) if ctx.enabled else output
-    if ctx.enabled:
-        cache = FeatureCache.create(target, fingerprint, overwrite=True)
-    else:
-        cache = open_for_append(output, fingerprint, overwrite=False)
+    stats, error = None, None
     try:
+        if ctx.enabled:
+            cache = FeatureCache.create(target, fingerprint, overwrite=True)
+        else:
+            cache = open_for_append(output, fingerprint, overwrite=False)
         # Eager batches run under the SDPA backend asked for too; a compiled forward enters it itself.
         with cache, compiled.sdpa_context(info.sdpa_backend):
             stats = run_pipeline(shard, cache, extractor, preprocessor, config,
-                                 progress=config.progress and ctx.is_main)
+                                 progress=config.progress and ctx.is_main,
+                                 should_stop=ctx.stop_requested if ctx.enabled else None)
+        stats.compile = info.to_dict()
+    except Exception as exc:  # noqa: BLE001 - under torchrun every rank must hear of it (settle re-raises)
+        if not ctx.enabled:
+            raise
+        if not isinstance(exc, StopRequested):
+            ctx.request_stop(str(exc))  # the others stop at their next batch instead of finishing their shards
+        error = exc
     finally:
         compiled.uncompile(extractor)
-    stats.compile = info.to_dict()
-    all_stats = ctx.gather(stats)
+    all_stats = ctx.settle(stats, error)  # every rank's stats, or RankFailed on every rank
     ctx.barrier()  # every part is complete and closed
 
     def finish() -> int:
@@ -476,6 +571,6 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
         read_s=max(s.read_s for s in all_stats), infer_s=max(s.infer_s for s in all_stats),
         write_s=max(s.write_s for s in all_stats), rows=rows, world_size=ctx.world_size,
         entries=list(extractor.entry_names), size_bytes=os.path.getsize(output) if os.path.exists(output) else 0,
-        repaired=plan.repaired, verified=verified, damaged_unlisted=plan.damaged_unlisted,
+        repaired=plan.repaired, verified=verified, damaged_unlisted=plan.damaged_unlisted, paths_repaired=repairs,
         compile=all_stats[0].compile, compile_ranks=[s.compile for s in all_stats] if ctx.enabled else [],
     )

@@ -13,6 +13,7 @@ once in the pipeline's thread by the next ``put()`` or by ``close()``.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import threading
@@ -89,6 +90,7 @@ class CacheWriter:
 
     def write(self, job: WriteJob) -> None:
         """Changed images replace their rows; new ones are appended; failures are recorded after the rows."""
+        _fail_for_tests(self.cache)
         if job.paths:
             rows = [self.cache.row_of(p) for p in job.paths]
             old = [i for i, r in enumerate(rows) if r is not None]
@@ -109,6 +111,19 @@ class CacheWriter:
             self.failures.update(job.failed)
             # Sorted: the failure list of a cache does not depend on batch order or on how many ranks wrote it.
             self.cache.set_failures(dict(sorted(self.failures.items())))
+
+
+def _fail_for_tests(cache: FeatureCache) -> None:
+    """Test-only: with MIRIP_TEST_WRITE_ERROR="RANK:ROWS", the process of that torchrun rank (0 without torchrun)
+    meets a full disk once its cache holds ROWS committed rows: the write fails through the cache's own error
+    path (``FeatureCache._guarded``), exactly as an ENOSPC from HDF5 would."""
+    spec = os.environ.get("MIRIP_TEST_WRITE_ERROR")
+    if spec:
+        rank, rows = spec.split(":", 1)
+        if int(os.environ.get("RANK", "0")) == int(rank) and cache.num_rows >= int(rows):
+            def fail() -> None:
+                raise OSError(errno.ENOSPC, "No space left on device (MIRIP_TEST_WRITE_ERROR)")
+            cache._guarded(fail)
 
 
 def _pause_for_tests(cache: FeatureCache) -> None:

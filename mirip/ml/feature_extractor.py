@@ -18,6 +18,7 @@ from mirip.devices import autocast_dtype, check_precision, default_precision, de
 from mirip.features.spec import Entry, FeatureSpec, FeatureSpecError, bank_entries, parse_entry
 from mirip.ml.backbones import BackboneInfo, load_backbone
 from mirip.ml.families import block_output, family_of, image_normalization
+from mirip.preprocessing import Preprocessor
 
 POOLINGS = ("cls", "mean", "cls_mean")
 
@@ -160,6 +161,15 @@ class DINOv2FeatureExtractor(nn.Module):
         """Refuse an input size this backbone cannot take (a fixed-size position table), naming the sizes it
         accepts; DINOv2 / DINOv3 take any size, CLIP / SigLIP interpolate their position embeddings."""
         self.family.check_image_size(self.backbone, height, width)
+
+    def preprocessor(self, image_size: int = 768, resize_mode: str = "pad", **kwargs) -> Preprocessor:
+        """The ``Preprocessor`` this backbone's inputs need: its family's mean/std and patch size.
+
+        Extraction builds its preprocessing here and so does end-to-end training with a ``PairwiseDataset``
+        left on its default transform, so a head never sees pixels normalised for another family. ``kwargs``
+        go to ``Preprocessor`` (``max_pixels``, ``color_management``, ``draft``)."""
+        return Preprocessor(image_size=int(image_size), resize_mode=resize_mode, mean=tuple(self.mean),
+                            std=tuple(self.std), patch_size=self.patch_size, **kwargs)
 
     def freeze(self) -> None:
         self.frozen = True

@@ -99,6 +99,10 @@ class Evaluator:
 
         Pair metrics count the pairs the loader yields (a sampler's subset, ``drop_last``); Spearman,
         Kendall, num_images and the tier figures cover every image of the dataset."""
+        extractor = getattr(self.model, "feature_extractor", None)
+        follow = getattr(_dataset_of(dataloader), "follow_backbone", None)
+        if extractor is not None and callable(follow):
+            follow(extractor)  # a default image transform takes the scored backbone's normalisation
         if can_score_images(dataloader):
             ds = _dataset_of(dataloader)
             first, second, labels = ds.pair_arrays()

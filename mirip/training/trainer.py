@@ -199,9 +199,21 @@ class Trainer:
         return (self.step_mode != "eager" and callable(getattr(dataset, "epoch_index", None))
                 and isinstance(features, torch.Tensor) and features.device == torch.device(self.device))
 
+    def _follow_backbone(self, dataloader: Iterable) -> None:
+        # An image dataset left on its default (ImageNet) transform gets the trained backbone's own
+        # normalisation before any image is read, so a SigLIP or CLIP model trains on the pixels it scores.
+        dataset = getattr(dataloader, "dataset", dataloader)
+        extractor = getattr(self.model, "feature_extractor", None)
+        follow = getattr(dataset, "follow_backbone", None)
+        if extractor is not None and callable(follow) and follow(extractor):
+            t = dataset.transform
+            self.log(f"image preprocessing follows the {extractor.family.title} backbone: {t.image_size} px, "
+                     f"mean {list(t.mean)}, std {list(t.std)}, patch {t.patch_size}")
+
     def train_epoch(self, dataloader: Iterable) -> Tuple[float, float]:
         """One pass over the loader's batches; returns (mean loss over pairs, accuracy)."""
         self.model.train()
+        self._follow_backbone(dataloader)
         if self.uses_static_step(dataloader):
             return self._train_epoch_static(getattr(dataloader, "dataset", dataloader))
         # The epoch's losses and scores are kept (detached views, no copies) and reduced once at the end: no
@@ -280,6 +292,7 @@ class Trainer:
     def validate(self, dataloader: Iterable) -> Tuple[float, float]:
         """(mean loss over pairs, accuracy) in eval mode. Feature datasets score each image once."""
         self.model.eval()
+        self._follow_backbone(dataloader)
         dataset = getattr(dataloader, "dataset", dataloader)
         if hasattr(dataset, "image_features") and hasattr(self.model, "get_score"):
             return self._validate_by_image(dataset)

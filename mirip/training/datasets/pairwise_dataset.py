@@ -83,6 +83,12 @@ class PairwiseDataset(Dataset):
     Both are drawn from ``seed`` and the epoch; ``set_epoch(e)`` draws epoch ``e``'s pairs. With ``transform=None`` images go
     through ``mirip.preprocessing.Preprocessor`` (768 px, whole drawing kept);
     any callable taking a PIL image (a torchvision ``Compose``) may be passed.
+
+    The default transform normalises with ImageNet mean/std, which is right for DINOv2 only. Given a
+    ``backbone`` (a ``DINOv2FeatureExtractor`` or a full-image ``PairwiseRankingModel``), or once
+    ``follow_backbone`` is called - ``Trainer`` and ``Evaluator`` do that for the full-image model they run -
+    the default transform takes that backbone's family mean/std and patch size (SigLIP 0.5/0.5, CLIP its own
+    statistics), exactly what extraction and full-image scoring use. A transform passed in is never changed.
     """
 
     SCORE_BATCH = 16  # images per forward when scoring each image once
@@ -99,6 +105,7 @@ class PairwiseDataset(Dataset):
         seed: int = 42,
         epoch: int = 0,
         balance: str = "tier_pair",
+        backbone=None,
     ):
         if filename_column not in metadata.columns:
             raise ValueError(
@@ -107,6 +114,7 @@ class PairwiseDataset(Dataset):
         self.metadata = metadata.reset_index(drop=True)
         self.image_dir = str(image_dir)
         self.transform = transform if transform is not None else Preprocessor()
+        self.default_transform = transform is None  # only a default transform may follow the backbone
         self.tier_column, self.filename_column = tier_column, filename_column
         ranks = tier_ranks(metadata, tier_column)
         self.paths = [os.path.join(self.image_dir, str(f)) for f in metadata[filename_column]]
@@ -117,6 +125,31 @@ class PairwiseDataset(Dataset):
         if num_pairs is None:
             num_pairs = max(1, min(count_cross_tier_pairs(ranks), DEFAULT_MAX_PAIRS))
         self._pairs = _PairSampler(ranks, num_pairs, seed, balance, epoch, what="PairwiseDataset", each_once=True)
+        if backbone is not None:
+            self.follow_backbone(backbone)
+
+    def follow_backbone(self, backbone) -> bool:
+        """Point the default transform at ``backbone``'s preprocessing (its family's mean/std and patch size).
+
+        ``backbone``: a ``DINOv2FeatureExtractor`` or a model holding one as ``feature_extractor``. Image size
+        and resize mode stay as they are, except that a backbone which cannot interpolate its position
+        embeddings gets its native size. Returns whether the transform changed; a transform the caller
+        passed in is left alone (False)."""
+        extractor = getattr(backbone, "feature_extractor", backbone)
+        if not self.default_transform or not callable(getattr(extractor, "preprocessor", None)):
+            return False
+        current = self.transform
+        size = current.image_size
+        try:
+            extractor.check_image_size(size)
+        except ValueError:
+            size = extractor.family.native_image_size(extractor.backbone.config)
+        wanted = extractor.preprocessor(size, current.resize_mode, draft=current.draft,
+                                        max_pixels=current.max_pixels, color_management=current.color_management)
+        if wanted == current:
+            return False
+        self.transform = wanted
+        return True
 
     @property
     def ranks(self) -> np.ndarray:
