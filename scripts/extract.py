@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the images extracted so far are saved in the cache; run the same command again "
               "to continue", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, FileNotFoundError, OSError, compiled.CompileFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

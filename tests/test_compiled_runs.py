@@ -199,3 +199,60 @@ def test_torchrun_ranks_each_compile_their_own_copy(tmp_path, tiny_backbone):
     paths, feats, _ = _rows(out)
     assert paths == names
     np.testing.assert_allclose(feats, reference_features(tiny_backbone, [d / n for n in names]), rtol=TOL, atol=TOL)
+
+
+def _tiny_extractor(tiny_backbone):
+    from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+
+    return DINOv2FeatureExtractor(tiny_backbone, device="cpu")
+
+
+def _faulty_compile(kind):
+    """A stand-in for torch.compile: one that fails to compile, or one whose graph computes something else."""
+    def fake(fn, **kwargs):
+        if kind == "raises":
+            def broken(*args, **kw):
+                raise RuntimeError("inductor: backend compiler failed\nlong traceback")
+            return broken
+
+        def drifting(*args, **kw):
+            # Off by a little from the pixels on: features a few percent away, far outside fp32's tolerance.
+            if args:
+                args = (args[0] * 1.05,) + args[1:]
+            else:
+                kw["pixel_values"] = kw["pixel_values"] * 1.05
+            return fn(*args, **kw)
+        return drifting
+    return fake
+
+
+@pytest.mark.parametrize("kind", ["raises", "drifts"])
+def test_a_faulty_compiler_falls_back_to_eager_under_auto_and_stops_under_on(tiny_backbone, monkeypatch, kind):
+    """The compiled path is checked against eager on a probe batch before any row is written: a compiler that
+    fails, or computes other features, leaves auto running eager (with the reason) and stops --compile on."""
+    extractor = _tiny_extractor(tiny_backbone)
+    probe = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    want = extractor.extract(probe)
+    monkeypatch.setattr(torch, "compile", _faulty_compile("raises" if kind == "raises" else "drifts"))
+    with pytest.raises(C.CompileFailed, match="--compile off"):
+        C.prepare_extractor(extractor, compile="on", num_images=10, batch_size=2, image_size=SIZE)
+    assert not C.is_compiled(extractor)
+    monkeypatch.setattr(C, "compile_decision", lambda *a, **k: (True, "auto: 10 images >= break-even 1"))
+    info = C.prepare_extractor(extractor, compile="auto", num_images=10, batch_size=2, image_size=SIZE)
+    assert info.compiled is False and not C.is_compiled(extractor)
+    assert info.reason.startswith("auto: 10 images >= break-even 1, but compiling failed (")
+    assert ("RuntimeError: inductor: backend compiler failed)" in info.reason if kind == "raises"
+            else "differ from eager ones by" in info.reason)
+    torch.testing.assert_close(extractor.extract(probe), want, rtol=0, atol=0)  # eager again, untouched
+
+
+def test_compile_on_with_a_faulty_compiler_exits_2_before_any_row(tmp_path, tiny_backbone, monkeypatch, capsys):
+    d = tmp_path / "images"
+    make_images(d, 3)
+    monkeypatch.setattr(torch, "compile", _faulty_compile("drifts"))
+    assert script_main()(_argv(d, tmp_path / "f.h5", tiny_backbone, "--compile", "on")) == 2
+    err = capsys.readouterr().err
+    assert "error: --compile on: compiled features differ from eager ones by" in err and "--compile off" in err
+    if (tmp_path / "f.h5").exists():  # the run stopped before its first batch: the cache holds no row
+        with open_cache(str(tmp_path / "f.h5")) as cache:
+            assert cache.num_rows == 0

@@ -53,7 +53,7 @@ GOALS = {
     "end_to_end_ratio": 300.0,
 }
 # bf16 keeps ~3 significant digits; features are compared by relative L2 error and cosine.
-TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-4}
+TOLERANCE = C.TOLERANCE
 # (GPU default, --quick default)
 DEFAULTS = {
     "batch_size": (32, 2), "repeats": (5, 2), "head_steps": (500, 20), "train_epochs": (100, 2),

@@ -29,6 +29,18 @@ SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 # placeholder until the GPU check measures it (compile_s / saved seconds per image); see docs/benchmarks.md.
 DEFAULT_MIN_IMAGES = 2000
 COMPILE_MODES = ("off", "auto", "on")
+# Compiled features may differ from eager ones by the precision's rounding, no more (relative L2 error of a batch):
+# bf16 keeps ~3 significant digits.
+TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-4}
+
+
+class CompileFailed(RuntimeError):
+    """``--compile on`` could not compile the backbone, or its features left the precision's tolerance."""
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double().cpu(), ref.double().cpu()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 SDPA_CHOICES = ("auto",) + SDPA_BACKENDS  # auto: torch's own choice (measured when compiling on CUDA)
 FULL_IMAGE_COMPILE = ("off", "on")
 
@@ -262,8 +274,32 @@ def prepare_extractor(extractor, *, compile: str, num_images: int, batch_size: i
     if chosen is None and _is_cuda(extractor.device):
         measured = choose_sdpa_backend(extractor, _probe_images(extractor, batch_size, image_size), repeats=2)
         chosen, extra["sdpa"], extra["sdpa_seconds"] = measured["chosen"], "measured", measured["seconds"]
-    info = compile_extractor(extractor, sdpa_backend=chosen, backend=backend, mode=mode, batch_size=batch_size,
-                             warmup_images=_probe_images(extractor, batch_size, image_size) if warmup else None)
+    probe = _probe_images(extractor, batch_size, image_size) if warmup else None
+    try:
+        ref = None
+        if probe is not None:
+            with sdpa_context(chosen):
+                ref = extractor.extract(probe)  # eager, the reference the compiled features must match
+        info = compile_extractor(extractor, sdpa_backend=chosen, backend=backend, mode=mode, batch_size=batch_size,
+                                 warmup_images=probe)
+        if ref is not None:
+            # The compiled path is checked on every run before it writes a row: a compiler fault must not reach a
+            # cache. (Re-run on the probe: the warm-up call above paid the compilation.)
+            error = relative_error(extractor.extract(probe), ref)
+            tol = TOLERANCE.get(getattr(extractor, "precision", "fp32"), 1e-4)
+            extra.update(compiled_vs_eager_relative_l2=error, tolerance=tol)
+            if not error <= tol:
+                raise CompileFailed(f"compiled features differ from eager ones by {error:.2e} (relative L2 on a "
+                                    f"probe batch; tolerance {tol:g} for {getattr(extractor, 'precision', 'fp32')})")
+    except Exception as exc:  # noqa: BLE001 - any compiler fault: auto falls back, on stops with the reason
+        uncompile(extractor)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        why = f"{type(exc).__name__}: {first}" if not isinstance(exc, CompileFailed) else first
+        if compile == "on":
+            raise CompileFailed(f"--compile on: {why}. Run with --compile off (eager) or auto (falls back to "
+                                "eager)") from exc
+        return CompileInfo(False, f"{reason}, but compiling failed ({why}): runs eager", sdpa_backend=chosen,
+                           backend=backend, mode=mode, extra=extra)
     info.reason = reason
     info.extra.update(extra)
     return info
