@@ -233,9 +233,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     _print_header(scorer)
     if args.compile == "on":
-        from mirip.ml.compiled import describe
+        from mirip.ml.compiled import CompileFailed, describe
 
-        scorer.compile(2 if args.compare else args.batch_size, backend=args.compile_backend)
+        try:
+            scorer.compile(2 if args.compare else args.batch_size, backend=args.compile_backend)
+        except CompileFailed as exc:  # checked against eager before the first score: nothing was scored
+            print(f"error: --compile on: {exc}. Run without --compile (eager)", file=sys.stderr)
+            return 2
         print(describe(scorer.compile_info.to_dict()))
     if args.compare:
         return run_compare(scorer, *args.compare)

@@ -256,3 +256,15 @@ def test_compile_on_with_a_faulty_compiler_exits_2_before_any_row(tmp_path, tiny
     if (tmp_path / "f.h5").exists():  # the run stopped before its first batch: the cache holds no row
         with open_cache(str(tmp_path / "f.h5")) as cache:
             assert cache.num_rows == 0
+
+
+def test_score_compile_on_with_a_faulty_compiler_stops_before_any_score(scored_folder, tmp_path, monkeypatch,
+                                                                         capsys):
+    d, _, ckpt, _ = scored_folder
+    monkeypatch.setattr(torch, "compile", _faulty_compile("drifts"))
+    out = tmp_path / "scores.csv"
+    assert score.main(["--checkpoint", ckpt, str(d), "--batch-size", "3", "--device", "cpu", "--no-progress",
+                       "--output", str(out), "--compile", "on"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --compile on: compiled features differ from eager ones by" in err
+    assert not out.exists()

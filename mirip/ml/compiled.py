@@ -35,7 +35,9 @@ TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-4}
 
 
 class CompileFailed(RuntimeError):
-    """``--compile on`` could not compile the backbone, or its features left the precision's tolerance."""
+    """The backbone could not be compiled, or its compiled features left the precision's tolerance."""
+
+    extra: Dict[str, object] = {}
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -248,6 +250,39 @@ def _probe_images(extractor, batch_size: int, image_size: int) -> torch.Tensor:
     return torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(extractor.device)
 
 
+def compile_checked(extractor, probe: Optional[torch.Tensor], **kwargs) -> CompileInfo:
+    """``compile_extractor(extractor, warmup_images=probe, **kwargs)``, then the compiled features on ``probe``
+    checked against eager ones (relative L2 within ``TOLERANCE`` of the extractor's precision).
+
+    Any fault, a compiler error or a mismatch, leaves the extractor eager and raises ``CompileFailed`` with a
+    one-line reason (``.extra`` holds the measured error): a compiler fault must never reach a cache or a score.
+    Without a probe there is nothing to check against, and compilation happens on first use."""
+    extra: Dict[str, object] = {}
+    try:
+        ref = None
+        if probe is not None:
+            with sdpa_context(kwargs.get("sdpa_backend")):
+                ref = extractor.extract(probe)  # eager: the reference
+        info = compile_extractor(extractor, warmup_images=probe, **kwargs)
+        if ref is not None and info.compiled:
+            # Re-run on the probe: the warm-up call above paid the compilation.
+            error = relative_error(extractor.extract(probe), ref)
+            precision = getattr(extractor, "precision", "fp32")
+            tol = TOLERANCE.get(precision, 1e-4)
+            extra.update(compiled_vs_eager_relative_l2=error, tolerance=tol)
+            info.extra.update(extra)
+            if not error <= tol:
+                raise CompileFailed(f"compiled features differ from eager ones by {error:.2e} (relative L2 on a "
+                                    f"probe batch; tolerance {tol:g} for {precision})")
+        return info
+    except Exception as exc:  # noqa: BLE001 - any compiler fault, reported in one line
+        uncompile(extractor)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        failed = CompileFailed(first if isinstance(exc, CompileFailed) else f"{type(exc).__name__}: {first}")
+        failed.extra = extra
+        raise failed from exc
+
+
 def prepare_extractor(extractor, *, compile: str, num_images: int, batch_size: int, image_size: int,
                       sdpa_backend: str = "auto", backend: str = "inductor", mode: Optional[str] = None,
                       min_images: int = DEFAULT_MIN_IMAGES, warmup: bool = True) -> CompileInfo:
@@ -276,30 +311,14 @@ def prepare_extractor(extractor, *, compile: str, num_images: int, batch_size: i
         chosen, extra["sdpa"], extra["sdpa_seconds"] = measured["chosen"], "measured", measured["seconds"]
     probe = _probe_images(extractor, batch_size, image_size) if warmup else None
     try:
-        ref = None
-        if probe is not None:
-            with sdpa_context(chosen):
-                ref = extractor.extract(probe)  # eager, the reference the compiled features must match
-        info = compile_extractor(extractor, sdpa_backend=chosen, backend=backend, mode=mode, batch_size=batch_size,
-                                 warmup_images=probe)
-        if ref is not None:
-            # The compiled path is checked on every run before it writes a row: a compiler fault must not reach a
-            # cache. (Re-run on the probe: the warm-up call above paid the compilation.)
-            error = relative_error(extractor.extract(probe), ref)
-            tol = TOLERANCE.get(getattr(extractor, "precision", "fp32"), 1e-4)
-            extra.update(compiled_vs_eager_relative_l2=error, tolerance=tol)
-            if not error <= tol:
-                raise CompileFailed(f"compiled features differ from eager ones by {error:.2e} (relative L2 on a "
-                                    f"probe batch; tolerance {tol:g} for {getattr(extractor, 'precision', 'fp32')})")
-    except Exception as exc:  # noqa: BLE001 - any compiler fault: auto falls back, on stops with the reason
-        uncompile(extractor)
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        why = f"{type(exc).__name__}: {first}" if not isinstance(exc, CompileFailed) else first
+        info = compile_checked(extractor, probe, sdpa_backend=chosen, backend=backend, mode=mode,
+                               batch_size=batch_size)
+    except CompileFailed as exc:
         if compile == "on":
-            raise CompileFailed(f"--compile on: {why}. Run with --compile off (eager) or auto (falls back to "
+            raise CompileFailed(f"--compile on: {exc}. Run with --compile off (eager) or auto (falls back to "
                                 "eager)") from exc
-        return CompileInfo(False, f"{reason}, but compiling failed ({why}): runs eager", sdpa_backend=chosen,
-                           backend=backend, mode=mode, extra=extra)
+        return CompileInfo(False, f"{reason}, but compiling failed ({exc}): runs eager", sdpa_backend=chosen,
+                           backend=backend, mode=mode, extra={**extra, **exc.extra})
     info.reason = reason
     info.extra.update(extra)
     return info
@@ -332,12 +351,13 @@ def compile_full_image(extractor, *, batch_size: int, image_size: Optional[int] 
                        warmup_images: Optional[torch.Tensor] = None) -> CompileInfo:
     """Full-image scoring compiled at one fixed batch size: every batch is padded (or split) to ``batch_size``,
     so one compiled graph (one CUDA graph under "reduce-overhead") serves them all. Warm-up (the compiling call,
-    timed as ``compile_seconds``) on ``warmup_images``, else on a synthetic batch when ``image_size`` is given."""
+    timed as ``compile_seconds``) on ``warmup_images``, else on a synthetic batch when ``image_size`` is given,
+    and checked against eager there (``compile_checked``: a fault raises ``CompileFailed``, the scorer stays
+    eager)."""
     if warmup_images is None and image_size is not None:
         warmup_images = _probe_images(extractor, batch_size, image_size)
-    info = compile_extractor(extractor, sdpa_backend=sdpa_backend, backend=backend,
-                             mode=full_image_mode(extractor.device, mode), batch_size=batch_size,
-                             warmup_images=warmup_images)
+    info = compile_checked(extractor, warmup_images, sdpa_backend=sdpa_backend, backend=backend,
+                           mode=full_image_mode(extractor.device, mode), batch_size=batch_size)
     info.reason = (f"on: scoring compiled at batch {batch_size}" if info.compiled
                    else f"on, but {info.reason}: scores eager")
     info.extra["batch_size"] = int(batch_size)
