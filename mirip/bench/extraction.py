@@ -106,28 +106,26 @@ def write_synthetic_images(directory: str, n: int, size: int) -> List[str]:
 
 
 # --- memory --------------------------------------------------------------------------------------
-def _rss_bytes(pid: int) -> int:
+def _proc_bytes(pid: int, filename: str, key: str) -> int:
+    """A "Key:   N kB" line of /proc/<pid>/<filename>, in bytes (0 when the process or the line is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{filename}") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _rss_bytes(pid: int) -> int:
+    return _proc_bytes(pid, "status", "VmRSS:")
 
 
 def _pss_bytes(pid: int) -> int:
     # Proportional set size: each shared page divided among the processes mapping it. RSS counts a page
     # once per process, so a sum of RSS over forked workers counts the parent's pages once per worker.
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_bytes(pid, "smaps_rollup", "Pss:")
 
 
 def _children(pid: int) -> List[int]:
