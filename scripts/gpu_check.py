@@ -4,6 +4,12 @@ On the GPU (one device call; DINOv2-large at 768 px, bf16, random weights):
 
     python scripts/gpu_check.py --random-init --output-dir docs/gpu-$(date +%F)
 
+With little device time, order the sections by priority and give a budget: no section after the first
+starts once it is spent, and those left are recorded as skipped (unmeasured):
+
+    python scripts/gpu_check.py --random-init --max-seconds 420 \
+        --only head_step,training,backbone,full_image,end_to_end,sweep,extraction --output-dir docs/gpu-$(date +%F)
+
 On a CPU, every branch with a tiny backbone (a smoke run; the figures mean nothing):
 
     python scripts/gpu_check.py --quick --device cpu --backbone path/to/tiny-dinov2 --image-size 28 \\

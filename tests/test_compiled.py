@@ -88,14 +88,14 @@ def test_inductor_compiled_extractor_equals_eager(tiny_backbone):
 
 
 # --- the GPU suite, on CPU ---------------------------------------------------------------------------
-def _suite(tmp_path, tiny_backbone, only):
+def _suite(tmp_path, tiny_backbone, only, *extra):
     from scripts.gpu_check import main
 
     out = tmp_path / "gpu"
     argv = ["--quick", "--device", "cpu", "--backbone", tiny_backbone, "--random-init", "--image-size", "28",
             "--compile-backend", "eager", "--output-dir", str(out), "--only", only, "--head-steps", "3",
             "--repeats", "1", "--numerics-epochs", "2", "--train-images", "80", "--train-pairs", "48",
-            "--train-epochs", "2", "--baseline-epochs", "1", "--pair-repeats", "1"]
+            "--train-epochs", "2", "--baseline-epochs", "1", "--pair-repeats", "1", *extra]
     code = main(argv)
     report = json.loads((out / "gpu_suite.json").read_text())
     assert (out / "gpu_suite.md").exists()
@@ -113,6 +113,20 @@ def test_gpu_suite_core_sections_run_on_cpu(tmp_path, tiny_backbone):
     assert s["full_image"]["numerics"]["ok"] and s["full_image"]["compile"]["compiled"]
     rows = {r["figure"]: r for r in report["summary"]}
     assert rows["head step, batch 32 (ms)"]["baseline"] == s["head_step"]["eager_ms"]
+
+
+def test_gpu_suite_time_budget_skips_the_sections_left_and_says_so(tmp_path, tiny_backbone):
+    """With --max-seconds spent, no further section starts: those left are recorded as skipped (unmeasured),
+    the report and its markdown are still written, and a skip is not a failure."""
+    code, report = _suite(tmp_path, tiny_backbone, "head_step,backbone,full_image", "--max-seconds", "0.001")
+    assert code == 0 and report["failed"] == []
+    assert list(report["sections"]) == ["head_step", "backbone", "full_image"]
+    # The first section always runs; by the time it ends the budget is spent.
+    assert report["sections"]["head_step"]["numerics"]["ok"]
+    assert report["skipped"] == ["backbone", "full_image"]
+    assert report["sections"]["backbone"]["skipped"].startswith("time budget")
+    assert "SKIPPED sections (time budget, unmeasured): backbone, full_image" in (
+        tmp_path / "gpu" / "gpu_suite.md").read_text()
 
 
 @pytest.mark.slow

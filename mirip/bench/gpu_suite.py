@@ -77,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-mode", default=None, help="torch.compile mode for the bare backbone (default)")
     g.add_argument("--pair-compile-mode", default=None,
                    help="torch.compile mode for full-image scoring (default: reduce-overhead on CUDA)")
+    g.add_argument("--max-seconds", type=float, default=None,
+                   help="time budget: no section after the first starts after this many seconds (those left are "
+                        "recorded as skipped); with a device lent for minutes, one call then returns what fitted instead of "
+                        "being killed mid-section. Order --only by priority")
     g.add_argument("--extract-sizes", type=int, nargs="+", default=None,
                    help="pipeline sizes N (each run also measures N/4): peak RSS must stay flat (2000; quick 16)")
     for name in DEFAULTS:
@@ -423,12 +427,20 @@ def run(args: argparse.Namespace, output_dir: str, log: Callable[[str], None] = 
     args.backbone = args.backbone or ("facebook/dinov2-large" if cuda else "facebook/dinov2-small")
     args.image_size = args.image_size or (768 if cuda else 224)
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "gpu_suite.json")
     report: Dict[str, Any] = {"machine": machine(args.device), "backbone": args.backbone,
                               "weights": "random" if args.random_init else "pretrained", "precision": args.precision,
                               "image_size": args.image_size, "quick": args.quick, "sections": {}, "failed": []}
     ctx: Dict[str, Any] = {}
-    for name in wanted:
+    report["skipped"] = []
+    budget = getattr(args, "max_seconds", None)
+    started = time.perf_counter()
+    for i, name in enumerate(wanted):
+        elapsed = time.perf_counter() - started
+        if budget is not None and i > 0 and elapsed >= budget:  # the first section always runs
+            report["sections"][name] = {"skipped": f"time budget: {elapsed:.0f} s of --max-seconds {budget:g} used"}
+            report["skipped"].append(name)
+            log(f"[{name}] skipped: time budget")
+            continue
         log(f"[{name}] running ...")
         t0 = time.perf_counter()
         try:
@@ -439,12 +451,16 @@ def run(args: argparse.Namespace, output_dir: str, log: Callable[[str], None] = 
             log(f"[{name}] FAILED: {result['error']}")
         result["section_seconds"] = time.perf_counter() - t0
         report["sections"][name] = result
-        write_atomic(path, json.dumps(report, indent=2, default=str))
+        _write(report, output_dir)  # after every section: a run killed by a time limit keeps what it measured
         log(f"[{name}] done in {result['section_seconds']:.1f} s")
-    report["summary"] = summary(report)
-    write_atomic(path, json.dumps(report, indent=2, default=str))
-    write_atomic(os.path.join(output_dir, "gpu_suite.md"), to_markdown(report))
+    _write(report, output_dir)
     return report
+
+
+def _write(report: Dict[str, Any], output_dir: str) -> None:
+    report["summary"] = summary(report)
+    write_atomic(os.path.join(output_dir, "gpu_suite.json"), json.dumps(report, indent=2, default=str))
+    write_atomic(os.path.join(output_dir, "gpu_suite.md"), to_markdown(report))
 
 
 def _get(d: Dict[str, Any], *keys, default=None):
@@ -513,6 +529,8 @@ def to_markdown(report: Dict[str, Any]) -> str:
                       f"compile {b.get('compile_seconds') or 0:.1f} s once; break-even {b.get('break_even_images')} images."]
     if report["failed"]:
         lines += ["", "FAILED sections: " + ", ".join(report["failed"])]
+    if report.get("skipped"):
+        lines += ["", "SKIPPED sections (time budget, unmeasured): " + ", ".join(report["skipped"])]
     if failed_checks(report):
         lines += ["", "FAILED checks: " + ", ".join(failed_checks(report))]
     return "\n".join(lines) + "\n"
