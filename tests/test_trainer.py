@@ -377,3 +377,44 @@ def test_clip_and_step_keeps_step_hooks_and_other_optimizers_on_the_ordinary_pat
             clip_and_step(opt, params, 1.0)
         handle.remove()
     assert len(calls) == 6  # every step of both went through AdamW.step (hooks run there)
+
+
+def test_clip_and_step_falls_back_to_adamw_step_when_the_private_kernel_refuses_its_arguments(monkeypatch):
+    """Another torch's ``_fused_adamw_`` with other arguments: the step counts are left as they were and the
+    public step runs instead, so the result still equals clip_grad_norm_ + AdamW.step bit for bit."""
+    import sys
+
+    from mirip.training.optim_step import clip_and_step
+
+    torch.manual_seed(0)
+    ours, ref = RankingHead(24), RankingHead(24)
+    ref.load_state_dict(ours.state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (ours, ref)]
+    real, calls = torch._fused_adamw_, []
+
+    def picky(*args, **kwargs):
+        # Refuses the argument set mirip passes (as another torch's op might); AdamW.step's own call works.
+        if sys._getframe(1).f_globals["__name__"] == "mirip.training.optim_step":
+            calls.append("refused")
+            raise TypeError("_fused_adamw_() got an unexpected keyword argument")
+        calls.append("public")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", picky)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x1, x2 = torch.randn(6, 24, generator=gen), torch.randn(6, 24, generator=gen)
+        for model, opt, mine in ((ours, opts[0], True), (ref, opts[1], False)):
+            model.eval()
+            opt.zero_grad(set_to_none=True)
+            model.compute_loss(*model(x1, x2), torch.ones(6)).backward()
+            if mine:
+                clip_and_step(opt, list(model.parameters()), 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+                opt.step()
+    assert calls.count("refused") == 1  # tried once, then the public step for good
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    for sa, sb in zip(opts[0].state.values(), opts[1].state.values()):
+        assert torch.equal(sa["step"], sb["step"]) and torch.equal(sa["exp_avg"], sb["exp_avg"])

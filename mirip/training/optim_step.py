@@ -37,6 +37,8 @@ def clip_grads(params: List[torch.Tensor], max_norm: float) -> None:
 
 def _plain_fused_adamw(optimizer: torch.optim.Optimizer, params: List[torch.Tensor]) -> Optional[str]:
     """None when ``fused_adamw_step`` may stand in for ``optimizer.step()``; else why not."""
+    if not callable(getattr(torch, "_fused_adamw_", None)):
+        return "this torch has no fused AdamW kernel op"
     if type(optimizer) is not torch.optim.AdamW or len(optimizer.param_groups) != 1:
         return "not a single-group AdamW"
     group = optimizer.param_groups[0]
@@ -66,16 +68,24 @@ def fused_adamw_step(optimizer: torch.optim.Optimizer, params: List[torch.Tensor
     steps = [s["step"] for s in states]
     beta1, beta2 = group["betas"]
     torch._foreach_add_(steps, 1)
-    torch._fused_adamw_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                        [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
-                        beta1=float(beta1), beta2=float(beta2), weight_decay=group["weight_decay"],
-                        eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
+    try:
+        torch._fused_adamw_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                            [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
+                            beta1=float(beta1), beta2=float(beta2), weight_decay=group["weight_decay"],
+                            eps=group["eps"], maximize=group["maximize"], grad_scale=None, found_inf=None)
+    except TypeError:  # arguments refused before any arithmetic: leave the state as it was
+        torch._foreach_sub_(steps, 1)
+        raise
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params: List[torch.Tensor], max_norm: float) -> None:
     """``clip_grad_norm_(params, max_norm); optimizer.step()``, bit for bit, with less Python per step."""
     clip_grads(params, max_norm)
-    if _plain_fused_adamw(optimizer, params) is None:
-        fused_adamw_step(optimizer, params)
-    else:
-        optimizer.step()
+    if _plain_fused_adamw(optimizer, params) is None and not getattr(optimizer, "_mirip_public_step", False):
+        try:
+            fused_adamw_step(optimizer, params)
+            return
+        except TypeError:
+            # A torch whose private kernel op takes other arguments: this optimizer uses the public step from now on.
+            optimizer._mirip_public_step = True
+    optimizer.step()
