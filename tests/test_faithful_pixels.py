@@ -73,12 +73,47 @@ def test_color_management_none_ignores_profiles(tmp_path):
         Preprocessor(color_management="lab")
 
 
+_PROFILE_DIRS = ("/usr/share/color/icc", "/usr/share/ghostscript", "/usr/share/color")
+
+
+def usable_cmyk_profiles(dirs=_PROFILE_DIRS) -> list:
+    """ICC files under ``dirs`` that LittleCMS opens and that describe a CMYK device.
+
+    A file named like a CMYK profile is not enough: a machine may carry one that cannot be opened (a
+    truncated or non-ICC file), and the loader rightly ignores such a profile, so a test built on it would
+    assert a conversion that never happens.
+    """
+    from PIL import ImageCms
+
+    found = []
+    for top in dirs:
+        for root, _, files in os.walk(top):
+            for name in sorted(files):
+                if not name.lower().endswith((".icc", ".icm")):
+                    continue
+                path = os.path.join(root, name)
+                try:
+                    profile = ImageCms.ImageCmsProfile(path)
+                except (ImageCms.PyCMSError, OSError, ValueError):
+                    continue
+                if profile.profile.xcolor_space.strip() == "CMYK":
+                    found.append(path)
+    return found
+
+
+def test_only_openable_cmyk_profiles_are_used(tmp_path):
+    # The precondition of the next test: a file that merely looks like a CMYK profile is never chosen.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "FOGRA39-cmyk.icc").write_bytes(b"not a profile")
+    (tmp_path / "adobe.icc").write_bytes(adobe_rgb_profile())  # opens, but is RGB
+    assert usable_cmyk_profiles([str(tmp_path)]) == []
+
+
 def test_cmyk_with_profile_converts(tmp_path):
-    candidates = [p for d in ("/usr/share/color/icc", "/usr/share/color/icc/colord", "/usr/share/ghostscript")
-                  for p in ([os.path.join(d, f) for f in os.listdir(d)] if os.path.isdir(d) else [])
-                  if "cmyk" in p.lower() or "fogra" in p.lower() or "swop" in p.lower()]
+    candidates = usable_cmyk_profiles()
     if not candidates:
-        pytest.skip("no CMYK ICC profile on this machine (none can be built by hand: CMYK profiles are LUT-based)")
+        pytest.skip("no CMYK ICC profile that opens on this machine (none can be built by hand: CMYK "
+                    "profiles are LUT-based)")
     icc = open(candidates[0], "rb").read()
     Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.tif", icc_profile=icc)
     plain = np.asarray(load_image(tmp_path / "c.tif", icc=False)).astype(int)
