@@ -212,3 +212,19 @@ def test_quick_cpu_run_finishes_within_five_minutes(tmp_path):
     if elapsed > 300 and load > 1.5:
         pytest.skip(f"took {elapsed:.0f} s on a machine loaded {load:.1f}x its cores: not a fair timing")
     assert elapsed < 300, f"--quick took {elapsed:.0f} s"
+
+
+def test_quick_extraction_fits_its_default_bank_to_a_shallow_backbone(tiny_backbone, tmp_path, restore_threads):
+    # The tiny backbone has 2 blocks: the default bank (-4..-1) must shrink to the blocks it has.
+    out = tmp_path / "bench"
+    rc = bench_script.main(["--only", "extraction", "--backbone", tiny_backbone, "--image-size", "28", "--quick",
+                            "--device", "cpu", "--threads", "1", "--random-init", "--output-dir", str(out),
+                            "--extract-images", "16", "--extract-source-size", "64", "--extract-rounds", "1"])
+    assert rc == 0
+    result = json.loads((out / "benchmark.json").read_text())["results"]["extraction"]
+    assert "error" not in result
+    from mirip.bench.extraction import bank_layers
+
+    assert bank_layers(types.SimpleNamespace(extract_bank_layers=None), 2) == [-2, -1]
+    assert bank_layers(types.SimpleNamespace(extract_bank_layers=None), 24) == [-4, -3, -2, -1]
+    assert bank_layers(types.SimpleNamespace(extract_bank_layers=[-6]), 2) == [-6]  # as asked: refused later

@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="distinct in-memory batches the bare backbone cycles through (8; --quick 3)")
     g.add_argument("--extract-rounds", type=int, default=None,
                    help="alternating bare / pipeline rounds; medians are reported (1; --quick 2)")
-    g.add_argument("--extract-bank-layers", type=int, nargs="+", default=[-4, -3, -2, -1], metavar="L",
-                   help="layers of the feature bank compared with the single vector")
+    g.add_argument("--extract-bank-layers", type=int, nargs="+", default=None, metavar="L",
+                   help="layers of the feature bank compared with the single vector (default: the last four "
+                        "blocks, -4 -3 -2 -1, or every block of a backbone with fewer)")
     g.add_argument("--extract-bank-pooling", nargs="+", default=["cls", "mean", "std"], metavar="POOLING",
                    help="poolings of the feature bank compared with the single vector")
     g.add_argument("--no-extract-bank", dest="extract_bank", action="store_false",
@@ -207,6 +208,13 @@ def pipeline(config: ExtractConfig, names: List[str], extractor, preprocessor, f
             "cache_bytes": size, "cache_bytes_per_image": size / max(1, rows)}
 
 
+def bank_layers(args, num_layers: int) -> list:
+    """The bank's layers: as asked (a block the backbone lacks is then refused by extraction), else the last
+    four blocks, or all of a shallower backbone's."""
+    asked = getattr(args, "extract_bank_layers", None)
+    return list(asked) if asked else list(range(-min(4, int(num_layers)), 0))
+
+
 def _maybe_compile(args: argparse.Namespace, extractor, n: int, batch: int) -> dict:
     from mirip.ml import compiled
 
@@ -254,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
             compile_info["warmup_pass_seconds"] = time.perf_counter() - t_warm  # includes the compilation
         bank = None
         if getattr(args, "extract_bank", True):
-            bank_config = ExtractConfig(**{**config.to_dict(), "layers": list(args.extract_bank_layers),
+            bank_config = ExtractConfig(**{**config.to_dict(), "layers": bank_layers(args, extractor.num_layers),
                                            "pooling": list(args.extract_bank_pooling)})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RandomWeightsWarning)
