@@ -23,6 +23,13 @@ def add_encoding_option(parser) -> None:
                              "with a notice, as Korean Excel saves it)")
 
 
+def add_strict_images_option(parser) -> None:
+    """--strict-images: refuse metadata rows whose images extraction could not read, instead of leaving them out."""
+    parser.add_argument("--strict-images", action="store_true",
+                        help="refuse the run when the cache records any metadata image as unreadable (default: "
+                             "leave those rows out, say how many, and list them in excluded_images.json)")
+
+
 def add_data_options(parser: argparse.ArgumentParser, output_help: str,
                      features_help: str = "") -> argparse._ArgumentGroup:
     """--features, --metadata, --output-dir, the metadata columns and the split: what a run trains on.
@@ -46,4 +53,5 @@ def add_data_options(parser: argparse.ArgumentParser, output_help: str,
     data.add_argument("--test-ratio", type=float, default=0.1, help="share of images for the final test")
     data.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=True,
                       help="keep tier proportions equal across splits")
+    add_strict_images_option(data)
     return data

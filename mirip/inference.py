@@ -425,13 +425,15 @@ def split_membership(checkpoint: dict, metadata_path: str) -> Tuple[Dict[str, st
         frames = cfg.splitter().split(meta)
     except (ValueError, KeyError, TypeError) as exc:
         return {}, f"the run's split could not be rebuilt from {metadata_path} ({exc})"
+    # The run split the whole metadata, then left out the images extraction could not read.
+    excluded = set(checkpoint.get("excluded_images") or ())
     out: Dict[str, str] = {}
     for name, frame in zip(SPLITS, frames):
-        out.update({str(f): name for f in frame[cfg.filename_column]})
+        out.update({str(f): name for f in frame[cfg.filename_column] if str(f) not in excluded})
     expected = (checkpoint.get("score_reference") or {}).get("images_sha256")
     if expected is not None:
         train = [f for f, sp in out.items() if sp == "train"]
-        got = names_sha256([str(f) for f in frames[0][cfg.filename_column]])
+        got = names_sha256(train)
         if got != expected:
             return {}, (f"{metadata_path} does not give the training split the checkpoint was trained on "
                         f"({len(train)} train images rebuilt, different names)")

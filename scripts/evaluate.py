@@ -17,12 +17,13 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option
+from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, add_strict_images_option
 from mirip.checkpoint import CheckpointError
 from mirip.features.cache import CacheError
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE
 from mirip.training.evaluator import format_metrics
 from mirip.training.run import evaluate_checkpoint, write_json
+from mirip.training.run_data import exclusion_note
 
 
 def _positive_int(text: str) -> int:
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--filename-column", default=None, help="(default: the run's)")
     parser.add_argument("--tier-column", default=None, help="(default: the run's)")
     add_encoding_option(parser)
+    add_strict_images_option(parser)
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the metrics as JSON here")
     return parser
 
@@ -63,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_checkpoint(args.checkpoint, args.features, args.metadata, split=args.split,
                                      device=args.device, eval_pairs=args.eval_pairs,
                                      filename_column=args.filename_column, tier_column=args.tier_column,
-                                     encoding=args.encoding)
+                                     encoding=args.encoding, strict_images=args.strict_images)
     except (ValueError, FileNotFoundError, CacheError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     backbone = result.get("features_backbone") or {}
     if backbone.get("backbone_weights") == "random":
         print(f"NOTE: {backbone.get('backbone')} {RANDOM_WEIGHTS_NOTE}")
+    if result.get("excluded_images"):
+        where = f"{args.json} (key excluded_images)" if args.json else "the metrics JSON (--json PATH, key excluded_images)"
+        print(exclusion_note(result["excluded_images"], where))
     print(format_metrics(result["model"], result.get("linear_baseline"),
                          title=f"{args.checkpoint} on the {args.split} split (epoch {result['epoch']}, "
                                f"features {result['feature_spec']}):"))

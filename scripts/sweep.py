@@ -130,7 +130,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
         features=args.features[0], metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column, train_ratio=args.train_ratio,
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
-        encoding=args.encoding,
+        encoding=args.encoding, strict_images=args.strict_images,
         training=TrainingConfig(**training), optimizer=args.optimizer, feature_norm=args.feature_norm,
     )
     return grid, settings

@@ -125,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         features=args.features, metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column,
         train_ratio=args.train_ratio, val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
-        encoding=args.encoding,
+        encoding=args.encoding, strict_images=args.strict_images,
         margin=args.margin, hidden_dim=args.hidden_dim, projector_dim=args.projector_dim, dropout=args.dropout,
         ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training), feature=args.feature,
         feature_norm=args.feature_norm,

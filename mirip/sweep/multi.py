@@ -29,6 +29,7 @@ from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepGrid
 from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_markdown, to_argv, train_options
 from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, SweepSettings, _plain
 from mirip.training.run import SPLITS, read_metadata
+from mirip.training.run_data import exclusion_note, union_failed, write_excluded
 
 
 def cache_labels(paths: Sequence[str]) -> List[str]:
@@ -63,7 +64,7 @@ def check_caches(paths: Sequence[str], names: Sequence[str]) -> List[Dict[str, A
 
 def make_splits(settings: SweepSettings, grid: SweepGrid) -> Dict[int, Dict[str, List[str]]]:
     """seed -> {split: image names}: made once per seed from the metadata alone, as scripts/train.py splits."""
-    meta = read_metadata(settings.metadata, settings.filename_column, settings.tier_column)
+    meta = read_metadata(settings.metadata, settings.filename_column, settings.tier_column, settings.encoding)
     out = {}
     for seed in grid.seed:
         splitter = settings.run_config(HeadConfig(1.0, 1, 1, 1.0, 0.0, 0.0, seed)).splitter()
@@ -78,20 +79,26 @@ def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence
     """The grid on every cache in ``features`` over shared splits; returns the combined table and the winner."""
     settings.check()
     t_start = time.perf_counter()
-    meta = read_metadata(settings.metadata, settings.filename_column, settings.tier_column)
+    meta = read_metadata(settings.metadata, settings.filename_column, settings.tier_column, settings.encoding)
     names = meta[settings.filename_column].astype(str).tolist()
+    # An image unreadable in any cache is left out of every cache's sweep: all train and test on the same drawings.
+    excluded = union_failed(list(features), names, settings.strict_images)
+    names = [n for n in names if n not in excluded]
     facts = check_caches(list(features), names)  # before any training: a bad cache fails the sweep at once
     labels = cache_labels(features)
-    splits = make_splits(settings, grid)
+    splits = {seed: {sp: [n for n in chosen if n not in excluded] for sp, chosen in by_split.items()}
+              for seed, by_split in make_splits(settings, grid).items()}
     out = settings.output_dir
     for seed, by_split in splits.items():
         write_atomic(os.path.join(out, "splits", f"seed{seed}.json"), json.dumps(by_split, indent=1))
+    if excluded and log:
+        log(exclusion_note(excluded, write_excluded(out, excluded)))
     tables, trained, skipped = [], 0, 0
     for label, fact in zip(labels, facts):
         sub = dataclasses.replace(settings, features=fact["path"], output_dir=os.path.join(out, label))
         if log:
             log(f"cache {label}: {fact['backbone']} ({fact['family']}, {fact['image_size']} px, {fact['weights']})")
-        result = SweepRunner(grid, sub, progress=progress, log=log, splits=splits).run()
+        result = SweepRunner(grid, sub, progress=progress, log=log, splits=splits, excluded=excluded).run()
         trained, skipped = trained + result["trained"], skipped + result["skipped"]
         table = result["results"].copy()
         table.insert(0, "cache", label)

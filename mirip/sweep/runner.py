@@ -46,8 +46,9 @@ from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator
 from mirip.features.cache import open_cache
 from mirip.features.spec import FEATURE_NORMS, apply_entry_scales, entry_scales, resolve_feature_norm
-from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, read_metadata,
-                                split_dataset)
+from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, feature_keys,
+                                read_metadata, split_dataset)
+from mirip.training.run_data import exclusion_note, failed_images, kept_positions, write_excluded
 from mirip.training.trainer import check_config
 
 # TrainingConfig fields a sweep varies per head (grid axes), and those that do not change any number.
@@ -81,7 +82,8 @@ class SweepSettings(DataSettings):
         return RunConfig(features=self.features, metadata=self.metadata, output_dir=self.output_dir,
                          filename_column=self.filename_column, tier_column=self.tier_column,
                          train_ratio=self.train_ratio, val_ratio=self.val_ratio, test_ratio=self.test_ratio,
-                         stratify=self.stratify, encoding=self.encoding, margin=cfg.margin, hidden_dim=cfg.hidden_dim,
+                         stratify=self.stratify, encoding=self.encoding, strict_images=self.strict_images,
+                         margin=cfg.margin, hidden_dim=cfg.hidden_dim,
                          projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc,
                          feature=feature or cfg.feature, feature_norm=self.feature_norm)
 
@@ -140,11 +142,15 @@ class SweepRunner:
 
     def __init__(self, grid: SweepGrid, settings: SweepSettings, *, progress: bool = True,
                  log: Optional[Callable[[str], None]] = None,
-                 splits: Optional[Dict[int, Dict[str, List[str]]]] = None):
+                 splits: Optional[Dict[int, Dict[str, List[str]]]] = None,
+                 excluded: Optional[Dict[str, str]] = None):
         settings.check()
         # seed -> {split: image names}, made once from the metadata by a multi-cache sweep (mirip.sweep.multi)
         # so that every cache trains and is tested on the same drawings; None: made here, the same way.
         self.fixed_splits = splits
+        # name -> reason: metadata rows left out, their images unreadable (a multi-cache sweep passes the
+        # union over its caches); None: this cache's own failures (mirip.training.run_data).
+        self.given_excluded = excluded
         self.grid, self.settings = grid, settings
         self.out = settings.output_dir
         self.progress = progress
@@ -178,7 +184,11 @@ class SweepRunner:
     def _load(self) -> Dict[str, Any]:
         """Metadata and, in one read of the cache, the columns of every entry any spec of the grid names."""
         s = self.settings
-        meta = read_metadata(s.metadata, s.filename_column, s.tier_column, s.encoding)
+        meta_all = read_metadata(s.metadata, s.filename_column, s.tier_column, s.encoding)
+        excluded = self.given_excluded
+        if excluded is None:
+            excluded = failed_images(s.features, meta_all[s.filename_column].astype(str).tolist(), s.strict_images)
+        meta = meta_all[~meta_all[s.filename_column].astype(str).isin(excluded)]
         names = meta[s.filename_column].astype(str).tolist()
         with open_cache(s.features) as cache:
             self.default_spec = cache.default_spec
@@ -199,8 +209,8 @@ class SweepRunner:
                                    for sl in slices[spec]])
             by_spec[spec] = (torch.from_numpy(np.ascontiguousarray(picked[:, cols])),
                              [sl.stop - sl.start for sl in slices[spec]])
-        return {"meta": meta, "names": names, "by_spec": by_spec, "fingerprint": fingerprint,
-                "ranks": tier_ranks(meta, s.tier_column), "specs": specs}
+        return {"meta": meta, "meta_all": meta_all, "names": names, "by_spec": by_spec, "fingerprint": fingerprint,
+                "ranks": tier_ranks(meta, s.tier_column), "specs": specs, "excluded": excluded}
 
     def _datasets(self, data: Dict[str, Any], seed: int, spec: str) -> Dict[str, Any]:
         """The (seed, spec)'s split and pair datasets, built exactly as ``scripts/train.py --seed SEED --feature
@@ -212,10 +222,8 @@ class SweepRunner:
             at = {n: i for i, n in enumerate(data["names"])}
             splits = {name: np.array([at[n] for n in self.fixed_splits[seed][name]], dtype=np.int64)
                       for name in SPLITS}
-        else:
-            positions = pd.Series(np.arange(len(data["meta"])), index=data["meta"].index)
-            frames = splitter.split(data["meta"])
-            splits = {name: positions.loc[frame.index].to_numpy() for name, frame in zip(SPLITS, frames)}
+        else:  # split the whole metadata, then leave out the excluded rows (as scripts/train.py does)
+            splits = dict(zip(SPLITS, kept_positions(splitter.split(data["meta_all"]), data["meta"])))
         # Which drawings each split holds, per seed: comparable across sweeps (and across caches).
         write_atomic(os.path.join(self.out, "splits", f"seed{seed}.json"), json.dumps(
             {name: [data["names"][i] for i in splits[name]] for name in SPLITS}, indent=1))
@@ -225,12 +233,12 @@ class SweepRunner:
         features = apply_entry_scales(features, dims, scales)
         run_data = RunData(data["meta"], features, data["ranks"], data["names"], data["fingerprint"],
                            splits, splitter.get_split_info(), spec=spec, entry_dims=dims,
-                           feature_norm="entry" if scales else "none", feature_scales=scales)
+                           feature_norm="entry" if scales else "none", feature_scales=scales,
+                           excluded=data["excluded"])
         device_features = features.to(self.device)
         datasets = {sp: split_dataset(run_data, sp, device_features, rc.training, train=(sp == "train"))
                     for sp in SPLITS}
-        datasets["feature_keys"] = {"feature_spec": spec, "feature_norm": run_data.feature_norm,
-                                    "feature_scales": scales, "feature_entry_dims": list(dims)}
+        datasets["feature_keys"] = feature_keys(run_data)
         for sp in ("train", "val"):
             if datasets[sp] is None:
                 raise SweepConfigError(f"seed {seed}: the {sp} split is empty; raise --{sp}-ratio")
@@ -319,6 +327,8 @@ class SweepRunner:
         self.log(f"sweep: {len(self.configs)} configurations ({len(self.grid.seed)} seed(s)), "
                  f"{len(rows)} already finished, {len(pending)} to train on {self.device}; "
                  f"{len(data['names'])} images, features {dims}")
+        if data["excluded"]:
+            self.log(exclusion_note(data["excluded"], write_excluded(self.out, data["excluded"])))
         epochs = s.training.max_epochs
         bar = tqdm(total=len(pending) * epochs, desc="sweep", unit="head-epoch", disable=not self.progress,
                    dynamic_ncols=True)

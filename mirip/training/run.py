@@ -41,6 +41,7 @@ from mirip.training.config import TrainingConfig
 from mirip.training.datasets.data_splitter import DataSplitter
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator, format_metrics, score_images
+from mirip.training.run_data import exclusion_note, failed_images, kept_positions, write_excluded
 from mirip.training.metrics import score_metrics
 from mirip.training.trainer import Trainer, history_to_json
 
@@ -63,6 +64,8 @@ class DataSettings:
     test_ratio: float = 0.1
     stratify: bool = True
     encoding: Optional[str] = None  # of the metadata CSV; None: UTF-8, else CP949 with a notice
+    # Rows whose images extraction recorded as unreadable are left out (mirip.training.run_data); True refuses.
+    strict_images: bool = False
 
 
 @dataclass
@@ -174,6 +177,7 @@ class RunData:
     entry_dims: List[int] = field(default_factory=list)  # width of each spec entry, in order
     feature_norm: str = "none"  # resolved: entry or none
     feature_scales: Optional[List[float]] = None  # per spec entry, applied to ``features`` (None: unscaled)
+    excluded: Dict[str, str] = field(default_factory=dict)  # name -> reason: rows left out, unreadable images
 
 
 def resolve_spec(cache_path: str, spec: Optional[str] = None) -> str:
@@ -214,26 +218,28 @@ def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]]
     """Metadata, the spec's features and the split. Per-entry scales are fitted on the train split when the
     resolved ``feature_norm`` is ``entry`` (or taken from ``scales``, e.g. a checkpoint's, with ``fit_scales=False``)."""
     meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column, cfg.encoding)
+    excluded = failed_images(cfg.features, meta[cfg.filename_column].astype(str).tolist(), cfg.strict_images)
+    splitter = cfg.splitter()
+    frames = splitter.split(meta)  # on the whole metadata: a repaired image goes back to its own split
+    meta = meta[~meta[cfg.filename_column].astype(str).isin(excluded)]
     names = meta[cfg.filename_column].astype(str).tolist()
     features, fingerprint, spec, dims = load_bank_features(cfg.features, names, cfg.feature, expected_fingerprint,
                                                            ignore_layout=ignore_layout)
-    splitter = cfg.splitter()
-    positions = pd.Series(np.arange(len(meta)), index=meta.index)
-    frames = splitter.split(meta)
-    splits = {name: np.array(positions.loc[frame.index].to_numpy(), dtype=np.int64) for name, frame in zip(SPLITS, frames)}
+    splits = dict(zip(SPLITS, kept_positions(frames, meta)))
     norm = resolve_feature_norm(cfg.feature_norm, spec)
     if fit_scales:
         scales = entry_scales(features, dims, splits["train"]) if norm == "entry" else None
     features = apply_entry_scales(features, dims, scales)
     return RunData(meta, features, tier_ranks(meta, cfg.tier_column), names, fingerprint, splits,
                    splitter.get_split_info(), spec=spec, entry_dims=dims,
-                   feature_norm="entry" if scales else "none", feature_scales=list(scales) if scales else None)
+                   feature_norm="entry" if scales else "none", feature_scales=list(scales) if scales else None,
+                   excluded=excluded)
 
 
 def feature_keys(data: RunData) -> Dict[str, Any]:
     """What a checkpoint records about its features beyond the fingerprint: spec, normalisation, scales."""
     return {"feature_spec": data.spec, "feature_norm": data.feature_norm, "feature_scales": data.feature_scales,
-            "feature_entry_dims": list(data.entry_dims)}
+            "feature_entry_dims": list(data.entry_dims), "excluded_images": sorted(data.excluded)}
 
 
 def split_dataset(data: RunData, split: str, features: torch.Tensor, tc: TrainingConfig, *, train: bool
@@ -394,7 +400,7 @@ def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path
     if not saved:
         return
     # A run from before feature specs trained on the spec its checkpoint implies, with no normalisation.
-    saved = {"feature_norm": "auto", **saved}
+    saved = {"feature_norm": "auto", "strict_images": False, **saved}
     if not saved.get("feature"):
         saved["feature"] = saved_spec
     old, new = _flat(saved), _flat(cfg.to_dict())
@@ -445,6 +451,8 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
     log(f"data: {len(data.names)} images, {features.shape[1]}-d features ({data.features.dtype}; spec {data.spec}"
         + (", per-entry scaling" if data.feature_scales else "") + ") | "
         + " | ".join(f"{s} {n}" for s, n in sizes.items()) + f" | device {device}")
+    if data.excluded:
+        log(exclusion_note(data.excluded, write_excluded(out, data.excluded)))
 
     model = cfg.make_head(features.shape[1])
     backbone = weights_summary(data.fingerprint)
@@ -478,7 +486,8 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
                               "split_sizes": sizes, "split": "test", "features_backbone": backbone,
                               "calibration": calibrated.checkpoint_keys()["calibration"],
                               "calibration_note": calibrated.note,
-                              "feature_spec": data.spec, "feature_norm": data.feature_norm}
+                              "feature_spec": data.spec, "feature_norm": data.feature_norm,
+                              "excluded_images": data.excluded}
     if datasets["test"] is None:
         log("no test split (test_ratio is 0): nothing to report on held-out data")
         result.update(model=None, linear_baseline=None)
@@ -503,7 +512,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
 def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split: str = "all",
                         device: Optional[str] = None, eval_pairs: Optional[int] = None,
                         filename_column: Optional[str] = None, tier_column: Optional[str] = None,
-                        encoding: Optional[str] = None) -> Dict[str, Any]:
+                        encoding: Optional[str] = None, strict_images: bool = False) -> Dict[str, Any]:
     """Detailed metrics of a trained head on a cache + metadata: all of it, or one split of the run it came from.
 
     A split is rebuilt from the run config stored in the checkpoint, so ``split="test"`` reproduces the
@@ -522,7 +531,7 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     cfg = RunConfig.from_dict({**run_cfg, "features": features, "metadata": metadata,
                                "output_dir": run_cfg.get("output_dir", ""), "training": tc.to_dict(),
                                "filename_column": filename_column, "tier_column": tier_column, "feature": spec,
-                               "encoding": encoding})
+                               "encoding": encoding, "strict_images": strict_images})
     if split != "all" and not run_cfg:
         raise ValueError(f"{checkpoint} holds no run config, so its {split} split cannot be rebuilt; use split='all'")
     with open_cache(features) as cache:
@@ -548,7 +557,8 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     calibration, _, why = from_checkpoint(ckpt, checkpoint)
     result: Dict[str, Any] = {"checkpoint": checkpoint, "split": split, "epoch": ckpt.get("epoch"),
                               "features_backbone": weights_summary(fingerprint), "feature_spec": spec,
-                              "model": Evaluator(head, dev, calibration=calibration).evaluate_detailed(datasets[split])}
+                              "model": Evaluator(head, dev, calibration=calibration).evaluate_detailed(datasets[split]),
+                              "excluded_images": data.excluded}
     if calibration is None:
         result["calibration_note"] = why
     else:
