@@ -1,0 +1,116 @@
+"""A fixed-seed train and sweep on a synthetic two-entry bank, reduced to the numbers they produce.
+
+``tests/data/golden_runs.json`` holds these numbers as computed before stage two's modules were reorganised
+(issue 21: one run-data layer, one vocabulary); ``tests/test_golden_runs.py`` recomputes them with the code
+as it is now. Regenerate only for an intended change of results:
+
+    PYTHONPATH=. python tests/_golden_runs.py --write
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+import pandas as pd
+import torch
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golden_runs.json")
+
+
+def _bank(directory: str):
+    """A two-entry bank: cls@-1 wide and weakly informative, std@-1 small and informative (so per-entry
+    scaling matters), 96 images over four tiers."""
+    from mirip.features.cache import write_cache
+
+    rng = np.random.default_rng(7)
+    n, dim = 96, 6
+    tiers = np.array(list("SABC"))[np.arange(n) % 4]
+    rank = np.array([{"S": 3, "A": 2, "B": 1, "C": 0}[t] for t in tiers], dtype=np.float32)
+    cls = rng.normal(size=(n, dim)).astype(np.float32) * 3.0
+    cls[:, 0] += 0.8 * rank
+    std = (rng.normal(size=(n, dim)) * 0.05).astype(np.float32)
+    std[:, 1] += 0.06 * rank
+    names = [f"img_{i:03d}.png" for i in range(n)]
+    fp = {"feature_dim": 2 * dim, "feature_dtype": "float32", "feature_entries": ["cls@-1", "std@-1"],
+          "feature_entry_dims": [dim, dim], "feature_entry_blocks": [2, 2], "backbone_layers": 2}
+    cache = os.path.join(directory, "bank.h5")
+    write_cache(cache, fp, names, np.concatenate([cls, std], axis=1))
+    meta = os.path.join(directory, "metadata.csv")
+    pd.DataFrame({"filename": names, "tier": tiers}).to_csv(meta, index=False)
+    return cache, meta
+
+
+def _state_sha(path: str) -> str:
+    from mirip.checkpoint import load_checkpoint_file
+
+    state = load_checkpoint_file(path)["model_state_dict"]
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _floats(obj):
+    """Metrics as plain JSON values; floats kept exactly (repr round-trips)."""
+    if isinstance(obj, dict):
+        return {str(k): _floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_floats(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def compute() -> dict:
+    from mirip.sweep.grid import SweepGrid
+    from mirip.sweep.runner import SweepSettings, run_sweep
+    from mirip.training.config import TrainingConfig
+    from mirip.training.run import RunConfig, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache, meta = _bank(tmp)
+            tc = dict(max_epochs=3, pairs_per_epoch=256, eval_pairs=200, batch_size=16, learning_rate=3e-3,
+                      device="cpu", seed=5)
+            cfg = RunConfig(features=cache, metadata=meta, output_dir=os.path.join(tmp, "run"), margin=0.5,
+                            hidden_dim=16, projector_dim=8, feature="cls@-1+std@-1",
+                            training=TrainingConfig(**tc))
+            result = train(cfg, progress=False, log=lambda msg: None)
+            run = {"test": {k: result["model"][k] for k in ("accuracy", "spearman", "kendall", "total_pairs")},
+                   "baseline": result["linear_baseline"]["accuracy"], "best_epoch": result["best_epoch"],
+                   "history": {k: v for k, v in result["history"].items()},
+                   "calibration": result["calibration"], "best_state": _state_sha(os.path.join(tmp, "run", "best.pt"))}
+            settings = SweepSettings(features=cache, metadata=meta, output_dir=os.path.join(tmp, "sweep"),
+                                     training=TrainingConfig(**{**tc, "learning_rate": 1e-4}))
+            grid = SweepGrid(margin=(0.5, 1.0), hidden_dim=(16,), projector_dim=(8,), learning_rate=(3e-3,),
+                             seed=(5, 6), feature=("cls@-1", "cls@-1+std@-1"))
+            swept = run_sweep(grid, settings, progress=False, log=lambda msg: None)
+            table = swept["results"].sort_values("config_id")
+            sweep = {row.config_id: {"val_acc": row.val_acc, "test_acc": row.test_acc, "spearman": row.spearman,
+                                     "best_epoch": int(row.best_epoch),
+                                     "state": _state_sha(os.path.join(tmp, "sweep", row.checkpoint))}
+                     for row in table.itertuples()}
+    finally:
+        torch.set_num_threads(threads)
+    return _floats({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                    "train": run, "sweep": sweep})
+
+
+if __name__ == "__main__":
+    if "--write" not in sys.argv:
+        print(json.dumps(compute(), indent=1))
+    else:
+        os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+        with open(GOLDEN, "w") as f:
+            json.dump(compute(), f, indent=1, sort_keys=True)
+        print(f"wrote {GOLDEN}")
