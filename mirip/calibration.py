@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from mirip.plain import plain
 from mirip.tiers import TIERS
 
 CALIBRATION_VERSION = 1
@@ -156,7 +157,7 @@ class OrdinalCalibration:
             "boundaries": [float(b) for b in self.boundaries()], "fitted_on": self.fitted_on,
             "num_images": int(self.num_images), "tier_counts": {k: int(v) for k, v in self.tier_counts.items()},
             "log_likelihood": float(self.log_likelihood), "prior_sd": float(self.prior_sd),
-            "metrics": _plain(self.metrics),
+            "metrics": plain(self.metrics),
         }
 
     @classmethod
@@ -432,17 +433,6 @@ def from_checkpoint(ckpt: Mapping[str, Any], path: str = "checkpoint"
     except CalibrationError as exc:
         return None, None, f"checkpoint {path}: {exc}; scores only, no tier columns"
     return cal, ref, None
-
-
-def _plain(obj: Any) -> Any:
-    """Plain Python (for checkpoints and JSON): numpy scalars to floats/ints, tuples to lists."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 # --- the picture -------------------------------------------------------------------------------

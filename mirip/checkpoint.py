@@ -15,6 +15,7 @@ from typing import Any, Dict, Union
 
 import torch
 
+import mirip
 from mirip.atomic import write_atomic_with
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -22,6 +23,34 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is unreadable, truncated, or would need arbitrary code to load."""
+
+
+def head_checkpoint(*, state: Dict[str, Any], optimizer_state: Any, scheduler_state: Any, epoch: int,
+                    accuracy: float, config: Dict[str, Any], head: Any, fingerprint: Any, backbone: Any,
+                    history: Dict[str, Any], best_accuracy: float, best_epoch: int, epochs_without_improvement: int,
+                    best_state: Any, rng_state: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+    """The checkpoint payload of a trained head: the format's keys (module docstring) in one place, for the
+    Trainer and for every head of a sweep, then ``extra`` (run config, feature keys, calibration, ...)."""
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "mirip_version": mirip.__version__,
+        "model_state_dict": state,
+        "optimizer_state_dict": optimizer_state,
+        "scheduler_state_dict": scheduler_state,
+        "epoch": int(epoch),
+        "accuracy": float(accuracy),
+        "config": config,
+        "head": head,
+        "fingerprint": fingerprint,
+        "backbone": backbone,
+        "history": {k: list(v) for k, v in history.items()},
+        "best_accuracy": float(best_accuracy),
+        "best_epoch": int(best_epoch),
+        "epochs_without_improvement": int(epochs_without_improvement),
+        "best_state_dict": best_state,
+        "rng_state": rng_state,
+        **extra,
+    }
 
 
 def save_checkpoint_file(path: Union[str, os.PathLike], payload: Dict[str, Any]) -> None:

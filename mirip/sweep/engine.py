@@ -27,8 +27,8 @@ from mirip.sweep.grid import HeadConfig
 from mirip.sweep.stacked import StackedHeads, build_head, clip_grad_norm_per_head, make_optimizer
 from mirip.training.config import TrainingConfig
 from mirip.training.static_step import StaticStep, persistent_grads, resolve_step_mode, zero_grads_
+from mirip.training.trainer import HISTORY_KEYS
 
-HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "lr")
 SCORE_BATCH = 4096
 
 

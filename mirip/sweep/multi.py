@@ -27,7 +27,8 @@ from mirip.features.cache import CacheError, open_cache
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepGrid
 from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_markdown, to_argv, train_options
-from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, SweepSettings, _plain
+from mirip.plain import json_safe
+from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, SweepSettings
 from mirip.training.run import SPLITS, read_metadata
 from mirip.training.run_data import exclusion_note, union_failed, write_excluded
 
@@ -137,7 +138,7 @@ def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence
         "train_command": "python scripts/train.py " + " ".join(
             to_argv(options) + ["--output-dir", os.path.join(out, "best-run")]),
     }
-    write_atomic(os.path.join(out, "best.json"), json.dumps(_plain(best_json), indent=2))
+    write_atomic(os.path.join(out, "best.json"), json.dumps(json_safe(best_json), indent=2))
     save_heatmap(summary, os.path.join(out, "heatmap.png"),
                  title="RANDOM backbone weights (pipeline check, not a trained model)" if "random" in weights else "")
     if log:

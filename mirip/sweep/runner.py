@@ -32,9 +32,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-import mirip
 from mirip.atomic import output_directory, write_atomic
-from mirip.checkpoint import CHECKPOINT_FORMAT_VERSION, save_checkpoint_file
+from mirip.checkpoint import head_checkpoint, save_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.ml.ranking_model import RankingHead
@@ -45,6 +44,7 @@ from mirip.tiers import tier_ranks
 from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator
 from mirip.features.cache import open_cache
+from mirip.plain import json_safe
 from mirip.features.spec import FEATURE_NORMS, apply_entry_scales, entry_scales, resolve_feature_norm
 from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, feature_keys,
                                 read_metadata, split_dataset)
@@ -258,30 +258,16 @@ class SweepRunner:
         if test_ds is not None:
             metrics = Evaluator(head, self.device, calibration=calibrated.calibration).evaluate_detailed(test_ds)
         best = outcome.best_epoch
-        payload = {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "mirip_version": mirip.__version__,
-            "model_state_dict": outcome.state,
-            "optimizer_state_dict": outcome.optimizer_state,
-            "scheduler_state_dict": outcome.scheduler_state,
-            "epoch": best,
-            "accuracy": outcome.best_val_acc,
-            "config": rc.training.to_dict(),
-            "head": outcome.head_config,
-            "fingerprint": data["fingerprint"],
-            "backbone": None,
-            "history": {k: list(v[:best]) for k, v in outcome.history.items()},
-            "best_accuracy": outcome.best_val_acc,
-            "best_epoch": best,
-            "epochs_without_improvement": 0,
-            "best_state_dict": outcome.state,
-            "rng_state": outcome.rng_state,
-            "run_config": rc.to_dict(),
-            **(feature_keys or {}),
-            "sweep": {"config_id": cfg.config_id, "epochs_run": outcome.epochs_run,
-                      "stopped_early": outcome.stopped_early, "test_metrics": _plain(metrics)},
-            **calibrated.checkpoint_keys(),
-        }
+        payload = head_checkpoint(
+            state=outcome.state, optimizer_state=outcome.optimizer_state, scheduler_state=outcome.scheduler_state,
+            epoch=best, accuracy=outcome.best_val_acc, config=rc.training.to_dict(), head=outcome.head_config,
+            fingerprint=data["fingerprint"], backbone=None,
+            history={k: v[:best] for k, v in outcome.history.items()}, best_accuracy=outcome.best_val_acc,
+            best_epoch=best, epochs_without_improvement=0, best_state=outcome.state, rng_state=outcome.rng_state,
+            run_config=rc.to_dict(), **(feature_keys or {}),
+            sweep={"config_id": cfg.config_id, "epochs_run": outcome.epochs_run,
+                   "stopped_early": outcome.stopped_early, "test_metrics": json_safe(metrics)},
+            **calibrated.checkpoint_keys())
         ckpt = self.checkpoint_path(cfg)
         save_checkpoint_file(ckpt, payload)
         tc = rc.training
@@ -300,7 +286,7 @@ class SweepRunner:
             "backbone_weights": weights_summary(data["fingerprint"])["backbone_weights"],
         })
         # Written last: its presence is what marks the configuration as done.
-        write_atomic(self.result_path(cfg), json.dumps(_plain({"row": row, "history": outcome.history,
+        write_atomic(self.result_path(cfg), json.dumps(json_safe({"row": row, "history": outcome.history,
                                                                 "test_metrics": metrics}), indent=2))
         return row
 
@@ -313,7 +299,7 @@ class SweepRunner:
                     "features": os.path.abspath(s.features), "metadata": os.path.abspath(s.metadata)}
         manifest_path = os.path.join(self.out, "sweep.json")
         _check_manifest(manifest_path, manifest)
-        write_atomic(manifest_path, json.dumps(_plain({**manifest, "grid": self.grid.to_dict()}), indent=2))
+        write_atomic(manifest_path, json.dumps(json_safe({**manifest, "grid": self.grid.to_dict()}), indent=2))
 
         rows: Dict[str, Dict[str, Any]] = {}
         pending: List[HeadConfig] = []
@@ -405,7 +391,7 @@ class SweepRunner:
             "train_command": "python scripts/train.py " + " ".join(
                 to_argv(options) + ["--output-dir", os.path.join(self.out, "best-run")]),
         }
-        write_atomic(os.path.join(self.out, "best.json"), json.dumps(_plain(best_json), indent=2))
+        write_atomic(os.path.join(self.out, "best.json"), json.dumps(json_safe(best_json), indent=2))
         save_heatmap(summary, os.path.join(self.out, "heatmap.png"),
                      title="RANDOM backbone weights (pipeline check, not a trained model)" if "random" in weights else "")
         out.update(summary=summary, best=best_json)
@@ -416,19 +402,6 @@ def _describe(best: Dict[str, Any]) -> str:
     c = best.get("config", best)
     return (f"margin={c['margin']:g} hidden={c['hidden_dim']} proj={c['projector_dim']} lr={c['learning_rate']:g} "
             f"dropout={c['dropout']:g} wd={c['weight_decay']:g} feature={c.get('feature')}")
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def run_sweep(grid: SweepGrid, settings: SweepSettings, **kwargs) -> Dict[str, Any]:

@@ -35,6 +35,7 @@ from mirip.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS
 from mirip.metadata_csv import read_metadata_csv
 from mirip.ml.ranking_model import RankingHead
 from mirip.paths import normalize_relpath
+from mirip.plain import json_safe
 from mirip.tiers import tier_ranks
 from mirip.training.baseline import RidgeBaseline
 from mirip.training.config import TrainingConfig
@@ -271,19 +272,7 @@ def baseline_metrics(data: RunData, datasets: Dict[str, Optional[FeaturePairData
 
 # --- outputs -------------------------------------------------------------------------------------
 def write_json(path: str, obj: Any) -> None:
-    write_atomic(path, json.dumps(_jsonable(obj), indent=2))
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    return obj
+    write_atomic(path, json.dumps(json_safe(obj), indent=2))
 
 
 def _curves_title(backbone: Dict[str, Any]) -> Optional[str]:

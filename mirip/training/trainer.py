@@ -50,13 +50,12 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-import mirip
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mirip.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint_file, save_checkpoint_file
+from mirip.checkpoint import head_checkpoint, load_checkpoint_file, save_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.ml.ranking_model import HEAD_PREFIXES
 from mirip.training.config import TrainingConfig
@@ -397,28 +396,16 @@ class Trainer:
         # A full-image model with an unfrozen backbone also trains backbone weights; keep them too.
         trainable_rest = {name: p.detach() for name, p in self.model.named_parameters()
                           if p.requires_grad and name not in head}
-        payload: Dict[str, Any] = {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "mirip_version": mirip.__version__,
-            "model_state_dict": head,
-            "optimizer_state_dict": plain_lrs(self.optimizer.state_dict()),
-            "scheduler_state_dict": plain_lrs(self.scheduler.state_dict()),
-            "epoch": int(epoch),
-            "accuracy": float(accuracy),
-            "config": self.config.to_dict(),
-            "head": self.model.head_config() if hasattr(self.model, "head_config") else None,
-            "fingerprint": self.fingerprint,
-            "backbone": self._backbone_info(),
-            "history": {k: list(v) for k, v in self.history.items()},
-            "best_accuracy": float(self.best_accuracy),
-            "best_epoch": int(self.best_epoch),
-            "epochs_without_improvement": int(self.epochs_without_improvement),
-            "best_state_dict": self.best_state,
-            "rng_state": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-        }
+        payload = head_checkpoint(
+            state=head, optimizer_state=plain_lrs(self.optimizer.state_dict()),
+            scheduler_state=plain_lrs(self.scheduler.state_dict()), epoch=epoch, accuracy=accuracy,
+            config=self.config.to_dict(),
+            head=self.model.head_config() if hasattr(self.model, "head_config") else None,
+            fingerprint=self.fingerprint, backbone=self._backbone_info(), history=self.history,
+            best_accuracy=self.best_accuracy, best_epoch=self.best_epoch,
+            epochs_without_improvement=self.epochs_without_improvement, best_state=self.best_state,
+            rng_state={"torch": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
         if trainable_rest:
             payload["trainable_state_dict"] = trainable_rest
         payload.update(self.extra)
