@@ -407,32 +407,31 @@ def match_paths(paths: Sequence[str], names: Sequence[str], roots: Sequence[str]
     return out
 
 
-def split_membership(checkpoint: dict, metadata_path: str) -> Tuple[Dict[str, str], Optional[str]]:
+def split_membership(checkpoint: dict, metadata_path: str, encoding: Optional[str] = None
+                     ) -> Tuple[Dict[str, str], Optional[str]]:
     """filename -> "train" / "val" / "test" as the checkpoint's run split ``metadata_path``, and a note.
 
     The split is rebuilt from the run config stored in the checkpoint. When the checkpoint records which
     images were its training split (``score_reference.images_sha256``) the rebuilt train split must match
     it, else ({}, why) is returned: the metadata is not the file the model was trained on.
     """
-    from mirip.training.run import SPLITS, RunConfig, read_metadata  # training code only when asked for
+    from mirip.training.run import RunConfig, read_metadata  # training code only when asked for
+    from mirip.training.run_data import split_names
 
     run_cfg = checkpoint.get("run_config")
     if not run_cfg:
         return {}, "the checkpoint holds no run config, so which drawings it was trained on is unknown"
     try:
         cfg = RunConfig.from_dict({**run_cfg, "metadata": metadata_path})
-        meta = read_metadata(metadata_path, cfg.filename_column, cfg.tier_column)
-        frames = cfg.splitter().split(meta)
+        meta = read_metadata(metadata_path, cfg.filename_column, cfg.tier_column, encoding)
+        # The run's split, without the images it left out because extraction could not read them.
+        by_split = split_names(meta, cfg.splitter(), cfg.filename_column, checkpoint.get("excluded_images") or ())
     except (ValueError, KeyError, TypeError) as exc:
         return {}, f"the run's split could not be rebuilt from {metadata_path} ({exc})"
-    # The run split the whole metadata, then left out the images extraction could not read.
-    excluded = set(checkpoint.get("excluded_images") or ())
-    out: Dict[str, str] = {}
-    for name, frame in zip(SPLITS, frames):
-        out.update({str(f): name for f in frame[cfg.filename_column] if str(f) not in excluded})
+    out = {name: split for split, chosen in by_split.items() for name in chosen}
     expected = (checkpoint.get("score_reference") or {}).get("images_sha256")
     if expected is not None:
-        train = [f for f, sp in out.items() if sp == "train"]
+        train = by_split["train"]
         got = names_sha256(train)
         if got != expected:
             return {}, (f"{metadata_path} does not give the training split the checkpoint was trained on "

@@ -29,8 +29,8 @@ from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepGrid
 from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_markdown, to_argv, train_options
 from mirip.plain import json_safe
 from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, SweepSettings
-from mirip.training.run import SPLITS, read_metadata
-from mirip.training.run_data import exclusion_note, union_failed, write_excluded
+from mirip.training.run import read_metadata
+from mirip.training.run_data import exclusion_note, split_names, union_failed, write_excluded
 
 
 def cache_labels(paths: Sequence[str]) -> List[str]:
@@ -63,16 +63,14 @@ def check_caches(paths: Sequence[str], names: Sequence[str]) -> List[Dict[str, A
     return facts
 
 
-def make_splits(settings: SweepSettings, grid: SweepGrid) -> Dict[int, Dict[str, List[str]]]:
-    """seed -> {split: image names}: made once per seed from the metadata alone, as scripts/train.py splits."""
+def make_splits(settings: SweepSettings, grid: SweepGrid, excluded: Sequence[str] = ()
+                ) -> Dict[int, Dict[str, List[str]]]:
+    """seed -> {split: image names}: made once per seed from the metadata alone, as scripts/train.py splits
+    (the whole metadata, then the ``excluded`` images left out)."""
     meta = read_metadata(settings.metadata, settings.filename_column, settings.tier_column, settings.encoding)
-    out = {}
-    for seed in grid.seed:
-        splitter = settings.run_config(HeadConfig(1.0, 1, 1, 1.0, 0.0, 0.0, seed)).splitter()
-        frames = splitter.split(meta)
-        out[int(seed)] = {name: frame[settings.filename_column].astype(str).tolist()
-                          for name, frame in zip(SPLITS, frames)}
-    return out
+    return {int(seed): split_names(meta, settings.run_config(HeadConfig(1.0, 1, 1, 1.0, 0.0, 0.0, seed)).splitter(),
+                                   settings.filename_column, excluded)
+            for seed in grid.seed}
 
 
 def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence[str], *, progress: bool = True,
@@ -87,8 +85,7 @@ def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence
     names = [n for n in names if n not in excluded]
     facts = check_caches(list(features), names)  # before any training: a bad cache fails the sweep at once
     labels = cache_labels(features)
-    splits = {seed: {sp: [n for n in chosen if n not in excluded] for sp, chosen in by_split.items()}
-              for seed, by_split in make_splits(settings, grid).items()}
+    splits = make_splits(settings, grid, excluded)
     out = settings.output_dir
     for seed, by_split in splits.items():
         write_atomic(os.path.join(out, "splits", f"seed{seed}.json"), json.dumps(by_split, indent=1))

@@ -45,10 +45,11 @@ from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator
 from mirip.features.cache import open_cache
 from mirip.plain import json_safe
-from mirip.features.spec import FEATURE_NORMS, apply_entry_scales, entry_scales, resolve_feature_norm
+from mirip.features.spec import FEATURE_NORMS
 from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, feature_keys,
                                 read_metadata, split_dataset)
-from mirip.training.run_data import exclusion_note, failed_images, kept_positions, write_excluded
+from mirip.training.run_data import (exclusion_note, failed_images, scaled_features, split_names, split_positions,
+                                     write_excluded)
 from mirip.training.trainer import check_config
 
 # TrainingConfig fields a sweep varies per head (grid axes), and those that do not change any number.
@@ -218,19 +219,14 @@ class SweepRunner:
         # The split and pairs depend on the seed and the fixed settings only, not on the head's hyperparameters.
         rc = self.settings.run_config(HeadConfig(1.0, 1, 1, 1.0, 0.0, 0.0, seed), feature=spec)
         splitter = rc.splitter()
-        if self.fixed_splits is not None:
-            at = {n: i for i, n in enumerate(data["names"])}
-            splits = {name: np.array([at[n] for n in self.fixed_splits[seed][name]], dtype=np.int64)
-                      for name in SPLITS}
-        else:  # split the whole metadata, then leave out the excluded rows (as scripts/train.py does)
-            splits = dict(zip(SPLITS, kept_positions(splitter.split(data["meta_all"]), data["meta"])))
+        by_split = (self.fixed_splits[seed] if self.fixed_splits is not None
+                    else split_names(data["meta_all"], splitter, self.settings.filename_column, data["excluded"]))
+        splits = split_positions(by_split, data["names"])
         # Which drawings each split holds, per seed: comparable across sweeps (and across caches).
         write_atomic(os.path.join(self.out, "splits", f"seed{seed}.json"), json.dumps(
             {name: [data["names"][i] for i in splits[name]] for name in SPLITS}, indent=1))
         features, dims = data["by_spec"][spec]
-        norm = resolve_feature_norm(rc.feature_norm, spec)
-        scales = entry_scales(features, dims, splits["train"]) if norm == "entry" else None
-        features = apply_entry_scales(features, dims, scales)
+        features, scales = scaled_features(features, dims, spec, rc.feature_norm, splits["train"])
         run_data = RunData(data["meta"], features, data["ranks"], data["names"], data["fingerprint"],
                            splits, splitter.get_split_info(), spec=spec, entry_dims=dims,
                            feature_norm="entry" if scales else "none", feature_scales=scales,

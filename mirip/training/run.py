@@ -28,8 +28,7 @@ from mirip.calibration import (CalibrationError, OrdinalCalibration, ScoreRefere
 from mirip.checkpoint import load_checkpoint_file, save_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.features.cache import CacheError, open_cache
-from mirip.features.spec import (FEATURE_NORMS, apply_entry_scales, canonical_spec,
-                                 checkpoint_feature_spec, entry_scales, resolve_feature_norm)
+from mirip.features.spec import FEATURE_NORMS, canonical_spec, checkpoint_feature_spec
 from mirip.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, FingerprintMismatch,
                                check_fingerprint, weights_summary)
 from mirip.metadata_csv import read_metadata_csv
@@ -42,11 +41,11 @@ from mirip.training.config import TrainingConfig
 from mirip.training.datasets.data_splitter import DataSplitter
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator, format_metrics, score_images
-from mirip.training.run_data import exclusion_note, failed_images, kept_positions, write_excluded
+from mirip.training.run_data import (SPLITS, exclusion_note, failed_images, scaled_features, split_names,
+                                     split_positions, write_excluded)
 from mirip.training.metrics import score_metrics
 from mirip.training.trainer import Trainer, history_to_json
 
-SPLITS = ("train", "val", "test")
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
                 "calibration.png")
 
@@ -221,20 +220,16 @@ def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]]
     meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column, cfg.encoding)
     excluded = failed_images(cfg.features, meta[cfg.filename_column].astype(str).tolist(), cfg.strict_images)
     splitter = cfg.splitter()
-    frames = splitter.split(meta)  # on the whole metadata: a repaired image goes back to its own split
+    by_split = split_names(meta, splitter, cfg.filename_column, excluded)
     meta = meta[~meta[cfg.filename_column].astype(str).isin(excluded)]
     names = meta[cfg.filename_column].astype(str).tolist()
     features, fingerprint, spec, dims = load_bank_features(cfg.features, names, cfg.feature, expected_fingerprint,
                                                            ignore_layout=ignore_layout)
-    splits = dict(zip(SPLITS, kept_positions(frames, meta)))
-    norm = resolve_feature_norm(cfg.feature_norm, spec)
-    if fit_scales:
-        scales = entry_scales(features, dims, splits["train"]) if norm == "entry" else None
-    features = apply_entry_scales(features, dims, scales)
+    splits = split_positions(by_split, names)
+    features, scales = scaled_features(features, dims, spec, cfg.feature_norm, splits["train"], scales, fit_scales)
     return RunData(meta, features, tier_ranks(meta, cfg.tier_column), names, fingerprint, splits,
                    splitter.get_split_info(), spec=spec, entry_dims=dims,
-                   feature_norm="entry" if scales else "none", feature_scales=list(scales) if scales else None,
-                   excluded=excluded)
+                   feature_norm="entry" if scales else "none", feature_scales=scales, excluded=excluded)
 
 
 def feature_keys(data: RunData) -> Dict[str, Any]:

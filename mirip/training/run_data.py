@@ -1,4 +1,5 @@
-"""Which metadata rows a stage-two run uses, and where each lands in the split.
+"""The run-data layer of stage two: which metadata rows a run uses, where each lands in the split, and the
+per-entry scaling of their features.
 
 Extraction records the images it could not read (empty, truncated, not an image, missing) with their reason,
 instead of a feature. A run on that cache leaves those rows out, says how many and where to see them, and
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from mirip.atomic import write_atomic
 from mirip.features.cache import CacheError, open_cache
+from mirip.features.spec import apply_entry_scales, entry_scales, resolve_feature_norm
+
+SPLITS = ("train", "val", "test")
 
 EXCLUDED_FILE = "excluded_images.json"
 
@@ -55,13 +59,29 @@ def union_failed(cache_paths: Sequence[str], names: Sequence[str], strict: bool 
     return out
 
 
-def kept_positions(frames: Sequence[pd.DataFrame], kept: pd.DataFrame) -> list:
-    """Each split's rows as positions into ``kept`` (the metadata without the excluded rows), in split order.
+def split_names(meta: pd.DataFrame, splitter, filename_column: str,
+                excluded: Iterable[str] = ()) -> Dict[str, List[str]]:
+    """split -> image names, in split order: ``splitter`` (a DataSplitter) on the whole metadata, then the
+    excluded names dropped. The one way a run's split is made: by train, evaluate, sweeps over one or several
+    caches, and scoring's split membership."""
+    excluded = set(excluded)
+    return {name: [n for n in frame[filename_column].astype(str) if n not in excluded]
+            for name, frame in zip(SPLITS, splitter.split(meta))}
 
-    ``frames`` are the splits of the whole metadata (same index); rows missing from ``kept`` are dropped.
-    """
-    positions = pd.Series(np.arange(len(kept)), index=kept.index)
-    return [np.array(positions.loc[f.index[f.index.isin(kept.index)]].to_numpy(), dtype=np.int64) for f in frames]
+
+def split_positions(by_split: Mapping[str, Sequence[str]], names: Sequence[str]) -> Dict[str, np.ndarray]:
+    """The splits' names as row positions into ``names`` (the run's rows, in metadata order)."""
+    at = {n: i for i, n in enumerate(names)}
+    return {split: np.array([at[n] for n in chosen], dtype=np.int64) for split, chosen in by_split.items()}
+
+
+def scaled_features(features, dims: Sequence[int], spec: str, mode: str, train_rows,
+                    scales: Optional[Sequence[float]] = None, fit: bool = True):
+    """(features with per-entry scales applied, the scales or None): fitted on ``train_rows`` when ``mode``
+    resolves to ``entry`` for ``spec`` (``fit``), else ``scales`` as given (a checkpoint's)."""
+    if fit:
+        scales = entry_scales(features, dims, train_rows) if resolve_feature_norm(mode, spec) == "entry" else None
+    return apply_entry_scales(features, dims, scales), (list(scales) if scales else None)
 
 
 def exclusion_note(excluded: Dict[str, str], where: str) -> str:
@@ -78,4 +98,5 @@ def write_excluded(out_dir: str, excluded: Dict[str, str]) -> str:
     return path
 
 
-__all__ = ["EXCLUDED_FILE", "failed_images", "union_failed", "kept_positions", "exclusion_note", "write_excluded"]
+__all__ = ["SPLITS", "EXCLUDED_FILE", "failed_images", "union_failed", "split_names", "split_positions",
+           "scaled_features", "exclusion_note", "write_excluded"]
