@@ -3,6 +3,71 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
+from typing import Iterable, Mapping, Optional
+
+from mirip.training.config import TrainingConfig
+from mirip.training.datasets.pair_sampling import BALANCES
+from mirip.training.static_step import STEP_MODES
+
+TRAINING_HELP = {
+    "learning_rate": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "batch_size": "pairs per optimisation step",
+    "max_epochs": "maximum number of epochs",
+    "gradient_clip_norm": "clip the gradient norm to this value",
+    "early_stopping_patience": "stop after this many epochs without a better val accuracy (0: never)",
+    "scheduler_t_max": "CosineAnnealingLR period in epochs",
+    "scheduler_eta_min": "CosineAnnealingLR minimum learning rate",
+    "save_every_n_epochs": "also keep checkpoint_epoch_N.pt every N epochs",
+    "wandb_enabled": "log to Weights & Biases (needs `pip install wandb`)",
+    "wandb_project": "wandb project name",
+    "wandb_run_name": "wandb run name",
+    "device": "cuda or cpu (cuda falls back to cpu with a warning when absent); default: cuda when available",
+    "seed": "seed of the split, the head's init, dropout and every epoch's pairs",
+    "pairs_per_epoch": "training pairs sampled afresh each epoch",
+    "eval_pairs": "validation and test pairs (sampled once)",
+    "pair_balance": "'tier_pair': pairs spread evenly over S-A, S-B, ..., B-C; 'uniform': over all cross-tier pairs",
+    "num_workers": "DataLoader workers (image datasets only; cached features need none)",
+    "head_step": "head step on cached features: auto (eager until the CUDA graph is verified on a GPU), eager, static (the "
+                 "graph's static-buffer step without a graph) or graph",
+}
+CHOICES = {"pair_balance": BALANCES, "head_step": STEP_MODES}
+
+
+def add_training_options(group, skip: Iterable[str] = ("checkpoint_dir",),
+                         help_text: Optional[Mapping[str, str]] = None) -> None:
+    """One option per TrainingConfig field (``--learning-rate``, ``--max-epochs``, ...), defaults from the
+    dataclass, for train and sweep alike (``skip``: fields the command sets otherwise; ``help_text``: its own
+    wording for some). ``--device`` defaults to None: cuda when available (``training_config``)."""
+    hints = typing.get_type_hints(TrainingConfig)
+    helps = {**TRAINING_HELP, **(help_text or {})}
+    for f in dataclasses.fields(TrainingConfig):
+        if f.name in skip:
+            continue
+        flag, kind, text = "--" + f.name.replace("_", "-"), hints[f.name], helps.get(f.name, f.name)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        elif f.name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[f.name], default=f.default, help=text)
+        elif f.name == "device":
+            group.add_argument(flag, default=None, help=text)
+        else:
+            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+            group.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(), help=text)
+
+
+def training_values(args: argparse.Namespace, output_dir: str, skip: Iterable[str] = ("checkpoint_dir",)) -> dict:
+    """The TrainingConfig fields the options of ``add_training_options`` set, the device resolved and the
+    checkpoint directory the output directory."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig) if f.name not in skip}
+    if values.get("device", "") is None:
+        import torch
+
+        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    values["checkpoint_dir"] = output_dir
+    return values
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

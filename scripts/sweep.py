@@ -17,9 +17,7 @@ Run the same command again after an interruption: finished configurations are sk
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 from pathlib import Path
 
 try:
@@ -28,7 +26,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
-from mirip.cli_options import DefaultsHelpFormatter, add_data_options
+from mirip.cli_options import DefaultsHelpFormatter, add_data_options, add_training_options, training_values
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.sweep.grid import SweepConfigError, SweepGrid
@@ -36,7 +34,6 @@ from mirip.sweep.multi import run_multi_sweep
 from mirip.sweep.runner import GRID_FIELDS, OUTPUT_FILES, SweepSettings, run_sweep
 from mirip.sweep.stacked import OPTIMIZERS
 from mirip.training.config import TrainingConfig
-from mirip.training.datasets.pair_sampling import BALANCES
 
 DEFAULTS = TrainingConfig()
 GRID_OPTIONS = (  # (flag, dest, type, default, help)
@@ -85,23 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         grid.add_argument(flag, dest=dest, type=kind, nargs="+", default=default, metavar="SPEC" if dest == "feature" else kind.__name__.upper(),
                           help=help_text)
     fixed = parser.add_argument_group("fixed training settings (TrainingConfig; one value for every head)")
-    hints = typing.get_type_hints(TrainingConfig)
-    for f in dataclasses.fields(TrainingConfig):
-        if f.name in SKIPPED:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if kind is bool:
-            fixed.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=FIXED_HELP.get(f.name, f.name))
-        elif f.name == "pair_balance":
-            fixed.add_argument(flag, choices=BALANCES, default=f.default, help="how pairs spread over tier pairs")
-        elif f.name == "device":
-            fixed.add_argument(flag, default=None, help="cuda or cpu (default: cuda when available)")
-        else:
-            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
-            fixed.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(),
-                               help=FIXED_HELP.get(f.name, f.name))
+    add_training_options(fixed, skip=SKIPPED, help_text=FIXED_HELP)
     fixed.add_argument("--feature-norm", choices=FEATURE_NORMS, default="auto",
                        help="per-entry scaling of each spec, fitted on each seed's train split (entry) or none; "
                             "auto: entry for specs of several entries")
@@ -120,12 +101,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
     grid = SweepGrid(**{dest: tuple(getattr(args, dest)) for _, dest, *_ in GRID_OPTIONS})
     if args.wandb_enabled:
         raise SweepConfigError("--wandb-enabled: wandb logging is not supported by sweeps (one run per head)")
-    training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig) if f.name not in SKIPPED}
-    if training["device"] is None:
-        import torch
-
-        training["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    training["checkpoint_dir"] = args.output_dir
+    training = training_values(args, args.output_dir, skip=SKIPPED)
     settings = SweepSettings(
         features=args.features[0], metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column, train_ratio=args.train_ratio,

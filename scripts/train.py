@@ -8,9 +8,7 @@ Example, from the repository root:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 from pathlib import Path
 
 try:
@@ -19,38 +17,11 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
-from mirip.cli_options import DefaultsHelpFormatter, add_data_options
+from mirip.cli_options import DefaultsHelpFormatter, add_data_options, add_training_options, training_values
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.training.config import TrainingConfig
-from mirip.training.static_step import STEP_MODES
-from mirip.training.datasets.pair_sampling import BALANCES
 from mirip.training.run import OUTPUT_FILES, RunConfig, train
-
-TRAINING_HELP = {
-    "learning_rate": "AdamW learning rate",
-    "weight_decay": "AdamW weight decay",
-    "batch_size": "pairs per optimisation step",
-    "max_epochs": "maximum number of epochs",
-    "gradient_clip_norm": "clip the gradient norm to this value",
-    "early_stopping_patience": "stop after this many epochs without a better val accuracy (0: never)",
-    "scheduler_t_max": "CosineAnnealingLR period in epochs",
-    "scheduler_eta_min": "CosineAnnealingLR minimum learning rate",
-    "save_every_n_epochs": "also keep checkpoint_epoch_N.pt every N epochs",
-    "wandb_enabled": "log to Weights & Biases (needs `pip install wandb`)",
-    "wandb_project": "wandb project name",
-    "wandb_run_name": "wandb run name",
-    "device": "cuda or cpu (cuda falls back to cpu with a warning when absent); default: cuda when available",
-    "seed": "seed of the split, the head's init, dropout and every epoch's pairs",
-    "pairs_per_epoch": "training pairs sampled afresh each epoch",
-    "eval_pairs": "validation and test pairs (sampled once)",
-    "pair_balance": "'tier_pair': pairs spread evenly over S-A, S-B, ..., B-C; 'uniform': over all cross-tier pairs",
-    "num_workers": "DataLoader workers (image datasets only; cached features need none)",
-    "head_step": "head step on cached features: auto (eager until the CUDA graph is verified on a GPU), eager, static (the "
-                 "graph's static-buffer step without a graph) or graph",
-}
-SKIPPED = {"checkpoint_dir"}  # the output directory is the checkpoint directory
-
 
 def _positive(kind):
     def parse(text: str):
@@ -59,29 +30,6 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
     return parse
-
-
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per TrainingConfig field (``--learning-rate``, ``--max-epochs``, ...), defaults from the dataclass."""
-    group = parser.add_argument_group("training (TrainingConfig)")
-    hints = typing.get_type_hints(TrainingConfig)
-    for f in dataclasses.fields(TrainingConfig):
-        if f.name in SKIPPED:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        help_text = TRAINING_HELP.get(f.name, f.name)
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        elif f.name == "pair_balance":
-            group.add_argument(flag, choices=BALANCES, default=f.default, help=help_text)
-        elif f.name == "head_step":
-            group.add_argument(flag, choices=STEP_MODES, default=f.default, help=help_text)
-        elif f.name == "device":
-            group.add_argument(flag, default=None, help=help_text)
-        else:
-            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
-            group.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.1, help="Projector dropout")
     model.add_argument("--ridge-alpha", type=float, default=None, help="ridge strength of the linear baseline "
                        "(default: picked on the val split)")
-    add_training_arguments(parser)
+    add_training_options(parser.add_argument_group("training (TrainingConfig)"))
     run = parser.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
@@ -115,12 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    training = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig) if f.name not in SKIPPED}
-    if training["device"] is None:
-        import torch
-
-        training["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    training["checkpoint_dir"] = args.output_dir
+    training = training_values(args, args.output_dir)
     return RunConfig(
         features=args.features, metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column,
