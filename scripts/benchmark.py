@@ -18,11 +18,9 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, List, Optional, Tuple
@@ -32,8 +30,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mirip
 from mirip.atomic import write_atomic
+from mirip.bench.machine import machine_info
 from mirip.cli_options import DefaultsHelpFormatter
 from mirip.devices import PRECISIONS, default_precision, resolve_device
 
@@ -97,27 +95,6 @@ def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
     for module in modules.values():
         module.add_arguments(parser)
     return parser
-
-
-def machine_info(device: str) -> Dict[str, Any]:
-    import torch
-    import transformers
-
-    from mirip.training.benchmarks import device_name
-
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_cores": os.cpu_count(),
-        # Other work on the machine slows CPU figures down; the load at the start says how busy it was.
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "device": device,
-        "device_name": device_name(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "mirip": mirip.__version__,
-    }
 
 
 def _cpu_seconds() -> float:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mirip.bench.machine import device_name, sync
 from mirip.devices import default_precision, resolve_device
 from mirip.features.cache import FeatureCache
 from mirip.features.extract import ExtractConfig, build_models, run_pipeline
@@ -173,21 +174,17 @@ class PeakRSS:
 
 
 # --- the two measurements ------------------------------------------------------------------------
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 def bare_backbone(extractor, batches: List[torch.Tensor], repeats: int) -> float:
     """images/s of ``extract`` alone on batches already on the device."""
     extractor.extract(batches[0])  # warm-up: kernels, autocast caches
-    _sync(extractor.device)
+    sync(extractor.device)
     n, start = 0, time.perf_counter()
     for _ in range(repeats):
         for b in batches:
             extractor.extract(b)
             n += b.shape[0]
-    _sync(extractor.device)
+    sync(extractor.device)
     return n / (time.perf_counter() - start)
 
 
@@ -286,7 +283,7 @@ def run(args: argparse.Namespace) -> dict:
     bare = float(np.median(bare_runs))
     big = sorted(big_runs, key=lambda r: r["images_per_s"])[len(big_runs) // 2]
     result = {
-        "device": device, "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
+        "device": device, "device_name": device_name(device),
         "cpu_cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
         "torch_threads": torch.get_num_threads(), "backbone": config.backbone, "family": extractor.info.family,
         "random_init": config.random_init,

@@ -20,7 +20,8 @@ from mirip.ml.backbones import RandomWeightsWarning
 from mirip.features.spec import FeatureSpec
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
-from mirip.training.benchmarks import PerformanceBenchmarks, device_name
+from mirip.bench.machine import device_name
+from mirip.bench.performance import PerformanceBenchmarks
 
 GOALS = {"inference_ms": 15.0, "memory_gb": 4.0, "speedup": 100.0, "two_stage_minutes": 4.0}
 # (full default, --quick default) for every option left unset on the command line.

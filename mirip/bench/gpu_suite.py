@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import torch
 
+from mirip.bench.machine import machine_info, sync
 from mirip.atomic import write_atomic
 from mirip.devices import default_precision, resolve_device
 from mirip.ml import compiled as C
@@ -93,16 +94,12 @@ def _opt(args, name: str) -> int:
     return int(value) if value is not None else DEFAULTS[name][1 if args.quick else 0]
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()  # CPU-GPU sync point: time the work, not its queueing
-
 
 def _wall(fn: Callable[[], Any], device: str) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -408,14 +405,6 @@ RUNNERS = {"backbone": backbone_section, "head_step": head_step_section, "traini
            "extraction": extraction_section}
 
 
-def machine(device: str) -> Dict[str, Any]:
-    from mirip.training.benchmarks import device_name
-
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "device_name": device_name(device),
-            "torch": torch.__version__, "cpu_cores": os.cpu_count(),
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-
-
 def run(args: argparse.Namespace, output_dir: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS]
@@ -427,7 +416,7 @@ def run(args: argparse.Namespace, output_dir: str, log: Callable[[str], None] = 
     args.backbone = args.backbone or ("facebook/dinov2-large" if cuda else "facebook/dinov2-small")
     args.image_size = args.image_size or (768 if cuda else 224)
     os.makedirs(output_dir, exist_ok=True)
-    report: Dict[str, Any] = {"machine": machine(args.device), "backbone": args.backbone,
+    report: Dict[str, Any] = {"machine": machine_info(args.device), "backbone": args.backbone,
                               "weights": "random" if args.random_init else "pretrained", "precision": args.precision,
                               "image_size": args.image_size, "quick": args.quick, "sections": {}, "failed": []}
     ctx: Dict[str, Any] = {}

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from mirip.bench.machine import sync
 from mirip.devices import resolve_device
 from mirip.ml.ranking_model import RankingHead
 from mirip.sweep.engine import train_group
@@ -87,10 +88,6 @@ def _grid(args: argparse.Namespace) -> SweepGrid:
         weight_decay=(0.01,), seed=(0,),
     )
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()  # CPU-GPU sync point: time the work, not its queueing
 
 
 def _data(n: int, dim: int, device: str):
@@ -166,13 +163,13 @@ def _run(args: argparse.Namespace) -> dict:
     _sequential(configs[:1], feats, ranks, splits, dataclasses.replace(tc, max_epochs=1), device)
     for _ in range(_opt(args, "repeats")):
         for arm in ("sequential", "sweep"):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             if arm == "sweep":
                 results[arm] = _sweep(configs, feats, ranks, splits, tc, device, optimizer)
             else:
                 results[arm] = _sequential(configs, feats, ranks, splits, tc, device)
-            _sync(device)
+            sync(device)
             times[arm].append(time.perf_counter() - t0)
     seq, swp = statistics.median(times["sequential"]), statistics.median(times["sweep"])
     val_diff = max(abs(results["sweep"][c.config_id]["val_acc"] - results["sequential"][c.config_id]["val_acc"])

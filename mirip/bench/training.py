@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from mirip.bench.machine import sync
 from mirip.devices import resolve_device
 from mirip.ml.ranking_model import RankingHead
 from mirip.training.config import TrainingConfig
@@ -73,10 +74,6 @@ def _opt(args: argparse.Namespace, name: str) -> int:
     return int(value) if value is not None else DEFAULTS[name][1 if getattr(args, "quick", False) else 0]
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()  # CPU-GPU sync point: time the work, not its queueing
-
 
 def _head(dim: int, seed: int, device: str) -> RankingHead:
     torch.manual_seed(seed)
@@ -89,7 +86,7 @@ def _bare_pass(model: RankingHead, opt: torch.optim.Optimizer, feats: torch.Tens
     model.train()
     loss_fn = torch.nn.MarginRankingLoss(margin=model.margin)
     labels_f = labels.float()
-    _sync(device)
+    sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for s in range(0, len(labels), batch_size):
         s1, s2 = model(feats[first[s:s + batch_size]], feats[second[s:s + batch_size]])
@@ -97,12 +94,12 @@ def _bare_pass(model: RankingHead, opt: torch.optim.Optimizer, feats: torch.Tens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    _sync(device)
+    sync(device)
     return len(labels) / (time.perf_counter() - t0), len(labels) / (time.process_time() - c0)
 
 
 def _trainer_pass(trainer: Trainer, dataset: FeaturePairDataset, device: str) -> Tuple[float, float]:
-    _sync(device)
+    sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train_epoch(dataset)  # ends in a .item(): synchronised
     return dataset.num_pairs / (time.perf_counter() - t0), dataset.num_pairs / (time.process_time() - c0)
@@ -166,10 +163,10 @@ def _run(args: argparse.Namespace, device: str) -> Dict:
     with tempfile.TemporaryDirectory() as tmp:
         full_cfg.checkpoint_dir = tmp
         fit_trainer = Trainer(_head(dim, 0, device), full_cfg, progress=False, log=lambda m: None)
-        _sync(device)
+        sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         fit_trainer.fit(train_ds, val_ds)
-        _sync(device)
+        sync(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if static:
         st_med = statistics.median(o[0] for o in static)
