@@ -513,7 +513,7 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
             repairs = repair_path_list(cache, [rel for rel, _, _ in items], cache.failures())
             merge_parts(cache, leftover_parts(output), order)
             # Guarded like every write: a disk already full says so in one line, with the reserve in place.
-            cache._guarded(lambda: cache.h5.attrs.__setitem__("extract_config", json.dumps(config.to_dict())))
+            cache.set_attribute("extract_config", json.dumps(config.to_dict()))
             write_config_json(config, output, fingerprint)
             # A full read of the cache: damage found here is re-extracted by this run, not reported cached.
             # (Without it, the rows given their path back above are still re-extracted.)
