@@ -5,21 +5,12 @@
     with open_cache(summary.output) as cache:
         features, rows = cache.load_features(), cache.index
 
-Names load lazily, so ``mirip.features.spec`` (imported by the extractor itself) does not pull in the
-extraction pipeline, which imports the extractor.
+The feature-spec vocabulary these modules share with ``mirip.ml`` lives below both, in ``mirip.feature_spec``
+(``mirip.features.spec`` re-exports it), so the extractor never imports this package.
 """
 
-import importlib
+from mirip.features.cache import CacheError, FeatureCache, open_cache, write_cache
+from mirip.features.extract import ExtractConfig, ExtractSummary, extract_features
 
-_EXPORTS = {
-    "CacheError": "mirip.features.cache", "FeatureCache": "mirip.features.cache", "open_cache": "mirip.features.cache",
-    "write_cache": "mirip.features.cache", "ExtractConfig": "mirip.features.extract",
-    "ExtractSummary": "mirip.features.extract", "extract_features": "mirip.features.extract",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mirip.features' has no attribute {name!r}")
+__all__ = ["CacheError", "FeatureCache", "open_cache", "write_cache", "ExtractConfig", "ExtractSummary",
+           "extract_features"]

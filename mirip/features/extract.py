@@ -27,15 +27,15 @@ from tqdm import tqdm
 
 from mirip.atomic import write_atomic
 from mirip.devices import PRECISIONS
+from mirip.feature_spec import EXTRACT_POOLINGS
 from mirip.features.cache import CacheError, FeatureCache
 from mirip.features.distributed import DistContext, StopRequested, leftover_parts, merge_parts, part_path
 from mirip.features.mapper import Mapper, Normalizer
-from mirip.features.spec import BANK_POOLINGS
 from mirip.features.reader import ImageFileDataset, ReadBatch, collate, list_images, source_facts
 from mirip.features.writer import CacheWriter, WriteJob
 from mirip.fingerprint import ENVIRONMENT_FIELDS, make_fingerprint
 from mirip.ml import compiled
-from mirip.ml.feature_extractor import POOLINGS, DINOv2FeatureExtractor
+from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.preprocessing import RESIZE_MODES, Preprocessor
 
 FEATURE_DTYPES = ("float32", "float16")
@@ -81,8 +81,8 @@ class ExtractConfig:
         checks = [
             (self.image_size >= 14, f"image_size must be >= 14, got {self.image_size}"),
             (self.resize_mode in RESIZE_MODES, f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}"),
-            (all(p in POOLINGS + BANK_POOLINGS for p in self.poolings) and len(self.poolings) > 0,
-             f"pooling must be one or more of {tuple(dict.fromkeys(POOLINGS + BANK_POOLINGS))}, got {self.pooling!r}"),
+            (all(p in EXTRACT_POOLINGS for p in self.poolings) and len(self.poolings) > 0,
+             f"pooling must be one or more of {EXTRACT_POOLINGS}, got {self.pooling!r}"),
             (self.layers is None or (len(self.layers) > 0 and all(int(l) != 0 for l in self.layers)),
              f"layers must be non-zero block indices (1-based, or negative from the last), got {self.layers!r}"),
             (self.precision is None or self.precision in PRECISIONS,
@@ -513,7 +513,7 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
             repairs = repair_path_list(cache, [rel for rel, _, _ in items], cache.failures())
             merge_parts(cache, leftover_parts(output), order)
             # Guarded like every write: a disk already full says so in one line, with the reserve in place.
-            cache._guarded(lambda: cache.h5.attrs.__setitem__("extract_config", json.dumps(config.to_dict())))
+            cache.set_attribute("extract_config", json.dumps(config.to_dict()))
             write_config_json(config, output, fingerprint)
             # A full read of the cache: damage found here is re-extracted by this run, not reported cached.
             # (Without it, the rows given their path back above are still re-extracted.)

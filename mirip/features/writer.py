@@ -116,14 +116,14 @@ class CacheWriter:
 def _fail_for_tests(cache: FeatureCache) -> None:
     """Test-only: with MIRIP_TEST_WRITE_ERROR="RANK:ROWS", the process of that torchrun rank (0 without torchrun)
     meets a full disk once its cache holds ROWS committed rows: the write fails through the cache's own error
-    path (``FeatureCache._guarded``), exactly as an ENOSPC from HDF5 would."""
+    path (``FeatureCache.guarded_write``), exactly as an ENOSPC from HDF5 would."""
     spec = os.environ.get("MIRIP_TEST_WRITE_ERROR")
     if spec:
         rank, rows = spec.split(":", 1)
         if int(os.environ.get("RANK", "0")) == int(rank) and cache.num_rows >= int(rows):
             def fail() -> None:
                 raise OSError(errno.ENOSPC, "No space left on device (MIRIP_TEST_WRITE_ERROR)")
-            cache._guarded(fail)
+            cache.guarded_write(fail)
 
 
 def _pause_for_tests(cache: FeatureCache) -> None:

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from mirip.devices import autocast_dtype, check_precision, default_precision, device_type, resolve_device
-from mirip.features.spec import Entry, FeatureSpec, FeatureSpecError, bank_entries, parse_entry
+from mirip.feature_spec import (CLS_POOLINGS, POOLINGS, Entry, FeatureSpec, FeatureSpecError, bank_entries, entry_dim,
+                                parse_entry)
 from mirip.ml.backbones import BackboneInfo, load_backbone
 from mirip.ml.families import block_output, family_of, image_normalization
 from mirip.preprocessing import Preprocessor
 
-POOLINGS = ("cls", "mean", "cls_mean")
+# The pooling names are mirip.feature_spec's (POOLINGS stays importable from here, as it always was).
 
 
 class _StopForward(Exception):
@@ -98,13 +99,13 @@ class DINOv2FeatureExtractor(nn.Module):
             blocks = [e.block(self.num_layers) for e in entry_list]
         except FeatureSpecError as exc:
             raise ValueError(f"{model_name}: {exc}") from None
-        if any(e.pooling in ("cls", "cls_mean") for e in entry_list) and not self.family.provides_cls(self.backbone):
+        if any(e.pooling in CLS_POOLINGS for e in entry_list) and not self.family.provides_cls(self.backbone):
             raise ValueError(f"{model_name}: this {self.family.title} has no CLS token and no pooling head "
                              "(vision_use_head is false), so it has no cls feature; use mean or std pooling")
         self.entries: List[Entry] = entry_list
         self.entry_names: List[str] = [e.name for e in entry_list]
         self.entry_blocks: List[int] = blocks
-        self.entry_dims: List[int] = [2 * hidden if e.pooling == "cls_mean" else hidden for e in entry_list]
+        self.entry_dims: List[int] = [entry_dim(e.pooling, hidden) for e in entry_list]
         # ``pooling`` as the seed knows it for a single entry of the last block; the poolings used otherwise.
         if isinstance(pooling, str) and layers is None and entries is None:
             self.pooling = pooling
