@@ -33,6 +33,7 @@ from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.sweep.grid import SweepConfigError, SweepGrid
 from mirip.sweep.multi import run_multi_sweep
+from mirip.sweep.report import tie_note
 from mirip.sweep.runner import GRID_FIELDS, OUTPUT_FILES, SweepSettings, run_sweep
 from mirip.sweep.stacked import OPTIMIZERS
 from mirip.training.config import TrainingConfig
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if best:
         where = f"cache {best['cache']} ({best['backbone']}) " if "cache" in best else ""
         print(f"best on validation: {where}{best['config']} val {best['val_acc_mean']:.4f} test {best['test_acc_mean']:.4f}")
+        summary = result.get("summary")
+        if summary is not None and len(summary) and tie_note(summary):
+            print(tie_note(summary))
         print(f"train it: {best['train_command']}")
     return 0
 
