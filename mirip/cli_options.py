@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+
+
+def plain_warnings() -> None:
+    """Warnings as the commands' other notes, ``warning: <message>`` on stderr: not Python's default of the
+    library's file and line, then a raw source line a user cannot act on."""
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 (warnings' signature)
+        print(f"warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -10,6 +10,9 @@ import pandas as pd
 TIERS = ("S", "A", "B", "C")
 # Higher rank = better drawing.
 TIER_RANK = {"S": 3, "A": 2, "B": 1, "C": 0}
+# One colour per tier in every plot and report, four hues apart (not two greens) so S and A are told apart
+# at a glance: blue, green, orange, red from best to worst.
+TIER_COLOURS = {"S": "#2166ac", "A": "#4dac26", "B": "#f1a340", "C": "#b2182b"}
 SHOWN_BAD_ROWS = 20  # a file with thousands of bad tiers lists this many, then the count
 
 

@@ -22,7 +22,7 @@ except ImportError:
 
 import pandas as pd
 
-from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option
+from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
 from mirip.checkpoint import CheckpointError
 from mirip.fingerprint import FingerprintMismatch
 from mirip.inference import Scorer, ScoreResult, find_images, load_scorer, match_paths, split_membership
@@ -217,6 +217,7 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    plain_warnings()
     if args.compare and args.images:
         parser.error("--compare A B scores two drawings; do not also pass IMAGES_OR_DIRS")
     if args.compare and (args.output or args.html or args.metadata):

@@ -28,7 +28,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
-from mirip.cli_options import DefaultsHelpFormatter, add_data_options
+from mirip.cli_options import DefaultsHelpFormatter, add_data_options, plain_warnings
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.sweep.grid import SweepConfigError, SweepGrid
@@ -139,6 +139,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plain_warnings()
     try:
         grid, settings = settings_from_args(args)
         if len(args.features) > 1:

@@ -19,7 +19,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
-from mirip.cli_options import DefaultsHelpFormatter, add_data_options
+from mirip.cli_options import DefaultsHelpFormatter, add_data_options, plain_warnings
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.training.config import TrainingConfig
@@ -134,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plain_warnings()
     try:
         cfg = config_from_args(args)
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)

@@ -175,3 +175,48 @@ def test_heatmap_colour_range_stays_in_0_1_and_never_magnifies_seed_noise():
     lo, hi = colour_range(np.array([0.995, 1.0]), np.array([0.02, 0.02]))  # near the top: shifted, not past 1
     assert hi == pytest.approx(1.0) and lo == pytest.approx(0.92)
     assert colour_range(np.array([0.2, 0.9]), np.array([np.nan, np.nan])) == pytest.approx((0.2, 0.9))
+
+
+def test_tiles_name_the_subfolder_when_names_repeat():
+    from mirip.report_html import display_names
+
+    names = display_names(["/data/new/a/x.png", "/data/new/b/x.png", "/data/new/y.png"])
+    assert names == {"/data/new/a/x.png": "a/x.png", "/data/new/b/x.png": "b/x.png", "/data/new/y.png": "y.png"}
+    assert display_names(["/d/only.png"]) == {"/d/only.png": "only.png"}
+
+
+def test_report_header_says_the_accuracy_is_validation_accuracy():
+    from mirip.report_html import render_html
+
+    page = render_html([{"path": "/d/a.png", "score": 1.0, "rank": 1}], {}, info={"epoch": 3, "accuracy": 0.99})
+    assert "<td>val pairwise accuracy (chose the epoch)</td><td>0.99</td>" in page and "<td>accuracy</td>" not in page
+
+
+def test_warnings_print_as_one_plain_line(capsys):
+    import warnings
+
+    from mirip.cli_options import plain_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        plain_warnings()
+        warnings.warn("backbone weights are RANDOM")
+    assert capsys.readouterr().err == "warning: backbone weights are RANDOM\n"  # no file:line, no source line
+
+
+def test_extract_defaults_follow_the_device(capsys):
+    import argparse
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "extract.py")
+    spec = importlib.util.spec_from_file_location("extract_script_messages", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.build_parser().parse_args(["--image-dir", "x", "--device", "cpu"])
+    script._device_defaults(args)
+    assert (args.backbone, args.image_size) == ("facebook/dinov2-small", 224)
+    assert "defaults on a CPU: --backbone facebook/dinov2-small --image-size 224" in capsys.readouterr().out
+    args = script.build_parser().parse_args(["--image-dir", "x", "--device", "cuda", "--image-size", "518"])
+    script._device_defaults(args)
+    assert (args.backbone, args.image_size) == ("facebook/dinov2-large", 518)
