@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mirip.plain import plain
-from mirip.tiers import TIERS
+from mirip.tiers import TIER_COLOURS, TIERS
 
 CALIBRATION_VERSION = 1
 # Internal order: rank 0..3 = C, B, A, S. Everything returned to users is in TIERS order (S, A, B, C).
@@ -464,7 +464,7 @@ def save_calibration_plot(path: str, calibration: OrdinalCalibration,
     ax_rel.set_xlabel("probability of the predicted tier")
     ax_rel.set_ylabel("how often the predicted tier is right")
     ax_rel.set_title("reliability (top label)")
-    ax_rel.legend(fontsize=7, loc="upper left")
+    ax_rel.legend(fontsize=9, loc="lower right", framealpha=0.9)
     ax_rel.grid(alpha=0.3)
 
     all_scores = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1) for s, _ in splits.values()])
@@ -472,9 +472,9 @@ def save_calibration_plot(path: str, calibration: OrdinalCalibration,
     pad = 0.1 * (hi - lo or 1.0)
     grid = np.linspace(lo - pad, hi + pad, 300)
     probs = calibration.probabilities(grid)
-    colours = {"S": "#1b7837", "A": "#5aae61", "B": "#f1a340", "C": "#b2182b"}
+    colours = TIER_COLOURS
     for j, t in enumerate(TIERS):
-        ax_p.plot(grid, probs[:, j], color=colours[t], label=f"P({t})")
+        ax_p.plot(grid, probs[:, j], color=colours[t], lw=2, ls=("-", "--", "-.", ":")[j], label=f"P({t})")
     name = calibration.fitted_on if calibration.fitted_on in splits else next(iter(splits))
     scores, ranks = splits[name]
     ranks = np.asarray(ranks).reshape(-1)
@@ -485,7 +485,7 @@ def save_calibration_plot(path: str, calibration: OrdinalCalibration,
     ax_p.set_xlabel("score")
     ax_p.set_ylabel("probability")
     ax_p.set_title(f"P(tier | score); ticks: {name} split drawings by tier")
-    ax_p.legend(fontsize=7)
+    ax_p.legend(fontsize=10, loc="center right", framealpha=0.9)
     ax_p.grid(alpha=0.3)
     if title:
         fig.suptitle(title, color="#a00000" if "RANDOM" in title else "black")

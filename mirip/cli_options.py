@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
+import warnings
 from typing import Iterable, Mapping, Optional
 
 from mirip.training.config import TrainingConfig
@@ -68,6 +70,15 @@ def training_values(args: argparse.Namespace, output_dir: str, skip: Iterable[st
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     values["checkpoint_dir"] = output_dir
     return values
+
+
+def plain_warnings() -> None:
+    """Warnings as the commands' other notes, ``warning: <message>`` on stderr: not Python's default of the
+    library's file and line, then a raw source line a user cannot act on."""
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 (warnings' signature)
+        print(f"warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -22,6 +22,16 @@ def resolve_device(device: Optional[str] = None) -> str:
     return device
 
 
+# (backbone, image size) when a command is given neither: the seed's setting on a GPU; on a CPU the large model
+# at 768 px takes ~16 s per forward, so the small one at 224 px (as scripts/demo.sh uses) keeps a run to minutes.
+DEVICE_DEFAULTS = {"cuda": ("facebook/dinov2-large", 768), "cpu": ("facebook/dinov2-small", 224)}
+
+
+def device_defaults(device: str) -> tuple:
+    """(backbone, image size) that ``scripts/extract.py`` and ``scripts/benchmark.py`` use on ``device``."""
+    return DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
 def default_precision(device: str) -> str:
     """bf16 autocast on a GPU (tensor cores, fp32 range); fp32 on CPU, where bf16 is slower on most chips."""
     return "bf16" if str(device).startswith("cuda") else "fp32"

@@ -35,13 +35,33 @@ LAYOUT_FIELDS = ("format_version", "feature_dim", "pooling", "views", "feature_e
                  "feature_entry_dims", "backbone_layers")
 
 
-class FingerprintMismatch(ValueError):
-    """Two fingerprints differ; ``fields`` lists the differing field names."""
+# What to do about a mismatch, by what holds the stored value (the first word(s) of ``what``).
+DEFAULT_FIXES = {
+    "cache": "use a cache extracted with the settings asked for (scripts/extract.py with another --output), "
+             "or ask for the cache's settings",
+    "checkpoint": "leave out the option that differs: the checkpoint's own value is the default",
+}
 
-    def __init__(self, fields: dict, what: str = "feature cache"):
+
+class FingerprintMismatch(ValueError):
+    """Two fingerprints differ; ``fields`` maps each differing field to (expected, actual) as compared.
+
+    The message says one thing everywhere: "the <cache/checkpoint> has X, <asker> asks for Y; to fix: ...".
+    ``holder`` says which side is the stored one named by ``what``: "actual" (a cache checked against what a
+    command wants: ``FeatureCache.check_fingerprint``) or "expected" (a checkpoint whose values a command's
+    options or rebuilt backbone must match). ``has`` / ``asks`` hold the values that way round."""
+
+    def __init__(self, fields: dict, what: str = "feature cache", *, holder: str = "actual",
+                 asker: str = "this command", fix: Optional[str] = None):
+        if holder not in ("actual", "expected"):
+            raise ValueError(f"holder must be 'actual' or 'expected', not {holder!r}")
         self.fields = fields
-        detail = "; ".join(f"{k}: expected {a!r}, found {b!r}" for k, (a, b) in fields.items())
-        super().__init__(f"{what} fingerprint does not match ({detail})")
+        self.has = {k: (b if holder == "actual" else a) for k, (a, b) in fields.items()}
+        self.asks = {k: (a if holder == "actual" else b) for k, (a, b) in fields.items()}
+        noun = "checkpoint" if what.startswith("checkpoint") else "cache" if "cache" in what.split(" ")[:2] else what
+        detail = "; ".join(f"{k}: the {noun} has {self.has[k]!r}, {asker} asks for {self.asks[k]!r}" for k in fields)
+        fix = fix or DEFAULT_FIXES.get(noun, f"ask for the {noun}'s settings")
+        super().__init__(f"{what} fingerprint does not match: {detail}; to fix: {fix}")
 
 
 def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", views: int = 0) -> dict:
@@ -130,12 +150,12 @@ def diff_fingerprints(
 
 def check_fingerprint(
     expected: Mapping, actual: Mapping, what: str = "feature cache", ignore: Iterable[str] = ENVIRONMENT_FIELDS,
-    only: Optional[Iterable[str]] = None,
+    only: Optional[Iterable[str]] = None, **wording,
 ) -> None:
-    """Raise FingerprintMismatch naming every differing field."""
+    """Raise FingerprintMismatch naming every differing field (``wording``: its holder / asker / fix)."""
     diff = diff_fingerprints(expected, actual, ignore=ignore, only=only)
     if diff:
-        raise FingerprintMismatch(diff, what)
+        raise FingerprintMismatch(diff, what, **wording)
 
 
 RANDOM_WEIGHTS_NOTE = ("backbone weights are RANDOM (untrained): the features carry no learned meaning, "

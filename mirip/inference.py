@@ -285,6 +285,11 @@ class Scorer:
         return TierPredictions(self.tiers_for_scores(result.paths, result.scores), result.failures)
 
 
+# A backbone rebuilt for scoring that differs from the checkpoint's: the checkpoint holds the truth.
+REBUILT = {"holder": "expected", "asker": "the backbone this command built",
+           "fix": "pass --backbone a local directory holding the backbone the checkpoint was trained with"}
+
+
 def _fingerprint_from(ckpt: dict, path: str, backbone: Optional[str], image_size: Optional[int],
                       notes: List[str]) -> dict:
     """The checkpoint's fingerprint; an old/foreign checkpoint without one needs the caller's backbone + image size."""
@@ -333,7 +338,9 @@ def load_scorer(
                               "dropout, margin); it was not written by a mirip trainer")
 
     requested = {k: v for k, v in (("image_size", image_size), ("pooling", pooling)) if v is not None}
-    check_fingerprint(fp, requested, what=what, ignore=(), only=requested)
+    check_fingerprint(fp, requested, what=what, ignore=(), only=requested, holder="expected", fix=(
+        "leave out " + " and ".join(f"--{k.replace('_', '-')}" for k in requested)
+        + ": the checkpoint's values are used by default"))
 
     trained_name, trained_pretrained = str(fp["backbone"]), bool(fp.get("pretrained", True))
     name, substituted = trained_name, []
@@ -342,7 +349,9 @@ def load_scorer(
         if name.rstrip("/") != trained_name.rstrip("/"):
             if not os.path.isdir(name):
                 if _is_hub_id(name):
-                    raise FingerprintMismatch({"backbone": (trained_name, name)}, what)
+                    raise FingerprintMismatch({"backbone": (trained_name, name)}, what, holder="expected",
+                                              fix="leave out --backbone, or pass a local directory holding the "
+                                                  "checkpoint's backbone")
                 raise FileNotFoundError(f"backbone directory {name!r} does not exist")
             notes.append(f"substituted local backbone directory {name} for the checkpoint's backbone {trained_name}")
             substituted.append("backbone")
@@ -376,9 +385,9 @@ def load_scorer(
     extractor.check_image_size(preprocessor.image_size)
     rebuilt = make_fingerprint(extractor, preprocessor)
     compare = [k for k in FEATURE_FIELDS + BACKBONE_FIELDS if k in fp and k not in substituted]
-    check_fingerprint(fp, rebuilt, what=what, ignore=(), only=compare)
+    check_fingerprint(fp, rebuilt, what=what, ignore=(), only=compare, **REBUILT)
     if int(head["input_dim"]) != extractor.output_dim:
-        raise FingerprintMismatch({"feature_dim": (int(head["input_dim"]), extractor.output_dim)}, what)
+        raise FingerprintMismatch({"feature_dim": (int(head["input_dim"]), extractor.output_dim)}, what, **REBUILT)
     _check_spec_blocks(spec, fp, extractor, what)
 
     model = PairwiseRankingModel(
@@ -449,10 +458,10 @@ def _check_spec_blocks(spec: FeatureSpec, fp: dict, extractor: DINOv2FeatureExtr
     if blocks is not None:
         trained = [int(blocks[i]) for i in picked]
         if trained != list(extractor.entry_blocks):
-            raise FingerprintMismatch({"feature_entry_blocks": (trained, list(extractor.entry_blocks))}, what)
+            raise FingerprintMismatch({"feature_entry_blocks": (trained, list(extractor.entry_blocks))}, what, **REBUILT)
     trained_dims = [int(dims[i]) for i in picked]
     if all(trained_dims) and trained_dims != list(extractor.entry_dims):  # 0: unknown (no fingerprint)
-        raise FingerprintMismatch({"feature_entry_dims": (trained_dims, list(extractor.entry_dims))}, what)
+        raise FingerprintMismatch({"feature_entry_dims": (trained_dims, list(extractor.entry_dims))}, what, **REBUILT)
 
 
 def find_images(inputs: Iterable[PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[List[str], List[str]]:

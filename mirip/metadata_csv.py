@@ -7,9 +7,10 @@ user is told which encoding was used, and ``--encoding`` chooses one outright. E
 from __future__ import annotations
 
 import codecs
+import csv
 import os
 import warnings
-from typing import Optional, Union
+from typing import Dict, Hashable, List, Optional, Union
 
 import pandas as pd
 
@@ -26,7 +27,9 @@ class EncodingNotice(UserWarning):
 
 def read_metadata_csv(path: Union[str, os.PathLike], encoding: Optional[str] = None, what: str = "metadata",
                       **read_csv_kwargs) -> pd.DataFrame:
-    """``pd.read_csv`` with encoding detection and errors that say which file and what to do."""
+    """``pd.read_csv`` with encoding detection and errors that say which file and what to do.
+
+    ``frame.attrs["csv_lines"]`` maps each row's index label to the file line it starts on (see ``csv_lines``)."""
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise FileNotFoundError(f"{what} file not found: {name}")
@@ -49,9 +52,36 @@ def read_metadata_csv(path: Union[str, os.PathLike], encoding: Optional[str] = N
         return frame
 
 
+def csv_lines(frame: pd.DataFrame) -> Optional[Dict[Hashable, int]]:
+    """Index label -> the 1-based line of the file its record starts on (the header is line 1), for messages a
+    user can find in an editor; None for a frame not read by ``read_metadata_csv`` (or whose lines are unknown)."""
+    return frame.attrs.get("csv_lines")
+
+
+def record_lines(name: str, encoding: str) -> List[int]:
+    """The line each data record starts on, counted as pandas' default reader counts records: blank and
+    whitespace-only lines are skipped, a quoted cell may span lines."""
+    starts, previous = [], 0
+    with open(name, newline="", encoding=encoding) as handle:
+        reader = csv.reader(handle)
+        for row in reader:
+            start, previous = previous + 1, reader.line_num
+            if len(row) > 1 or (row and row[0].strip()):
+                starts.append(start)
+    return starts[1:]  # the first record is the header
+
+
 def _read(name: str, encoding: str, what: str, kwargs: dict, detecting: bool = False) -> pd.DataFrame:
     try:
-        return pd.read_csv(name, encoding=encoding, **kwargs)
+        frame = pd.read_csv(name, encoding=encoding, **kwargs)
+        try:
+            lines = record_lines(name, encoding)
+        except (csv.Error, UnicodeDecodeError):
+            lines = []
+        # Only when both readers agree on the records; otherwise messages fall back to row positions.
+        if len(lines) == len(frame) and not kwargs.keys() & {"sep", "delimiter", "skiprows", "header", "comment"}:
+            frame.attrs["csv_lines"] = dict(zip(frame.index, lines))
+        return frame
     except UnicodeDecodeError as exc:
         if detecting:
             raise  # the caller tries the next encoding

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mirip.calibration import OrdinalCalibration, confusion_matrix
 from mirip.preprocessing import load_image
-from mirip.tiers import TIER_RANK, TIERS
+from mirip.tiers import TIER_COLOURS, TIER_RANK, TIERS
 
 NO_TIER = "no tier"
 
@@ -94,9 +94,22 @@ def _tier(entry: Mapping) -> Optional[str]:
     return str(t) if _known(t) and str(t) in TIER_RANK else None
 
 
-def _card(entry: Mapping, uri: Optional[str], size: int, why: str = "", wrong: bool = False) -> str:
+def display_names(paths: Sequence[str]) -> Dict[str, str]:
+    """path -> the path below the folder all of them share (``a/x.png``, ``b/x.png``), so that same-named
+    drawings in different subfolders stay apart; a lone file keeps its base name."""
+    paths = [str(p) for p in paths]
+    dirs = [os.path.dirname(os.path.abspath(p)) for p in paths]
+    try:
+        root = os.path.commonpath(dirs) if dirs else ""
+    except ValueError:  # paths on different drives
+        return {p: p for p in paths}
+    return {p: os.path.relpath(os.path.abspath(p), root).replace(os.sep, "/") for p in paths}
+
+
+def _card(entry: Mapping, uri: Optional[str], size: int, why: str = "", wrong: bool = False,
+          shown_name: Optional[str] = None) -> str:
     path = str(entry["path"])
-    name = html.escape(os.path.basename(path))
+    name = html.escape(shown_name or os.path.basename(path))
     tier = entry.get("tier")
     tier_html = f'<span class="tier" title="tier in the metadata">{html.escape(str(tier))}</span>' if _known(tier) else ""
     picture = (f'<img src="{uri}" alt="{name}" loading="lazy">' if uri
@@ -211,7 +224,7 @@ def _distribution_svg(entries: Sequence[Mapping], calibration: Optional[OrdinalC
     width, left, row_h = 720, 40, 34
     height = row_h * 4 + 30
     x = lambda v: left + (v - lo) / (hi - lo) * (width - left - 10)  # noqa: E731
-    colours = {"S": "#1b7837", "A": "#5aae61", "B": "#f1a340", "C": "#b2182b"}
+    colours = TIER_COLOURS
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
              "aria-label='scores per tier'>"]
     rng = np.random.default_rng(0)
@@ -244,7 +257,8 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
     predicted_tier, p_S, p_A, p_B, p_C and percentile (the scores.csv columns)."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS % {'w': thumb_size}}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    meta = dict(info or {})
+    # The checkpoint's accuracy is the pairwise accuracy its best epoch was chosen by, on the validation split.
+    meta = {("val pairwise accuracy (chose the epoch)" if k == "accuracy" else k): v for k, v in (info or {}).items()}
     meta.setdefault("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     meta["images scored"] = len(entries)
     basis, basis_text = evaluation_basis(entries, splits_known)
@@ -263,9 +277,10 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
     parts.append(f"<table class='meta'>{rows}</table>")
     parts += [f"<div class='note'>{html.escape(n)}</div>" for n in notes]
     ordered = sorted(entries, key=lambda e: int(e["rank"]))
+    names = display_names([str(e["path"]) for e in entries])
     parts.append(f"<h2 id='by-score'>All drawings, ordered by score &middot; {len(ordered)}</h2>")
-    parts.append("<div class='grid'>" + "".join(_card(e, thumbnails.get(str(e["path"])), thumb_size)
-                                                for e in ordered) + "</div>")
+    parts.append("<div class='grid'>" + "".join(_card(e, thumbnails.get(str(e["path"])), thumb_size,
+                                                      shown_name=names.get(str(e["path"]))) for e in ordered) + "</div>")
     if basis:
         found = disagreements(basis)
         kind = ("predicted tier differs from the tier" if all(_known(e.get("predicted_tier")) for e in basis)
@@ -276,7 +291,8 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
         if found:
             shown = found[:MAX_DISAGREEMENTS]
             parts.append("<div class='grid'>" + "".join(
-                _card(e, thumbnails.get(str(e["path"])), thumb_size, why=why, wrong=True) for e, why in shown)
+                _card(e, thumbnails.get(str(e["path"])), thumb_size, why=why, wrong=True,
+                      shown_name=names.get(str(e["path"]))) for e, why in shown)
                 + "</div>")
             if len(found) > len(shown):
                 parts.append(f"<div class='basis'>... and {len(found) - len(shown)} more.</div>")

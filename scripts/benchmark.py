@@ -32,17 +32,10 @@ except ImportError:
 
 from mirip.atomic import write_atomic
 from mirip.bench.machine import machine_info
-from mirip.cli_options import DefaultsHelpFormatter
-from mirip.devices import PRECISIONS, default_precision, resolve_device
+from mirip.cli_options import DefaultsHelpFormatter, plain_warnings
+from mirip.devices import PRECISIONS, default_precision, device_defaults, resolve_device
 
 BENCHMARKS = ("full_image", "extraction", "training", "sweep")
-# (backbone, image size) when not given: the seed's setting on a GPU; on a CPU the large model at 768 px takes
-# ~16 s per forward, so the small one at 224 px (as scripts/demo.sh uses) keeps a run to minutes.
-DEVICE_DEFAULTS = {"cuda": ("facebook/dinov2-large", 768), "cpu": ("facebook/dinov2-small", 224)}
-
-
-def device_defaults(device: str) -> Tuple[str, int]:
-    return DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
 def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, ModuleType], Dict[str, str]]:
@@ -173,6 +166,7 @@ def _main(argv: Optional[List[str]]) -> int:
     modules, import_skips = load_benchmarks(BENCHMARKS)
     parser = build_parser(modules)
     args = parser.parse_args(argv)
+    plain_warnings()
     wanted = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in BENCHMARKS]
     if unknown:

@@ -17,7 +17,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, add_strict_images_option
+from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, add_strict_images_option, plain_warnings
 from mirip.checkpoint import CheckpointError
 from mirip.features.cache import CacheError
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plain_warnings()
     try:
         result = evaluate_checkpoint(args.checkpoint, args.features, args.metadata, split=args.split,
                                      device=args.device, eval_pairs=args.eval_pairs,

@@ -23,8 +23,8 @@ except ImportError:
     # ``python scripts/extract.py`` puts scripts/ on the path, not the repository root.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option
-from mirip.devices import PRECISIONS
+from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
+from mirip.devices import PRECISIONS, device_defaults
 from mirip.features.spec import BANK_POOLINGS
 from mirip.features.extract import FEATURE_DTYPES, ExtractConfig, extract_features
 from mirip.ml import compiled
@@ -85,15 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cache file to create or extend; unset: <cache-dir>/<backbone>-<size>px-<pooling>-<hash>.h5")
     io.add_argument("--cache-dir", default="cache", help="where the default-named cache goes")
     model = p.add_argument_group("backbone and preprocessing (all part of the cache fingerprint)")
-    model.add_argument("--backbone", default="facebook/dinov2-large",
-                       help="hub id or local directory of a vision backbone; its config's model_type picks the "
+    model.add_argument("--backbone", default=None,
+                       help="(default: facebook/dinov2-large on a GPU, facebook/dinov2-small on a CPU, as "
+                            "scripts/benchmark.py and scripts/demo.sh) "
+                            "hub id or local directory of a vision backbone; its config's model_type picks the "
                             "family: dinov2, dinov2_with_registers, dinov3_vit, siglip (also fixed-resolution "
                             "SigLIP2) or clip (a full CLIP/SigLIP checkpoint gives its vision tower). Normalisation "
                             "comes from the family, or from the directory's preprocessor_config.json")
     model.add_argument("--random-init", action="store_true",
                        help="random weights from the built-in architecture (benchmarks and tests only)")
-    model.add_argument("--image-size", type=_positive, default=768, metavar="PX",
-                       help="square input size in pixels; DINOv2/DINOv3 take any size, CLIP/SigLIP interpolate "
+    model.add_argument("--image-size", type=_positive, default=None, metavar="PX",
+                       help="(default: 768 on a GPU, 224 on a CPU) square input size in pixels; DINOv2/DINOv3 take any size, CLIP/SigLIP interpolate "
                             "their position embeddings (their native size, e.g. 224 or 384, is what they were "
                             "trained at)")
     model.add_argument("--resize-mode", choices=RESIZE_MODES, default="pad", help="how images are fitted to the square")
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plain_warnings()
+    _device_defaults(args)
     config = ExtractConfig(
         image_dir=args.image_dir, metadata=args.metadata, output=args.output, filename_column=args.filename_column,
         backbone=args.backbone, random_init=args.random_init, image_size=args.image_size, resize_mode=args.resize_mode,
@@ -175,6 +179,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {len(summary.all_failed)} image(s) could not be read (--strict)", file=sys.stderr)
         return 1
     return 0
+
+
+def _device_defaults(args: argparse.Namespace) -> None:
+    """Fill --backbone / --image-size by the device, and say so: a cache's backbone is worth choosing on purpose."""
+    if args.backbone is not None and args.image_size is not None:
+        return
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone, size = device_defaults(device)
+    given = []
+    if args.backbone is None:
+        args.backbone, given = backbone, given + [f"--backbone {backbone}"]
+    if args.image_size is None:
+        args.image_size, given = size, given + [f"--image-size {size}"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"defaults on {'a GPU' if device.startswith('cuda') else 'a CPU'}: {' '.join(given)} "
+              "(pass them to choose; they are part of the cache's fingerprint)")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ except ImportError:
 
 import pandas as pd
 
-from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option
+from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
 from mirip.checkpoint import CheckpointError
 from mirip.fingerprint import FingerprintMismatch
 from mirip.inference import Scorer, ScoreResult, find_images, load_scorer, match_paths, split_membership
-from mirip.metadata_csv import read_metadata_csv
+from mirip.metadata_csv import csv_lines, read_metadata_csv
 from mirip.preprocessing import ImageReadError
 from mirip.tiers import tier_ranks, rank_to_tier
 
@@ -97,7 +97,7 @@ def match_tiers(paths: Sequence[str], metadata: pd.DataFrame, roots: Sequence[st
     if filename_column not in metadata.columns:
         raise ValueError(f"metadata has no filename column {filename_column!r} "
                          f"(columns: {', '.join(map(str, metadata.columns))})")
-    tiers = [rank_to_tier(r) for r in tier_ranks(metadata, tier_column)]
+    tiers = [rank_to_tier(r) for r in tier_ranks(metadata, tier_column, lines=csv_lines(metadata))]
     by_name = dict(zip(map(str, metadata[filename_column]), tiers))
     return {p: by_name[name] for p, name in match_paths(paths, list(by_name), roots).items()}
 
@@ -217,6 +217,7 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    plain_warnings()
     if args.compare and args.images:
         parser.error("--compare A B scores two drawings; do not also pass IMAGES_OR_DIRS")
     if args.compare and (args.output or args.html or args.metadata):

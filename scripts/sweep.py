@@ -26,11 +26,13 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
-from mirip.cli_options import DefaultsHelpFormatter, add_data_options, add_training_options, training_values
+from mirip.cli_options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
+                                training_values)
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.sweep.grid import SweepConfigError, SweepGrid
 from mirip.sweep.multi import run_multi_sweep
+from mirip.sweep.report import tie_note
 from mirip.sweep.runner import GRID_FIELDS, OUTPUT_FILES, SweepSettings, run_sweep
 from mirip.sweep.stacked import OPTIMIZERS
 from mirip.training.config import TrainingConfig
@@ -114,6 +116,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plain_warnings()
     try:
         grid, settings = settings_from_args(args)
         if len(args.features) > 1:
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if best:
         where = f"cache {best['cache']} ({best['backbone']}) " if "cache" in best else ""
         print(f"best on validation: {where}{best['config']} val {best['val_acc_mean']:.4f} test {best['test_acc_mean']:.4f}")
+        summary = result.get("summary")
+        if summary is not None and len(summary) and tie_note(summary):
+            print(tie_note(summary))
         print(f"train it: {best['train_command']}")
     return 0
 

@@ -17,7 +17,8 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.checkpoint import CheckpointError
-from mirip.cli_options import DefaultsHelpFormatter, add_data_options, add_training_options, training_values
+from mirip.cli_options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
+                                training_values)
 from mirip.features.cache import CacheError
 from mirip.features.spec import FEATURE_NORMS
 from mirip.training.config import TrainingConfig
@@ -77,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    plain_warnings()
     try:
         cfg = config_from_args(args)
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -85,11 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model, base = result.get("model"), result.get("linear_baseline")
     chooser = "val" if result["split_sizes"]["val"] else "train"
-    print(f"\nbest epoch {result['best_epoch']} of {result['epochs_run']} ({chooser} accuracy {result['best_accuracy']:.4f})"
-          + (" - stopped early" if result["stopped_early"] else ""))
+    val = result.get("val_evidence") if chooser == "val" else None
+    on_val = f" on {val['distinct_pairs']} distinct pairs of {val['images']} images" if val else ""
+    print(f"\nbest epoch {result['best_epoch']} of {result['epochs_run']} ({chooser} accuracy "
+          f"{result['best_accuracy']:.4f}{on_val})" + (" - stopped early" if result["stopped_early"] else ""))
     if model is not None:
-        print(f"test pairwise accuracy {model['accuracy']:.4f} (ridge baseline {base['accuracy']:.4f}), "
-              f"Spearman {model['spearman']:.4f}, Kendall {model['kendall']:.4f}")
+        print(f"test pairwise accuracy {model['accuracy']:.4f} on {model['distinct_pairs']} distinct pairs of "
+              f"{model['num_images']} images (ridge baseline {base['accuracy']:.4f}), "
+              f"Spearman {model['spearman']:.4f}, Kendall {model['kendall']:.4f} ({model['num_images']} images)")
         if "tier_accuracy" in model:
             print(f"test tier accuracy {model['tier_accuracy']:.4f} (always {model['majority_tier']}: "
                   f"{model['majority_tier_accuracy']:.4f}), mean absolute tier error {model['tier_mae']:.4f}, "

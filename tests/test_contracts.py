@@ -33,7 +33,7 @@ def test_fingerprint_names_the_differing_field(tiny_backbone):
     a = make_fingerprint(ext, Preprocessor(image_size=28))
     b = make_fingerprint(ext, Preprocessor(image_size=56))
     assert a["pretrained"] is True and a["feature_dim"] == 32 and a["pooling"] == "cls"
-    with pytest.raises(FingerprintMismatch, match="image_size: expected 28, found 56") as info:
+    with pytest.raises(FingerprintMismatch, match="image_size: the cache has 56, this command asks for 28") as info:
         check_fingerprint(a, b)
     assert list(info.value.fields) == ["image_size"]
     check_fingerprint(a, dict(a, torch_version="0.0"))  # software versions alone do not block reading
@@ -53,7 +53,7 @@ def test_a_field_on_one_side_only_is_a_difference(tmp_path):
     assert diff_fingerprints(base, dict(base, torch_version="9.9"), ignore=()) == {"torch_version": (None, "9.9")}
     path = str(tmp_path / "old.h5")
     write_cache(path, FP, ["a.png"], np.zeros((1, 4)))
-    with open_cache(path) as cache, pytest.raises(FingerprintMismatch, match="resize_mode: expected 'pad', found None"):
+    with open_cache(path) as cache, pytest.raises(FingerprintMismatch, match="resize_mode: the cache has None, this command asks for 'pad'"):
         cache.check_fingerprint(dict(FP, resize_mode="pad"))
 
 
@@ -86,14 +86,18 @@ def test_make_fingerprint_names_every_field_exactly():
 
 def test_fingerprint_mismatch_message_and_comparison_details():
     err = FingerprintMismatch({"a": (1, 2), "b": ("x", None)})
-    assert str(err) == "feature cache fingerprint does not match (a: expected 1, found 2; b: expected 'x', found None)"
+    assert str(err) == ("feature cache fingerprint does not match: a: the cache has 2, this command asks for 1; "
+                        "b: the cache has None, this command asks for 'x'; to fix: use a cache extracted with the "
+                        "settings asked for (scripts/extract.py with another --output), or ask for the cache's settings")
     assert err.fields == {"a": (1, 2), "b": ("x", None)}
+    assert (err.has, err.asks) == ({"a": 2, "b": None}, {"a": 1, "b": "x"})
     with pytest.raises(FingerprintMismatch) as info:
         check_fingerprint({"a": 1}, {"a": 2})
-    assert str(info.value).startswith("feature cache fingerprint does not match (a: expected 1, found 2)")
-    with pytest.raises(FingerprintMismatch) as info:
-        check_fingerprint({"a": 1}, {"a": 2}, what="checkpoint x.pt")
-    assert str(info.value).startswith("checkpoint x.pt fingerprint does not match")
+    assert str(info.value).startswith("feature cache fingerprint does not match: a: the cache has 2, this command asks for 1;")
+    with pytest.raises(FingerprintMismatch) as info:  # a checkpoint is the stored side when it comes first
+        check_fingerprint({"a": 1}, {"a": 2}, what="checkpoint x.pt", holder="expected", fix="drop --a")
+    assert str(info.value) == ("checkpoint x.pt fingerprint does not match: a: the checkpoint has 1, "
+                               "this command asks for 2; to fix: drop --a")
     check_fingerprint({"a": 1, "b": 1}, {"a": 1, "b": 2}, only=["a"])  # b is outside what was asked
     # Values as HDF5 hands them back (bytes, numpy scalars and arrays, tuples) compare as plain values.
     stored = {"s": b"pad", "i": np.int64(3), "l": np.array([0.5, 0.25]), "t": (1, 2)}
@@ -210,7 +214,7 @@ def test_malicious_and_truncated_checkpoints_refused(tmp_path):
 
 def test_tier_validation_names_row_and_value():
     df = pd.DataFrame({"tier": ["S", " a ", "B", "D"]}, index=[10, 11, 12, 13])
-    with pytest.raises(ValueError, match="Invalid tier value 'D' in row 13"):
+    with pytest.raises(ValueError, match=r"Invalid tier value in 1 of 4 row\(s\), column 'tier': row 13 \(index label\): 'D'\. Use one"):
         tier_ranks(df)
     assert tier_ranks(df.iloc[:3]).tolist() == [3, 2, 1]
 
@@ -411,7 +415,7 @@ def test_rows_for_lists_missing_and_stale_paths_together(tmp_path):
         assert "m9. Run" in str(info.value) and "in all" not in str(info.value)  # exactly ten: no "..."
         with pytest.raises(FingerprintMismatch) as info:
             cache.check_fingerprint(dict(FP, image_size=56))
-        assert str(info.value).startswith(f"feature cache {path} fingerprint does not match (image_size")
+        assert str(info.value).startswith(f"feature cache {path} fingerprint does not match: image_size: the cache has 28, this command asks for 56")
         cache.check_fingerprint(dict(FP, image_size=56), only=["backbone"])
         with pytest.raises(FingerprintMismatch, match="torch_version"):
             cache.check_fingerprint(dict(FP, torch_version="0.1"), ignore=())

@@ -96,7 +96,7 @@ def test_pairwise_dataset_errors(image_dir):
         PairwiseDataset(pd.concat([meta, pd.DataFrame([{"filename": "missing.png", "tier": "A"}])]), str(directory))
     bad = meta.copy()
     bad.loc[5, "tier"] = "D"
-    with pytest.raises(ValueError, match=r"Invalid tier value 'D' in row 5"):
+    with pytest.raises(ValueError, match=r"Invalid tier value in 1 of \d+ row\(s\), column 'tier': row 5 \(index label\): 'D'"):
         PairwiseDataset(bad, str(directory))
     with pytest.raises(ValueError, match="at least two different tiers, found S \\(2 images\\)"):
         PairwiseDataset(meta[meta.tier == "S"], str(directory))
@@ -197,9 +197,9 @@ def test_from_cache_checks_rows_fingerprint_and_tiers(tmp_path):
     assert torch.equal(ds.image_features(), torch.from_numpy(np.eye(3, 4, dtype=np.float32)[[2, 0]]))
     with pytest.raises(CacheError, match="2 image\\(s\\) have no cached feature .*x.png, y.png"):
         FeaturePairDataset.from_cache(path, pd.DataFrame({"filename": ["a.png", "x.png", "y.png"], "tier": list("SAB")}))
-    with pytest.raises(FingerprintMismatch, match="image_size: expected 224, found 28"):
+    with pytest.raises(FingerprintMismatch, match="image_size: the cache has 28, this command asks for 224; to fix: "):
         FeaturePairDataset.from_cache(path, meta, expected_fingerprint=fake_fingerprint(4, image_size=224))
-    with pytest.raises(ValueError, match="Invalid tier value 'Z' in row 1"):
+    with pytest.raises(ValueError, match=r"Invalid tier value .*: row 1 \(index label\): 'Z'"):
         FeaturePairDataset.from_cache(path, pd.DataFrame({"filename": ["a.png", "b.png"], "tier": ["S", "Z"]}))
 
 
@@ -274,8 +274,9 @@ def test_metric_edge_cases():
         pytest.approx(2 / 3)  # the tie is wrong
     acc = tier_pair_accuracy(np.array([3.0, 2.0, 0.0]), np.array([3, 2, 0]), np.array([0, 1, 2]),
                              np.array([1, 2, 0]), np.array([1, 1, -1]))
-    assert acc == {"S-A": {"accuracy": 1.0, "pairs": 1}, "S-C": {"accuracy": 1.0, "pairs": 1},
-                   "A-C": {"accuracy": 1.0, "pairs": 1}}
+    assert acc == {"S-A": {"accuracy": 1.0, "pairs": 1, "distinct_pairs": 1},
+                   "S-C": {"accuracy": 1.0, "pairs": 1, "distinct_pairs": 1},
+                   "A-C": {"accuracy": 1.0, "pairs": 1, "distinct_pairs": 1}}
 
 
 def test_image_pair_loader_batches_in_pair_order_without_global_rng(image_dir):

@@ -88,5 +88,7 @@ def test_format_metrics_table():
     head, ds, _, _ = _setup()
     m = Evaluator(head, "cpu").evaluate_detailed(ds)
     text = format_metrics(m, m, title="test:")
-    assert text.splitlines()[0] == "test:" and "linear baseline" in text and "S-C (" in text
+    assert text.splitlines()[0] == (f"test: {m['num_images']} images, {m['distinct_pairs']} distinct cross-tier pairs "
+                                    f"({m['total_pairs']} sampled, repeats included)")
+    assert "linear baseline" in text and "S-C (" in text
     assert f"{m['accuracy']:.4f}" in text

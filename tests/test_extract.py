@@ -160,7 +160,7 @@ def test_software_versions_count_when_appending(images, tiny_backbone, tmp_path)
     ("other\nimg_000.png\n", "no 'filename' column"),
     ("", "is empty"),
     ("filename,tier\n", "no rows"),
-    ("filename,tier\nimg_000.png,S\n,A\n", "row 1 (line 3)"),
+    ("filename,tier\nimg_000.png,S\n,A\n", "meta.csv, line 3, column 'filename'"),
 ])
 def test_bad_metadata_fails_before_the_backbone_loads(images, tmp_path, rows, message):
     d, _ = images
@@ -177,7 +177,7 @@ def test_bad_metadata_fails_before_the_backbone_loads(images, tmp_path, rows, me
 def test_paths_escaping_the_image_dir_are_refused(images, tmp_path, bad):
     d, names = images
     meta = write_metadata(tmp_path / "meta.csv", names[:2] + [bad])
-    with pytest.raises(PathEscapeError, match=r"row 2 \(line 4\)"):
+    with pytest.raises(PathEscapeError, match=r"meta.csv, line 4, column"):
         list_images(d, meta)
 
 

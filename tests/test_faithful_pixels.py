@@ -137,7 +137,7 @@ def test_fingerprint_records_color_management_and_refuses_old_caches():
     new = make_fingerprint(Ex(), Preprocessor(image_size=28))
     assert new["color_management"] == "icc-to-srgb"
     old = {k: v for k, v in new.items() if k != "color_management"}  # a cache written before the field existed
-    with pytest.raises(FingerprintMismatch, match="color_management: expected 'icc-to-srgb', found 'none'"):
+    with pytest.raises(FingerprintMismatch, match="color_management: the cache has 'none', this command asks for 'icc-to-srgb'"):
         check_fingerprint(new, old)
     check_fingerprint(old, make_fingerprint(Ex(), Preprocessor(image_size=28, color_management="none")))
 

@@ -168,8 +168,8 @@ def test_one_cache_refuses_a_second_family(dirs, tmp_path):
     with pytest.raises(CacheError) as err:
         extract(images, cache_path, str(backbone), image_size=SIZE)
     message = str(err.value)
-    assert "backbone_family: expected 'siglip', found 'dinov2'" in message
-    assert "token_layout: expected" in message and "mean: expected [0.5, 0.5, 0.5]" in message
+    assert "backbone_family: the cache has 'dinov2', this command asks for 'siglip'" in message
+    assert "token_layout: the cache has" in message and "this command asks for [0.5, 0.5, 0.5]" in message
     with open_cache(str(cache_path)) as cache:
         assert cache.num_rows == 4 and cache.fingerprint["backbone_family"] == "dinov2"
 

@@ -46,7 +46,7 @@ def test_train_and_extract_use_the_same_normalisation(tmp_path):
 
 def test_escaping_paths_are_refused_by_train_too(tmp_path):
     pd.DataFrame({"filename": ["a.png", "../b.png"], "tier": ["S", "A"]}).to_csv(tmp_path / "m.csv", index=False)
-    with pytest.raises(PathEscapeError, match=r"escapes the image directory.*row 1"):
+    with pytest.raises(PathEscapeError, match=r"escapes the image directory.*line 3"):
         read_metadata(str(tmp_path / "m.csv"))
 
 

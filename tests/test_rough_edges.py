@@ -99,7 +99,7 @@ def test_extract_checks_the_tier_column(tmp_path, capsys):
     assert "no tier column 'tier' (columns: filename, teir)" in err and "m.csv" in err
     pd.DataFrame({"filename": ["img_000.png", "img_001.png"], "tier": ["S", "Z"]}).to_csv(meta, index=False)
     assert extract.main(base) == 2
-    assert "Invalid tier value 'Z' in row 1" in capsys.readouterr().err
+    assert "Invalid tier value in 1 of 2 row(s), column 'tier': line 3: 'Z'" in capsys.readouterr().err
     assert not (tmp_path / "f.h5").exists()
 
 

@@ -139,7 +139,7 @@ def test_refusals_and_errors(scored_folder, tmp_path, capsys):
     assert score.main(["--checkpoint", ckpt, str(d), "--metadata", str(bad_meta), "--device", "cpu",
                        "--output", str(tmp_path / "y.csv"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "bad.csv" in err and "Invalid tier value 'Z'" in err and "row 0" in err
+    assert "bad.csv" in err and "Invalid tier value in 1 of 1 row(s), column 'tier': line 2: 'Z'" in err
     with pytest.raises(SystemExit):
         score.main(["--checkpoint", ckpt])  # nothing to score
 

@@ -86,7 +86,7 @@ def test_resume_continues_and_existing_runs_are_protected(data, tmp_path, capsys
     assert _train(cache, meta, part, "--max-epochs", "2") == 2
     assert "already holds a run" in capsys.readouterr().err
     assert _train(cache, meta, part, "--max-epochs", "4", "--scheduler-t-max", "4", "--margin", "2", "--resume") == 2
-    assert "margin: 1.0 in the run, 2.0 now" in capsys.readouterr().err  # a resumed run must be the same run
+    assert "margin: the checkpoint has 1.0, this command asks for 2.0" in capsys.readouterr().err  # a resumed run must be the same run
     assert _train(cache, meta, part, "--max-epochs", "4", "--scheduler-t-max", "4", "--resume") == 0
     assert json.loads((part / "history.json").read_text()) == json.loads((full / "history.json").read_text())
     assert json.loads((part / "test_metrics.json").read_text())["model"] == \
@@ -99,7 +99,8 @@ def test_bad_inputs_give_clear_errors(data, tmp_path, capsys):
     bad_tier = tmp_path / "bad_tier.csv"
     frame.assign(tier=frame.tier.where(frame.index != 3, "Q")).to_csv(bad_tier, index=False)
     assert _train(cache, str(bad_tier), tmp_path / "r1") == 2
-    assert "Invalid tier value 'Q' in row 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad_tier.csv: Invalid tier value in 1 of " in err and "line 5: 'Q'" in err  # data row 3 is line 5
 
     missing = tmp_path / "missing.csv"
     pd.concat([frame, pd.DataFrame({"filename": ["new1.png", "new2.png"], "tier": ["A", "B"]})]).to_csv(missing, index=False)
@@ -109,7 +110,7 @@ def test_bad_inputs_give_clear_errors(data, tmp_path, capsys):
     dup = tmp_path / "dup.csv"
     pd.concat([frame, frame.iloc[[5]]]).to_csv(dup, index=False)
     assert _train(cache, str(dup), tmp_path / "r3") == 2
-    assert "img_0005.png in rows [5, 80]" in capsys.readouterr().err
+    assert "img_0005.png on line 7, line 82" in capsys.readouterr().err  # data rows 5 and 80
 
     one_tier = tmp_path / "one.csv"
     frame[frame.tier == "S"].to_csv(one_tier, index=False)
@@ -132,7 +133,8 @@ def test_a_cache_with_another_fingerprint_is_refused(data, tmp_path, capsys):
     other_cache, _ = write_dataset(str(other_dir), per_tier=20, dim=8, fingerprint=fake_fingerprint(8, image_size=224))
     assert evaluate_script.main(["--checkpoint", str(out / "best.pt"), "--features", other_cache,
                                  "--metadata", meta]) == 2
-    assert "image_size: expected 28, found 224" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"image_size: the cache has 224, checkpoint {out / 'best.pt'} asks for 28; to fix: evaluate on" in err
     os.replace(other_cache, cache)  # the run's cache replaced by a different extraction
     assert _train(cache, meta, out, "--max-epochs", "5", "--resume") == 2
     assert "image_size" in capsys.readouterr().err

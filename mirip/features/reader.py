@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from mirip.metadata_csv import MetadataError, read_metadata_csv
+from mirip.metadata_csv import MetadataError, csv_lines, read_metadata_csv
 from mirip.paths import PathEscapeError, normalize_relpath, outside_target
 from mirip.preprocessing import ImageReadError, Preprocessor, resize
 
@@ -58,8 +58,10 @@ def read_metadata_paths(metadata: Union[str, os.PathLike, pd.DataFrame], filenam
     if tier_column:
         check_tier_column(frame, tier_column, name)
     paths, seen, problems = [], set(), []
-    for row, value in enumerate(frame[filename_column].tolist()):
-        where = f"{name}, row {row} (line {row + 2}), column {filename_column!r}"
+    lines = csv_lines(frame) or {}
+    for row, (label, value) in enumerate(frame[filename_column].items()):
+        where = f"{name}, line {lines[label]}" if label in lines else f"{name}, row {row}"
+        where += f", column {filename_column!r}"
         try:
             rel = normalize_relpath(value if isinstance(value, str) else "", where)
         except (MetadataError, PathEscapeError) as exc:
@@ -85,9 +87,9 @@ def check_tier_column(frame: pd.DataFrame, tier_column: str, name: str) -> None:
         raise MetadataError(f"{name} has no tier column {tier_column!r} (columns: {cols}); pass --tier-column to "
                             "name it, or --tier-column '' to extract images without tiers")
     try:
-        tier_ranks(frame, tier_column)
+        tier_ranks(frame, tier_column, lines=csv_lines(frame))
     except ValueError as exc:
-        raise MetadataError(f"{name}: {exc} (rows are 0-based, header excluded)") from None
+        raise MetadataError(f"{name}: {exc}") from None
 
 
 def walk_image_dir(image_dir: Union[str, os.PathLike], allow_outside_links: bool = False,

@@ -63,6 +63,7 @@ def summary_markdown(table: pd.DataFrame, title: str = "Sweep summary", notes: S
     lines += [
         "Sorted by mean validation pairwise accuracy (best first); ± is the standard deviation over seeds.",
         "",
+    ] + ([tie_note(table), ""] if tie_note(table) else []) + [
         "| rank | " + ("cache | " if cache else "") + "features | margin | hidden | proj | lr | dropout | wd | seeds | val acc | test acc | Spearman "
         "| best epoch |",
         "| ---: | " + ("--- | " if cache else "") + "--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- "
@@ -76,6 +77,37 @@ def summary_markdown(table: pd.DataFrame, title: str = "Sweep summary", notes: S
             f"{_pm(r['spearman_mean'], r['spearman_std'])} | {r['best_epoch_mean']:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+TIE_DECIMALS = 4  # accuracies are shown to 4 decimals: values a reader cannot tell apart there are a tie
+TIE_BREAK = ("the unrounded mean validation accuracy, then the order of results.csv (the order they were "
+             "trained in); test accuracy is never consulted")
+
+
+def validation_ties(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``aggregate`` (best first) whose mean validation accuracy equals the winner's to
+    ``TIE_DECIMALS`` decimals, the winner included: more than one row means the choice was a tie-break."""
+    top = round(float(table["val_acc_mean"].iloc[0]), TIE_DECIMALS)
+    return table[[round(float(v), TIE_DECIMALS) == top for v in table["val_acc_mean"]]]
+
+
+def describe_config(row: Any) -> str:
+    """``feature=cls@-1 margin=0.5 hidden=256 proj=128`` plus the other hyperparameters that vary."""
+    names = {"hidden_dim": "hidden", "projector_dim": "proj", "learning_rate": "lr", "weight_decay": "wd"}
+    keys = (["cache"] if "cache" in row else []) + [k for k in HYPERPARAMETERS if k in row]
+    return " ".join(f"{names.get(k, k)}={row[k]:g}" if isinstance(row[k], float) else f"{names.get(k, k)}={row[k]}"
+                    for k in keys)
+
+
+def tie_note(table: pd.DataFrame) -> str:
+    """One sentence when the winner ties others on validation (how many, at what value, how it was broken), else ""."""
+    tied = validation_ties(table)
+    if len(tied) < 2:
+        return ""
+    others = "; ".join(describe_config(r) for _, r in tied.iloc[1:].iterrows())
+    return (f"The winner ties {len(tied) - 1} other configuration(s) at val {tied['val_acc_mean'].iloc[0]:.{TIE_DECIMALS}f} "
+            f"({others}); the tie was broken by {TIE_BREAK}. Validation cannot tell these apart: "
+            "a larger validation split, or more seeds, could.")
 
 
 def choose_best(table: pd.DataFrame) -> Dict[str, Any]:
@@ -109,10 +141,11 @@ def to_argv(options: Dict[str, Any]) -> List[str]:
 
 
 def save_heatmap(table: pd.DataFrame, path: str, title: str = "") -> bool:
-    """Mean val (and test) accuracy over margin x (hidden, projector) dims; False without matplotlib.
+    """Mean val and test accuracy over margin x (hidden, projector) dims, one row of panels per feature spec;
+    False without matplotlib.
 
-    Each cell shows the grid point chosen on val accuracy among the other hyperparameters
-    (lr, dropout, weight decay); the test panel shows that same point's test accuracy.
+    Each cell shows the grid point chosen on val accuracy among the other hyperparameters (lr, dropout,
+    weight decay) and its std over seeds; the test panel shows that same point's test accuracy.
     """
     try:
         import matplotlib
@@ -121,36 +154,68 @@ def save_heatmap(table: pd.DataFrame, path: str, title: str = "") -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    # ``table`` is sorted best first, so the first row per cell is the val-chosen one. A multi-cache sweep gets
-    # one row per (cache, margin), the caches side by side in the same panel.
     table = table.copy()
+    # A multi-cache sweep gets one row per (cache, margin), the caches side by side in the same panel.
     table["_row"] = ([(str(c), float(m)) for c, m in zip(table["cache"], table["margin"])] if "cache" in table.columns
                      else [("", float(m)) for m in table["margin"]])
-    cells = table.drop_duplicates(["_row", "hidden_dim", "projector_dim"], keep="first")
+    table["_spec"] = [str(f) for f in table["feature"]] if "feature" in table.columns else ""
+    # ``table`` is sorted best first, so the first row per cell is the val-chosen one.
+    cells = table.drop_duplicates(["_spec", "_row", "hidden_dim", "projector_dim"], keep="first")
+    specs = list(dict.fromkeys(cells["_spec"]))
     margins = sorted(set(cells["_row"]))
     dims = sorted({(int(h), int(p)) for h, p in zip(cells["hidden_dim"], cells["projector_dim"])})
-    panels = [("val_acc_mean", "validation (selection)"), ("test_acc_mean", "test (same points)")]
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.3 * len(dims) * 2 + 2), max(3.0, 0.6 * len(margins) + 2)),
-                             squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        grid = np.full((len(margins), len(dims)), np.nan)
-        for _, r in cells.iterrows():
-            grid[margins.index(r["_row"]), dims.index((int(r["hidden_dim"]), int(r["projector_dim"])))] = r[key]
-        im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(dims)), [f"h{h}/p{p}" for h, p in dims], rotation=45, ha="right")
-        ax.set_yticks(range(len(margins)), [f"{c} m{m:g}" if c else f"{m:g}" for c, m in margins])
-        ax.set_xlabel("hidden / projector dim")
-        ax.set_ylabel("cache, margin" if margins[0][0] else "margin")
-        ax.set_title(f"pairwise accuracy, {label}")
-        for (i, j), v in np.ndenumerate(grid):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+    panels = [("val_acc", "validation (selection)"), ("test_acc", "test (same points)")]
+    width = max(4.2, 1.15 * len(dims) + 2.6)
+    fig, axes = plt.subplots(len(specs), 2, figsize=(2 * width, len(specs) * max(2.6, 0.55 * len(margins) + 2.0)),
+                             squeeze=False, layout="constrained")
+    for col, (key, label) in enumerate(panels):
+        vmin, vmax = colour_range(cells[f"{key}_mean"].to_numpy(dtype=float), cells[f"{key}_std"].to_numpy(dtype=float))
+        for row, spec in enumerate(specs):
+            ax = axes[row][col]
+            grid, spread = np.full((len(margins), len(dims)), np.nan), np.full((len(margins), len(dims)), np.nan)
+            for _, r in cells[cells["_spec"] == spec].iterrows():
+                at = margins.index(r["_row"]), dims.index((int(r["hidden_dim"]), int(r["projector_dim"])))
+                grid[at], spread[at] = r[f"{key}_mean"], r[f"{key}_std"]
+            im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
+            ax.set_xticks(range(len(dims)), [f"h{h}/p{p}" for h, p in dims])
+            ax.set_yticks(range(len(margins)), [f"{c} m{m:g}" if c else f"{m:g}" for c, m in margins])
+            ax.set_xlabel("hidden / projector dim")
+            ax.set_ylabel("cache, margin" if margins[0][0] else "margin")
+            ax.set_title((f"features {spec}\n" if spec and spec != "None" else "") + f"pairwise accuracy, {label}",
+                         fontsize=10)
+            for (i, j), v in np.ndenumerate(grid):
+                if not np.isnan(v):
+                    text = f"{v:.3f}" + ("" if np.isnan(spread[i, j]) else f"\n± {spread[i, j]:.3f}")
+                    ax.text(j, i, text, ha="center", va="center", fontsize=9, color=_text_colour(im, v))
+        fig.colorbar(im, ax=list(axes[:, col]), fraction=0.046, label=f"mean {label.split(' ')[0]} accuracy")
     if title:
         fig.suptitle(title, color="#a00000")
-    fig.tight_layout()
     try:
         write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
     return True
+
+
+# The narrowest colour range: below it, differences of a fraction of a percent would fill the whole scale.
+MIN_COLOUR_SPAN = 0.02
+
+
+def colour_range(means: np.ndarray, stds: np.ndarray) -> tuple:
+    """(vmin, vmax) for accuracies: the cells' range, widened to at least four seed stds (so noise between seeds
+    cannot span the scale) and ``MIN_COLOUR_SPAN``, kept inside [0, 1]."""
+    means = means[~np.isnan(means)]
+    if not means.size:
+        return 0.0, 1.0
+    spread = float(np.nanmean(stds)) if np.isfinite(stds).any() else 0.0
+    lo, hi = float(means.min()), float(means.max())
+    span = min(1.0, max(hi - lo, 4 * spread, MIN_COLOUR_SPAN))
+    centre = (lo + hi) / 2
+    lo = min(max(0.0, centre - span / 2), 1.0 - span)
+    return lo, lo + span
+
+
+def _text_colour(image, value: float) -> str:
+    """Black on light cells, white on dark ones (viridis runs from dark purple to light yellow)."""
+    r, g, b, _ = image.cmap(image.norm(value))
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"

@@ -137,9 +137,19 @@ class Evaluator:
 
 
 def format_metrics(metrics: Dict[str, Any], baseline: Optional[Dict[str, Any]] = None, title: str = "") -> str:
-    """A plain-text table of a detailed report, with the linear baseline in a second column when given."""
-    rows = [("pairwise accuracy", "accuracy"), ("pairs", "total_pairs"), ("correct", "correct_predictions"),
-            ("Spearman (score vs tier)", "spearman"), ("Kendall tau-b", "kendall"), ("images", "num_images")]
+    """A plain-text table of a detailed report, with the linear baseline in a second column when given.
+
+    Every figure names what it rests on: the distinct image pairs (sampling repeats pairs of a small split, so
+    the sampled count alone overstates the evidence) and the images."""
+    distinct, images = metrics.get("distinct_pairs"), metrics.get("num_images")
+    of_pairs = f" ({distinct} distinct pairs)" if distinct is not None else ""
+    of_images = f", {images} images" if images is not None else ""
+    rows = [(f"pairwise accuracy{of_pairs}", "accuracy"), ("pairs sampled (repeats included)", "total_pairs"),
+            ("distinct pairs", "distinct_pairs"), ("correct (of the sampled)", "correct_predictions"),
+            (f"Spearman (score vs tier{of_images})", "spearman"), (f"Kendall tau-b (score vs tier{of_images})", "kendall"),
+            ("images", "num_images")]
+    if distinct is None:
+        rows.remove(("distinct pairs", "distinct_pairs"))
 
     def fmt(v: Any) -> str:
         if v is None:
@@ -154,10 +164,14 @@ def format_metrics(metrics: Dict[str, Any], baseline: Optional[Dict[str, Any]] =
         table.append([label, fmt(metrics.get(key))] + ([fmt(baseline.get(key))] if baseline else []))
     for pair, entry in (metrics.get("tier_pair_accuracy") or {}).items():
         base = (baseline or {}).get("tier_pair_accuracy", {}).get(pair, {})
-        table.append([f"  {pair} ({entry['pairs']} pairs)", fmt(entry["accuracy"])]
+        counts = (f"{entry['distinct_pairs']} distinct pairs, {entry['pairs']} sampled" if "distinct_pairs" in entry
+                  else f"{entry['pairs']} pairs")
+        table.append([f"  {pair} ({counts})", fmt(entry["accuracy"])]
                      + ([fmt(base.get("accuracy"))] if baseline else []))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = [title] if title else []
+    evidence = (f"{images} images, {distinct} distinct cross-tier pairs ({metrics.get('total_pairs')} sampled, "
+                "repeats included)" if distinct is not None and images is not None else "")
+    lines = [f"{title} {evidence}" if title else evidence] if title or evidence else []
     for i, r in enumerate(table):
         lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:

@@ -31,7 +31,7 @@ from mirip.features.cache import CacheError, open_cache
 from mirip.features.spec import FEATURE_NORMS, canonical_spec, checkpoint_feature_spec
 from mirip.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, FingerprintMismatch,
                                check_fingerprint, weights_summary)
-from mirip.metadata_csv import read_metadata_csv
+from mirip.metadata_csv import csv_lines, read_metadata_csv
 from mirip.ml.ranking_model import RankingHead
 from mirip.paths import normalize_relpath
 from mirip.plain import json_safe
@@ -43,7 +43,7 @@ from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator, format_metrics, score_images
 from mirip.training.run_data import (SPLITS, exclusion_note, failed_images, scaled_features, split_names,
                                      split_positions, write_excluded)
-from mirip.training.metrics import score_metrics
+from mirip.training.metrics import distinct_pairs, score_metrics
 from mirip.training.trainer import Trainer, history_to_json
 
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
@@ -146,18 +146,24 @@ def read_metadata(path: str, filename_column: str = "filename", tier_column: str
             raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, meta.columns))})")
     if meta.empty:
         raise ValueError(f"{path}: no rows")
+    lines = csv_lines(meta) or {}
+
+    def at(rows) -> str:  # file lines (header = line 1), as an editor shows them
+        return ", ".join(f"line {lines[r]}" if r in lines else f"data row {r} (0-based)" for r in rows)
+
     blank = meta.index[meta[filename_column].isna()].tolist()
     if blank:
-        raise ValueError(f"{path}: empty {filename_column!r} in data row(s) {blank[:10]} (0-based, header excluded)")
-    meta[filename_column] = [normalize_relpath(name, f"{path}, row {row}, column {filename_column!r}")
+        raise ValueError(f"{path}: empty {filename_column!r} on {at(blank[:20])}"
+                         + (f" ... ({len(blank)} in all)" if len(blank) > 20 else ""))
+    meta[filename_column] = [normalize_relpath(name, f"{path}, {at([row])}, column {filename_column!r}")
                              for row, name in meta[filename_column].items()]
     try:
-        tier_ranks(meta, tier_column)
+        tier_ranks(meta, tier_column, lines=csv_lines(meta))
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc} (rows are 0-based, header excluded)") from None
+        raise ValueError(f"{path}: {exc}") from None
     dup = meta[meta[filename_column].duplicated(keep=False)]
     if len(dup):
-        shown = "; ".join(f"{name} in rows {list(g.index)}" for name, g in list(dup.groupby(filename_column))[:5])
+        shown = "; ".join(f"{name} on {at(g.index)}" for name, g in list(dup.groupby(filename_column))[:5])
         raise ValueError(f"{path}: images listed more than once ({shown}); each image needs exactly one row")
     return meta
 
@@ -391,9 +397,9 @@ def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path
     diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)}
     if diff:
-        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume {path} with different settings ({shown}); repeat the original command, "
-                         "or start a new run in another output directory")
+        shown = "; ".join(f"{k}: the checkpoint has {a!r}, this command asks for {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"cannot resume {path} with different settings: {shown}; to fix: repeat the original "
+                         "command, or start a new run in another output directory")
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -468,6 +474,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
     result: Dict[str, Any] = {"best_epoch": trainer.best_epoch, "best_accuracy": trainer.best_accuracy,
                               "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
                               "split_sizes": sizes, "split": "test", "features_backbone": backbone,
+                              "val_evidence": pair_evidence(datasets["val"]),
                               "calibration": calibrated.checkpoint_keys()["calibration"],
                               "calibration_note": calibrated.note,
                               "feature_spec": data.spec, "feature_norm": data.feature_norm,
@@ -491,6 +498,15 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
         result["calibration_plot"] = os.path.join(out, "calibration.png")
     result["history"] = history
     return result
+
+
+def pair_evidence(dataset: Optional[FeaturePairDataset]) -> Optional[Dict[str, int]]:
+    """What a split's pair accuracy rests on: its images, the distinct pairs among the sampled ones, and those."""
+    if dataset is None:
+        return None
+    first, second, _ = dataset.pair_arrays()
+    return {"images": int(len(dataset.ranks)), "distinct_pairs": distinct_pairs(first, second),
+            "sampled_pairs": int(len(first))}
 
 
 def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split: str = "all",
@@ -522,8 +538,10 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
         fingerprint = cache.fingerprint
     if ckpt.get("fingerprint") is not None:
         # Layout fields (which entries a cache holds) may differ: the spec's entries are looked up by name.
-        check_fingerprint(ckpt["fingerprint"], fingerprint, what=f"feature cache {features} (for checkpoint {checkpoint})",
-                          ignore=ENVIRONMENT_FIELDS + LAYOUT_FIELDS)
+        check_fingerprint(ckpt["fingerprint"], fingerprint, what=f"feature cache {features}",
+                          ignore=ENVIRONMENT_FIELDS + LAYOUT_FIELDS, asker=f"checkpoint {checkpoint}",
+                          fix="evaluate on the cache the checkpoint was trained on, or on one extracted with the "
+                              "checkpoint's settings")
     else:
         warnings.warn(f"{checkpoint} records no feature fingerprint; cannot verify that {features} matches it")
     data = load_run_data(cfg, scales=ckpt.get("feature_scales"), fit_scales=False)
