@@ -37,7 +37,7 @@ from mirip.atomic import write_atomic
 from mirip.cli_options import DefaultsHelpFormatter
 from mirip.devices import PRECISIONS, default_precision, resolve_device
 
-BENCHMARKS = ("full_image", "extraction", "training", "sweep")
+BENCHMARKS = ("full_image", "extraction", "training", "sweep", "explain")
 # (backbone, image size) when not given: the seed's setting on a GPU; on a CPU the large model at 768 px takes
 # ~16 s per forward, so the small one at 224 px (as scripts/demo.sh uses) keeps a run to minutes.
 DEVICE_DEFAULTS = {"cuda": ("facebook/dinov2-large", 768), "cpu": ("facebook/dinov2-small", 224)}
@@ -72,8 +72,8 @@ def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, Modu
 
 def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Run mirip's benchmarks (full-image mode, stage-one extraction, stage-two training, sweeps) "
-                    "and write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
+        description="Run mirip's benchmarks (full-image mode, stage-one extraction, stage-two training, sweeps, "
+                    "attribution maps) and write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
                     "image size, every figure, and whether the seed's 100 ms/pair and 12 GB requirements are met).",
         formatter_class=DefaultsHelpFormatter,
     )
