@@ -21,10 +21,11 @@ Two steps:
      entry's share of step 1 (no approximation beyond step 1's quadrature).
    - ``std@L``: per channel, ``sigma = sum_i (p_i - mu)^2 / (N sigma)`` (an identity), so patch ``i`` gets
      ``sum_c g_c ((p_ic - mu_c)^2 / (N sigma_c) - x0_c / N)``. Exact in the same sense.
-   - ``cls@L`` (the CLS token; SigLIP: its attention-pooling head): the CLS token is not a function of
-     block L's own patch tokens, so the patch tokens *entering* block L get gradient x (input - blank page's
-     input) of ``g . cls``. First order, not exact: what earlier blocks already carried into the CLS token's
-     residual stream is credited to no patch; ``Explanation.unassigned`` says how much of the score that is.
+   - ``cls@L`` (the CLS token; SigLIP: its attention-pooling head): the CLS token reaches the patches through
+     attention, nonlinearly (and in DINO / CLIP it is not a function of block L's own output patches at
+     all), so the patch tokens *entering* block L get gradient x (input - blank page's input) of ``g . cls``.
+     First order, not exact: what the CLS token itself brings into block L (gathered by earlier blocks) is
+     credited to no patch; ``Explanation.unassigned`` says how much of the score that is.
 
 CLS and register tokens never enter the grid (the family's token layout says where patches start). The grid
 is the backbone's: ``image_size // patch_size`` per side. With the default ``pad`` resize, cells that fall on

@@ -332,7 +332,8 @@ def write_html_report(path: str, entries: Sequence[Mapping], *, title: str = "mi
 _OVERLAY_CSS = ("#ov{display:none;position:fixed;inset:0;background:rgba(0,0,0,.72);z-index:9;align-items:center;"
                 "justify-content:center;flex-direction:column;cursor:zoom-out} #ov img{max-width:96vw;max-height:86vh;"
                 "background:#fff;padding:6px;border-radius:4px} #ov div{color:#fff;margin-top:.4rem;font-size:.85rem}"
-                " .card.has-ov{position:relative} .card.has-ov img{cursor:zoom-in} .card.has-ov::after{content:'heatmap';"
+                " .card.has-ov{position:relative} .card.has-ov img{cursor:zoom-in}"
+                " .card.has-ov::after{content:'heatmap';"
                 "position:absolute;top:10px;right:10px;background:#b2182b;color:#fff;font-size:.7rem;padding:0 .3rem;"
                 "border-radius:3px;pointer-events:none}")
 

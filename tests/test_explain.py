@@ -50,6 +50,7 @@ def family_backbones(tmp_path_factory):
 def test_mean_and_std_maps_are_exact_per_patch_for_every_family(family_backbones, model_type, tmp_path):
     paths = [_drawing(tmp_path / "wide.png", (40, 20), 0), _drawing(tmp_path / "tall.png", (20, 40), 1)]
     scorer = _scorer(family_backbones[model_type], "mean@-1+std@2")
+    scorer.model.feature_extractor.set_entry_scales([0.7, 2.5])  # per-entry normalisation, as from a checkpoint
     with torch_threads(1):
         result = scorer.explain(paths, progress=False)
         scores = scorer.score_paths(paths, progress=False).scores

@@ -88,3 +88,23 @@ def test_explain_is_refused_with_compare(explained):
     with pytest.raises(SystemExit):
         score.main(["--checkpoint", ckpt, "--compare", str(d / "img_0.png"), str(d / "img_1.png"),
                     "--explain", str(out)])
+
+
+def test_benchmark_explain_section_runs_and_reports_its_figures(tiny_backbone, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_script_explain", os.path.join(ROOT, "scripts", "benchmark.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with torch_threads(1):
+        rc = bench.main(["--only", "explain", "--backbone", tiny_backbone, "--image-size", "56", "--quick",
+                         "--device", "cpu", "--explain-train-images", "8", "--explain-test-images", "4",
+                         "--explain-batch", "2", "--explain-feature", "mean@-1", "cls@-1",
+                         "--output-dir", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())["results"]["explain"]
+    assert list(result["specs"]) == ["mean@-1", "cls@-1"]
+    for r in result["specs"].values():
+        assert r["score_ms_per_image"] > 0 and r["explain_ms_per_image"] > 0 and r["batch"] == 2
+    first = result["specs"]["mean@-1"]
+    assert first["exact"] is True and first["quadrant"]["images"] == 4
+    assert [d["fraction"] for d in first["deletion"]] == [0.05, 0.1, 0.25, 0.5]
+    assert "explain / score" in (tmp_path / "benchmark.md").read_text()
