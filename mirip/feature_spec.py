@@ -39,6 +39,8 @@ POOLINGS = ("cls", "mean", "cls_mean")
 EXTRACT_POOLINGS = tuple(dict.fromkeys(POOLINGS + BANK_POOLINGS))
 # Poolings that read the family's CLS feature (a CLS token, or SigLIP's attention-pooling head).
 CLS_POOLINGS = ("cls", "cls_mean")
+# Poolings over the patch tokens alone: a score read from them splits into exact per-patch parts (mirip.explain).
+PATCH_POOLINGS = ("mean", "std")
 DEFAULT_SPEC = "cls@-1"
 
 _ENTRY = re.compile(r"^([a-z_]+)@([+-]?\d+)$")
@@ -275,6 +277,6 @@ def checkpoint_feature_spec(ckpt: dict) -> str:
     return format1_entry(fp.get("pooling")) if not entries else DEFAULT_SPEC
 
 
-__all__ = ["POOLINGS", "EXTRACT_POOLINGS", "CLS_POOLINGS", "entry_dim", "format1_entry", "FEATURE_NORMS", "resolve_feature_norm", "entry_scales", "apply_entry_scales", "checkpoint_feature_spec",
+__all__ = ["POOLINGS", "EXTRACT_POOLINGS", "CLS_POOLINGS", "PATCH_POOLINGS", "entry_dim", "format1_entry", "FEATURE_NORMS", "resolve_feature_norm", "entry_scales", "apply_entry_scales", "checkpoint_feature_spec",
            "BANK_POOLINGS", "ENTRY_POOLINGS", "DEFAULT_SPEC", "Entry", "FeatureSpec", "FeatureSpecError",
            "bank_entries", "canonical_spec", "default_spec", "match_entries", "parse_entry", "resolve_layer"]

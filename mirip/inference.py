@@ -250,6 +250,18 @@ class Scorer:
         return ScoreResult([paths[i] for i in ok], [scores[i] for i in ok],
                            [(paths[i], failures[i]) for i in sorted(failures)])
 
+    def explain(self, paths: Iterable[PathLike], batch_size: int = 8, num_workers: int = 0, steps: int = 32,
+                progress: bool = True):
+        """Where each drawing's score comes from: an ``ExplainResult`` of ``mirip.explain.Explanation`` (a
+        per-patch map of score - blank-page score, numpy, plus the grid's geometry), unreadable files as
+        (path, reason). Exact per patch for mean/std entries, first order for cls ones (``mirip.explain``)."""
+        from mirip.explain import Explainer
+
+        if getattr(self, "_explainer", None) is None or self._explainer.steps != steps:
+            self._explainer = Explainer(self, steps=steps)  # keeps the blank page's features between calls
+        return self._explainer.explain_paths(list(paths), batch_size=batch_size, num_workers=num_workers,
+                                             progress=progress)
+
     def compare(self, path_a: PathLike, path_b: PathLike) -> Comparison:
         """Score two drawings in one batch; raises ImageReadError / FileNotFoundError naming a bad file.
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -252,9 +253,11 @@ def _distribution_svg(entries: Sequence[Mapping], calibration: Optional[OrdinalC
 def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[str]], *, title: str = "mirip scores",
                 info: Optional[Mapping[str, object]] = None, notes: Sequence[str] = (),
                 failures: Sequence[Tuple[str, str]] = (), thumb_size: int = 192,
-                calibration: Optional[OrdinalCalibration] = None, splits_known: bool = False) -> str:
+                calibration: Optional[OrdinalCalibration] = None, splits_known: bool = False,
+                overlays: Optional[Mapping[str, str]] = None) -> str:
     """The page as a string. ``entries``: dicts with path, score, rank and optionally tier, split,
-    predicted_tier, p_S, p_A, p_B, p_C and percentile (the scores.csv columns)."""
+    predicted_tier, p_S, p_A, p_B, p_C and percentile (the scores.csv columns). ``overlays``: path -> image
+    URI of its attribution overlay (``overlay_data_uri``), shown when its thumbnail is clicked."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS % {'w': thumb_size}}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     # The checkpoint's accuracy is the pairwise accuracy its best epoch was chosen by, on the validation split.
@@ -310,6 +313,8 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
         parts.append(f"<h2>Could not be read ({len(failures)})</h2><table class='failed'>")
         parts += [f"<tr><td>{html.escape(p)}</td><td>{html.escape(r)}</td></tr>" for p, r in failures]
         parts.append("</table>")
+    if overlays:
+        parts.append(overlay_viewer(overlays))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -317,8 +322,10 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
 def write_html_report(path: str, entries: Sequence[Mapping], *, title: str = "mirip scores",
                       info: Optional[Mapping[str, object]] = None, notes: Sequence[str] = (),
                       failures: Sequence[Tuple[str, str]] = (), thumb_size: int = 192, progress: bool = True,
-                      calibration: Optional[OrdinalCalibration] = None, splits_known: bool = False) -> str:
-    """Make thumbnails of every entry and write the page to ``path``; returns ``path``."""
+                      calibration: Optional[OrdinalCalibration] = None, splits_known: bool = False,
+                      overlays: Optional[Mapping[str, str]] = None) -> str:
+    """Make thumbnails of every entry and write the page to ``path``; returns ``path``. ``overlays``: path ->
+    overlay PNG file (``scripts/score.py --explain``), embedded and shown when a thumbnail is clicked."""
     thumbnails: Dict[str, Optional[str]] = {}
     for e in tqdm(entries, desc="thumbnails", unit="img", disable=not progress):
         try:
@@ -326,10 +333,59 @@ def write_html_report(path: str, entries: Sequence[Mapping], *, title: str = "mi
         except (OSError, ValueError):
             thumbnails[str(e["path"])] = None  # scored earlier but gone or changed since; the card says so
     page = render_html(entries, thumbnails, title=title, info=info, notes=notes, failures=failures,
-                       thumb_size=thumb_size, calibration=calibration, splits_known=splits_known)
+                       thumb_size=thumb_size, calibration=calibration, splits_known=splits_known,
+                       overlays=_overlay_uris(overlays))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(page)
     os.replace(tmp, path)
     return path
+
+
+# -- attribution overlays (scripts/score.py --explain): click a thumbnail, see where its score comes from ----
+
+_OVERLAY_CSS = ("#ov{display:none;position:fixed;inset:0;background:rgba(0,0,0,.72);z-index:9;align-items:center;"
+                "justify-content:center;flex-direction:column;cursor:zoom-out} #ov img{max-width:96vw;max-height:86vh;"
+                "background:#fff;padding:6px;border-radius:4px} #ov div{color:#fff;margin-top:.4rem;font-size:.85rem}"
+                " .card.has-ov{position:relative} .card.has-ov img{cursor:zoom-in}"
+                " .card.has-ov::after{content:'heatmap';"
+                "position:absolute;top:10px;right:10px;background:#b2182b;color:#fff;font-size:.7rem;padding:0 .3rem;"
+                "border-radius:3px;pointer-events:none}")
+
+
+def overlay_data_uri(png_path: str, quality: int = 85) -> str:
+    """An overlay PNG as a ``data:image/jpeg`` URI (JPEG: a tenth of the PNG's size for the same legibility)."""
+    from PIL import Image
+
+    with Image.open(png_path) as img:
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _overlay_uris(overlays: Optional[Mapping[str, str]]) -> Optional[Dict[str, str]]:
+    if not overlays:
+        return None
+    out = {}
+    for path, png in overlays.items():
+        try:
+            out[str(path)] = overlay_data_uri(png)
+        except OSError:
+            pass  # written moments ago; a vanished one just leaves its card without a heatmap
+    return out
+
+
+def overlay_viewer(overlays: Mapping[str, str]) -> str:
+    """A lightbox and the few lines of script that open it when a card with an overlay is clicked."""
+    data = json.dumps(dict(overlays)).replace("</", "<\\/")
+    return (f"<style>{_OVERLAY_CSS}</style><div id='ov' role='dialog' aria-label='where the score comes from'>"
+            "<img alt='attribution overlay'><div>left: the drawing; right: red cells lift the score, blue drag "
+            "it down (relative to a blank page). Click or Esc to close.</div></div>"
+            f"<script>(function(){{var O={data},ov=document.getElementById('ov');"
+            "document.querySelectorAll('.card').forEach(function(c){var u=O[c.dataset.path];if(!u)return;"
+            "c.classList.add('has-ov');var i=c.querySelector('img');if(i)i.addEventListener('click',function(){"
+            "ov.querySelector('img').src=u;ov.style.display='flex';});});"
+            "ov.addEventListener('click',function(){ov.style.display='none';});"
+            "document.addEventListener('keydown',function(e){if(e.key==='Escape')ov.style.display='none';});"
+            "})();</script>")

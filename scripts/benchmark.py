@@ -35,7 +35,7 @@ from mirip.bench.machine import machine_info
 from mirip.cli_options import DefaultsHelpFormatter, plain_warnings
 from mirip.devices import PRECISIONS, default_precision, device_defaults, resolve_device
 
-BENCHMARKS = ("full_image", "extraction", "training", "sweep")
+BENCHMARKS = ("full_image", "extraction", "training", "sweep", "explain")
 
 
 def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, ModuleType], Dict[str, str]]:
@@ -63,8 +63,8 @@ def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, Modu
 
 def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Run mirip's benchmarks (full-image mode, stage-one extraction, stage-two training, sweeps) "
-                    "and write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
+        description="Run mirip's benchmarks (full-image mode, stage-one extraction, stage-two training, sweeps, "
+                    "attribution maps) and write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
                     "image size, every figure, and whether the seed's 100 ms/pair and 12 GB requirements are met).",
         formatter_class=DefaultsHelpFormatter,
     )

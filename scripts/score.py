@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="say which of two drawings is better, by how much, and the probability that the "
                              "first is better under the calibrated model")
     parser.add_argument("--html", metavar="HTML", help="also write a self-contained page of thumbnails by score")
+    parser.add_argument("--explain", metavar="DIR", default=None,
+                        help="also write, per image, where its score comes from: DIR/NAME.png (the drawing beside "
+                             "it with a heatmap: red cells lift the score, blue drag it down, relative to a blank "
+                             "page), DIR/NAME.npy (the raw patch-grid map, score units) and DIR/index.json; with "
+                             "--html, clicking a thumbnail shows the overlay. Costs a backward pass per image")
     parser.add_argument("--metadata", metavar="CSV", help="CSV with a filename and a tier column: groups the HTML "
                         "report by tier and adds a tier column to the CSV")
     parser.add_argument("--filename-column", default="filename", help="metadata column with the image path")
@@ -201,6 +206,7 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
         print(f"could not read {len(result.failures)} file(s):")
         for p, reason in result.failures:
             print(f"  {p}: {reason}")
+    overlays = _write_explanations(scorer, result.paths, args) if args.explain else None
     if args.html:
         from mirip.report_html import write_html_report
 
@@ -208,10 +214,25 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
         write_html_report(args.html, frame.to_dict("records"), title=args.title or "mirip scores", info=info,
                           notes=scorer.notes + ([scorer.calibration_note] if scorer.calibration_note else []),
                           failures=result.failures, progress=not args.no_progress,
-                          calibration=scorer.calibration, splits_known=bool(splits))
+                          calibration=scorer.calibration, splits_known=bool(splits), overlays=overlays)
     print(f"scored {len(frame)} of {len(paths)} images ({scorer.weights} backbone weights); wrote {output}"
           + (f" and {args.html}" if args.html else ""))
     return 0 if len(frame) else 1
+
+
+def _write_explanations(scorer: Scorer, paths: Sequence[str], args: argparse.Namespace) -> Dict[str, str]:
+    """Attribution maps of the scored images into args.explain; returns path -> overlay PNG for the report."""
+    from mirip.heatmap import save_explanations
+
+    result = scorer.explain(paths, batch_size=args.batch_size, num_workers=args.num_workers,
+                            progress=not args.no_progress)
+    rows = save_explanations(result, args.explain, roots=args.images)
+    for p, reason in result.failures:
+        print(f"  could not explain {p}: {reason}")
+    kinds = {"exact" if r["exact"] else "first-order" for r in rows}
+    print(f"explained {len(rows)} images ({', '.join(sorted(kinds)) or 'none'} per-patch maps of score - blank "
+          f"page score); wrote {args.explain}/*.png, *.npy and index.json")
+    return {r["path"]: r["png"] for r in rows}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -220,8 +241,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     plain_warnings()
     if args.compare and args.images:
         parser.error("--compare A B scores two drawings; do not also pass IMAGES_OR_DIRS")
-    if args.compare and (args.output or args.html or args.metadata):
-        parser.error("--output, --html and --metadata apply to scoring IMAGES_OR_DIRS, not to --compare")
+    if args.compare and (args.output or args.html or args.metadata or args.explain):
+        parser.error("--output, --html, --metadata and --explain apply to scoring IMAGES_OR_DIRS, not to --compare")
     if not args.compare and not args.images:
         parser.error("give IMAGES_OR_DIRS to score, or --compare A B")
     if args.batch_size <= 0:
