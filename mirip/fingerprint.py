@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import mirip
+from mirip.feature_spec import format1_entry
 
 # Format 2: a feature bank (feature_entries / feature_entry_blocks / feature_entry_dims / backbone_layers);
 # a format-1 file (no such fields) reads as a bank of one entry, ``<pooling>@-1``. Format 3: per-row checksums
@@ -109,7 +110,7 @@ def bank_layout(fingerprint: Mapping) -> Tuple[List[str], Optional[List[int]], L
         blocks = fingerprint.get("feature_entry_blocks")
         dims = fingerprint.get("feature_entry_dims") or [int(fingerprint["feature_dim"]) // len(entries)] * len(entries)
         return list(entries), (list(blocks) if blocks else None), [int(d) for d in dims], fingerprint.get("backbone_layers")
-    return [f"{fingerprint.get('pooling', 'cls')}@-1"], None, [int(fingerprint.get("feature_dim", 0))], None
+    return [format1_entry(fingerprint.get("pooling"))], None, [int(fingerprint.get("feature_dim", 0))], None
 
 
 def with_family_defaults(fingerprint: Mapping) -> dict:

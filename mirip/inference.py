@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from mirip.calibration import CalibrationError, from_checkpoint, names_sha256
 from mirip.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.devices import check_precision, default_precision, resolve_device
-from mirip.features.spec import FeatureSpec, FeatureSpecError, checkpoint_feature_spec, match_entries
+from mirip.feature_spec import FeatureSpec, FeatureSpecError, checkpoint_feature_spec, match_entries
 from mirip.fingerprint import LEGACY_DEFAULTS, FingerprintMismatch, bank_layout, check_fingerprint, make_fingerprint
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel

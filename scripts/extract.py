@@ -25,7 +25,7 @@ except ImportError:
 
 from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
 from mirip.devices import PRECISIONS, device_defaults
-from mirip.features.spec import BANK_POOLINGS
+from mirip.feature_spec import BANK_POOLINGS
 from mirip.features.extract import FEATURE_DTYPES, ExtractConfig, extract_features
 from mirip.ml import compiled
 from mirip.ml.feature_extractor import POOLINGS

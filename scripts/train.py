@@ -20,7 +20,7 @@ from mirip.checkpoint import CheckpointError
 from mirip.cli_options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
                                 training_values)
 from mirip.features.cache import CacheError
-from mirip.features.spec import FEATURE_NORMS
+from mirip.feature_spec import FEATURE_NORMS
 from mirip.training.config import TrainingConfig
 from mirip.training.run import OUTPUT_FILES, RunConfig, train
 

@@ -17,7 +17,7 @@ import torch
 
 from mirip.devices import default_precision, resolve_device
 from mirip.ml.backbones import RandomWeightsWarning
-from mirip.features.spec import FeatureSpec
+from mirip.feature_spec import FeatureSpec
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
 from mirip.bench.machine import device_name

@@ -45,7 +45,7 @@ from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator
 from mirip.features.cache import open_cache
 from mirip.plain import json_safe
-from mirip.features.spec import FEATURE_NORMS
+from mirip.feature_spec import FEATURE_NORMS
 from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, feature_keys,
                                 read_metadata, split_dataset)
 from mirip.training.run_data import (exclusion_note, failed_images, scaled_features, split_names, split_positions,

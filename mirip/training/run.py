@@ -28,7 +28,7 @@ from mirip.calibration import (CalibrationError, OrdinalCalibration, ScoreRefere
 from mirip.checkpoint import load_checkpoint_file, save_checkpoint_file
 from mirip.devices import resolve_device
 from mirip.features.cache import CacheError, open_cache
-from mirip.features.spec import FEATURE_NORMS, canonical_spec, checkpoint_feature_spec
+from mirip.feature_spec import FEATURE_NORMS, canonical_spec, checkpoint_feature_spec
 from mirip.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, FingerprintMismatch,
                                check_fingerprint, weights_summary)
 from mirip.metadata_csv import csv_lines, read_metadata_csv

@@ -20,7 +20,7 @@ import pandas as pd
 
 from mirip.atomic import write_atomic
 from mirip.features.cache import CacheError, open_cache
-from mirip.features.spec import apply_entry_scales, entry_scales, resolve_feature_norm
+from mirip.feature_spec import apply_entry_scales, entry_scales, resolve_feature_norm
 
 SPLITS = ("train", "val", "test")
 
