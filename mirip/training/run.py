@@ -12,249 +12,37 @@ Every choice lives in one ``RunConfig`` (data paths, split, head dims, and a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
-import pandas as pd
-import torch
 
-from mirip.atomic import output_directory, write_atomic
-from mirip.calibration import (CalibrationError, OrdinalCalibration, ScoreReference, fit_ordinal, from_checkpoint,
-                               make_score_reference, save_calibration_plot)
-from mirip.checkpoint import load_checkpoint_file, save_checkpoint_file
+from mirip.atomic import output_directory
+from mirip.calibration import from_checkpoint, save_calibration_plot
+from mirip.checkpoint import load_checkpoint_file
 from mirip.devices import resolve_device
+from mirip.feature_spec import checkpoint_feature_spec
 from mirip.features.cache import CacheError, open_cache
-from mirip.feature_spec import FEATURE_NORMS, canonical_spec, checkpoint_feature_spec
 from mirip.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, FingerprintMismatch,
                                check_fingerprint, weights_summary)
-from mirip.metadata_csv import csv_lines, read_metadata_csv
 from mirip.ml.ranking_model import RankingHead
-from mirip.paths import normalize_relpath
-from mirip.plain import json_safe
-from mirip.tiers import tier_ranks
 from mirip.training.baseline import RidgeBaseline
 from mirip.training.config import TrainingConfig
-from mirip.training.datasets.data_splitter import DataSplitter
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
-from mirip.training.evaluator import Evaluator, format_metrics, score_images
-from mirip.training.run_data import (SPLITS, exclusion_note, failed_images, scaled_features, split_names,
-                                     split_positions, write_excluded)
+from mirip.training.evaluator import Evaluator, format_metrics
+from mirip.training.head_calibration import (IN_SAMPLE, HeadCalibration, _calibration_title, attach_calibration,
+                                             calibrate_head)
 from mirip.training.metrics import distinct_pairs, score_metrics
+from mirip.training.run_config import DataSettings, RunConfig
+from mirip.training.run_data import (SPLITS, RunData, exclusion_note, feature_keys, load_bank_features,
+                                     load_features, load_run_data, read_metadata, resolve_spec, split_dataset,
+                                     write_excluded)
+from mirip.training.run_outputs import _curves_title, save_curves, write_json
 from mirip.training.trainer import Trainer, history_to_json
 
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
                 "calibration.png")
-
-
-@dataclass
-class DataSettings:
-    """What a run or a sweep trains on: the cache, the metadata and its columns, the split, the output."""
-
-    features: str
-    metadata: str
-    output_dir: str
-    filename_column: str = "filename"
-    tier_column: str = "tier"
-    train_ratio: float = 0.8
-    val_ratio: float = 0.1
-    test_ratio: float = 0.1
-    stratify: bool = True
-    encoding: Optional[str] = None  # of the metadata CSV; None: UTF-8, else CP949 with a notice
-    # Rows whose images extraction recorded as unreadable are left out (mirip.training.run_data); True refuses.
-    strict_images: bool = False
-
-
-@dataclass
-class RunConfig(DataSettings):
-    """Everything that defines a run; ``training.checkpoint_dir`` is the output directory."""
-
-    margin: float = 1.0
-    hidden_dim: int = 512
-    projector_dim: int = 256
-    dropout: float = 0.1
-    ridge_alpha: Optional[float] = None  # None: chosen on the val split
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    # The feature spec (mirip.features.spec): which cached entries the head sees, in order. None: the cache's
-    # default (its only entry, else cls@-1); a run resolves it and saves the canonical spec in config.json.
-    feature: Optional[str] = None
-    feature_norm: str = "auto"  # per-entry scaling: auto (entry when the spec has several entries), entry, none
-
-    def __post_init__(self):
-        if isinstance(self.training, dict):
-            self.training = TrainingConfig.from_dict(self.training)
-        if self.feature is not None:
-            self.feature = canonical_spec(self.feature)
-        if self.feature_norm not in FEATURE_NORMS:
-            raise ValueError(f"feature_norm must be one of {', '.join(FEATURE_NORMS)}, got {self.feature_norm!r}")
-        for name in ("hidden_dim", "projector_dim"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.margin < 0:
-            raise ValueError(f"margin must be non-negative, got {self.margin}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        try:
-            self.splitter()
-        except AssertionError as exc:  # the seed's DataSplitter asserts; a run reports it as bad input
-            raise ValueError(str(exc)) from None
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["training"] = self.training.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-
-    @classmethod
-    def load(cls, path: str) -> "RunConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-    def splitter(self) -> DataSplitter:
-        return DataSplitter(self.train_ratio, self.val_ratio, self.test_ratio, seed=self.training.seed,
-                            stratify_column=self.tier_column if self.stratify else None,
-                            group_column=self.filename_column)
-
-    def make_head(self, input_dim: int) -> RankingHead:
-        """The head, initialised from ``torch.manual_seed(training.seed)`` (the training-step contract)."""
-        torch.manual_seed(self.training.seed)
-        return RankingHead(input_dim, self.projector_dim, self.margin, self.hidden_dim, self.dropout)
-
-
-# --- data ----------------------------------------------------------------------------------------
-def read_metadata(path: str, filename_column: str = "filename", tier_column: str = "tier",
-                  encoding: Optional[str] = None) -> pd.DataFrame:
-    """The metadata CSV, checked: columns present, tiers valid, each image named once.
-
-    Image paths are normalised exactly as extraction normalises them (``./a.png`` -> ``a.png``), so every
-    name finds its cached row.
-    """
-    meta = read_metadata_csv(path, encoding, dtype={filename_column: str})
-    for col in (filename_column, tier_column):
-        if col not in meta.columns:
-            raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, meta.columns))})")
-    if meta.empty:
-        raise ValueError(f"{path}: no rows")
-    lines = csv_lines(meta) or {}
-
-    def at(rows) -> str:  # file lines (header = line 1), as an editor shows them
-        return ", ".join(f"line {lines[r]}" if r in lines else f"data row {r} (0-based)" for r in rows)
-
-    blank = meta.index[meta[filename_column].isna()].tolist()
-    if blank:
-        raise ValueError(f"{path}: empty {filename_column!r} on {at(blank[:20])}"
-                         + (f" ... ({len(blank)} in all)" if len(blank) > 20 else ""))
-    meta[filename_column] = [normalize_relpath(name, f"{path}, {at([row])}, column {filename_column!r}")
-                             for row, name in meta[filename_column].items()]
-    try:
-        tier_ranks(meta, tier_column, lines=csv_lines(meta))
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
-    dup = meta[meta[filename_column].duplicated(keep=False)]
-    if len(dup):
-        shown = "; ".join(f"{name} on {at(g.index)}" for name, g in list(dup.groupby(filename_column))[:5])
-        raise ValueError(f"{path}: images listed more than once ({shown}); each image needs exactly one row")
-    return meta
-
-
-@dataclass
-class RunData:
-    """The metadata, the features of its rows (loaded once, in metadata order) and the split."""
-
-    metadata: pd.DataFrame
-    features: torch.Tensor  # (N, D) on the CPU, the cache's dtype
-    ranks: np.ndarray
-    names: list
-    fingerprint: Dict[str, Any]
-    splits: Dict[str, np.ndarray]  # split -> row positions into metadata / features
-    split_info: Dict[str, Any]
-    spec: str = "cls@-1"  # the canonical feature spec the columns of ``features`` follow
-    entry_dims: List[int] = field(default_factory=list)  # width of each spec entry, in order
-    feature_norm: str = "none"  # resolved: entry or none
-    feature_scales: Optional[List[float]] = None  # per spec entry, applied to ``features`` (None: unscaled)
-    excluded: Dict[str, str] = field(default_factory=dict)  # name -> reason: rows left out, unreadable images
-
-
-def resolve_spec(cache_path: str, spec: Optional[str] = None) -> str:
-    """The canonical spec a run on ``cache_path`` uses (``None``: the cache's default); refuses an entry the
-    cache lacks, listing the entries it holds, before any training."""
-    with open_cache(cache_path) as cache:
-        spec = canonical_spec(spec) if spec else cache.default_spec
-        cache.entry_slices(spec)
-        return spec
-
-
-def load_bank_features(cache_path: str, names: list, spec: Optional[str] = None,
-                       expected_fingerprint: Optional[Dict[str, Any]] = None, ignore_layout: bool = False
-                       ) -> Tuple[torch.Tensor, Dict[str, Any], str, List[int]]:
-    """(features of ``names`` in that order with the spec's columns, the cache's fingerprint, the canonical spec,
-    the spec's entry dims). Refuses a fingerprint mismatch (``ignore_layout``: only fields that change what an
-    entry means, for a head read from another cache), an entry the cache lacks, and lists missing images."""
-    with open_cache(cache_path) as cache:
-        if expected_fingerprint is not None:
-            ignore = ENVIRONMENT_FIELDS + (LAYOUT_FIELDS if ignore_layout else ())
-            cache.check_fingerprint(expected_fingerprint, ignore=ignore)
-        spec = canonical_spec(spec) if spec else cache.default_spec
-        dims = [s.stop - s.start for s in cache.entry_slices(spec)]
-        rows = cache.rows_for(names)
-        return torch.from_numpy(cache.features(rows, spec=spec)), cache.fingerprint, spec, dims
-
-
-def load_features(cache_path: str, names: list, expected_fingerprint: Optional[Dict[str, Any]] = None,
-                  spec: Optional[str] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
-    """The cached features of ``names`` in that order (the spec's columns; default: the cache's default spec);
-    refuses a fingerprint mismatch and lists missing images."""
-    features, fingerprint, _, _ = load_bank_features(cache_path, names, spec, expected_fingerprint)
-    return features, fingerprint
-
-
-def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]] = None,
-                  scales: Optional[List[float]] = None, fit_scales: bool = True, ignore_layout: bool = False) -> RunData:
-    """Metadata, the spec's features and the split. Per-entry scales are fitted on the train split when the
-    resolved ``feature_norm`` is ``entry`` (or taken from ``scales``, e.g. a checkpoint's, with ``fit_scales=False``)."""
-    meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column, cfg.encoding)
-    excluded = failed_images(cfg.features, meta[cfg.filename_column].astype(str).tolist(), cfg.strict_images)
-    splitter = cfg.splitter()
-    by_split = split_names(meta, splitter, cfg.filename_column, excluded)
-    meta = meta[~meta[cfg.filename_column].astype(str).isin(excluded)]
-    names = meta[cfg.filename_column].astype(str).tolist()
-    features, fingerprint, spec, dims = load_bank_features(cfg.features, names, cfg.feature, expected_fingerprint,
-                                                           ignore_layout=ignore_layout)
-    splits = split_positions(by_split, names)
-    features, scales = scaled_features(features, dims, spec, cfg.feature_norm, splits["train"], scales, fit_scales)
-    return RunData(meta, features, tier_ranks(meta, cfg.tier_column), names, fingerprint, splits,
-                   splitter.get_split_info(), spec=spec, entry_dims=dims,
-                   feature_norm="entry" if scales else "none", feature_scales=scales, excluded=excluded)
-
-
-def feature_keys(data: RunData) -> Dict[str, Any]:
-    """What a checkpoint records about its features beyond the fingerprint: spec, normalisation, scales."""
-    return {"feature_spec": data.spec, "feature_norm": data.feature_norm, "feature_scales": data.feature_scales,
-            "feature_entry_dims": list(data.entry_dims), "excluded_images": sorted(data.excluded)}
-
-
-def split_dataset(data: RunData, split: str, features: torch.Tensor, tc: TrainingConfig, *, train: bool
-                  ) -> Optional[FeaturePairDataset]:
-    """The pairs of one split: fresh per epoch for training, fixed (epoch 0) for val/test; None if empty."""
-    rows = data.splits[split]
-    if len(rows) == 0:
-        return None
-    return FeaturePairDataset(
-        features, data.ranks[rows], rows=rows, names=[data.names[i] for i in rows],
-        num_pairs=tc.pairs_per_epoch if train else tc.eval_pairs, batch_size=tc.batch_size,
-        seed=tc.seed, epoch=0, balance=tc.pair_balance, what=f"{split} split",
-    )
 
 
 def baseline_metrics(data: RunData, datasets: Dict[str, Optional[FeaturePairDataset]], split: str,
@@ -269,107 +57,6 @@ def baseline_metrics(data: RunData, datasets: Dict[str, Optional[FeaturePairData
     ds = datasets[split]
     scores = ridge.predict(data.features[data.splits[split]])
     return score_metrics(scores, ds.ranks, *ds.pair_arrays()), ridge.alpha
-
-
-# --- outputs -------------------------------------------------------------------------------------
-def write_json(path: str, obj: Any) -> None:
-    write_atomic(path, json.dumps(json_safe(obj), indent=2))
-
-
-def _curves_title(backbone: Dict[str, Any]) -> Optional[str]:
-    if backbone["backbone_weights"] != "random":
-        return None
-    return f"{backbone['backbone']}: RANDOM backbone weights (pipeline check, not a trained model)"
-
-
-def save_curves(history: Dict[str, list], path: str, title: Optional[str] = None) -> bool:
-    """Loss and accuracy per epoch as a PNG; False (and nothing written) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    epochs = np.arange(1, len(history["train_loss"]) + 1)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
-        for split in ("train", "val"):
-            values = history.get(f"{split}_{key}") or []
-            if values:
-                ax.plot(epochs[: len(values)], values, label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("pairwise accuracy" if key == "acc" else "margin ranking loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, color="#a00000")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-# --- calibration ---------------------------------------------------------------------------------
-@dataclass
-class HeadCalibration:
-    """A head's score-to-tier calibration (val split) and training-split score reference, or why there is none."""
-
-    calibration: Optional[OrdinalCalibration]
-    score_reference: Optional[ScoreReference]
-    note: Optional[str]
-    scores: Dict[str, Tuple[np.ndarray, np.ndarray]]  # split -> (scores, ranks) of the splits scored
-
-    def checkpoint_keys(self) -> Dict[str, Any]:
-        """The plain-dict checkpoint keys: calibration, score_reference (None when absent) and calibration_note."""
-        return {"calibration": self.calibration.to_dict() if self.calibration else None,
-                "score_reference": self.score_reference.to_dict() if self.score_reference else None,
-                "calibration_note": self.note}
-
-
-def calibrate_head(model: torch.nn.Module, datasets: Dict[str, Optional[FeaturePairDataset]], device: str,
-                   splits: Tuple[str, ...] = ("train", "val", "test")) -> HeadCalibration:
-    """Fit the ordinal calibration on the val split's scores and take the train split's score quantiles."""
-    scores = {s: (score_images(model, datasets[s], device), datasets[s].ranks)
-              for s in splits if datasets.get(s) is not None}
-    reference = (make_score_reference(*scores["train"], split="train", names=datasets["train"].names)
-                 if "train" in scores else None)
-    if "val" not in scores:
-        return HeadCalibration(None, reference, "no validation split, so no score-to-tier calibration "
-                               "(tier predictions need val_ratio > 0)", scores)
-    try:
-        calibration = fit_ordinal(*scores["val"], fitted_on="val")
-    except CalibrationError as exc:
-        return HeadCalibration(None, reference, f"no score-to-tier calibration: {exc}", scores)
-    notes = []
-    absent = [t for t, n in calibration.tier_counts.items() if n == 0]
-    if absent:
-        notes.append(f"tier(s) {', '.join(absent)} absent from the validation split: their probabilities are "
-                     "not calibrated")
-    if calibration.slope <= 0:
-        notes.append("on the validation split higher scores go with worse tiers (calibration slope "
-                     f"{calibration.slope:.4g} <= 0): the head has not learned the tiers")
-    return HeadCalibration(calibration, reference, "; ".join(notes) or None, scores)
-
-
-def attach_calibration(path: str, calibrated: HeadCalibration) -> None:
-    """Add the calibration keys to a checkpoint file (atomically; everything else is kept)."""
-    ckpt = load_checkpoint_file(path)
-    ckpt.update(calibrated.checkpoint_keys())
-    save_checkpoint_file(path, ckpt)
-
-
-IN_SAMPLE = {"all": "all images include the training images (the head was fitted on them) and the validation "
-                     "images (the calibration was fitted on them)",
-             "train": "the head was trained on the train split",
-             "val": "the calibration was fitted on the val split"}
-
-
-def _calibration_title(backbone: Dict[str, Any]) -> str:
-    base = "score-to-tier calibration, fitted on the validation split"
-    if backbone["backbone_weights"] == "random":
-        return f"{base}: RANDOM backbone weights (pipeline check, not a trained model)"
-    return base
 
 
 # Settings a resumed run may change: they do not alter what the epochs already run computed.
@@ -574,7 +261,7 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     return result
 
 
-__all__ = ["RunConfig", "RunData", "read_metadata", "load_features", "load_bank_features", "resolve_spec",
+__all__ = ["RunConfig", "DataSettings", "RunData", "read_metadata", "load_features", "load_bank_features", "resolve_spec",
            "feature_keys", "load_run_data", "split_dataset",
            "baseline_metrics", "train", "evaluate_checkpoint", "save_curves", "OUTPUT_FILES",
            "HeadCalibration", "calibrate_head", "attach_calibration",

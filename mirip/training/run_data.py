@@ -13,17 +13,25 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+import torch
 
 from mirip.atomic import write_atomic
+from mirip.feature_spec import apply_entry_scales, canonical_spec, entry_scales, resolve_feature_norm
 from mirip.features.cache import CacheError, open_cache
-from mirip.feature_spec import apply_entry_scales, entry_scales, resolve_feature_norm
+from mirip.fingerprint import ENVIRONMENT_FIELDS, LAYOUT_FIELDS
+from mirip.metadata_csv import csv_lines, read_metadata_csv
+from mirip.paths import normalize_relpath
+from mirip.tiers import tier_ranks
+from mirip.training.config import TrainingConfig
+from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
+from mirip.training.run_config import RunConfig
 
 SPLITS = ("train", "val", "test")
-
 EXCLUDED_FILE = "excluded_images.json"
 
 
@@ -96,6 +104,130 @@ def write_excluded(out_dir: str, excluded: Dict[str, str]) -> str:
     path = os.path.join(out_dir, EXCLUDED_FILE)
     write_atomic(path, json.dumps(dict(sorted(excluded.items())), indent=1))
     return path
+
+
+def read_metadata(path: str, filename_column: str = "filename", tier_column: str = "tier",
+                  encoding: Optional[str] = None) -> pd.DataFrame:
+    """The metadata CSV, checked: columns present, tiers valid, each image named once.
+
+    Image paths are normalised exactly as extraction normalises them (``./a.png`` -> ``a.png``), so every
+    name finds its cached row.
+    """
+    meta = read_metadata_csv(path, encoding, dtype={filename_column: str})
+    for col in (filename_column, tier_column):
+        if col not in meta.columns:
+            raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, meta.columns))})")
+    if meta.empty:
+        raise ValueError(f"{path}: no rows")
+    lines = csv_lines(meta) or {}
+
+    def at(rows) -> str:  # file lines (header = line 1), as an editor shows them
+        return ", ".join(f"line {lines[r]}" if r in lines else f"data row {r} (0-based)" for r in rows)
+
+    blank = meta.index[meta[filename_column].isna()].tolist()
+    if blank:
+        raise ValueError(f"{path}: empty {filename_column!r} on {at(blank[:20])}"
+                         + (f" ... ({len(blank)} in all)" if len(blank) > 20 else ""))
+    meta[filename_column] = [normalize_relpath(name, f"{path}, {at([row])}, column {filename_column!r}")
+                             for row, name in meta[filename_column].items()]
+    try:
+        tier_ranks(meta, tier_column, lines=csv_lines(meta))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    dup = meta[meta[filename_column].duplicated(keep=False)]
+    if len(dup):
+        shown = "; ".join(f"{name} on {at(g.index)}" for name, g in list(dup.groupby(filename_column))[:5])
+        raise ValueError(f"{path}: images listed more than once ({shown}); each image needs exactly one row")
+    return meta
+
+
+@dataclass
+class RunData:
+    """The metadata, the features of its rows (loaded once, in metadata order) and the split."""
+
+    metadata: pd.DataFrame
+    features: torch.Tensor  # (N, D) on the CPU, the cache's dtype
+    ranks: np.ndarray
+    names: list
+    fingerprint: Dict[str, Any]
+    splits: Dict[str, np.ndarray]  # split -> row positions into metadata / features
+    split_info: Dict[str, Any]
+    spec: str = "cls@-1"  # the canonical feature spec the columns of ``features`` follow
+    entry_dims: List[int] = field(default_factory=list)  # width of each spec entry, in order
+    feature_norm: str = "none"  # resolved: entry or none
+    feature_scales: Optional[List[float]] = None  # per spec entry, applied to ``features`` (None: unscaled)
+    excluded: Dict[str, str] = field(default_factory=dict)  # name -> reason: rows left out, unreadable images
+
+
+def resolve_spec(cache_path: str, spec: Optional[str] = None) -> str:
+    """The canonical spec a run on ``cache_path`` uses (``None``: the cache's default); refuses an entry the
+    cache lacks, listing the entries it holds, before any training."""
+    with open_cache(cache_path) as cache:
+        spec = canonical_spec(spec) if spec else cache.default_spec
+        cache.entry_slices(spec)
+        return spec
+
+
+def load_bank_features(cache_path: str, names: list, spec: Optional[str] = None,
+                       expected_fingerprint: Optional[Dict[str, Any]] = None, ignore_layout: bool = False
+                       ) -> Tuple[torch.Tensor, Dict[str, Any], str, List[int]]:
+    """(features of ``names`` in that order with the spec's columns, the cache's fingerprint, the canonical spec,
+    the spec's entry dims). Refuses a fingerprint mismatch (``ignore_layout``: only fields that change what an
+    entry means, for a head read from another cache), an entry the cache lacks, and lists missing images."""
+    with open_cache(cache_path) as cache:
+        if expected_fingerprint is not None:
+            ignore = ENVIRONMENT_FIELDS + (LAYOUT_FIELDS if ignore_layout else ())
+            cache.check_fingerprint(expected_fingerprint, ignore=ignore)
+        spec = canonical_spec(spec) if spec else cache.default_spec
+        dims = [s.stop - s.start for s in cache.entry_slices(spec)]
+        rows = cache.rows_for(names)
+        return torch.from_numpy(cache.features(rows, spec=spec)), cache.fingerprint, spec, dims
+
+
+def load_features(cache_path: str, names: list, expected_fingerprint: Optional[Dict[str, Any]] = None,
+                  spec: Optional[str] = None) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """The cached features of ``names`` in that order (the spec's columns; default: the cache's default spec);
+    refuses a fingerprint mismatch and lists missing images."""
+    features, fingerprint, _, _ = load_bank_features(cache_path, names, spec, expected_fingerprint)
+    return features, fingerprint
+
+
+def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]] = None,
+                  scales: Optional[List[float]] = None, fit_scales: bool = True, ignore_layout: bool = False) -> RunData:
+    """Metadata, the spec's features and the split. Per-entry scales are fitted on the train split when the
+    resolved ``feature_norm`` is ``entry`` (or taken from ``scales``, e.g. a checkpoint's, with ``fit_scales=False``)."""
+    meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column, cfg.encoding)
+    excluded = failed_images(cfg.features, meta[cfg.filename_column].astype(str).tolist(), cfg.strict_images)
+    splitter = cfg.splitter()
+    by_split = split_names(meta, splitter, cfg.filename_column, excluded)
+    meta = meta[~meta[cfg.filename_column].astype(str).isin(excluded)]
+    names = meta[cfg.filename_column].astype(str).tolist()
+    features, fingerprint, spec, dims = load_bank_features(cfg.features, names, cfg.feature, expected_fingerprint,
+                                                           ignore_layout=ignore_layout)
+    splits = split_positions(by_split, names)
+    features, scales = scaled_features(features, dims, spec, cfg.feature_norm, splits["train"], scales, fit_scales)
+    return RunData(meta, features, tier_ranks(meta, cfg.tier_column), names, fingerprint, splits,
+                   splitter.get_split_info(), spec=spec, entry_dims=dims,
+                   feature_norm="entry" if scales else "none", feature_scales=scales, excluded=excluded)
+
+
+def feature_keys(data: RunData) -> Dict[str, Any]:
+    """What a checkpoint records about its features beyond the fingerprint: spec, normalisation, scales."""
+    return {"feature_spec": data.spec, "feature_norm": data.feature_norm, "feature_scales": data.feature_scales,
+            "feature_entry_dims": list(data.entry_dims), "excluded_images": sorted(data.excluded)}
+
+
+def split_dataset(data: RunData, split: str, features: torch.Tensor, tc: TrainingConfig, *, train: bool
+                  ) -> Optional[FeaturePairDataset]:
+    """The pairs of one split: fresh per epoch for training, fixed (epoch 0) for val/test; None if empty."""
+    rows = data.splits[split]
+    if len(rows) == 0:
+        return None
+    return FeaturePairDataset(
+        features, data.ranks[rows], rows=rows, names=[data.names[i] for i in rows],
+        num_pairs=tc.pairs_per_epoch if train else tc.eval_pairs, batch_size=tc.batch_size,
+        seed=tc.seed, epoch=0, balance=tc.pair_balance, what=f"{split} split",
+    )
 
 
 __all__ = ["SPLITS", "EXCLUDED_FILE", "failed_images", "union_failed", "split_names", "split_positions",
