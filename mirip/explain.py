@@ -41,6 +41,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -342,6 +343,18 @@ class Explainer:
             bar.update(len(idx) + len(bad))
         bar.close()
         return ExplainResult([done[i] for i in sorted(done)], [(paths[i], failures[i]) for i in sorted(failures)])
+
+    def explain_images(self, images: Sequence[Tuple[str, Image.Image]], batch_size: int = 8) -> List[Explanation]:
+        """Explanations of images already decoded (uploads to the service), each named by its given name;
+        nothing is read from disk. The pixels go through the scorer's own preprocessing, as files do."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        out: List[Explanation] = []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start:start + batch_size])
+            batch = torch.stack([self.pre(img) for _, img in chunk])
+            out.extend(self._wrap(name, img.size, r) for (name, img), r in zip(chunk, self.explain_batch(batch)))
+        return out
 
     def _wrap(self, path: str, size, r: dict) -> Explanation:
         p = self.ext.patch_size

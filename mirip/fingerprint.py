@@ -191,3 +191,14 @@ def from_attrs(attrs: Mapping, keys: Iterable[str]) -> dict:
         if isinstance(v, (bool, int, float, str, list, dict)) or v is None:
             out[k] = v
     return out
+
+
+def fingerprint_sha256(fingerprint: Optional[Mapping], ignore: Iterable[str] = ENVIRONMENT_FIELDS) -> Optional[str]:
+    """A short identity of the features a fingerprint describes: sha256 of its fields as canonical JSON, the
+    library versions left out (a torch upgrade does not change which features a head expects). None for none."""
+    if not fingerprint:
+        return None
+    import hashlib
+
+    fields = {k: _norm(v) for k, v in with_family_defaults(fingerprint).items() if k not in set(ignore)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]

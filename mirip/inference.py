@@ -255,12 +255,19 @@ class Scorer:
         """Where each drawing's score comes from: an ``ExplainResult`` of ``mirip.explain.Explanation`` (a
         per-patch map of score - blank-page score, numpy, plus the grid's geometry), unreadable files as
         (path, reason). Exact per patch for mean/std entries, first order for cls ones (``mirip.explain``)."""
+        return self._explainer_for(steps).explain_paths(list(paths), batch_size=batch_size,
+                                                        num_workers=num_workers, progress=progress)
+
+    def explain_images(self, images: Sequence[Tuple[str, object]], batch_size: int = 8, steps: int = 32):
+        """``explain`` for decoded PIL images given as (name, image): a list of ``Explanation``."""
+        return self._explainer_for(steps).explain_images(list(images), batch_size=batch_size)
+
+    def _explainer_for(self, steps: int):
         from mirip.explain import Explainer
 
         if getattr(self, "_explainer", None) is None or self._explainer.steps != steps:
             self._explainer = Explainer(self, steps=steps)  # keeps the blank page's features between calls
-        return self._explainer.explain_paths(list(paths), batch_size=batch_size, num_workers=num_workers,
-                                             progress=progress)
+        return self._explainer
 
     def compare(self, path_a: PathLike, path_b: PathLike) -> Comparison:
         """Score two drawings in one batch; raises ImageReadError / FileNotFoundError naming a bad file.
@@ -300,6 +307,10 @@ class Scorer:
 # A backbone rebuilt for scoring that differs from the checkpoint's: the checkpoint holds the truth.
 REBUILT = {"holder": "expected", "asker": "the backbone this command built",
            "fix": "pass --backbone a local directory holding the backbone the checkpoint was trained with"}
+# A checkpoint that would share a backbone already loaded for another one (several heads in one service).
+SHARED = {"holder": "expected", "asker": "the backbone already loaded for the first checkpoint",
+          "fix": "serve this checkpoint from its own process: heads share one backbone only when their features "
+                 "come from the same backbone and preprocessing"}
 
 
 def _fingerprint_from(ckpt: dict, path: str, backbone: Optional[str], image_size: Optional[int],
@@ -331,13 +342,16 @@ def load_scorer(
     pooling: Optional[str] = None,
     device: Optional[str] = None,
     precision: Optional[str] = None,
+    share_backbone: Optional[DINOv2FeatureExtractor] = None,
 ) -> Scorer:
     """Rebuild the full-image model a checkpoint was trained for.
 
     ``backbone``: a local directory substitutes for the checkpoint's backbone (announced); a different hub
     id is refused. ``random_init``: True substitutes random weights for pretrained ones (announced); None
     follows the checkpoint. ``image_size`` / ``pooling``: if given, must equal the checkpoint's (else refused,
-    naming the field). ``precision`` defaults to bf16 on CUDA and fp32 on CPU.
+    naming the field). ``precision`` defaults to bf16 on CUDA and fp32 on CPU. ``share_backbone``: an
+    extractor already loaded (another checkpoint's) whose backbone module this scorer uses instead of loading
+    its own; its fingerprint must agree with this checkpoint's, else ``FingerprintMismatch`` names the field.
     """
     path = os.fspath(checkpoint_path)
     ckpt = load_checkpoint_file(path)
@@ -379,13 +393,17 @@ def load_scorer(
     if rand:
         notes.append("the backbone has RANDOM (untrained) weights: scores only exercise the pipeline")
 
-    device = resolve_device(device)
-    precision = check_precision(precision or default_precision(device))
-    if fp.get("precision") and fp["precision"] != precision:
-        notes.append(f"features were made in {fp['precision']}, scoring runs in {precision}: "
-                     "scores agree within that precision's tolerance")
     spec = FeatureSpec.parse(checkpoint_feature_spec(ckpt))
-    extractor = DINOv2FeatureExtractor(name, device=device, random_init=rand, entries=spec, precision=precision)
+    wording = REBUILT
+    if share_backbone is not None:
+        extractor, wording = share_backbone.sharing_backbone(spec), SHARED
+    else:
+        device = resolve_device(device)
+        extractor = DINOv2FeatureExtractor(name, device=device, random_init=rand, entries=spec,
+                                           precision=check_precision(precision or default_precision(device)))
+    if fp.get("precision") and fp["precision"] != extractor.precision:
+        notes.append(f"features were made in {fp['precision']}, scoring runs in {extractor.precision}: "
+                     "scores agree within that precision's tolerance")
     extractor.set_entry_scales(ckpt.get("feature_scales"))
     preprocessor = Preprocessor(
         image_size=int(fp["image_size"]), resize_mode=fp.get("resize_mode", "pad"),
@@ -397,10 +415,10 @@ def load_scorer(
     extractor.check_image_size(preprocessor.image_size)
     rebuilt = make_fingerprint(extractor, preprocessor)
     compare = [k for k in FEATURE_FIELDS + BACKBONE_FIELDS if k in fp and k not in substituted]
-    check_fingerprint(fp, rebuilt, what=what, ignore=(), only=compare, **REBUILT)
+    check_fingerprint(fp, rebuilt, what=what, ignore=(), only=compare, **wording)
     if int(head["input_dim"]) != extractor.output_dim:
-        raise FingerprintMismatch({"feature_dim": (int(head["input_dim"]), extractor.output_dim)}, what, **REBUILT)
-    _check_spec_blocks(spec, fp, extractor, what)
+        raise FingerprintMismatch({"feature_dim": (int(head["input_dim"]), extractor.output_dim)}, what, **wording)
+    _check_spec_blocks(spec, fp, extractor, what, wording)
 
     model = PairwiseRankingModel(
         name, projector_output_dim=int(head["projector_output_dim"]), margin=float(head.get("margin", 1.0)),
@@ -460,7 +478,8 @@ def split_membership(checkpoint: dict, metadata_path: str, encoding: Optional[st
         return out, None
     return out, "split rebuilt from the run config; not verified against the checkpoint"
 
-def _check_spec_blocks(spec: FeatureSpec, fp: dict, extractor: DINOv2FeatureExtractor, what: str) -> None:
+def _check_spec_blocks(spec: FeatureSpec, fp: dict, extractor: DINOv2FeatureExtractor, what: str,
+                       wording: dict = REBUILT) -> None:
     """The rebuilt backbone reads the same blocks and widths the training cache recorded for the spec's entries."""
     names, blocks, dims, num_layers = bank_layout(fp)
     try:
@@ -470,10 +489,10 @@ def _check_spec_blocks(spec: FeatureSpec, fp: dict, extractor: DINOv2FeatureExtr
     if blocks is not None:
         trained = [int(blocks[i]) for i in picked]
         if trained != list(extractor.entry_blocks):
-            raise FingerprintMismatch({"feature_entry_blocks": (trained, list(extractor.entry_blocks))}, what, **REBUILT)
+            raise FingerprintMismatch({"feature_entry_blocks": (trained, list(extractor.entry_blocks))}, what, **wording)
     trained_dims = [int(dims[i]) for i in picked]
     if all(trained_dims) and trained_dims != list(extractor.entry_dims):  # 0: unknown (no fingerprint)
-        raise FingerprintMismatch({"feature_entry_dims": (trained_dims, list(extractor.entry_dims))}, what, **REBUILT)
+        raise FingerprintMismatch({"feature_entry_dims": (trained_dims, list(extractor.entry_dims))}, what, **wording)
 
 
 def find_images(inputs: Iterable[PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[List[str], List[str]]:

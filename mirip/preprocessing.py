@@ -103,18 +103,31 @@ def load_image(path: Union[str, os.PathLike], draft_size: int | None = None,
     ``icc=False`` ignores embedded colour profiles (color management "none").
     """
     path = os.fspath(path)
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Image not found: {path}")
     if os.path.getsize(path) == 0:
         raise ImageReadError(path, "file is empty (0 bytes)")
+    return _decode(path, path, draft_size, max_pixels, icc)
+
+
+def load_image_bytes(data: bytes, name: str = "upload", draft_size: int | None = None,
+                     max_pixels: int | None = None, icc: bool = True) -> Image.Image:
+    """``load_image`` for an image held in memory (an upload): the same decoding, limits and colour handling,
+    and errors that name it by ``name``. Nothing on disk is read."""
+    if not data:
+        raise ImageReadError(name, "file is empty (0 bytes)")
+    return _decode(io.BytesIO(bytes(data)), name, draft_size, max_pixels, icc)
+
+
+def _decode(source, name: str, draft_size: int | None, max_pixels: int | None, icc: bool) -> Image.Image:
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _open_with_limit(path, limit) as img:
+            with _open_with_limit(source, limit) as img:
                 w, h = img.size
                 if w * h > limit:
-                    raise ImageReadError(path, f"{w}x{h} pixels exceeds the {limit} pixel limit (a possible "
+                    raise ImageReadError(name, f"{w}x{h} pixels exceeds the {limit} pixel limit (a possible "
                                                "decompression bomb); raise it with --max-image-pixels or "
                                                "MIRIP_MAX_IMAGE_PIXELS if the file is a genuine scan")
                 if draft_size and img.format == "JPEG" and min(w, h) > draft_size:
@@ -127,21 +140,21 @@ def load_image(path: Union[str, os.PathLike], draft_size: int | None = None,
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(path, f"decompression bomb refused ({exc})") from exc
+        raise ImageReadError(name, f"decompression bomb refused ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
-        raise ImageReadError(path, "not a recognised image format") from exc
+        raise ImageReadError(name, "not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(path, f"{exc.__class__.__name__}: {exc}") from exc
+        raise ImageReadError(name, f"{exc.__class__.__name__}: {exc}") from exc
 
 
-def _open_with_limit(path: str, limit: int) -> Image.Image:
+def _open_with_limit(source, limit: int) -> Image.Image:
     # Pillow refuses images over 2x its global MAX_IMAGE_PIXELS inside open(); mirip's own limit (checked
     # right after, on the header's size) must be the one that counts, so lift Pillow's for the open only.
     with _PIL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None if saved is None else max(saved, limit // 2 + 1)
         try:
-            return Image.open(path)
+            return Image.open(source)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -206,6 +219,11 @@ class Preprocessor:
     def load(self, path: Union[str, os.PathLike]) -> Image.Image:
         return load_image(path, draft_size=self.image_size if self.draft else None, max_pixels=self.max_pixels,
                           icc=self.color_management != "none")
+
+    def load_bytes(self, data: bytes, name: str = "upload") -> Image.Image:
+        """An uploaded image, decoded exactly as ``load`` decodes a file."""
+        return load_image_bytes(data, name, draft_size=self.image_size if self.draft else None,
+                                max_pixels=self.max_pixels, icc=self.color_management != "none")
 
     def __call__(self, image: Union[str, os.PathLike, Image.Image]) -> torch.Tensor:
         icc = self.color_management != "none"

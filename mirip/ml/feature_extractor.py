@@ -9,6 +9,7 @@ the family adapter, so this class has no per-family branches.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -94,24 +95,8 @@ class DINOv2FeatureExtractor(nn.Module):
         # The family's published statistics, or the checkpoint directory's own preprocessor_config.json.
         self.mean, self.std = image_normalization(self.family, self.info.name)
         self.num_layers = len(self.family.blocks(self.backbone))
-        hidden = self.info.hidden_size
-        try:
-            blocks = [e.block(self.num_layers) for e in entry_list]
-        except FeatureSpecError as exc:
-            raise ValueError(f"{model_name}: {exc}") from None
-        if any(e.pooling in CLS_POOLINGS for e in entry_list) and not self.family.provides_cls(self.backbone):
-            raise ValueError(f"{model_name}: this {self.family.title} has no CLS token and no pooling head "
-                             "(vision_use_head is false), so it has no cls feature; use mean or std pooling")
-        self.entries: List[Entry] = entry_list
-        self.entry_names: List[str] = [e.name for e in entry_list]
-        self.entry_blocks: List[int] = blocks
-        self.entry_dims: List[int] = [entry_dim(e.pooling, hidden) for e in entry_list]
-        # ``pooling`` as the seed knows it for a single entry of the last block; the poolings used otherwise.
-        if isinstance(pooling, str) and layers is None and entries is None:
-            self.pooling = pooling
-        else:
-            self.pooling = ",".join(dict.fromkeys(e.pooling for e in entry_list))
-        self.output_dim = sum(self.entry_dims)
+        self._set_entries(entry_list, seed_pooling=pooling if isinstance(pooling, str) and layers is None
+                          and entries is None else None)
         self._checked_size: Optional[tuple] = None
         self.entry_scales: Optional[List[float]] = None
         self._scale: Optional[torch.Tensor] = None
@@ -122,6 +107,41 @@ class DINOv2FeatureExtractor(nn.Module):
         elif self.precision == "bf16":
             self.backbone.to(torch.bfloat16)
         self.to(self.device)
+
+    def _set_entries(self, entry_list: List[Entry], seed_pooling: Optional[str] = None) -> None:
+        """Which (pooling, block) entries ``extract`` returns, in order; checked against this backbone."""
+        hidden = self.info.hidden_size
+        try:
+            blocks = [e.block(self.num_layers) for e in entry_list]
+        except FeatureSpecError as exc:
+            raise ValueError(f"{self.model_name}: {exc}") from None
+        if any(e.pooling in CLS_POOLINGS for e in entry_list) and not self.family.provides_cls(self.backbone):
+            raise ValueError(f"{self.model_name}: this {self.family.title} has no CLS token and no pooling head "
+                             "(vision_use_head is false), so it has no cls feature; use mean or std pooling")
+        self.entries: List[Entry] = entry_list
+        self.entry_names: List[str] = [e.name for e in entry_list]
+        self.entry_blocks: List[int] = blocks
+        self.entry_dims: List[int] = [entry_dim(e.pooling, hidden) for e in entry_list]
+        # ``pooling`` as the seed knows it for a single entry of the last block; the poolings used otherwise.
+        self.pooling = seed_pooling or ",".join(dict.fromkeys(e.pooling for e in entry_list))
+        self.output_dim = sum(self.entry_dims)
+
+    def sharing_backbone(self, entries: Union[str, FeatureSpec, Sequence[Union[str, Entry]]]
+                         ) -> "DINOv2FeatureExtractor":
+        """Another extractor over this very backbone module (no second copy of its weights) that returns
+        ``entries`` instead: several heads trained on one cache's bank, served from one loaded backbone. It
+        starts with no entry scales; the backbone stays shared, so freezing one freezes both."""
+        other = copy.copy(self)
+        # nn.Module keeps children, parameters, buffers and hooks in dicts: give the copy its own dicts (the
+        # backbone itself stays the same object), so setting attributes on one never changes the other.
+        for key in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_hooks",
+                    "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            if key in self.__dict__:
+                other.__dict__[key] = copy.copy(self.__dict__[key])
+        other._set_entries(self._entries("cls", None, entries))
+        other._checked_size = None
+        other.set_entry_scales(None)
+        return other
 
     @staticmethod
     def _entries(pooling, layers, entries) -> List[Entry]:

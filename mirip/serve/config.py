@@ -1,0 +1,58 @@
+"""The service's settings, one typed config (returned by ``GET /info`` and printed at start)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+MB = 1024 * 1024
+
+
+@dataclass
+class ServeConfig:
+    """What ``scripts/serve.py`` turns its flags into.
+
+    ``max_batch_size`` images at most go through the backbone at once; a batch waits at most
+    ``batch_timeout_ms`` after its first image for more to arrive. ``max_queue`` images may wait; beyond it
+    a request gets 503 at once instead of queueing without bound. ``max_image_bytes`` / ``max_images`` bound
+    one upload and one request; ``max_image_pixels`` is the decoder's decompression-bomb limit (None: the
+    library's default). ``api_key`` (never printed or returned) guards every endpoint but ``/health``.
+    """
+
+    checkpoints: List[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: Optional[str] = None
+    backbone: Optional[str] = None
+    random_init: Optional[bool] = None
+    precision: Optional[str] = None
+    max_batch_size: int = 16
+    batch_timeout_ms: float = 10.0
+    max_queue: int = 256
+    max_images: int = 16
+    max_image_bytes: int = 20 * MB
+    max_image_pixels: Optional[int] = None
+    explain_steps: int = 32
+    api_key: Optional[str] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_queue", "max_images", "max_image_bytes", "explain_steps"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_timeout_ms < 0:
+            raise ValueError(f"batch_timeout_ms must be >= 0, got {self.batch_timeout_ms}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty; set a non-empty key or none")
+
+    @property
+    def max_request_bytes(self) -> int:
+        """A request's body limit: every image at its limit, base64's 4/3, and room for the form's framing."""
+        return self.max_images * (self.max_image_bytes * 4 // 3 + 4096) + 64 * 1024
+
+    def public(self) -> dict:
+        """The settings a client may see (no key; only whether one is required)."""
+        d = asdict(self)
+        d.pop("api_key")
+        d["auth"] = "api-key" if self.api_key else "none"
+        d["max_request_bytes"] = self.max_request_bytes
+        return d

@@ -1,0 +1,94 @@
+"""Several trained heads on one loaded backbone: one backbone pass, every head's score.
+
+Heads trained on one feature cache (a sweep's best and the current model, say) read entries of the same
+bank. The first checkpoint loads the backbone; each further one is rebuilt around that same backbone
+module (``load_scorer(share_backbone=...)``), refused with the mismatching field when its fingerprint says
+its features came from another backbone or preprocessing. Scoring runs the backbone once for the union of
+the heads' entries and gives each head its own entries, in its order and with its scales: the very numbers
+its own ``Scorer`` would compute.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from mirip.feature_spec import FeatureSpec
+from mirip.fingerprint import check_fingerprint, fingerprint_sha256
+from mirip.inference import SHARED, Scorer, load_scorer
+
+
+def head_identity(scorer: Scorer, name: str) -> dict:
+    """What a response says about the head behind a score."""
+    ext = scorer.model.feature_extractor
+    return {"head": name, "checkpoint": os.path.basename(scorer.checkpoint_path or ""),
+            "feature_spec": str(FeatureSpec.from_entries(ext.entry_names)),
+            "fingerprint_sha256": fingerprint_sha256(scorer.fingerprint), "weights": scorer.weights,
+            "backbone": ext.info.name, "image_size": scorer.preprocessor.image_size,
+            "calibrated": scorer.has_tiers}
+
+
+def _names(paths: Sequence[str]) -> List[str]:
+    """Head names: the checkpoints' file names, made unique with their parent folder where they collide."""
+    base = [os.path.basename(p) for p in paths]
+    return [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), b) if base.count(b) > 1 else b
+            for p, b in zip(paths, base)]
+
+
+class HeadSet:
+    """The heads a service scores with; ``scorers[0]`` is the primary one (its preprocessing is everyone's)."""
+
+    def __init__(self, scorers: Sequence[Scorer], names: Optional[Sequence[str]] = None):
+        if not scorers:
+            raise ValueError("no checkpoint to serve")
+        self.scorers = list(scorers)
+        self.names = list(names) if names else _names([s.checkpoint_path or f"head{i}"
+                                                       for i, s in enumerate(self.scorers)])
+        self.primary = self.scorers[0]
+        self.preprocessor = self.primary.preprocessor
+        for scorer in self.scorers[1:]:  # one batch, one preprocessing: every head must expect the same pixels
+            check_fingerprint(scorer.preprocessor.config(), self.preprocessor.config(), ignore=(),
+                              what=f"checkpoint {scorer.checkpoint_path}", **SHARED)
+        ext = self.primary.model.feature_extractor
+        union = list(dict.fromkeys(n for s in self.scorers for n in s.model.feature_extractor.entry_names))
+        # One extractor over the shared backbone that reads every head's entries in one pass (unscaled).
+        self._union = ext if union == ext.entry_names and ext.entry_scales is None else ext.sharing_backbone(union)
+
+    @classmethod
+    def load(cls, checkpoints: Sequence[str], **kwargs) -> "HeadSet":
+        """Load the first checkpoint's backbone and every checkpoint's head onto it (``load_scorer``'s kwargs)."""
+        if not checkpoints:
+            raise ValueError("give at least one checkpoint")
+        first = load_scorer(checkpoints[0], **kwargs)
+        shared = {k: v for k, v in kwargs.items() if k in ("backbone", "random_init")}
+        rest = [load_scorer(p, share_backbone=first.model.feature_extractor, **shared) for p in checkpoints[1:]]
+        return cls([first, *rest], _names(list(checkpoints)))
+
+    def identities(self) -> List[dict]:
+        return [head_identity(s, n) for s, n in zip(self.scorers, self.names)]
+
+    @torch.inference_mode()
+    def score_batch(self, images: torch.Tensor) -> List[List[float]]:
+        """Scores of a preprocessed (B, 3, H, W) batch: per image, one score per head (in head order)."""
+        feats = self._union.extract_entries(images)
+        per_head = []
+        for scorer in self.scorers:
+            ext, model = scorer.model.feature_extractor, scorer.model
+            parts = [feats[n] for n in ext.entry_names]
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            if ext._scale is not None:
+                x = x * ext._scale.to(x.device)
+            per_head.append(model.score_head(model.projector(x)).reshape(-1).float().cpu())
+        return torch.stack(per_head, dim=1).tolist()
+
+    def tier_fields(self, head: int, scores: Sequence[float]) -> List[Dict[str, object]]:
+        """Per score: predicted tier, P(S)..P(C) and percentile, or a note when the head has no calibration."""
+        scorer = self.scorers[head]
+        if not scorer.has_tiers:
+            return [{"predicted_tier": None, "probabilities": None, "percentile": None,
+                     "calibration_note": scorer.calibration_note} for _ in scores]
+        preds = scorer.tiers_for_scores([""] * len(scores), list(scores))
+        return [{"predicted_tier": p.tier, "probabilities": dict(p.probabilities),
+                 **{f"p_{t}": v for t, v in p.probabilities.items()}, "percentile": p.percentile} for p in preds]

@@ -1,0 +1,125 @@
+"""Images out of a request: multipart files or base64 JSON, bounded, decoded in memory, errors that say where.
+
+Nothing here touches the server's disk by name: a request carries bytes, never paths. Every limit is
+checked before decoding (bytes per image, images per request); decoding itself enforces the pixel limit
+(a decompression bomb is refused from its header) and reports an undecodable file by its name and index.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, List, Sequence
+
+from mirip.preprocessing import ImageReadError
+
+
+class RequestError(Exception):
+    """A request the service refuses: HTTP ``status``, a message saying what to change, and where."""
+
+    def __init__(self, status: int, message: str, **where: Any):
+        super().__init__(message)
+        self.status, self.message, self.where = int(status), message, where
+
+    def body(self) -> dict:
+        return {"error": self.message, **self.where}
+
+
+@dataclass
+class Upload:
+    index: int
+    name: str
+    data: bytes
+
+
+def _b64(value: Any, index: int) -> bytes:
+    if not isinstance(value, str):
+        raise RequestError(400, f"image {index} is not a base64 string", image_index=index)
+    if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,....
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"image {index} is not valid base64", image_index=index) from None
+
+
+def from_json(payload: Any, keys: Sequence[str] = ("images",)) -> List[Upload]:
+    """``{"images": [b64 | {"name": ..., "data": b64}, ...]}`` (or the named ``keys``, e.g. ``a``, ``b``)."""
+    if not isinstance(payload, dict):
+        raise RequestError(400, 'the JSON body must be an object such as {"images": ["<base64>", ...]}')
+    items: List[Any] = []
+    if "images" in payload:
+        if not isinstance(payload["images"], list):
+            raise RequestError(400, '"images" must be a list of base64 strings or {"name", "data"} objects',
+                               field="images")
+        items = list(payload["images"])
+    else:
+        items = [payload[k] for k in keys if k in payload]
+    uploads = []
+    for i, item in enumerate(items):
+        name = f"image{i}"
+        if isinstance(item, dict):
+            name = str(item.get("name") or name)
+            item = item.get("data")
+        uploads.append(Upload(i, name, _b64(item, i)))
+    return uploads
+
+
+async def read_uploads(request, max_images: int, max_image_bytes: int, keys: Sequence[str] = ("images",)
+                       ) -> List[Upload]:
+    """The request's images, in order, within the limits; raises ``RequestError`` otherwise."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        # Starlette's own file-count refusal is a bare 400; let check_limits say it (the body limit bounds it).
+        form = await request.form(max_files=4 * max_images + 4, max_fields=4 * max_images + 16)
+        parts = [(f, v) for f, v in form.multi_items() if hasattr(v, "read")]  # the UploadFiles
+        if keys != ("images",) and all(any(f == k for f, _ in parts) for k in keys):
+            parts = [next(p for p in parts if p[0] == k) for k in keys] + [p for p in parts if p[0] not in keys]
+        uploads = [Upload(i, v.filename or f, await v.read(max_image_bytes + 1)) for i, (f, v) in enumerate(parts)]
+    elif kind == "application/json":
+        try:
+            payload = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RequestError(400, f"the body is not valid JSON ({exc})") from None
+        uploads = from_json(payload, keys)
+    else:
+        raise RequestError(415, f"send the images as multipart/form-data files or as JSON with base64 data, "
+                                f"not {kind or 'no content type'}", content_type=kind or None)
+    check_limits(uploads, max_images, max_image_bytes)
+    return uploads
+
+
+def check_limits(uploads: Sequence[Upload], max_images: int, max_image_bytes: int) -> None:
+    if not uploads:
+        raise RequestError(400, "the request holds no image: send files in a multipart form, or JSON "
+                                '{"images": ["<base64>"]}')
+    if len(uploads) > max_images:
+        raise RequestError(413, f"{len(uploads)} images in one request; this service takes at most {max_images} "
+                                "(split the request, or start it with a larger --max-images)",
+                           images=len(uploads), max_images=max_images)
+    for u in uploads:
+        if len(u.data) > max_image_bytes:
+            raise RequestError(413, f"image {u.index} ({u.name}) is over the {max_image_bytes}-byte upload limit "
+                                    "(start the service with a larger --max-image-mb to accept it)",
+                               image_index=u.index, image=u.name, max_image_bytes=max_image_bytes)
+
+
+def decode_all(uploads: Sequence[Upload], preprocessor) -> list:
+    """(PIL image, tensor) per upload, or ``RequestError`` 422 naming every image that cannot be decoded."""
+    out, bad = [], []
+    for u in uploads:
+        try:
+            img = preprocessor.load_bytes(u.data, u.name)
+            out.append((img, preprocessor(img)))
+        except ImageReadError as exc:
+            bad.append({"image_index": u.index, "image": u.name, "reason": exc.reason})
+        except (OSError, ValueError, MemoryError) as exc:
+            bad.append({"image_index": u.index, "image": u.name, "reason": f"{exc.__class__.__name__}: {exc}"})
+    if bad:
+        first = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise RequestError(422, f"image {first['image_index']} ({first['image']}) cannot be read: "
+                                f"{first['reason']}{more}", bad_images=bad)
+    return out

@@ -1,0 +1,290 @@
+"""The scoring service over real HTTP on 127.0.0.1: every endpoint, every refusal, batching, several heads.
+
+Reference numbers come from the library's in-process path (``load_scorer(...).score_paths``), one image
+at a time, never from the service's own helpers.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from _inference_helpers import torch_threads  # noqa: E402
+from _serve_helpers import SIZE, b64, bank_checkpoint, png_bytes, running, write_images  # noqa: E402
+from mirip.fingerprint import FingerprintMismatch  # noqa: E402
+from mirip.inference import load_scorer  # noqa: E402
+from mirip.serve.app import create_app  # noqa: E402
+from mirip.serve.batcher import DynamicBatcher, Overloaded  # noqa: E402
+from mirip.serve.config import ServeConfig  # noqa: E402
+from mirip.serve.heads import HeadSet  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tiny_backbone, tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    with torch_threads(1):
+        a = bank_checkpoint(tiny_backbone, str(d / "a.pt"), "cls@-1", seed=0)
+        b = bank_checkpoint(tiny_backbone, str(d / "b.pt"), "mean@1+cls@-1", seed=1, scales=[0.5, 2.0])
+        images = write_images(d / "images", 6)
+    return d, a, b, images
+
+
+def _one_by_one(checkpoint, paths):
+    scorer = load_scorer(checkpoint, device="cpu")
+    return [scorer.score_paths([p], progress=False).scores[0] for p in paths], scorer
+
+
+def _files(paths):
+    return [("images", (p.rsplit("/", 1)[-1], open(p, "rb").read(), "image/png")) for p in paths]
+
+
+def _app(checkpoints, **cfg):
+    config = ServeConfig(checkpoints=list(checkpoints), device="cpu", **cfg)
+    return create_app(config)
+
+
+def test_score_gives_each_image_the_in_process_score_tier_and_identity(heads_dir):
+    d, a, _, images = heads_dir
+    expected, scorer = _one_by_one(a, images[:3])
+    with running(_app([a], batch_timeout_ms=50)) as url:
+        multipart = httpx.post(url + "/score", files=_files(images[:3])).json()
+        as_json = httpx.post(url + "/score", json={"images": [{"name": "x.png", "data": b64(open(images[0], "rb")
+                                                                                               .read())}]}).json()
+        info = httpx.get(url + "/info").json()
+    got = [r["score"] for r in multipart["results"]]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert as_json["results"][0]["score"] == pytest.approx(expected[0], abs=1e-5)
+    assert as_json["results"][0]["image"] == "x.png"
+    tiers = scorer.tiers_for_scores(images[:3], expected)
+    for r, t in zip(multipart["results"], tiers):
+        assert r["predicted_tier"] == t.tier
+        assert sum(r[f"p_{k}"] for k in "SABC") == pytest.approx(1.0, abs=1e-6)
+        assert r["p_S"] == pytest.approx(t.probabilities["S"], abs=1e-4)
+        assert r["percentile"] == pytest.approx(t.percentile, abs=1e-3)
+    model = multipart["model"]
+    assert model["feature_spec"] == "cls@-1" and model["weights"] == "pretrained"
+    assert len(model["fingerprint_sha256"]) == 16 and model["checkpoint"] == "a.pt"
+    assert [r["image"] for r in multipart["results"]] == ["img_0.png", "img_1.png", "img_2.png"]
+    assert info["heads"][0]["head"] == "a.pt" and info["batching"]["max_batch_size"] == 16
+    assert info["device"] == "cpu" and "api_key" not in info["config"] and info["config"]["auth"] == "none"
+
+
+def test_a_score_does_not_depend_on_the_batch_and_concurrent_requests_are_fused(heads_dir):
+    d, a, _, images = heads_dir
+    expected, _ = _one_by_one(a, images)
+    with running(_app([a], batch_timeout_ms=300, max_batch_size=8)) as url:
+        alone = httpx.post(url + "/score", files=_files(images[:1])).json()["results"][0]["score"]
+        in_batch = httpx.post(url + "/score", files=_files(images)).json()["results"]
+
+        def one(i):
+            return i, httpx.post(url + "/score", files=_files([images[i]]), timeout=60).json()["results"][0]["score"]
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(one, [i % len(images) for i in range(12)]))
+        stats = httpx.get(url + "/info").json()["batching"]
+    assert alone == pytest.approx(in_batch[0]["score"], abs=1e-5)
+    np.testing.assert_allclose([r["score"] for r in in_batch], expected, atol=1e-5)
+    for i, s in answers:  # every answer is its own image's score, whatever it was batched with
+        assert s == pytest.approx(expected[i], abs=1e-5)
+    assert stats["images"] == 1 + len(images) + 12
+    assert max(int(k) for k in stats["batch_sizes"]) > 1  # concurrent requests shared a backbone batch
+
+
+def test_compare_says_which_is_better_with_the_calibrated_probability(heads_dir):
+    d, a, _, images = heads_dir
+    scorer = load_scorer(a, device="cpu")
+    ref = scorer.compare(images[0], images[1])
+    with running(_app([a])) as url:
+        files = [("a", ("first.png", open(images[0], "rb").read())), ("b", ("second.png", open(images[1], "rb").read()))]
+        got = httpx.post(url + "/compare", files=files).json()
+        swapped = httpx.post(url + "/compare", json={"a": b64(open(images[1], "rb").read()),
+                                                     "b": b64(open(images[0], "rb").read())}).json()
+        three = httpx.post(url + "/compare", files=_files(images[:3]))
+    assert got["a"] == "first.png" and got["b"] == "second.png"
+    assert got["score_a"] == pytest.approx(ref.score_a, abs=1e-5)
+    assert got["better"] == {1: "a", -1: "b", 0: "tie"}[ref.prediction]
+    assert got["prob_a_better"] == pytest.approx(ref.prob_a_better, abs=1e-5)
+    assert swapped["prob_a_better"] == pytest.approx(1 - ref.prob_a_better, abs=1e-5)
+    assert three.status_code == 400 and "exactly two" in three.json()["error"]
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000), 255).save(buf, format="PNG")  # 9 MP of white: a few KB on the wire
+    return buf.getvalue()
+
+
+def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(heads_dir, tmp_path):
+    d, a, _, images = heads_dir
+    good = open(images[0], "rb").read()
+    app = _app([a], max_image_bytes=20_000, max_images=3, max_image_pixels=1_000_000)
+    with running(app) as url:
+        post = lambda files=None, **kw: httpx.post(url + "/score", files=files, **kw)  # noqa: E731
+        not_image = post([("images", ("notes.txt", b"this is not an image"))])
+        truncated = post([("images", ("cut.png", good[: len(good) // 2]))])
+        bomb = post([("images", ("bomb.png", _bomb()))])
+        oversize = post([("images", ("big.png", png_bytes(1, (200, 200))))])
+        too_many = post([("images", (f"{i}.png", good)) for i in range(4)])
+        empty = post([("other", (None, "text"))], data={"x": "1"})
+        bad_b64 = post(json={"images": ["***not base64***"]})
+        a_path = post(json={"images": [images[0]]})  # a path on the server's disk is only a string here
+        wrong_type = post(content=b"raw", headers={"content-type": "image/png"})
+        body_over = post(content=b"x" * (app.state.service.config.max_request_bytes + 10),
+                         headers={"content-type": "application/json"})
+        mixed = post([("images", ("ok.png", good)), ("images", ("bad.png", b"junk"))])
+        still = post(_files(images[:1]))
+    assert not_image.status_code == 422 and "notes.txt" in not_image.json()["error"]
+    assert "not a recognised image format" in not_image.json()["error"]
+    assert truncated.status_code == 422 and truncated.json()["bad_images"][0]["image"] == "cut.png"
+    assert bomb.status_code == 422 and "pixel limit" in bomb.json()["error"]
+    assert oversize.status_code == 413 and "big.png" in oversize.json()["error"]
+    assert too_many.status_code == 413 and too_many.json()["max_images"] == 3
+    assert empty.status_code == 400 and "no image" in empty.json()["error"]
+    assert bad_b64.status_code == 400 and "base64" in bad_b64.json()["error"]
+    assert a_path.status_code == 400
+    assert wrong_type.status_code == 415
+    assert body_over.status_code == 413 and "max_request_bytes" in body_over.json()
+    assert mixed.status_code == 422 and [b["image_index"] for b in mixed.json()["bad_images"]] == [1]
+    assert still.status_code == 200 and len(still.json()["results"]) == 1
+
+
+def test_a_set_api_key_guards_every_endpoint_but_health(heads_dir):
+    d, a, _, images = heads_dir
+    with running(_app([a], api_key="s3cret")) as url:
+        health = httpx.get(url + "/health")
+        none = httpx.post(url + "/score", files=_files(images[:1]))
+        wrong = httpx.get(url + "/info", headers={"X-API-Key": "guess"})
+        right = httpx.post(url + "/score", files=_files(images[:1]), headers={"X-API-Key": "s3cret"})
+        bearer = httpx.get(url + "/info", headers={"Authorization": "Bearer s3cret"})
+    assert health.status_code == 200
+    assert none.status_code == 401 and "X-API-Key" in none.json()["error"]
+    assert wrong.status_code == 401
+    assert right.status_code == 200 and bearer.status_code == 200
+    assert "s3cret" not in bearer.text and bearer.json()["config"]["auth"] == "api-key"
+
+
+def test_health_is_not_ready_until_the_model_is_loaded(heads_dir):
+    d, a, _, images = heads_dir
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return HeadSet.load([a], device="cpu")
+
+    config = ServeConfig(checkpoints=[a], device="cpu")
+    with running(create_app(config, load=slow_load), ready=False) as url:
+        loading = httpx.get(url + "/health")
+        early = httpx.post(url + "/score", files=_files(images[:1]))
+        release.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready = httpx.get(url + "/health")
+    assert loading.status_code == 503 and loading.json()["status"] == "loading"
+    assert early.status_code == 503 and early.headers.get("retry-after") == "1"
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_a_failed_load_is_reported_by_health(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    failures = []
+    app = create_app(ServeConfig(checkpoints=[str(bad)], device="cpu"), on_failed=failures.append)
+    with running(app, ready=False) as url:
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health").status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = httpx.get(url + "/health")
+    assert health.status_code == 500 and health.json()["status"] == "failed"
+    assert "bad.pt" in health.json()["error"] and failures
+
+
+def test_several_heads_share_one_backbone_pass_and_keep_their_own_scores(heads_dir):
+    d, a, b, images = heads_dir
+    exp_a, _ = _one_by_one(a, images[:3])
+    exp_b, _ = _one_by_one(b, images[:3])  # b: two entries, in its own order, with per-entry scales
+    heads = HeadSet.load([a, b], device="cpu")
+    backbones = {id(s.model.feature_extractor.backbone) for s in heads.scorers}
+    assert len(backbones) == 1  # one copy of the weights
+    calls = []
+    blocks = heads.primary.model.feature_extractor.family.blocks(heads.primary.model.feature_extractor.backbone)
+    hook = blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    with running(create_app(ServeConfig(checkpoints=[a, b], device="cpu"), load=lambda: heads)) as url:
+        got = httpx.post(url + "/score", files=_files(images[:3])).json()
+        info = httpx.get(url + "/info").json()
+    hook.remove()
+    assert len(calls) == 1  # one backbone pass for both heads and three images
+    np.testing.assert_allclose([r["heads"][0]["score"] for r in got["results"]], exp_a, atol=1e-5)
+    np.testing.assert_allclose([r["heads"][1]["score"] for r in got["results"]], exp_b, atol=1e-5)
+    assert [r["score"] for r in got["results"]] == [r["heads"][0]["score"] for r in got["results"]]
+    assert [h["feature_spec"] for h in info["heads"]] == ["cls@-1", "mean@1+cls@-1"]
+    assert info["heads"][0]["fingerprint_sha256"] == info["heads"][1]["fingerprint_sha256"]
+
+
+def test_a_head_from_other_features_is_refused_naming_the_field(heads_dir, tiny_backbone, tmp_path):
+    d, a, _, _ = heads_dir
+    other = bank_checkpoint(tiny_backbone, str(tmp_path / "other.pt"), "cls@-1", image_size=2 * SIZE)
+    with pytest.raises(FingerprintMismatch) as err:
+        HeadSet.load([a, other], device="cpu")
+    assert "image_size" in str(err.value) and "own process" in str(err.value)
+    assert err.value.fields["image_size"] == (2 * SIZE, SIZE)
+
+
+def test_explain_returns_the_library_map_and_a_legible_overlay(heads_dir):
+    d, a, _, images = heads_dir
+    scorer = load_scorer(a, device="cpu")
+    ref, = scorer.explain(images[:1], progress=False, steps=8)
+    with running(_app([a], explain_steps=8)) as url:
+        got = httpx.post(url + "/explain", files=_files(images[:1])).json()["results"][0]
+        bare = httpx.post(url + "/explain?overlay=false", files=_files(images[:1])).json()["results"][0]
+    np.testing.assert_allclose(np.array(got["map"]), ref.map, atol=1e-5)
+    assert got["score"] == pytest.approx(ref.score, abs=1e-5) and got["grid"] == list(ref.grid)
+    import base64
+    overlay = Image.open(io.BytesIO(base64.b64decode(got["overlay_png_base64"])))
+    assert overlay.format == "PNG" and min(overlay.size) > 50
+    assert "overlay_png_base64" not in bare and "path" not in got
+
+
+def test_the_batcher_bounds_its_queue_admits_all_or_none_and_outlives_a_failed_batch():
+    gate = threading.Event()
+    seen = []
+
+    def fn(batch):
+        gate.wait(10)
+        seen.append(len(batch))
+        if float(batch[0, 0]) < 0:
+            raise ValueError("bad batch")
+        return batch[:, 0].tolist()
+
+    b = DynamicBatcher(fn, max_batch_size=4, timeout_s=0.05, max_queue=5)
+    first = b.submit([torch.ones(2)])  # taken by the worker, which waits on the gate
+    time.sleep(0.2)
+    queued = b.submit([torch.full((2,), float(i)) for i in range(2, 6)])
+    with pytest.raises(Overloaded):
+        b.submit([torch.ones(2), torch.ones(2)])  # 4 waiting + 2 > 5: none admitted
+    assert b.waiting == 4
+    more = b.submit([torch.full((2,), 9.0)])  # 4 + 1 fits
+    gate.set()
+    assert first[0].result(10) == 1.0
+    assert [f.result(10) for f in queued] == [2.0, 3.0, 4.0, 5.0] and more[0].result(10) == 9.0
+    bad = b.submit([torch.full((2,), -1.0)])
+    with pytest.raises(ValueError, match="bad batch"):
+        bad[0].result(10)
+    assert b.submit([torch.full((2,), 7.0)])[0].result(10) == 7.0
+    assert seen[:2] == [1, 4] and b.waiting == 0
+    b.close()
