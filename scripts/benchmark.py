@@ -35,7 +35,7 @@ from mirip.bench.machine import machine_info
 from mirip.cli_options import DefaultsHelpFormatter, plain_warnings
 from mirip.devices import PRECISIONS, default_precision, device_defaults, resolve_device
 
-BENCHMARKS = ("full_image", "extraction", "training", "sweep", "explain")
+BENCHMARKS = ("full_image", "extraction", "training", "sweep", "explain", "serve")
 
 
 def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, ModuleType], Dict[str, str]]:

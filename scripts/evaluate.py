@@ -2,7 +2,7 @@
 
 Example, from the repository root:
 
-    python scripts/evaluate.py --checkpoint runs/demo/best.pt --features cache/features.h5 \\
+    python scripts/evaluate.py --checkpoint runs/demo/train/best.pt --features cache/features.h5 \\
         --metadata data/demo/metadata.csv --split test --json runs/demo/eval.json
 """
 

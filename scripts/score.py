@@ -2,9 +2,9 @@
 
 Examples, from the repository root:
 
-    python scripts/score.py --checkpoint runs/demo/best.pt data/demo/images --output scores.csv \\
+    python scripts/score.py --checkpoint runs/demo/train/best.pt data/demo/images --output scores.csv \\
         --html report.html --metadata data/demo/metadata.csv
-    python scripts/score.py --checkpoint runs/demo/best.pt --compare a.jpg b.jpg
+    python scripts/score.py --checkpoint runs/demo/train/best.pt --compare a.jpg b.jpg
 """
 
 from __future__ import annotations

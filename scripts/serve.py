@@ -2,7 +2,7 @@
 
 Examples, from the repository root (needs the serve extra: pip install -e ".[serve]"):
 
-    python scripts/serve.py --checkpoint runs/demo/best.pt
+    python scripts/serve.py --checkpoint runs/demo/train/best.pt
     MIRIP_API_KEY=secret python scripts/serve.py --checkpoint best.pt --checkpoint candidate.pt --port 8080
     curl -s -F image=@drawing.jpg http://127.0.0.1:8000/score
 """
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images that may wait; a request that does not fit gets 503 with Retry-After")
     p.add_argument("--max-images", type=int, default=16, help="images in one request at most (413 beyond)")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="bytes of one uploaded image at most, in MiB")
+    p.add_argument("--max-request-mb", type=float, default=64.0,
+                   help="a request's whole body at most, in MiB (base64 JSON is a third larger than the files)")
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="decoded pixels at most (decompression-bomb limit; default: the library's 179 MP)")
     p.add_argument("--explain-steps", type=int, default=32, help="integration steps of POST /explain")
@@ -89,6 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             backbone=args.backbone, random_init=True if args.random_init else None, precision=args.precision,
             max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms, max_queue=args.max_queue,
             max_images=args.max_images, max_image_bytes=int(args.max_image_mb * MB),
+            max_request_bytes=int(args.max_request_mb * MB),
             max_image_pixels=args.max_image_pixels, explain_steps=args.explain_steps, api_key=_api_key(args))
     except (FileNotFoundError, CheckpointError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -106,7 +109,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     auth = "API key required (X-API-Key)" if config.api_key else "no API key (set " + args.api_key_env + " to require one)"
     print(f"mirip serve: {len(config.checkpoints)} head(s) on http://{config.host}:{config.port} | {auth} | "
           f"batches of <= {config.max_batch_size} images, {config.batch_timeout_ms:g} ms wait | "
-          f"<= {config.max_images} images and {config.max_image_bytes // MB} MiB each per request", flush=True)
+          f"<= {config.max_images} images of <= {config.max_image_bytes / MB:g} MiB, "
+          f"<= {config.max_request_bytes / MB:g} MiB per request", flush=True)
     print("loading the model; GET /health answers 503 until it is ready", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level))
     try:

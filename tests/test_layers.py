@@ -120,3 +120,50 @@ def test_guarded_write_turns_an_os_error_into_one_write_error(tmp_path):
     with pytest.raises(CacheWriteError, match="Input/output error. 0 rows are committed"):
         cache.guarded_write(fail)
     assert not cache.h5.id.valid
+
+
+# The README's code map, bottom to top: a module may import its own layer and the layers below it, never above.
+# mirip.training.benchmarks sits with the benchmarks: it is the seed's import path, kept as a re-export.
+LAYERS = [
+    ("mirip.feature_spec", "mirip.tiers", "mirip.plain", "mirip.atomic", "mirip.devices", "mirip.paths",
+     "mirip.metadata_csv", "mirip.seeding", "mirip.demo_data", "mirip.features.spec"),
+    ("mirip.preprocessing", "mirip.ml"),
+    ("mirip.fingerprint", "mirip.checkpoint", "mirip.calibration"),
+    ("mirip.features",),
+    ("mirip.training",),
+    ("mirip.sweep",),
+    ("mirip.inference", "mirip.explain", "mirip.heatmap", "mirip.report_html"),
+    ("mirip.serve",),
+    ("mirip.bench", "mirip.training.benchmarks", "mirip.cli_options"),
+]
+
+
+def _layer(module: str) -> int:
+    best = None  # the longest matching prefix decides (mirip.training.benchmarks before mirip.training)
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    assert best is not None, f"{module} is in no layer of the code map; add it to LAYERS and the README"
+    return best[0]
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mirip."):
+            yield node.module
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.startswith("mirip."))
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    wrong = []
+    for path in sorted((ROOT / "mirip").rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        if module == "mirip":
+            continue
+        own = _layer(module)
+        wrong += [f"{module} (layer {own}) imports {m} (layer {_layer(m)})" for m in _imports(path)
+                  if _layer(m) > own]
+    assert not wrong, "\n".join(wrong)

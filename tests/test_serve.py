@@ -132,7 +132,7 @@ def _bomb() -> bytes:
 def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(heads_dir, tmp_path):
     d, a, _, images = heads_dir
     good = open(images[0], "rb").read()
-    app = _app([a], max_image_bytes=20_000, max_images=3, max_image_pixels=1_000_000)
+    app = _app([a], max_image_bytes=20_000, max_images=3, max_image_pixels=1_000_000, max_request_bytes=200_000)
     with running(app) as url:
         post = lambda files=None, **kw: httpx.post(url + "/score", files=files, **kw)  # noqa: E731
         not_image = post([("images", ("notes.txt", b"this is not an image"))])
@@ -144,8 +144,8 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(heads_dir, tmp
         bad_b64 = post(json={"images": ["***not base64***"]})
         a_path = post(json={"images": [images[0]]})  # a path on the server's disk is only a string here
         wrong_type = post(content=b"raw", headers={"content-type": "image/png"})
-        body_over = post(content=b"x" * (app.state.service.config.max_request_bytes + 10),
-                         headers={"content-type": "application/json"})
+        body_over = post(content=b"x" * 200_010, headers={"content-type": "application/json"})
+        streamed_over = post(content=iter([b"x" * 100_000] * 3), headers={"content-type": "application/json"})
         mixed = post([("images", ("ok.png", good)), ("images", ("bad.png", b"junk"))])
         still = post(_files(images[:1]))
     assert not_image.status_code == 422 and "notes.txt" in not_image.json()["error"]
@@ -158,7 +158,10 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(heads_dir, tmp
     assert bad_b64.status_code == 400 and "base64" in bad_b64.json()["error"]
     assert a_path.status_code == 400
     assert wrong_type.status_code == 415
-    assert body_over.status_code == 413 and "max_request_bytes" in body_over.json()
+    assert body_over.status_code == 413 and body_over.json()["max_request_bytes"] == 200_000
+    assert "transfer-encoding" not in body_over.request.headers
+    assert streamed_over.status_code == 413 and "200000 bytes" in streamed_over.json()["error"]
+    assert streamed_over.request.headers["transfer-encoding"] == "chunked"  # no length declared: counted as read
     assert mixed.status_code == 422 and [b["image_index"] for b in mixed.json()["bad_images"]] == [1]
     assert still.status_code == 200 and len(still.json()["results"]) == 1
 

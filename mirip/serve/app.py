@@ -193,7 +193,8 @@ def create_app(config: ServeConfig, load: Optional[Callable[[], HeadSet]] = None
                 "batching": {"max_batch_size": config.max_batch_size, "batch_timeout_ms": config.batch_timeout_ms,
                              "max_queue": config.max_queue, "waiting": service.batcher.waiting,
                              **service.batcher.stats.as_dict()},
-                "config": config.public(), "uptime_s": round(time.time() - service.started, 3)}
+                "config": config.public(), "memory": _memory(primary.device),
+                "uptime_s": round(time.time() - service.started, 3)}
 
     async def _scores(request: Request, keys=("images",)):
         heads = service.ready()
@@ -261,6 +262,18 @@ def create_app(config: ServeConfig, load: Optional[Callable[[], HeadSet]] = None
         return {"model": heads.identities()[head], "results": results}
 
     return app
+
+
+def _memory(device) -> dict:
+    """What this replica holds: peak resident memory, and on CUDA the peak allocated by torch."""
+    import resource
+
+    import torch
+
+    out = {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}  # Linux: KiB
+    if str(device).startswith("cuda"):
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return out
 
 
 def _png_base64(exp, img) -> str:

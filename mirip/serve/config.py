@@ -31,12 +31,14 @@ class ServeConfig:
     max_queue: int = 256
     max_images: int = 16
     max_image_bytes: int = 20 * MB
+    max_request_bytes: int = 64 * MB
     max_image_pixels: Optional[int] = None
     explain_steps: int = 32
     api_key: Optional[str] = field(default=None, repr=False)
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_queue", "max_images", "max_image_bytes", "explain_steps"):
+        for name in ("max_batch_size", "max_queue", "max_images", "max_image_bytes", "max_request_bytes",
+                     "explain_steps"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_timeout_ms < 0:
@@ -44,15 +46,9 @@ class ServeConfig:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; set a non-empty key or none")
 
-    @property
-    def max_request_bytes(self) -> int:
-        """A request's body limit: every image at its limit, base64's 4/3, and room for the form's framing."""
-        return self.max_images * (self.max_image_bytes * 4 // 3 + 4096) + 64 * 1024
-
     def public(self) -> dict:
         """The settings a client may see (no key; only whether one is required)."""
         d = asdict(self)
         d.pop("api_key")
         d["auth"] = "api-key" if self.api_key else "none"
-        d["max_request_bytes"] = self.max_request_bytes
         return d

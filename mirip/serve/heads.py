@@ -18,6 +18,7 @@ import torch
 from mirip.feature_spec import FeatureSpec
 from mirip.fingerprint import check_fingerprint, fingerprint_sha256
 from mirip.inference import SHARED, Scorer, load_scorer
+from mirip.tiers import TIERS
 
 
 def head_identity(scorer: Scorer, name: str) -> dict:
@@ -87,8 +88,8 @@ class HeadSet:
         """Per score: predicted tier, P(S)..P(C) and percentile, or a note when the head has no calibration."""
         scorer = self.scorers[head]
         if not scorer.has_tiers:
-            return [{"predicted_tier": None, "probabilities": None, "percentile": None,
+            return [{"predicted_tier": None, **{f"p_{t}": None for t in TIERS}, "percentile": None,
                      "calibration_note": scorer.calibration_note} for _ in scores]
         preds = scorer.tiers_for_scores([""] * len(scores), list(scores))
-        return [{"predicted_tier": p.tier, "probabilities": dict(p.probabilities),
-                 **{f"p_{t}": v for t, v in p.probabilities.items()}, "percentile": p.percentile} for p in preds]
+        return [{"predicted_tier": p.tier, **{f"p_{t}": p.probabilities[t] for t in TIERS},
+                 "percentile": p.percentile} for p in preds]
