@@ -22,14 +22,13 @@ An older checkpoint still scores; ``Scorer.calibration_note`` says why it has no
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mirip.calibration import CalibrationError, from_checkpoint, names_sha256
+from mirip.calibration import from_checkpoint
 from mirip.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.devices import check_precision, default_precision, resolve_device
 from mirip.feature_spec import FeatureSpec, FeatureSpecError, checkpoint_feature_spec, match_entries
@@ -37,9 +36,10 @@ from mirip.fingerprint import LEGACY_DEFAULTS, FingerprintMismatch, bank_layout,
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
 from mirip.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor
+from mirip.scores import CalibrationUnavailable, Comparison, ScoreResult, TierPrediction, TierPredictions
+from mirip.scoring_inputs import IMAGE_EXTENSIONS, find_images, match_paths, split_membership
 from mirip.tiers import TIERS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Fields of the fingerprint that decide the features' numbers (besides the backbone's identity). Which entries
 # (layers, poolings) the head sees comes from the checkpoint's feature spec, checked entry by entry.
 FEATURE_FIELDS = ("patch_size", "image_size", "resize_mode", "mean", "std", "color_management")
@@ -50,82 +50,6 @@ PathLike = Union[str, os.PathLike]
 def _is_hub_id(name: str) -> bool:
     # "org/name" with no other separators and not a local directory.
     return not os.path.isdir(name) and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
-
-
-@dataclass
-class ScoreResult:
-    """Scores of the images that could be read, and (path, reason) for those that could not."""
-
-    paths: List[str]
-    scores: List[float]
-    failures: List[Tuple[str, str]] = field(default_factory=list)
-
-    def ranked(self) -> List[Tuple[int, str, float]]:
-        """(rank, path, score), best first; rank 1 is the highest score, ties keep input order."""
-        order = sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
-        return [(r + 1, self.paths[i], self.scores[i]) for r, i in enumerate(order)]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-@dataclass(frozen=True)
-class Comparison:
-    path_a: str
-    path_b: str
-    score_a: float
-    score_b: float
-    # P(a is the better drawing) under the calibrated model; None without a calibration.
-    prob_a_better: Optional[float] = None
-
-    @property
-    def margin(self) -> float:
-        return abs(self.score_a - self.score_b)
-
-    @property
-    def prediction(self) -> int:
-        """1 if A is better, -1 if B is better, 0 for a tie (the seed's ``predict_pair`` convention)."""
-        return 1 if self.score_a > self.score_b else -1 if self.score_a < self.score_b else 0
-
-    @property
-    def better(self) -> Optional[str]:
-        return {1: self.path_a, -1: self.path_b}.get(self.prediction)
-
-
-class CalibrationUnavailable(CalibrationError):
-    """Tier predictions asked of a checkpoint that holds no score-to-tier calibration."""
-
-
-@dataclass(frozen=True)
-class TierPrediction:
-    """One drawing: its score, most probable tier, P(tier) for S, A, B, C, and percentile among training drawings."""
-
-    path: str
-    score: float
-    tier: str
-    probabilities: Dict[str, float]
-    percentile: Optional[float]
-
-    def as_row(self) -> Dict[str, object]:
-        """The scores.csv columns: predicted_tier, p_S, p_A, p_B, p_C, percentile."""
-        row: Dict[str, object] = {"predicted_tier": self.tier}
-        row.update({f"p_{t}": self.probabilities[t] for t in TIERS})
-        row["percentile"] = self.percentile
-        return row
-
-
-@dataclass
-class TierPredictions:
-    """Predictions of the images that could be read, and (path, reason) for those that could not."""
-
-    predictions: List[TierPrediction]
-    failures: List[Tuple[str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.predictions)
-
-    def __iter__(self):
-        return iter(self.predictions)
 
 
 class _ImageFiles(Dataset):
@@ -368,6 +292,37 @@ def load_scorer(
         "leave out " + " and ".join(f"--{k.replace('_', '-')}" for k in requested)
         + ": the checkpoint's values are used by default"))
 
+    name, rand, substituted = _backbone_choice(fp, backbone, random_init, what, notes)
+
+    spec = FeatureSpec.parse(checkpoint_feature_spec(ckpt))
+    wording = REBUILT
+    if share_backbone is not None:
+        extractor, wording = share_backbone.sharing_backbone(spec), SHARED
+    else:
+        device = resolve_device(device)
+        extractor = DINOv2FeatureExtractor(name, device=device, random_init=rand, entries=spec,
+                                           precision=check_precision(precision or default_precision(device)))
+    if fp.get("precision") and fp["precision"] != extractor.precision:
+        notes.append(f"features were made in {fp['precision']}, scoring runs in {extractor.precision}: "
+                     "scores agree within that precision's tolerance")
+    extractor.set_entry_scales(ckpt.get("feature_scales"))
+    preprocessor = _preprocessor_from(fp, extractor)
+    extractor.check_image_size(preprocessor.image_size)
+    rebuilt = make_fingerprint(extractor, preprocessor)
+    compare = [k for k in FEATURE_FIELDS + BACKBONE_FIELDS if k in fp and k not in substituted]
+    check_fingerprint(fp, rebuilt, what=what, ignore=(), only=compare, **wording)
+    if int(head["input_dim"]) != extractor.output_dim:
+        raise FingerprintMismatch({"feature_dim": (int(head["input_dim"]), extractor.output_dim)}, what, **wording)
+    _check_spec_blocks(spec, fp, extractor, what, wording)
+
+    model = _model_with_head(name, head, ckpt["model_state_dict"], extractor)
+    return Scorer(model, preprocessor, fingerprint=fp, notes=notes, checkpoint=ckpt, checkpoint_path=path)
+
+
+def _backbone_choice(fp: dict, backbone: Optional[str], random_init: Optional[bool], what: str,
+                     notes: List[str]) -> Tuple[str, bool, List[str]]:
+    """(backbone to load, random weights?, fingerprint fields substituted): the checkpoint's unless a local
+    directory or random weights were asked for, each substitution announced in ``notes``."""
     trained_name, trained_pretrained = str(fp["backbone"]), bool(fp.get("pretrained", True))
     name, substituted = trained_name, []
     if backbone is not None:
@@ -392,91 +347,31 @@ def load_scorer(
                          "scores will not match training")
     if rand:
         notes.append("the backbone has RANDOM (untrained) weights: scores only exercise the pipeline")
+    return name, rand, substituted
 
-    spec = FeatureSpec.parse(checkpoint_feature_spec(ckpt))
-    wording = REBUILT
-    if share_backbone is not None:
-        extractor, wording = share_backbone.sharing_backbone(spec), SHARED
-    else:
-        device = resolve_device(device)
-        extractor = DINOv2FeatureExtractor(name, device=device, random_init=rand, entries=spec,
-                                           precision=check_precision(precision or default_precision(device)))
-    if fp.get("precision") and fp["precision"] != extractor.precision:
-        notes.append(f"features were made in {fp['precision']}, scoring runs in {extractor.precision}: "
-                     "scores agree within that precision's tolerance")
-    extractor.set_entry_scales(ckpt.get("feature_scales"))
-    preprocessor = Preprocessor(
+
+def _preprocessor_from(fp: dict, extractor: DINOv2FeatureExtractor) -> Preprocessor:
+    """The preprocessing the checkpoint's features were made with, from its fingerprint."""
+    return Preprocessor(
         image_size=int(fp["image_size"]), resize_mode=fp.get("resize_mode", "pad"),
         mean=tuple(fp.get("mean", IMAGENET_MEAN)), std=tuple(fp.get("std", IMAGENET_STD)),
         patch_size=int(fp.get("patch_size", extractor.patch_size)),
         # A head trained on features made before ICC conversion existed scores images the way they were read.
         color_management=fp.get("color_management", LEGACY_DEFAULTS["color_management"]),
     )
-    extractor.check_image_size(preprocessor.image_size)
-    rebuilt = make_fingerprint(extractor, preprocessor)
-    compare = [k for k in FEATURE_FIELDS + BACKBONE_FIELDS if k in fp and k not in substituted]
-    check_fingerprint(fp, rebuilt, what=what, ignore=(), only=compare, **wording)
-    if int(head["input_dim"]) != extractor.output_dim:
-        raise FingerprintMismatch({"feature_dim": (int(head["input_dim"]), extractor.output_dim)}, what, **wording)
-    _check_spec_blocks(spec, fp, extractor, what, wording)
 
+
+def _model_with_head(name: str, head: dict, state: dict, extractor: DINOv2FeatureExtractor) -> PairwiseRankingModel:
+    """The checkpoint's head (dims from its ``head`` config, weights from ``state``) on ``extractor``."""
     model = PairwiseRankingModel(
         name, projector_output_dim=int(head["projector_output_dim"]), margin=float(head.get("margin", 1.0)),
         hidden_dim=int(head["hidden_dim"]), dropout=float(head.get("dropout", 0.1)), feature_extractor=extractor,
     )
-    model.load_head_state_dict(ckpt["model_state_dict"])
+    model.load_head_state_dict(state)
     # The head's tensors came from map_location="cpu"; move them to where the backbone lives.
     model.to(extractor.device)
-    return Scorer(model, preprocessor, fingerprint=fp, notes=notes, checkpoint=ckpt, checkpoint_path=path)
+    return model
 
-
-def match_paths(paths: Sequence[str], names: Sequence[str], roots: Sequence[str]) -> Dict[str, str]:
-    """path -> metadata name: the path relative to one of ``roots`` (directories), else a unique basename."""
-    by_name = {os.path.normpath(str(n)): str(n) for n in names}
-    base_counts: Dict[str, int] = {}
-    for n in by_name:
-        base_counts[os.path.basename(n)] = base_counts.get(os.path.basename(n), 0) + 1
-    by_base = {os.path.basename(n): orig for n, orig in by_name.items() if base_counts[os.path.basename(n)] == 1}
-    out = {}
-    for p in paths:
-        rels = [os.path.normpath(os.path.relpath(p, r)) for r in roots if os.path.isdir(r)]
-        name = next((by_name[r] for r in rels if r in by_name), None) or by_base.get(os.path.basename(p))
-        if name is not None:
-            out[p] = name
-    return out
-
-
-def split_membership(checkpoint: dict, metadata_path: str, encoding: Optional[str] = None
-                     ) -> Tuple[Dict[str, str], Optional[str]]:
-    """filename -> "train" / "val" / "test" as the checkpoint's run split ``metadata_path``, and a note.
-
-    The split is rebuilt from the run config stored in the checkpoint. When the checkpoint records which
-    images were its training split (``score_reference.images_sha256``) the rebuilt train split must match
-    it, else ({}, why) is returned: the metadata is not the file the model was trained on.
-    """
-    from mirip.training.run import RunConfig, read_metadata  # training code only when asked for
-    from mirip.training.run_data import split_names
-
-    run_cfg = checkpoint.get("run_config")
-    if not run_cfg:
-        return {}, "the checkpoint holds no run config, so which drawings it was trained on is unknown"
-    try:
-        cfg = RunConfig.from_dict({**run_cfg, "metadata": metadata_path})
-        meta = read_metadata(metadata_path, cfg.filename_column, cfg.tier_column, encoding)
-        # The run's split, without the images it left out because extraction could not read them.
-        by_split = split_names(meta, cfg.splitter(), cfg.filename_column, checkpoint.get("excluded_images") or ())
-    except (ValueError, KeyError, TypeError) as exc:
-        return {}, f"the run's split could not be rebuilt from {metadata_path} ({exc})"
-    out = {name: split for split, chosen in by_split.items() for name in chosen}
-    expected = (checkpoint.get("score_reference") or {}).get("images_sha256")
-    if expected is not None:
-        train = by_split["train"]
-        got = names_sha256(train)
-        if got != expected:
-            return {}, (f"{metadata_path} does not give the training split the checkpoint was trained on "
-                        f"({len(train)} train images rebuilt, different names)")
-        return out, None
-    return out, "split rebuilt from the run config; not verified against the checkpoint"
 
 def _check_spec_blocks(spec: FeatureSpec, fp: dict, extractor: DINOv2FeatureExtractor, what: str,
                        wording: dict = REBUILT) -> None:
@@ -495,31 +390,7 @@ def _check_spec_blocks(spec: FeatureSpec, fp: dict, extractor: DINOv2FeatureExtr
         raise FingerprintMismatch({"feature_entry_dims": (trained_dims, list(extractor.entry_dims))}, what, **wording)
 
 
-def find_images(inputs: Iterable[PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[List[str], List[str]]:
-    """Expand files and directories (recursively, image extensions only, sorted) into image paths.
-
-    Returns (images, missing): a named file is always included (so a broken one is reported, not skipped);
-    a path that does not exist goes to ``missing``.
-    """
-    images: List[str] = []
-    missing: List[str] = []
-    seen = set()
-    exts = tuple(e.lower() for e in extensions)
-    for item in inputs:
-        item = os.fspath(item)
-        if os.path.isdir(item):
-            found = []
-            for root, dirs, files in os.walk(item):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [os.path.join(root, f) for f in files if f.lower().endswith(exts) and not f.startswith(".")]
-            candidates = sorted(found)
-        elif os.path.exists(item):
-            candidates = [item]
-        else:
-            missing.append(item)
-            continue
-        for c in candidates:
-            if c not in seen:
-                seen.add(c)
-                images.append(c)
-    return images, missing
+# The result types and file helpers moved to mirip.scores and mirip.scoring_inputs; importable from here as before.
+__all__ = ["Scorer", "load_scorer", "FEATURE_FIELDS", "BACKBONE_FIELDS", "REBUILT", "SHARED", "ScoreResult",
+           "Comparison", "CalibrationUnavailable", "TierPrediction", "TierPredictions", "IMAGE_EXTENSIONS",
+           "find_images", "match_paths", "split_membership"]

@@ -132,7 +132,8 @@ LAYERS = [
     ("mirip.features",),
     ("mirip.training",),
     ("mirip.sweep",),
-    ("mirip.inference", "mirip.explain", "mirip.heatmap", "mirip.report_html"),
+    ("mirip.inference", "mirip.scores", "mirip.scoring_inputs", "mirip.explain", "mirip.heatmap",
+     "mirip.report_html"),
     ("mirip.serve",),
     ("mirip.bench", "mirip.training.benchmarks", "mirip.cli_options"),
 ]

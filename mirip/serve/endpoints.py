@@ -1,0 +1,129 @@
+"""The endpoints, each a plain async function of the request (``app.state.service`` holds the model).
+
+``POST /score``: one or several images -> per image the primary head's score, predicted tier, P(S)..P(C)
+and percentile, and every head's (``heads``). ``POST /compare``: two images -> which is better and
+P(first is better). ``POST /explain``: per image, the per-patch map of ``Scorer.explain`` and its overlay.
+``GET /health``: 503 until the model is loaded, then 200. ``GET /info``: heads, backbone, device, batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+import mirip
+from mirip.serve.batcher import Overloaded
+from mirip.serve.service import Service, memory
+from mirip.serve.uploads import RequestError, decode_all, read_uploads
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def health(request: Request):
+    service = _service(request)
+    if service.heads is not None:
+        return {"status": "ready", "load_seconds": service.load_seconds}
+    if service.error is not None:
+        return JSONResponse({"status": "failed", "error": service.error}, status_code=500)
+    return JSONResponse({"status": "loading"}, status_code=503)
+
+
+async def info(request: Request):
+    service = _service(request)
+    heads, config = service.ready(), service.config
+    primary = heads.primary
+    return {"service": "mirip", "version": mirip.__version__, "heads": heads.identities(),
+            "device": str(primary.device), "precision": primary.model.feature_extractor.precision,
+            "preprocessing": primary.preprocessor.config(), "notes": primary.notes,
+            "batching": {"max_batch_size": config.max_batch_size, "batch_timeout_ms": config.batch_timeout_ms,
+                         "max_queue": config.max_queue, "waiting": service.batcher.waiting,
+                         **service.batcher.stats.as_dict()},
+            "config": config.public(), "memory": memory(primary.device),
+            "uptime_s": round(time.time() - service.started, 3)}
+
+
+async def _scores(request: Request, keys=("images",)):
+    """Read, decode and score a request's images: (heads, uploads, per-image per-head scores, timing)."""
+    service = _service(request)
+    heads, config = service.ready(), service.config
+    t0 = time.perf_counter()
+    uploads = await read_uploads(request, config.max_images, config.max_image_bytes, keys)
+    decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor)
+    t1 = time.perf_counter()
+    try:
+        futures = service.batcher.submit([t for _, t in decoded])
+    except Overloaded as exc:
+        raise RequestError(503, f"the service is busy ({exc}); retry shortly") from None
+    scores = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    timing = {"decode_ms": 1000 * (t1 - t0), "model_ms": 1000 * (time.perf_counter() - t1)}
+    return heads, uploads, scores, timing
+
+
+async def score(request: Request):
+    heads, uploads, scores, timing = await _scores(request)
+    per_head = [heads.tier_fields(h, [s[h] for s in scores]) for h in range(len(heads.scorers))]
+    idents = heads.identities()
+    results = []
+    for i, (u, s) in enumerate(zip(uploads, scores)):
+        rows = [{**idents[h], "score": s[h], **per_head[h][i]} for h in range(len(idents))]
+        primary = {k: v for k, v in rows[0].items() if k not in idents[0]}
+        results.append({"index": u.index, "image": u.name, **primary, "heads": rows})
+    return {"model": idents[0], "results": results, "timing": timing}
+
+
+async def compare(request: Request):
+    heads, uploads, scores, timing = await _scores(request, keys=("a", "b"))
+    if len(uploads) != 2:
+        raise RequestError(400, f"compare takes exactly two images (a, b), got {len(uploads)}", images=len(uploads))
+    out = []
+    for h, (scorer, ident) in enumerate(zip(heads.scorers, heads.identities())):
+        a, b = scores[0][h], scores[1][h]
+        p = scorer.calibration.prob_first_better(a, b) if scorer.calibration is not None else None
+        out.append({**ident, "score_a": a, "score_b": b, "better": "a" if a > b else "b" if b > a else "tie",
+                    "prob_a_better": None if p is None else float(p)})
+    lead = {k: out[0][k] for k in ("score_a", "score_b", "better", "prob_a_better")}
+    return {"a": uploads[0].name, "b": uploads[1].name, **lead, "model": heads.identities()[0], "heads": out,
+            "timing": timing}
+
+
+async def explain(request: Request, overlay: bool = True, head: int = 0):
+    service = _service(request)
+    heads, config = service.ready(), service.config
+    if not 0 <= head < len(heads.scorers):
+        raise RequestError(400, f"head must be 0..{len(heads.scorers) - 1}, got {head}", field="head")
+    uploads = await read_uploads(request, config.max_images, config.max_image_bytes)
+    decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor)
+    scorer = heads.scorers[head]
+
+    def run():
+        with service.model_lock:  # the backbone's hooks must not interleave with a scoring batch
+            return scorer.explain_images([(u.name, img) for u, (img, _) in zip(uploads, decoded)],
+                                         steps=config.explain_steps)
+    results = []
+    for u, (img, _), exp in zip(uploads, decoded, await run_in_threadpool(run)):
+        row = {"index": u.index, "image": u.name, **exp.to_dict()}
+        row.pop("path", None)
+        if overlay:
+            row["overlay_png_base64"] = _png_base64(exp, img)
+        results.append(row)
+    return {"model": heads.identities()[head], "results": results}
+
+
+def _png_base64(exp, img) -> str:
+    from mirip.heatmap import render_explanation
+
+    buf = io.BytesIO()
+    render_explanation(exp, img).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+ROUTES = (("GET", "/health", health), ("GET", "/info", info), ("POST", "/score", score),
+          ("POST", "/compare", compare), ("POST", "/explain", explain))
