@@ -82,6 +82,7 @@ def test_score_gives_each_image_the_in_process_score_tier_and_identity(heads_dir
     assert len(model["fingerprint_sha256"]) == 16 and model["checkpoint"] == "a.pt"
     assert [r["image"] for r in multipart["results"]] == ["img_0.png", "img_1.png", "img_2.png"]
     assert info["heads"][0]["head"] == "a.pt" and info["batching"]["max_batch_size"] == 16
+    assert info["backbone"] == model["backbone"] and info["weights"] == "pretrained"
     assert info["device"] == "cpu" and "api_key" not in info["config"] and info["config"]["auth"] == "none"
 
 

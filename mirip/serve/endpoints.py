@@ -41,6 +41,7 @@ async def info(request: Request):
     heads, config = service.ready(), service.config
     primary = heads.primary
     return {"service": "mirip", "version": mirip.__version__, "heads": heads.identities(),
+            "backbone": primary.model.feature_extractor.info.name, "weights": primary.weights,
             "device": str(primary.device), "precision": primary.model.feature_extractor.precision,
             "preprocessing": primary.preprocessor.config(), "notes": primary.notes,
             "batching": {"max_batch_size": config.max_batch_size, "batch_timeout_ms": config.batch_timeout_ms,
