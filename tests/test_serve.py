@@ -292,3 +292,20 @@ def test_the_batcher_bounds_its_queue_admits_all_or_none_and_outlives_a_failed_b
     assert b.submit([torch.full((2,), 7.0)])[0].result(10) == 7.0
     assert seen[:2] == [1, 4] and b.waiting == 0
     b.close()
+
+
+def test_a_lone_image_does_not_wait_for_a_batch_but_one_on_its_way_is_waited_for():
+    on_the_way = [0]
+    b = DynamicBatcher(lambda batch: batch[:, 0].tolist(), max_batch_size=4, timeout_s=3.0, max_queue=8,
+                       expecting=lambda: on_the_way[0])
+    t0 = time.monotonic()
+    assert b.submit([torch.ones(2)])[0].result(10) == 1.0
+    assert time.monotonic() - t0 < 1.0  # not the 3 s batch wait: nothing else was coming
+    on_the_way[0] = 1  # another request is decoding: the batch waits for it
+    first = b.submit([torch.full((2,), 2.0)])
+    time.sleep(0.3)
+    on_the_way[0] = 0
+    second = b.submit([torch.full((2,), 3.0)])
+    assert first[0].result(10) == 2.0 and second[0].result(10) == 3.0
+    assert b.stats.sizes.get(2) == 1  # the two went through the backbone together
+    b.close()

@@ -1,7 +1,9 @@
 """Dynamic batching: images from concurrent requests fused into one bounded backbone batch.
 
 One worker thread owns the model. It takes the first waiting image, waits up to ``timeout_s`` for more
-(or until ``max_batch_size``), runs the batch and hands each image its own result through a future. The
+(or until ``max_batch_size``), runs the batch and hands each image its own result through a future. With
+``expecting`` (how many images are on their way: uploaded, still decoding) it does not wait when the queue
+is empty and nothing is on its way, so a lone request pays no batching delay. The
 queue is bounded: a request whose images do not all fit is refused at once (``Overloaded``, 503 to the
 client) rather than left to wait without bound, and a request's images are admitted all or none.
 """
@@ -13,7 +15,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -41,11 +43,13 @@ class DynamicBatcher:
     """``submit(tensors)`` -> one future per tensor; ``fn(batch)`` returns one result per row of the batch."""
 
     def __init__(self, fn: Callable[[torch.Tensor], Sequence[Any]], max_batch_size: int = 16,
-                 timeout_s: float = 0.01, max_queue: int = 256, name: str = "mirip-batcher"):
+                 timeout_s: float = 0.01, max_queue: int = 256, name: str = "mirip-batcher",
+                 expecting: Optional[Callable[[], int]] = None):
         if max_batch_size <= 0 or max_queue <= 0 or timeout_s < 0:
             raise ValueError("max_batch_size and max_queue must be positive and timeout_s non-negative")
         self.fn, self.max_batch_size, self.timeout_s, self.max_queue = fn, int(max_batch_size), float(timeout_s), \
             int(max_queue)
+        self.expecting = expecting
         self.stats = BatchStats()
         self._queue: "queue.Queue" = queue.Queue()
         self._waiting = 0
@@ -82,6 +86,8 @@ class DynamicBatcher:
         batch = [first]
         deadline = time.monotonic() + self.timeout_s
         while len(batch) < self.max_batch_size:
+            if self.expecting is not None and self._queue.empty() and self.expecting() <= 0:
+                break  # nobody else is on the way: waiting would only add latency
             remaining = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()

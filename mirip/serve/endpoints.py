@@ -57,12 +57,15 @@ async def _scores(request: Request, keys=("images",)):
     heads, config = service.ready(), service.config
     t0 = time.perf_counter()
     uploads = await read_uploads(request, config.max_images, config.max_image_bytes, keys)
-    decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor)
-    t1 = time.perf_counter()
+    service.arriving(len(uploads))  # the batcher waits for these rather than run a batch without them
     try:
+        decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor)
+        t1 = time.perf_counter()
         futures = service.batcher.submit([t for _, t in decoded])
     except Overloaded as exc:
         raise RequestError(503, f"the service is busy ({exc}); retry shortly") from None
+    finally:
+        service.arriving(-len(uploads))
     scores = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
     timing = {"decode_ms": 1000 * (t1 - t0), "model_ms": 1000 * (time.perf_counter() - t1)}
     return heads, uploads, scores, timing

@@ -29,6 +29,7 @@ class Service:
         self.started = time.time()
         self.load_seconds: Optional[float] = None
         self.model_lock = threading.Lock()  # scoring batches and explanations take turns on the backbone
+        self._arriving, self._arriving_lock = 0, threading.Lock()  # images uploaded, not yet in the queue
 
     def load(self) -> None:
         t0 = time.perf_counter()
@@ -45,7 +46,8 @@ class Service:
             with self.model_lock:
                 return heads.score_batch(batch)
 
-        self.batcher = DynamicBatcher(run, cfg.max_batch_size, cfg.batch_timeout_ms / 1000.0, cfg.max_queue)
+        self.batcher = DynamicBatcher(run, cfg.max_batch_size, cfg.batch_timeout_ms / 1000.0, cfg.max_queue,
+                                      expecting=lambda: self._arriving)
         # Uploads decode with the primary head's preprocessing and the service's pixel limit.
         self.preprocessor = dataclasses.replace(heads.preprocessor, max_pixels=cfg.max_image_pixels)
         self.heads, self.load_seconds = heads, time.perf_counter() - t0
@@ -56,6 +58,11 @@ class Service:
                                else f"the model failed to load: {self.error}",
                                state="failed" if self.error else "loading")
         return self.heads
+
+    def arriving(self, n: int) -> None:
+        """``n`` more (or, negative, fewer) images are on their way to the batcher."""
+        with self._arriving_lock:
+            self._arriving += n
 
     def close(self) -> None:
         if self.batcher is not None:
