@@ -387,6 +387,64 @@ class RunStats:
     compile: Dict[str, object] = field(default_factory=dict)  # this rank's CompileInfo.to_dict()
 
 
+def _make_loader(items: Sequence[Item], extractor: DINOv2FeatureExtractor, preprocessor: Preprocessor,
+                 config: ExtractConfig) -> Tuple[DataLoader, Optional[Normalizer]]:
+    """The reader over ``items``, and the GPU-side normaliser when the pixels it ships are 8-bit."""
+    cuda = str(extractor.device).startswith("cuda")
+    workers = config.workers(str(extractor.device))
+    # On a GPU, workers ship 8-bit pixels and the GPU normalises them (4x less data to move and pin).
+    dataset = ImageFileDataset(config.image_dir, items, preprocessor, config.views, uint8=cuda)
+    normalizer = Normalizer(preprocessor.mean, preprocessor.std, str(extractor.device)) if cuda else None
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                        pin_memory=cuda, prefetch_factor=2 if workers else None)
+    return loader, normalizer
+
+
+class _HandOver:
+    """Waits for one batch's features and gives them, with the batch's failures, to the writer."""
+
+    def __init__(self, writer: CacheWriter, stats: RunStats, bar, views: int):
+        self.writer, self.stats, self.bar, self.views = writer, stats, bar, views
+
+    def __call__(self, batch: ReadBatch, pending) -> None:
+        feats = pending.result() if pending is not None else None
+        per_view = None
+        if feats is not None and self.views:
+            feats = feats.reshape(len(batch.paths), 1 + self.views, -1)
+            feats, per_view = feats[:, 0], feats[:, 1:]
+        self.writer.put(WriteJob(batch.paths, batch.sizes, batch.mtimes, feats, per_view, batch.failed))
+        self.stats.failed.update({p: r for p, (r, _, _) in batch.failed.items()})
+        self.bar.update(len(batch))
+
+
+def _run_batches(batches, mapper: Mapper, hand_over: _HandOver, stats: RunStats,
+                 should_stop: Optional[Callable[[], bool]], start: float) -> None:
+    """Read, map and hand over every batch, one batch in flight on the backbone while the previous is handed over."""
+    previous = None
+    while True:
+        if should_stop is not None and should_stop():
+            if previous is not None:
+                hand_over(*previous)  # its features are computed already: commit them too
+            raise StopRequested("another rank asked every rank to stop")
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        t1 = time.perf_counter()
+        stats.read_s += t1 - t0
+        if previous is None and batch is not None:
+            stats.startup_s = t1 - start
+        if batch is None:
+            break
+        pending = mapper(batch.pixels) if batch.pixels is not None else None
+        if previous is not None:
+            hand_over(*previous)  # waits for the previous batch only, while this one runs
+        previous = (batch, pending)
+        stats.infer_s += time.perf_counter() - t1
+    if previous is not None:
+        t1 = time.perf_counter()
+        hand_over(*previous)
+        stats.infer_s += time.perf_counter() - t1
+
+
 def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2FeatureExtractor,
                  preprocessor: Preprocessor, config: ExtractConfig, progress: bool = True,
                  should_stop: Optional[Callable[[], bool]] = None) -> RunStats:
@@ -396,53 +454,14 @@ def run_pipeline(items: Sequence[Item], cache: FeatureCache, extractor: DINOv2Fe
     stats = RunStats()
     if not items:
         return stats
-    cuda = str(extractor.device).startswith("cuda")
-    workers = config.workers(str(extractor.device))
-    # On a GPU, workers ship 8-bit pixels and the GPU normalises them (4x less data to move and pin).
-    dataset = ImageFileDataset(config.image_dir, items, preprocessor, config.views, uint8=cuda)
-    normalizer = Normalizer(preprocessor.mean, preprocessor.std, str(extractor.device)) if cuda else None
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                        pin_memory=cuda, prefetch_factor=2 if workers else None)
+    loader, normalizer = _make_loader(items, extractor, preprocessor, config)
     mapper, writer = Mapper(extractor, normalizer), CacheWriter(cache)
     bar = tqdm(total=len(items), unit="img", desc="extract", disable=not progress, dynamic_ncols=True)
-    views = config.views
-
-    def hand_over(batch: ReadBatch, pending) -> None:
-        feats = pending.result() if pending is not None else None
-        per_view = None
-        if feats is not None and views:
-            feats = feats.reshape(len(batch.paths), 1 + views, -1)
-            feats, per_view = feats[:, 0], feats[:, 1:]
-        writer.put(WriteJob(batch.paths, batch.sizes, batch.mtimes, feats, per_view, batch.failed))
-        stats.failed.update({p: r for p, (r, _, _) in batch.failed.items()})
-        bar.update(len(batch))
-
+    hand_over = _HandOver(writer, stats, bar, config.views)
     start = time.perf_counter()
-    previous = None
     batches = iter(loader)
     try:
-        while True:
-            if should_stop is not None and should_stop():
-                if previous is not None:
-                    hand_over(*previous)  # its features are computed already: commit them too
-                raise StopRequested("another rank asked every rank to stop")
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            t1 = time.perf_counter()
-            stats.read_s += t1 - t0
-            if previous is None and batch is not None:
-                stats.startup_s = t1 - start
-            if batch is None:
-                break
-            pending = mapper(batch.pixels) if batch.pixels is not None else None
-            if previous is not None:
-                hand_over(*previous)  # waits for the previous batch only, while this one runs
-            previous = (batch, pending)
-            stats.infer_s += time.perf_counter() - t1
-        if previous is not None:
-            t1 = time.perf_counter()
-            hand_over(*previous)
-            stats.infer_s += time.perf_counter() - t1
+        _run_batches(batches, mapper, hand_over, stats, should_stop, start)
     finally:
         bar.close()
         writer.close()
@@ -491,38 +510,47 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
         ctx.shutdown()
 
 
-def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> ExtractSummary:
+def _rank_device(config: ExtractConfig, ctx: DistContext) -> Optional[str]:
+    """The device asked for; under torchrun on CUDA, this rank's own GPU (made the current one)."""
     device = config.device
     if ctx.enabled and torch.cuda.is_available() and (device is None or device == "cuda"):
         device = f"cuda:{ctx.local_rank}"
         torch.cuda.set_device(device)
+    return device
+
+
+def _load_backbone(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2FeatureExtractor, Preprocessor, dict]:
+    """(extractor, preprocessor, fingerprint) for the run; an SDPA kernel the device cannot run is refused here."""
     extractor, preprocessor = build_models(config, device)
     # A named SDPA kernel this device cannot run is refused before any cache is touched.
     compiled.check_sdpa_backend(extractor, None if config.sdpa_backend == "auto" else config.sdpa_backend,
                                 config.image_size)
     fingerprint = make_fingerprint(extractor, preprocessor, config.feature_dtype, config.views)
-    output = config.output or default_output(fingerprint, config.cache_dir)
-    order = {p: i for i, p in enumerate(paths)}
-    items = [(rel, *source_facts(config.image_dir, rel)) for rel in paths] if ctx.is_main else None
+    return extractor, preprocessor, fingerprint
 
-    def prepare() -> Tuple[List[Item], Plan, Optional[int], List[PathRepair]]:
-        # Rank 0 alone touches the main cache here; the others get the plan through the process group.
-        with open_for_append(output, fingerprint, config.overwrite) as cache:
-            # Rows whose path entry is damaged get their path back from this run's images, then count as
-            # damaged rows below: re-extracted, while every good row is kept (cheap: the path list is read anyway).
-            repairs = repair_path_list(cache, [rel for rel, _, _ in items], cache.failures())
-            merge_parts(cache, leftover_parts(output), order)
-            # Guarded like every write: a disk already full says so in one line, with the reserve in place.
-            cache.set_attribute("extract_config", json.dumps(config.to_dict()))
-            write_config_json(config, output, fingerprint)
-            # A full read of the cache: damage found here is re-extracted by this run, not reported cached.
-            # (Without it, the rows given their path back above are still re-extracted.)
-            damaged = cache.damaged_rows() if config.verify else [x.row for x in repairs]
-            plan = make_plan(items, cache, config.retry_failed, damaged)
-            return items, plan, (cache.num_rows if config.verify and cache.has_checksums else None), repairs
 
-    items, plan, verified, repairs = ctx.on_main(prepare)
-    shard = plan.todo[ctx.rank::ctx.world_size]
+def _prepare_cache(config: ExtractConfig, output: str, fingerprint: dict, items: List[Item],
+                   order: Dict[str, int]) -> Tuple[List[Item], Plan, Optional[int], List[PathRepair]]:
+    """Open the main cache, repair its path list, merge leftover parts, record the config, plan the run:
+    (items, plan, rows verified or None, path repairs)."""
+    with open_for_append(output, fingerprint, config.overwrite) as cache:
+        # Rows whose path entry is damaged get their path back from this run's images, then count as
+        # damaged rows below: re-extracted, while every good row is kept (cheap: the path list is read anyway).
+        repairs = repair_path_list(cache, [rel for rel, _, _ in items], cache.failures())
+        merge_parts(cache, leftover_parts(output), order)
+        # Guarded like every write: a disk already full says so in one line, with the reserve in place.
+        cache.set_attribute("extract_config", json.dumps(config.to_dict()))
+        write_config_json(config, output, fingerprint)
+        # A full read of the cache: damage found here is re-extracted by this run, not reported cached.
+        # (Without it, the rows given their path back above are still re-extracted.)
+        damaged = cache.damaged_rows() if config.verify else [x.row for x in repairs]
+        plan = make_plan(items, cache, config.retry_failed, damaged)
+        return items, plan, (cache.num_rows if config.verify and cache.has_checksums else None), repairs
+
+
+def _extract_shard(config: ExtractConfig, ctx: DistContext, extractor: DINOv2FeatureExtractor,
+                   preprocessor: Preprocessor, fingerprint: dict, output: str, shard: List[Item]) -> List[RunStats]:
+    """Extract this rank's shard into its cache (the main one, or its part under torchrun); every rank's stats."""
     info = prepare_backbone(extractor, config, len(shard))  # before a cache is opened: a bad SDPA backend stops here
     target = part_path(output, ctx.rank, ctx.world_size) if ctx.enabled else output
     stats, error = None, None
@@ -545,22 +573,35 @@ def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> Extra
         error = exc
     finally:
         compiled.uncompile(extractor)
-    all_stats = ctx.settle(stats, error)  # every rank's stats, or RankFailed on every rank
-    ctx.barrier()  # every part is complete and closed
+    return ctx.settle(stats, error)  # every rank's stats, or RankFailed on every rank
 
-    def finish() -> int:
-        with FeatureCache.open(output, "a") as cache:
-            if ctx.enabled:
-                merge_parts(cache, [part_path(output, r, ctx.world_size) for r in range(ctx.world_size)], order)
-            verify_complete(cache, items)
-            rows = cache.num_rows
-        last_run = {"compile": all_stats[0].compile}
+
+def _finish_cache(config: ExtractConfig, ctx: DistContext, output: str, fingerprint: dict, items: List[Item],
+                  order: Dict[str, int], all_stats: List[RunStats]) -> int:
+    """Merge the ranks' parts, check every listed image is accounted for, record how the run ran; the rows."""
+    with FeatureCache.open(output, "a") as cache:
         if ctx.enabled:
-            last_run["compile_per_rank"] = [s.compile for s in all_stats]
-        write_config_json(config, output, fingerprint, last_run)
-        return rows
+            merge_parts(cache, [part_path(output, r, ctx.world_size) for r in range(ctx.world_size)], order)
+        verify_complete(cache, items)
+        rows = cache.num_rows
+    last_run = {"compile": all_stats[0].compile}
+    if ctx.enabled:
+        last_run["compile_per_rank"] = [s.compile for s in all_stats]
+    write_config_json(config, output, fingerprint, last_run)
+    return rows
 
-    rows = ctx.on_main(finish)
+
+def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> ExtractSummary:
+    extractor, preprocessor, fingerprint = _load_backbone(config, _rank_device(config, ctx))
+    output = config.output or default_output(fingerprint, config.cache_dir)
+    order = {p: i for i, p in enumerate(paths)}
+    items = [(rel, *source_facts(config.image_dir, rel)) for rel in paths] if ctx.is_main else None
+    # Rank 0 alone touches the main cache here; the others get the plan through the process group.
+    items, plan, verified, repairs = ctx.on_main(lambda: _prepare_cache(config, output, fingerprint, items, order))
+    shard = plan.todo[ctx.rank::ctx.world_size]
+    all_stats = _extract_shard(config, ctx, extractor, preprocessor, fingerprint, output, shard)
+    ctx.barrier()  # every part is complete and closed
+    rows = ctx.on_main(lambda: _finish_cache(config, ctx, output, fingerprint, items, order, all_stats))
     failed: Dict[str, str] = {}
     for s in all_stats:
         failed.update(s.failed)
