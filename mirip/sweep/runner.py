@@ -287,16 +287,17 @@ class SweepRunner:
         return row
 
     # --- the run -----------------------------------------------------------------------------
-    def run(self) -> Dict[str, Any]:
+    def _write_manifest(self, data: Dict[str, Any]) -> None:
+        """sweep.json: what the results depend on; a directory holding a sweep with other settings is refused."""
         s = self.settings
-        os.makedirs(self.out, exist_ok=True)
-        data = self._load()
         manifest = {"fixed": s.fixed(), "fingerprint": data["fingerprint"], "metadata_sha256": _sha256(s.metadata),
                     "features": os.path.abspath(s.features), "metadata": os.path.abspath(s.metadata)}
         manifest_path = os.path.join(self.out, "sweep.json")
         _check_manifest(manifest_path, manifest)
         write_atomic(manifest_path, json.dumps(json_safe({**manifest, "grid": self.grid.to_dict()}), indent=2))
 
+    def _partition(self) -> tuple:
+        """(config_id -> stored row of every finished configuration, the configurations still to train)."""
         rows: Dict[str, Dict[str, Any]] = {}
         pending: List[HeadConfig] = []
         for cfg in self.configs:
@@ -305,16 +306,21 @@ class SweepRunner:
                 pending.append(cfg)
             else:
                 rows[cfg.config_id] = row
+        return rows, pending
+
+    def _announce(self, data: Dict[str, Any], rows: Dict[str, Dict[str, Any]], pending: List[HeadConfig]) -> None:
         dims = ", ".join(f"{spec} ({data['by_spec'][spec][0].shape[1]}-d)" for spec in data["specs"])
         self.log(f"sweep: {len(self.configs)} configurations ({len(self.grid.seed)} seed(s)), "
                  f"{len(rows)} already finished, {len(pending)} to train on {self.device}; "
                  f"{len(data['names'])} images, features {dims}")
         if data["excluded"]:
             self.log(exclusion_note(data["excluded"], write_excluded(self.out, data["excluded"])))
+
+    def _train_pending(self, data: Dict[str, Any], pending: List[HeadConfig], rows: Dict[str, Dict[str, Any]],
+                       bar) -> None:
+        """Train the pending heads group by group; each head is saved, and its row put in ``rows``, as it finishes."""
+        s = self.settings
         epochs = s.training.max_epochs
-        bar = tqdm(total=len(pending) * epochs, desc="sweep", unit="head-epoch", disable=not self.progress,
-                   dynamic_ncols=True)
-        t_start = time.perf_counter()
         done_count = len(rows)
         groups = group_configs(pending)
         # Every (seed, spec)'s split and pairs first: a split that cannot form pairs fails before any training.
@@ -341,6 +347,17 @@ class SweepRunner:
 
                 train_group(cfgs, datasets["train"], datasets["val"], s.training, self.device, optimizer=s.optimizer,
                             on_epoch=lambda epoch, trained: bar.update(trained), on_finished=finished)
+
+    def run(self) -> Dict[str, Any]:
+        os.makedirs(self.out, exist_ok=True)
+        data = self._load()
+        self._write_manifest(data)
+        rows, pending = self._partition()
+        self._announce(data, rows, pending)
+        bar = tqdm(total=len(pending) * self.settings.training.max_epochs, desc="sweep", unit="head-epoch",
+                   disable=not self.progress, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        self._train_pending(data, pending, rows, bar)
         bar.close()
         result = self._write_tables(rows, final=True)
         result.update(trained=len(pending), skipped=len(self.configs) - len(pending),
