@@ -25,8 +25,8 @@ import pandas as pd
 from mirip.atomic import write_atomic
 from mirip.features.cache import CacheError, open_cache
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
-from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepGrid
-from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_markdown, to_argv, train_options
+from mirip.sweep.grid import HeadConfig, SweepGrid
+from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
 from mirip.plain import json_safe
 from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, SweepSettings
 from mirip.training.run import read_metadata
@@ -124,30 +124,6 @@ def _summary_notes(combined: pd.DataFrame, summary: pd.DataFrame, labels: Sequen
     return notes
 
 
-def _best_record(best: Dict[str, Any], winner: Dict[str, Any], settings: SweepSettings,
-                 weights: Sequence[str]) -> Dict[str, Any]:
-    """best.json: the winning cache and configuration, and the scripts/train.py command that retrains it."""
-    out = settings.output_dir
-    fixed = {"features": winner["path"], "metadata": settings.metadata, **settings.fixed()}
-    fixed.update({k: getattr(settings.training, k) for k in ("device", "save_every_n_epochs")})
-    options = train_options(best, fixed)
-    return {
-        "chosen_on": "mean validation pairwise accuracy over seeds (test accuracy is reported, never used)",
-        "cache": best["cache"], "features": winner["path"], "backbone": winner["backbone"],
-        "backbone_weights": ", ".join(weights),
-        "config": {k: best.get(k) for k in HYPERPARAMETERS},
-        "seeds": best["seed_list"],
-        **{k: best[k] for k in ("val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
-                                 "spearman_mean", "spearman_std")},
-        "best_seed": best["best_seed"],
-        "checkpoint": os.path.join(out, best["best_checkpoint"]),
-        "train_options": options,
-        "train_argv": to_argv(options),
-        "train_command": "python scripts/train.py " + " ".join(
-            to_argv(options) + ["--output-dir", os.path.join(out, "best-run")]),
-    }
-
-
 def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence[str], *, progress: bool = True,
                     log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """The grid on every cache in ``features`` over shared splits; returns the combined table and the winner."""
@@ -162,7 +138,9 @@ def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence
     notes = _summary_notes(combined, summary, labels, facts, len(names), weights)
     write_atomic(os.path.join(out, "summary.md"), summary_markdown(summary, notes=notes))
     best = choose_best(summary)
-    best_json = _best_record(best, facts[labels.index(best["cache"])], settings, weights)
+    winner = facts[labels.index(best["cache"])]
+    best_json = best_record(best, settings, winner["path"], weights, out,
+                            extra={"cache": best["cache"], "features": winner["path"], "backbone": winner["backbone"]})
     write_atomic(os.path.join(out, "best.json"), json.dumps(json_safe(best_json), indent=2))
     save_heatmap(summary, os.path.join(out, "heatmap.png"),
                  title="RANDOM backbone weights (pipeline check, not a trained model)" if "random" in weights else "")
