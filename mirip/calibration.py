@@ -15,6 +15,9 @@ that lacks a tier, still gives finite numbers).
 ``ScoreReference`` (checkpoint key ``score_reference``): quantiles of the training split's scores, overall
 and per tier, so a new score gets its percentile among the training drawings with no data at hand.
 
+The figures of a calibration on labelled scores are in ``mirip.calibration_metrics``, the score reference in
+``mirip.calibration_reference``; this module fits and reads the calibration and re-exports both.
+
 Calibration error is reported as the **expected calibration error** (top label: the predicted tier's
 probability against how often the predicted tier is right, in equal-width bins) and, beside it, the
 ranked probability score (a proper score for ordered classes; lower is better).
@@ -22,33 +25,30 @@ ranked probability score (a proper score for ordered classes; lower is better).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
+# The shared basics and the metrics (calibration_metrics) and the score reference (calibration_reference) live
+# in modules of their own; every name, the private ones the contract tests use too, is imported from here.
+from mirip.calibration_metrics import (CALIBRATION_VERSION, DEFAULT_BINS, ECE_NAME, RANK_ORDER,  # noqa: F401
+                                       CalibrationError, _as_ranks, _as_scores, confusion_matrix,
+                                       expected_calibration_error, ranked_probability_score, reliability_bins,
+                                       tier_metrics)
+from mirip.calibration_reference import (REFERENCE_LEVELS, ScoreReference, _strictly_increasing,  # noqa: F401
+                                         make_score_reference, names_sha256)
 from mirip.plain import plain
 from mirip.tiers import TIER_COLOURS, TIERS
 
-CALIBRATION_VERSION = 1
-# Internal order: rank 0..3 = C, B, A, S. Everything returned to users is in TIERS order (S, A, B, C).
-RANK_ORDER = ("C", "B", "A", "S")
 METHOD = "cumulative_logit"
 METHOD_TEXT = ("ordinal logistic (cumulative logit) model: P(tier <= k | score) = sigmoid(threshold_k - slope * score), "
                "one slope, three ordered thresholds, maximum likelihood")
-ECE_NAME = "expected calibration error (top label, equal-width bins)"
-DEFAULT_BINS = 10
 PRIOR_SD = 5.0
-REFERENCE_LEVELS = tuple(float(p) for p in range(101))  # percent
 NO_CALIBRATION = ("checkpoint {path} has no score-to-tier calibration (it was written before mirip stored one): "
                   "scores only, no tier columns; retrain with scripts/train.py to get tier predictions")
-
-
-class CalibrationError(ValueError):
-    """Scores and tiers from which no calibration can be fitted, or a malformed stored calibration."""
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -60,23 +60,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     e = np.exp(x[~pos])
     out[~pos] = e / (1.0 + e)
     return out
-
-
-def _as_scores(scores: Any, what: str = "scores") -> np.ndarray:
-    arr = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(arr)):
-        bad = np.flatnonzero(~np.isfinite(arr))[:5].tolist()
-        raise CalibrationError(f"{what} must be finite numbers; positions {bad} are not")
-    return arr
-
-
-def _as_ranks(ranks: Any, n: int) -> np.ndarray:
-    arr = np.asarray(ranks).reshape(-1)
-    if arr.size != n:
-        raise CalibrationError(f"need one tier rank per score: {n} scores, {arr.size} ranks")
-    if arr.size and (arr.min() < 0 or arr.max() > 3 or not np.all(arr == np.round(arr))):
-        raise CalibrationError("tier ranks must be integers 0..3 (C=0, B=1, A=2, S=3)")
-    return arr.astype(np.int64)
 
 
 def logistic_difference_cdf(x: Any) -> np.ndarray:
@@ -256,165 +239,6 @@ def fit_ordinal(scores: Any, ranks: Any, *, fitted_on: str = "val", prior_sd: fl
     metrics = tier_metrics(cal.probabilities(s), y, bins=bins)
     metrics.pop("reliability", None)
     return OrdinalCalibration(**{**cal.__dict__, "metrics": metrics})
-
-
-# --- figures of a calibration on labelled scores -----------------------------------------------------
-def reliability_bins(probabilities: Any, ranks: Any, bins: int = DEFAULT_BINS) -> List[Dict[str, float]]:
-    """Top-label reliability: per equal-width bin of the predicted tier's probability, the mean probability
-    (``confidence``), how often the predicted tier was right (``accuracy``) and the count. Empty bins are left out."""
-    p = np.asarray(probabilities, dtype=np.float64).reshape(-1, 4)
-    y = _as_ranks(ranks, p.shape[0])
-    pred_rank = 3 - np.argmax(p, axis=1)  # columns are S, A, B, C
-    conf = p.max(axis=1)
-    right = (pred_rank == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, int(bins) + 1)
-    which = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, int(bins) - 1)
-    out = []
-    for b in range(int(bins)):
-        mask = which == b
-        if mask.any():
-            out.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": int(mask.sum()),
-                        "confidence": float(conf[mask].mean()), "accuracy": float(right[mask].mean())})
-    return out
-
-
-def expected_calibration_error(probabilities: Any, ranks: Any, bins: int = DEFAULT_BINS) -> float:
-    """Sum over bins of (bin share) x |accuracy - confidence|, top label (see ``reliability_bins``)."""
-    table = reliability_bins(probabilities, ranks, bins)
-    n = sum(b["count"] for b in table)
-    if not n:
-        return float("nan")
-    return float(sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in table))
-
-
-def ranked_probability_score(probabilities: Any, ranks: Any) -> float:
-    """Mean over drawings of (1/3) sum_k (P(rank <= k) - [true rank <= k])^2, k = C, B, A; 0 is perfect."""
-    p = np.asarray(probabilities, dtype=np.float64).reshape(-1, 4)
-    y = _as_ranks(ranks, p.shape[0])
-    if not p.shape[0]:
-        return float("nan")
-    cum = np.cumsum(p[:, ::-1], axis=1)[:, :3]  # P(C), P(C or B), P(C, B or A)
-    truth = (y[:, None] <= np.arange(3)[None, :]).astype(np.float64)
-    return float(((cum - truth) ** 2).sum(axis=1).mean() / 3.0)
-
-
-def confusion_matrix(true_ranks: Any, predicted_ranks: Any) -> List[List[int]]:
-    """4x4 counts, rows = true tier, columns = predicted tier, both in S, A, B, C order."""
-    t = np.asarray(true_ranks, dtype=np.int64).reshape(-1)
-    p = np.asarray(predicted_ranks, dtype=np.int64).reshape(-1)
-    m = np.zeros((4, 4), dtype=np.int64)
-    np.add.at(m, (3 - t, 3 - p), 1)
-    return m.tolist()
-
-
-def tier_metrics(probabilities: Any, ranks: Any, bins: int = DEFAULT_BINS) -> Dict[str, Any]:
-    """Tier accuracy, mean absolute tier error, confusion matrix and calibration error of predicted probabilities.
-
-    ``majority_tier_accuracy`` is what always predicting the commonest tier *of these drawings* would score
-    (a baseline that has seen the answers' distribution, so beating it is a fair bar).
-    """
-    p = np.asarray(probabilities, dtype=np.float64).reshape(-1, 4)
-    y = _as_ranks(ranks, p.shape[0])
-    n = int(p.shape[0])
-    if n == 0:
-        return {"num_images": 0}
-    pred = 3 - np.argmax(p, axis=1)
-    counts = np.bincount(y, minlength=4)
-    majority = int(np.argmax(counts[::-1]))  # ties go to the better tier
-    return {
-        "num_images": n,
-        "tier_accuracy": float((pred == y).mean()),
-        "tier_mae": float(np.abs(pred - y).mean()),
-        "majority_tier": TIERS[majority],
-        "majority_tier_accuracy": float(counts[3 - majority] / n),
-        "confusion_matrix": {"tiers": list(TIERS), "rows": "true tier", "columns": "predicted tier",
-                             "counts": confusion_matrix(y, pred)},
-        "calibration_error": {"name": ECE_NAME, "bins": int(bins),
-                              "value": expected_calibration_error(p, y, bins)},
-        "ranked_probability_score": ranked_probability_score(p, y),
-        "reliability": reliability_bins(p, y, bins),
-    }
-
-
-# --- the training split's score distribution ----------------------------------------------------
-@dataclass(frozen=True)
-class ScoreReference:
-    """Quantiles of the training split's scores at ``levels`` percent, overall and per tier."""
-
-    levels: Tuple[float, ...]
-    overall: Tuple[float, ...]
-    per_tier: Dict[str, Optional[Tuple[float, ...]]]
-    counts: Dict[str, int]
-    split: str = "train"
-    images_sha256: Optional[str] = None  # of the sorted image names, so a rebuilt split can be checked
-
-    def percentile(self, scores: Any, tier: Optional[str] = None) -> np.ndarray:
-        """Percent of the reference drawings (all, or those of ``tier``) scoring at or below each score, 0..100.
-
-        Linear between stored quantiles; 0 below the lowest and 100 above the highest; NaN for a tier absent
-        from the reference. Equal stored quantiles (ties) count as the middle of their levels.
-        """
-        s = _as_scores(scores)
-        q = self.overall if tier is None else self.per_tier.get(tier)
-        if q is None:
-            return np.full(s.shape, np.nan)
-        values, levels = _strictly_increasing(np.asarray(q, dtype=np.float64), np.asarray(self.levels))
-        if values.size == 1:
-            return np.where(s < values[0], 0.0, np.where(s > values[0], 100.0, 50.0))
-        return np.interp(s, values, levels, left=0.0, right=100.0)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"version": CALIBRATION_VERSION, "split": self.split, "levels": list(self.levels),
-                "overall": list(self.overall),
-                "per_tier": {t: (list(v) if v is not None else None) for t, v in self.per_tier.items()},
-                "counts": dict(self.counts), "images_sha256": self.images_sha256}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ScoreReference":
-        try:
-            levels = tuple(float(x) for x in d["levels"])
-            overall = tuple(float(x) for x in d["overall"])
-            per_tier = {t: (tuple(float(x) for x in v) if v is not None else None)
-                        for t, v in (d.get("per_tier") or {}).items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CalibrationError(f"stored score reference is malformed ({exc!r})") from None
-        if len(levels) != len(overall) or any(v is not None and len(v) != len(levels) for v in per_tier.values()):
-            raise CalibrationError("stored score reference: quantile lists and levels differ in length")
-        return cls(levels, overall, per_tier, {k: int(v) for k, v in (d.get("counts") or {}).items()},
-                   str(d.get("split", "train")), d.get("images_sha256"))
-
-
-def _strictly_increasing(values: np.ndarray, levels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Collapse runs of equal quantiles into one point at the mean of their levels (np.interp needs increasing x)."""
-    uniq, start = np.unique(values, return_index=True)
-    if uniq.size == values.size:
-        return values, levels
-    ends = np.append(start[1:], values.size)
-    return uniq, np.array([levels[a:b].mean() for a, b in zip(start, ends)])
-
-
-def names_sha256(names: Sequence[str]) -> str:
-    """A fingerprint of a set of image names (sorted, newline-joined, UTF-8)."""
-    return hashlib.sha256("\n".join(sorted(str(n) for n in names)).encode("utf-8")).hexdigest()
-
-
-def make_score_reference(scores: Any, ranks: Any, *, split: str = "train",
-                         levels: Sequence[float] = REFERENCE_LEVELS,
-                         names: Optional[Sequence[str]] = None) -> ScoreReference:
-    """Quantiles (numpy's linear interpolation) of the scores, overall and per tier present."""
-    s = _as_scores(scores)
-    y = _as_ranks(ranks, s.size)
-    if s.size == 0:
-        raise CalibrationError(f"cannot make a score reference from an empty {split} split")
-    lv = np.asarray(levels, dtype=np.float64)
-    per_tier: Dict[str, Optional[Tuple[float, ...]]] = {}
-    counts = {"all": int(s.size)}
-    for t in TIERS:
-        mask = y == RANK_ORDER.index(t)
-        counts[t] = int(mask.sum())
-        per_tier[t] = tuple(np.quantile(s[mask], lv / 100.0).tolist()) if mask.any() else None
-    return ScoreReference(tuple(lv.tolist()), tuple(np.quantile(s, lv / 100.0).tolist()), per_tier, counts, split,
-                          names_sha256(names) if names is not None else None)
 
 
 # --- reading a checkpoint ----------------------------------------------------------------------

@@ -250,21 +250,13 @@ def _distribution_svg(entries: Sequence[Mapping], calibration: Optional[OrdinalC
     return "".join(parts)
 
 
-def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[str]], *, title: str = "mirip scores",
-                info: Optional[Mapping[str, object]] = None, notes: Sequence[str] = (),
-                failures: Sequence[Tuple[str, str]] = (), thumb_size: int = 192,
-                calibration: Optional[OrdinalCalibration] = None, splits_known: bool = False,
-                overlays: Optional[Mapping[str, str]] = None) -> str:
-    """The page as a string. ``entries``: dicts with path, score, rank and optionally tier, split,
-    predicted_tier, p_S, p_A, p_B, p_C and percentile (the scores.csv columns). ``overlays``: path -> image
-    URI of its attribution overlay (``overlay_data_uri``), shown when its thumbnail is clicked."""
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS % {'w': thumb_size}}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+def _meta_table(entries: Sequence[Mapping], info: Optional[Mapping[str, object]], basis, basis_text: str,
+                calibration: Optional[OrdinalCalibration]) -> str:
+    """The table of facts at the top: the checkpoint's info, when written, tier agreement, the calibration."""
     # The checkpoint's accuracy is the pairwise accuracy its best epoch was chosen by, on the validation split.
     meta = {("val pairwise accuracy (chose the epoch)" if k == "accuracy" else k): v for k, v in (info or {}).items()}
     meta.setdefault("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     meta["images scored"] = len(entries)
-    basis, basis_text = evaluation_basis(entries, splits_known)
     if basis:
         agreement, pairs = tier_agreement([float(e["score"]) for e in basis], [_tier(e) for e in basis])
         if pairs:
@@ -277,7 +269,52 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
                                    + "; percentile = share of training drawings scoring at or below")
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in meta.items() if v is not None)
-    parts.append(f"<table class='meta'>{rows}</table>")
+    return f"<table class='meta'>{rows}</table>"
+
+
+def _evaluation_sections(basis, basis_text: str, thumbnails: Mapping[str, Optional[str]], thumb_size: int,
+                         names: Mapping[str, str], calibration: Optional[OrdinalCalibration]) -> List[str]:
+    """Disagreements, the confusion matrix (when tiers were predicted) and the scores per tier, on ``basis``."""
+    parts: List[str] = []
+    found = disagreements(basis)
+    kind = ("predicted tier differs from the tier" if all(_known(e.get("predicted_tier")) for e in basis)
+            else "ordered against a drawing of another tier")
+    parts.append(f"<h2 id='disagreements'>Disagreements &middot; {len(found)}</h2>"
+                 f"<div class='basis'>Drawings whose score contradicts their tier most ({kind}), worst first; "
+                 f"{html.escape(basis_text)}.</div>")
+    if found:
+        shown = found[:MAX_DISAGREEMENTS]
+        parts.append("<div class='grid'>" + "".join(
+            _card(e, thumbnails.get(str(e["path"])), thumb_size, why=why, wrong=True,
+                  shown_name=names.get(str(e["path"]))) for e, why in shown)
+            + "</div>")
+        if len(found) > len(shown):
+            parts.append(f"<div class='basis'>... and {len(found) - len(shown)} more.</div>")
+    else:
+        parts.append("<div class='basis'>None: the scores agree with every tier here.</div>")
+    if any(_known(e.get("predicted_tier")) for e in basis):
+        parts.append("<h2 id='confusion'>Confusion matrix</h2>"
+                     f"<div class='basis'>Rows: tier in the metadata; columns: predicted tier; "
+                     f"{html.escape(basis_text)}.</div>" + _confusion_html(basis))
+    parts.append("<h2 id='distributions'>Scores per tier</h2>"
+                 "<div class='basis'>One dot per drawing, the median as a bar"
+                 + ("; dashed lines: the calibration's tier boundaries" if calibration is not None else "")
+                 + f"; {html.escape(basis_text)}.</div>" + _distribution_svg(basis, calibration))
+    return parts
+
+
+def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[str]], *, title: str = "mirip scores",
+                info: Optional[Mapping[str, object]] = None, notes: Sequence[str] = (),
+                failures: Sequence[Tuple[str, str]] = (), thumb_size: int = 192,
+                calibration: Optional[OrdinalCalibration] = None, splits_known: bool = False,
+                overlays: Optional[Mapping[str, str]] = None) -> str:
+    """The page as a string. ``entries``: dicts with path, score, rank and optionally tier, split,
+    predicted_tier, p_S, p_A, p_B, p_C and percentile (the scores.csv columns). ``overlays``: path -> image
+    URI of its attribution overlay (``overlay_data_uri``), shown when its thumbnail is clicked."""
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS % {'w': thumb_size}}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    basis, basis_text = evaluation_basis(entries, splits_known)
+    parts.append(_meta_table(entries, info, basis, basis_text, calibration))
     parts += [f"<div class='note'>{html.escape(n)}</div>" for n in notes]
     ordered = sorted(entries, key=lambda e: int(e["rank"]))
     names = display_names([str(e["path"]) for e in entries])
@@ -285,30 +322,7 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
     parts.append("<div class='grid'>" + "".join(_card(e, thumbnails.get(str(e["path"])), thumb_size,
                                                       shown_name=names.get(str(e["path"]))) for e in ordered) + "</div>")
     if basis:
-        found = disagreements(basis)
-        kind = ("predicted tier differs from the tier" if all(_known(e.get("predicted_tier")) for e in basis)
-                else "ordered against a drawing of another tier")
-        parts.append(f"<h2 id='disagreements'>Disagreements &middot; {len(found)}</h2>"
-                     f"<div class='basis'>Drawings whose score contradicts their tier most ({kind}), worst first; "
-                     f"{html.escape(basis_text)}.</div>")
-        if found:
-            shown = found[:MAX_DISAGREEMENTS]
-            parts.append("<div class='grid'>" + "".join(
-                _card(e, thumbnails.get(str(e["path"])), thumb_size, why=why, wrong=True,
-                      shown_name=names.get(str(e["path"]))) for e, why in shown)
-                + "</div>")
-            if len(found) > len(shown):
-                parts.append(f"<div class='basis'>... and {len(found) - len(shown)} more.</div>")
-        else:
-            parts.append("<div class='basis'>None: the scores agree with every tier here.</div>")
-        if any(_known(e.get("predicted_tier")) for e in basis):
-            parts.append("<h2 id='confusion'>Confusion matrix</h2>"
-                         f"<div class='basis'>Rows: tier in the metadata; columns: predicted tier; "
-                         f"{html.escape(basis_text)}.</div>" + _confusion_html(basis))
-        parts.append("<h2 id='distributions'>Scores per tier</h2>"
-                     "<div class='basis'>One dot per drawing, the median as a bar"
-                     + ("; dashed lines: the calibration's tier boundaries" if calibration is not None else "")
-                     + f"; {html.escape(basis_text)}.</div>" + _distribution_svg(basis, calibration))
+        parts += _evaluation_sections(basis, basis_text, thumbnails, thumb_size, names, calibration)
     if failures:
         parts.append(f"<h2>Could not be read ({len(failures)})</h2><table class='failed'>")
         parts += [f"<tr><td>{html.escape(p)}</td><td>{html.escape(r)}</td></tr>" for p, r in failures]

@@ -126,9 +126,10 @@ def test_guarded_write_turns_an_os_error_into_one_write_error(tmp_path):
 # mirip.training.benchmarks sits with the benchmarks: it is the seed's import path, kept as a re-export.
 LAYERS = [
     ("mirip.feature_spec", "mirip.tiers", "mirip.plain", "mirip.atomic", "mirip.devices", "mirip.paths",
-     "mirip.metadata_csv", "mirip.seeding", "mirip.demo_data", "mirip.features.spec"),
+     "mirip.metadata_csv", "mirip.seeding", "mirip.demo_data", "mirip.demo_drawing", "mirip.features.spec"),
     ("mirip.preprocessing", "mirip.ml"),
-    ("mirip.fingerprint", "mirip.checkpoint", "mirip.calibration"),
+    ("mirip.fingerprint", "mirip.checkpoint", "mirip.calibration", "mirip.calibration_metrics",
+     "mirip.calibration_reference"),
     ("mirip.features",),
     ("mirip.training",),
     ("mirip.sweep",),

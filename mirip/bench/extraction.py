@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import tempfile
-import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 
 from mirip.bench.machine import device_name, sync
+from mirip.bench.memory import PeakRSS, _children, _pss_bytes, _rss_bytes  # noqa: F401 (their old home)
 from mirip.devices import default_precision, resolve_device
 from mirip.features.cache import FeatureCache
 from mirip.features.extract import ExtractConfig, build_models, run_pipeline
@@ -107,72 +107,6 @@ def write_synthetic_images(directory: str, n: int, size: int) -> List[str]:
     return names
 
 
-# --- memory --------------------------------------------------------------------------------------
-def _proc_bytes(pid: int, filename: str, key: str) -> int:
-    """A "Key:   N kB" line of /proc/<pid>/<filename>, in bytes (0 when the process or the line is gone)."""
-    try:
-        with open(f"/proc/{pid}/{filename}") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _rss_bytes(pid: int) -> int:
-    return _proc_bytes(pid, "status", "VmRSS:")
-
-
-def _pss_bytes(pid: int) -> int:
-    # Proportional set size: each shared page divided among the processes mapping it. RSS counts a page
-    # once per process, so a sum of RSS over forked workers counts the parent's pages once per worker.
-    return _proc_bytes(pid, "smaps_rollup", "Pss:")
-
-
-def _children(pid: int) -> List[int]:
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-class PeakRSS:
-    """Samples the resident memory of this process plus its children (DataLoader workers) in a thread."""
-
-    def __init__(self, interval: float = 0.05, pss_every: int = 10):
-        self.interval, self.peak_main, self.peak_total = interval, 0, 0
-        # Reading smaps_rollup walks the page tables: sampled every ``pss_every``-th tick only.
-        self.pss_every, self.peak_pss_total, self.peak_workers = pss_every, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        pid, tick = os.getpid(), 0
-        while not self._stop.is_set():
-            main, children = _rss_bytes(pid), _children(pid)
-            total = main + sum(_rss_bytes(c) for c in children)
-            self.peak_main, self.peak_total = max(self.peak_main, main), max(self.peak_total, total)
-            self.peak_workers = max(self.peak_workers, len(children))
-            if tick % self.pss_every == 0:
-                pss = _pss_bytes(pid) + sum(_pss_bytes(c) for c in children)
-                self.peak_pss_total = max(self.peak_pss_total, pss)
-            tick += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # --- the two measurements ------------------------------------------------------------------------
 
 def bare_backbone(extractor, batches: List[torch.Tensor], repeats: int) -> float:
@@ -223,33 +157,95 @@ def _maybe_compile(args: argparse.Namespace, extractor, n: int, batch: int) -> d
         backend=getattr(args, "extract_compile_backend", "inductor"), warmup=False).to_dict()
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = resolve_device(getattr(args, "device", None))
-    precision = getattr(args, "precision", None) or default_precision(device)
-    n, batch, bare_batches = _opt(args, "images"), _opt(args, "batch_size"), _opt(args, "bare_batches")
-    cuda = device.startswith("cuda")
+def _workers(args: argparse.Namespace, cuda: bool) -> int:
     workers = getattr(args, "extract_num_workers", None)
     if workers is None:
         workers = max(1, min(16, (os.cpu_count() or 2) - 1)) if cuda else 1
-    with tempfile.TemporaryDirectory(prefix="mirip-bench-extract-") as tmp:
-        image_dir = getattr(args, "extract_image_dir", None)
-        if image_dir:
-            from mirip.features.reader import walk_image_dir
+    return workers
 
-            names = walk_image_dir(image_dir)[:n]
-        else:
-            image_dir = os.path.join(tmp, "images")
-            os.makedirs(image_dir)
-            t0 = time.perf_counter()
-            names = write_synthetic_images(image_dir, n, _opt(args, "source_size"))
-            print(f"extraction bench: wrote {n} synthetic JPEGs in {time.perf_counter() - t0:.1f} s", flush=True)
+
+def _bench_images(args: argparse.Namespace, tmp: str, n: int) -> tuple:
+    """(image directory, the N image names): the first N of ``--extract-image-dir``, else N synthetic JPEGs."""
+    image_dir = getattr(args, "extract_image_dir", None)
+    if image_dir:
+        from mirip.features.reader import walk_image_dir
+
+        return image_dir, walk_image_dir(image_dir)[:n]
+    image_dir = os.path.join(tmp, "images")
+    os.makedirs(image_dir)
+    t0 = time.perf_counter()
+    names = write_synthetic_images(image_dir, n, _opt(args, "source_size"))
+    print(f"extraction bench: wrote {n} synthetic JPEGs in {time.perf_counter() - t0:.1f} s", flush=True)
+    return image_dir, names
+
+
+def _quiet_build_models(config: ExtractConfig, device: str) -> tuple:
+    """``build_models`` without the random-weights warning (a benchmark may well run random weights)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        return build_models(config, device)
+
+
+def _warm_bank(args: argparse.Namespace, config: ExtractConfig, extractor, pre, device: str, names: List[str],
+               batch: int, tmp: str) -> Optional[tuple]:
+    """(config, extractor, fingerprint) of the feature bank, after its warm-up pass; None with --no-extract-bank."""
+    if not getattr(args, "extract_bank", True):
+        return None
+    bank_config = ExtractConfig(**{**config.to_dict(), "layers": bank_layers(args, extractor.num_layers),
+                                   "pooling": list(args.extract_bank_pooling)})
+    bank_extractor, _ = _quiet_build_models(bank_config, device)
+    bank_fp = make_fingerprint(bank_extractor, pre)
+    pipeline(bank_config, names[: 2 * batch], bank_extractor, pre, bank_fp, os.path.join(tmp, "warm-bank.h5"))
+    return bank_config, bank_extractor, bank_fp
+
+
+def _rounds(args: argparse.Namespace, config: ExtractConfig, names: List[str], extractor, pre, fingerprint,
+            bank: Optional[tuple], tmp: str, device: str) -> tuple:
+    """(bare runs, big pipeline runs, bank runs, the small pipeline run): the measurements themselves."""
+    n, batch, bare_batches = _opt(args, "images"), _opt(args, "batch_size"), _opt(args, "bare_batches")
+    in_memory = [torch.stack([pre(os.path.join(config.image_dir, names[(i * batch + j) % len(names)]))
+                              for j in range(batch)]).to(device) for i in range(bare_batches)]
+    repeats = max(1, min(4, n // (batch * bare_batches)))
+    small = pipeline(config, names[: max(batch, n // 4)], extractor, pre, fingerprint, os.path.join(tmp, "s.h5"))
+    # Alternating rounds, medians: other load on the machine hits both figures alike.
+    bare_runs, big_runs, bank_runs = [], [], []
+    for _ in range(_opt(args, "rounds")):
+        bare_runs.append(bare_backbone(extractor, in_memory, repeats))
+        big_runs.append(pipeline(config, names, extractor, pre, fingerprint, os.path.join(tmp, "b.h5")))
+        if bank is not None:
+            bank_runs.append(pipeline(bank[0], names, bank[1], pre, bank[2], os.path.join(tmp, "bank.h5")))
+    bare_runs.append(bare_backbone(extractor, in_memory, repeats))
+    return bare_runs, big_runs, bank_runs, small
+
+
+def _bank_result(bank: tuple, bank_runs: List[Dict], big_runs: List[Dict], extractor, big: Dict) -> Dict:
+    # Paired by round (same machine state), then the median of the per-round ratios.
+    ratios = [b["seconds"] / s["seconds"] for b, s in zip(bank_runs, big_runs)]
+    mid = sorted(bank_runs, key=lambda r: r["images_per_s"])[len(bank_runs) // 2]
+    out = {
+        "entries": list(bank[1].entry_names), "feature_dim": int(bank[1].output_dim),
+        "single_feature_dim": int(extractor.output_dim), "pipeline": mid,
+        "runs_images_per_s": [r["images_per_s"] for r in bank_runs], "time_ratio_runs": ratios,
+        "time_ratio": float(np.median(ratios)), "goal_time_ratio": GOAL_BANK_TIME_RATIO,
+        "bytes_per_image": mid["cache_bytes_per_image"], "single_bytes_per_image": big["cache_bytes_per_image"],
+    }
+    out["meets_time_goal"] = out["time_ratio"] <= GOAL_BANK_TIME_RATIO
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = resolve_device(getattr(args, "device", None))
+    precision = getattr(args, "precision", None) or default_precision(device)
+    n, batch = _opt(args, "images"), _opt(args, "batch_size")
+    cuda = device.startswith("cuda")
+    workers = _workers(args, cuda)
+    with tempfile.TemporaryDirectory(prefix="mirip-bench-extract-") as tmp:
+        image_dir, names = _bench_images(args, tmp, n)
         config = ExtractConfig(image_dir=image_dir, backbone=getattr(args, "backbone", "facebook/dinov2-large"),
                                random_init=bool(getattr(args, "random_init", False)),
                                image_size=int(getattr(args, "image_size", 768) or 768), precision=precision,
                                batch_size=batch, num_workers=workers, device=device, progress=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-            extractor, pre = build_models(config, device)
+        extractor, pre = _quiet_build_models(config, device)
         fingerprint = make_fingerprint(extractor, pre)
         compile_info = _maybe_compile(args, extractor, n, batch)
         # Warm-up pass (kernels, allocator, page cache; compilation) that neither figure counts.
@@ -257,29 +253,9 @@ def run(args: argparse.Namespace) -> dict:
         pipeline(config, names[: 2 * batch], extractor, pre, fingerprint, os.path.join(tmp, "warm.h5"))
         if compile_info.get("compiled"):
             compile_info["warmup_pass_seconds"] = time.perf_counter() - t_warm  # includes the compilation
-        bank = None
-        if getattr(args, "extract_bank", True):
-            bank_config = ExtractConfig(**{**config.to_dict(), "layers": bank_layers(args, extractor.num_layers),
-                                           "pooling": list(args.extract_bank_pooling)})
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RandomWeightsWarning)
-                bank_extractor, _ = build_models(bank_config, device)
-            bank_fp = make_fingerprint(bank_extractor, pre)
-            bank = (bank_config, bank_extractor, bank_fp)
-            pipeline(bank_config, names[: 2 * batch], bank_extractor, pre, bank_fp, os.path.join(tmp, "warm-bank.h5"))
-
-        in_memory = [torch.stack([pre(os.path.join(image_dir, names[(i * batch + j) % len(names)]))
-                                  for j in range(batch)]).to(device) for i in range(bare_batches)]
-        repeats = max(1, min(4, n // (batch * bare_batches)))
-        small = pipeline(config, names[: max(batch, n // 4)], extractor, pre, fingerprint, os.path.join(tmp, "s.h5"))
-        # Alternating rounds, medians: other load on the machine hits both figures alike.
-        bare_runs, big_runs, bank_runs = [], [], []
-        for _ in range(_opt(args, "rounds")):
-            bare_runs.append(bare_backbone(extractor, in_memory, repeats))
-            big_runs.append(pipeline(config, names, extractor, pre, fingerprint, os.path.join(tmp, "b.h5")))
-            if bank is not None:
-                bank_runs.append(pipeline(bank[0], names, bank[1], pre, bank[2], os.path.join(tmp, "bank.h5")))
-        bare_runs.append(bare_backbone(extractor, in_memory, repeats))
+        bank = _warm_bank(args, config, extractor, pre, device, names, batch, tmp)
+        bare_runs, big_runs, bank_runs, small = _rounds(args, config, names, extractor, pre, fingerprint, bank,
+                                                        tmp, device)
     bare = float(np.median(bare_runs))
     big = sorted(big_runs, key=lambda r: r["images_per_s"])[len(big_runs) // 2]
     result = {
@@ -299,17 +275,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     result["meets_ratio_goal"] = result["ratio"] >= GOAL_RATIO
     if bank_runs:
-        # Paired by round (same machine state), then the median of the per-round ratios.
-        ratios = [b["seconds"] / s["seconds"] for b, s in zip(bank_runs, big_runs)]
-        mid = sorted(bank_runs, key=lambda r: r["images_per_s"])[len(bank_runs) // 2]
-        result["bank"] = {
-            "entries": list(bank[1].entry_names), "feature_dim": int(bank[1].output_dim),
-            "single_feature_dim": int(extractor.output_dim), "pipeline": mid,
-            "runs_images_per_s": [r["images_per_s"] for r in bank_runs], "time_ratio_runs": ratios,
-            "time_ratio": float(np.median(ratios)), "goal_time_ratio": GOAL_BANK_TIME_RATIO,
-            "bytes_per_image": mid["cache_bytes_per_image"], "single_bytes_per_image": big["cache_bytes_per_image"],
-        }
-        result["bank"]["meets_time_goal"] = result["bank"]["time_ratio"] <= GOAL_BANK_TIME_RATIO
+        result["bank"] = _bank_result(bank, bank_runs, big_runs, extractor, big)
     if cuda:
         result["goal_images_per_s"] = GOAL_GPU_IMAGES_PER_S
         result["meets_images_per_s_goal"] = big["images_per_s"] >= GOAL_GPU_IMAGES_PER_S

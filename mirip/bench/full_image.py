@@ -83,15 +83,11 @@ def _synthetic_pairs(num_pairs: int, batch: int, image_size: int) -> List[tuple]
     return batches
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def _build_model(args: argparse.Namespace, device: str, precision: str) -> tuple:
+    """(model, backbone name, random weights?, checkpoint or None): from ``--full-image-checkpoint``, which
+    decides backbone, preprocessing and feature spec, else the backbone asked for."""
     backbone = getattr(args, "backbone", "facebook/dinov2-large")
     random_init = bool(getattr(args, "random_init", False))
-    image_size = int(getattr(args, "image_size", 768))
-    device = resolve_device(getattr(args, "device", None))
-    precision = getattr(args, "precision", None) or default_precision(device)
-    batch = _option(args, "batch_size")
-
-    t0 = time.perf_counter()
     checkpoint, spec = getattr(args, "full_image_checkpoint", None), getattr(args, "full_image_feature", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)  # announced below, in the report itself
@@ -106,10 +102,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             extractor = DINOv2FeatureExtractor(backbone, device=device, random_init=random_init, precision=precision,
                                                entries=spec or "cls@-1")
             model = PairwiseRankingModel(backbone, device=device, feature_extractor=extractor)
-    spec = str(FeatureSpec.from_entries(model.feature_extractor.entry_names))
-    build_seconds = time.perf_counter() - t0
-    bench = PerformanceBenchmarks(model, device=device)
+    return model, backbone, random_init, checkpoint
 
+
+def _measure(args: argparse.Namespace, bench: PerformanceBenchmarks, batch: int, image_size: int) -> tuple:
+    """(full benchmark report, training memory in GB, two-stage time estimate, reproducible?, accuracy difference)."""
     report = bench.run_full_benchmark(batch, image_size, num_pairs=_option(args, "num_pairs"),
                                       warmup_iterations=_option(args, "warmup"),
                                       throughput_iterations=_option(args, "throughput_iterations"))
@@ -121,6 +118,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     )
     loader = _synthetic_pairs(_option(args, "repro_pairs"), min(batch, 8), image_size)
     reproducible, acc_diff = bench.validate_reproducibility(loader, seed=42, num_runs=2)
+    return report, training_memory_gb, estimate, reproducible, acc_diff
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    image_size = int(getattr(args, "image_size", 768))
+    device = resolve_device(getattr(args, "device", None))
+    precision = getattr(args, "precision", None) or default_precision(device)
+    batch = _option(args, "batch_size")
+
+    t0 = time.perf_counter()
+    model, backbone, random_init, checkpoint = _build_model(args, device, precision)
+    spec = str(FeatureSpec.from_entries(model.feature_extractor.entry_names))
+    build_seconds = time.perf_counter() - t0
+    bench = PerformanceBenchmarks(model, device=device)
+    report, training_memory_gb, estimate, reproducible, acc_diff = _measure(args, bench, batch, image_size)
 
     meets = {
         "inference_goal": report["inference_time_ms"] <= GOALS["inference_ms"],

@@ -116,15 +116,21 @@ def run(args: argparse.Namespace) -> Dict:
         torch.set_num_threads(threads_before)
 
 
-def _run(args: argparse.Namespace, device: str) -> Dict:
-    n, dim, batch = _opt(args, "images"), _opt(args, "dim"), _opt(args, "batch_size")
-    pairs, epochs = _opt(args, "pairs"), _opt(args, "epochs")
-    tp_pairs, repeats = _opt(args, "throughput_pairs"), _opt(args, "repeats")
-    gen = torch.Generator().manual_seed(0)
-    ranks = np.repeat(np.arange(4)[::-1], n // 4 + 1)[:n].astype(np.int64)
-    feats = (torch.randn(n, dim, generator=gen) + torch.from_numpy(ranks).float()[:, None] * 0.05).to(device)
+def _static_arm(static: List[tuple], static_mode: str, bare_med: float, bare_cpu: float) -> Optional[Dict]:
+    """The static/graph-step Trainer's figures against the bare loop's; None when that arm did not run."""
+    if not static:
+        return None
+    st_med = statistics.median(o[0] for o in static)
+    st_cpu = statistics.median(o[1] for o in static)
+    return {"head_step": static_mode, "pairs_per_s": [o[0] for o in static], "median": st_med,
+            "ratio": st_med / bare_med, "cpu_median": st_cpu, "ratio_cpu_time": st_cpu / bare_cpu,
+            "meets_goal": st_med / bare_med >= GOAL_RATIO}
 
-    # --- throughput: same features, pairs, batch size and head init ---
+
+def _throughput(args: argparse.Namespace, feats: torch.Tensor, ranks: np.ndarray, device: str) -> Dict:
+    """Pairs/s of the Trainer's epoch against a bare loop: same features, pairs, batch size and head init."""
+    dim, batch = _opt(args, "dim"), _opt(args, "batch_size")
+    tp_pairs, repeats = _opt(args, "throughput_pairs"), _opt(args, "repeats")
     cfg = TrainingConfig(device=device, batch_size=batch, pairs_per_epoch=tp_pairs, checkpoint_dir="", seed=0)
     dataset = FeaturePairDataset(feats, ranks, num_pairs=tp_pairs, batch_size=batch, seed=0)
     first, second, labels = (torch.from_numpy(a).to(device) for a in sample_pairs(ranks, tp_pairs, seed=0, epoch=0))
@@ -151,8 +157,20 @@ def _run(args: argparse.Namespace, device: str) -> Dict:
     # when other processes share the cores (on a GPU the CPU time is mostly launch overhead).
     bare_med, ours_med = statistics.median(b[0] for b in bare), statistics.median(o[0] for o in ours)
     bare_cpu, ours_cpu = statistics.median(b[1] for b in bare), statistics.median(o[1] for o in ours)
+    return {
+        "pairs_per_pass": tp_pairs, "repeats": repeats,
+        "bare_pairs_per_s": [b[0] for b in bare], "trainer_pairs_per_s": [o[0] for o in ours],
+        "bare_median": bare_med, "trainer_median": ours_med, "ratio": ours_med / bare_med,
+        "bare_cpu_median": bare_cpu, "trainer_cpu_median": ours_cpu, "ratio_cpu_time": ours_cpu / bare_cpu,
+        "goal_ratio": GOAL_RATIO, "meets_goal": ours_med / bare_med >= GOAL_RATIO,
+        "trainer_head_step": trainer.step_mode, "static_arm": _static_arm(static, static_mode, bare_med, bare_cpu),
+    }
 
-    # --- the full run: fit with validation and checkpoints ---
+
+def _full_run(args: argparse.Namespace, feats: torch.Tensor, ranks: np.ndarray, device: str) -> Dict:
+    """Wall and CPU seconds of a whole Trainer.fit: validation every epoch, a checkpoint at the end."""
+    n, dim, batch = _opt(args, "images"), _opt(args, "dim"), _opt(args, "batch_size")
+    pairs, epochs = _opt(args, "pairs"), _opt(args, "epochs")
     val_rows = np.arange(0, n, 10)
     train_rows = np.setdiff1d(np.arange(n), val_rows)
     full_cfg = TrainingConfig(device=device, batch_size=batch, max_epochs=epochs, pairs_per_epoch=pairs,
@@ -168,35 +186,29 @@ def _run(args: argparse.Namespace, device: str) -> Dict:
         fit_trainer.fit(train_ds, val_ds)
         sync(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    if static:
-        st_med = statistics.median(o[0] for o in static)
-        st_cpu = statistics.median(o[1] for o in static)
-        static_result = {"head_step": static_mode, "pairs_per_s": [o[0] for o in static], "median": st_med,
-                         "ratio": st_med / bare_med, "cpu_median": st_cpu, "ratio_cpu_time": st_cpu / bare_cpu,
-                         "meets_goal": st_med / bare_med >= GOAL_RATIO}
-    else:
-        static_result = None
-    result = {
+    return {
+        "epochs": epochs, "pairs_per_epoch": pairs, "val_pairs": pairs, "wall_s": wall, "cpu_s": cpu,
+        "s_per_epoch": wall / max(epochs, 1), "pairs_per_s": epochs * pairs / wall,
+        "goal_s": GOAL_FULL_RUN_S if epochs == 100 and pairs == 10_000 else None,
+        "meets_goal": wall < GOAL_FULL_RUN_S if epochs == 100 and pairs == 10_000 else None,
+    }
+
+
+def _run(args: argparse.Namespace, device: str) -> Dict:
+    n, dim, batch = _opt(args, "images"), _opt(args, "dim"), _opt(args, "batch_size")
+    gen = torch.Generator().manual_seed(0)
+    ranks = np.repeat(np.arange(4)[::-1], n // 4 + 1)[:n].astype(np.int64)
+    feats = (torch.randn(n, dim, generator=gen) + torch.from_numpy(ranks).float()[:, None] * 0.05).to(device)
+    throughput = _throughput(args, feats, ranks, device)
+    full_run = _full_run(args, feats, ranks, device)
+    return {
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "images": n, "dim": dim, "batch_size": batch, "head": RankingHead(dim).head_config(),
-        "throughput": {
-            "pairs_per_pass": tp_pairs, "repeats": repeats,
-            "bare_pairs_per_s": [b[0] for b in bare], "trainer_pairs_per_s": [o[0] for o in ours],
-            "bare_median": bare_med, "trainer_median": ours_med, "ratio": ours_med / bare_med,
-            "bare_cpu_median": bare_cpu, "trainer_cpu_median": ours_cpu, "ratio_cpu_time": ours_cpu / bare_cpu,
-            "goal_ratio": GOAL_RATIO, "meets_goal": ours_med / bare_med >= GOAL_RATIO,
-            "trainer_head_step": trainer.step_mode, "static_arm": static_result,
-        },
-        "full_run": {
-            "epochs": epochs, "pairs_per_epoch": pairs, "val_pairs": pairs, "wall_s": wall, "cpu_s": cpu,
-            "s_per_epoch": wall / max(epochs, 1), "pairs_per_s": epochs * pairs / wall,
-            "goal_s": GOAL_FULL_RUN_S if epochs == 100 and pairs == 10_000 else None,
-            "meets_goal": wall < GOAL_FULL_RUN_S if epochs == 100 and pairs == 10_000 else None,
-        },
+        "throughput": throughput,
+        "full_run": full_run,
     }
-    return result
 
 
 def to_markdown(result: Dict) -> str:

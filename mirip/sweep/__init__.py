@@ -2,8 +2,8 @@
 
 ``SweepGrid`` (grid.py) lists the configurations; ``StackedHeads`` (stacked.py) holds
 the heads of one parameter shape as stacked tensors; ``train_group`` (engine.py)
-trains them; ``SweepRunner`` (runner.py) drives a whole sweep and writes its reports
-(report.py).
+trains them; ``SweepRunner`` (runner.py) drives a whole sweep under ``SweepSettings``
+(settings.py) and writes its reports (report.py).
 """
 
 from mirip.sweep.grid import HeadConfig, SweepConfigError, SweepGrid, group_configs

@@ -160,6 +160,121 @@ def _validate(model: StackedHeads, dataset) -> tuple:
     return loss, correct.to(torch.float64) / labels.shape[0]
 
 
+def _build_heads(configs: Sequence[HeadConfig], input_dim: int, dev: torch.device) -> tuple:
+    """(book-keeping, models, dropout RNG states) for the configs, each head seeded as a single run seeds it."""
+    heads, models, rngs = [], [], []
+    for cfg in configs:
+        model_k, rng_k, cpu_k = build_head(input_dim, cfg.projector_dim, cfg.margin, cfg.hidden_dim, cfg.dropout,
+                                           cfg.seed, dev)
+        heads.append(_Head(cfg, cpu_k))
+        models.append(model_k)
+        rngs.append(rng_k)
+    return heads, models, rngs
+
+
+def _eager_epoch(model: StackedHeads, opt, train_data, dev: torch.device, clip: float) -> tuple:
+    """One epoch of eager steps: (loss sum (K,), correct (K,), pairs seen)."""
+    k = model.k
+    loss_sum = torch.zeros(k, device=dev)
+    correct = torch.zeros(k, device=dev, dtype=torch.long)
+    seen = 0
+    all_on = [True] * k
+    for f1, f2, labels in train_data:
+        f1, f2, labels = f1.to(dev), f2.to(dev), labels.to(dev)
+        n = labels.shape[0]
+        scores = model(torch.cat([f1, f2], dim=0))
+        s1, s2 = scores[:, :n], scores[:, n:]
+        losses = model.pair_losses(s1, s2, labels)
+        model.zero_grad(set_to_none=True)
+        # Heads share no parameters: the gradient of the sum is each head's own loss gradient.
+        losses.sum().backward()
+        clip_grad_norm_per_head(model.stacked, clip)
+        opt.step(all_on)
+        loss_sum += losses.detach() * n
+        correct += (torch.sign(s1.detach() - s2.detach()) == labels.to(s1.dtype)).sum(dim=1)
+        seen += n
+    return loss_sum, correct, seen
+
+
+class _Group:
+    """One group while it trains: the heads' book-keeping, the current stack and its optimizer, and which
+    head sits in which slot of the stack (slots change when stopped heads leave)."""
+
+    def __init__(self, configs: Sequence[HeadConfig], train_data, tc: TrainingConfig, device: str,
+                 optimizer: Optional[str]):
+        self.tc, self.dev = tc, torch.device(device)
+        self.t0 = time.perf_counter()
+        self.heads, models, rngs = _build_heads(configs, int(train_data.features.shape[1]), self.dev)
+        self.mode = sweep_step_mode(tc, device, optimizer)
+        self.feats = getattr(train_data, "features", None)
+        # The static step needs the whole epoch's pair index and the features on the training device.
+        self.static = (self.mode != "eager" and callable(getattr(train_data, "epoch_index", None))
+                       and isinstance(self.feats, torch.Tensor) and self.feats.device == self.dev)
+        self.model, self.opt = _stack(self.heads, models, rngs, tc, optimizer, capturable=self.static)
+        self.group_step = self._new_group_step()
+        self.slots = list(range(len(self.heads)))  # slot in the stack -> index into heads
+        self.outcomes: Dict[int, HeadOutcome] = {}
+
+    def _new_group_step(self) -> Optional[_GroupStep]:
+        if not self.static:
+            return None
+        return _GroupStep(self.model, self.opt, self.feats, self.tc.gradient_clip_norm, self.mode == "graph")
+
+    def train_epoch(self, train_data) -> tuple:
+        """(loss sum (K,), correct (K,), pairs seen) of one epoch's steps."""
+        self.model.train()
+        if self.group_step is None:
+            return _eager_epoch(self.model, self.opt, train_data, self.dev, self.tc.gradient_clip_norm)
+        seen = self.group_step.epoch(train_data)
+        return self.group_step.loss_sum, self.group_step.correct, seen
+
+    def record(self, epoch: int, lrs: List[float], train_loss, train_acc, val_loss, val_acc) -> List[int]:
+        """Append each head's epoch to its history, keep its best; returns the slots that stop early now."""
+        done: List[int] = []
+        for slot, i in enumerate(self.slots):
+            h = self.heads[i]
+            for key, value in zip(HISTORY_KEYS, (train_loss[slot], val_loss[slot], train_acc[slot], val_acc[slot],
+                                                 lrs[slot])):
+                h.history[key].append(value)
+            if val_acc[slot] > h.best_acc:
+                h.best_acc, h.best_loss, h.best_epoch, h.bad_epochs = val_acc[slot], val_loss[slot], epoch + 1, 0
+                h.best = {
+                    "state": self.model.head_state_dict(slot),
+                    "optimizer": self.opt.head_optimizer_state(slot),
+                    "scheduler": self.opt.head_scheduler_state(slot),
+                    "rng": _rng_snapshot(self.model, slot, h, self.dev),
+                }
+            else:
+                h.bad_epochs += 1
+            if 0 < self.tc.early_stopping_patience <= h.bad_epochs:
+                done.append(slot)
+        return done
+
+    def finish(self, i: int, epochs_run: int, stopped: bool, on_finished) -> None:
+        h = self.heads[i]
+        best = h.best or {}
+        out = HeadOutcome(
+            config=h.config, best_epoch=h.best_epoch, best_val_acc=float(h.best_acc), best_val_loss=float(h.best_loss),
+            epochs_run=epochs_run, stopped_early=stopped, state=best.get("state", {}),
+            optimizer_state=best.get("optimizer", {}), scheduler_state=best.get("scheduler", {}),
+            rng_state=best.get("rng", {}), history=h.history, wall_time_s=time.perf_counter() - self.t0,
+        )
+        self.outcomes[i] = out
+        if on_finished is not None:
+            on_finished(out)
+
+    def drop(self, done: List[int]) -> bool:
+        """Rebuild the stack without the slots in ``done``; False when no head is left training."""
+        keep = [s for s in range(len(self.slots)) if s not in done]
+        if not keep:
+            return False
+        self.model, self.opt = _compact(self.model, self.opt, keep)
+        self.slots = [self.slots[s] for s in keep]
+        if self.group_step is not None:  # a new stack: new buffers, a new capture
+            self.group_step = self._new_group_step()
+        return True
+
+
 def train_group(
     configs: Sequence[HeadConfig],
     train_data,
@@ -185,108 +300,28 @@ def train_group(
     if len(keys) != 1:
         raise ValueError(f"a group's configs must share seed, hidden_dim and projector_dim; got {sorted(keys)}")
     tc = training
-    dev = torch.device(device)
-    t0 = time.perf_counter()
-    input_dim = int(train_data.features.shape[1])
-    heads, models, rngs = [], [], []
-    for cfg in configs:
-        model_k, rng_k, cpu_k = build_head(input_dim, cfg.projector_dim, cfg.margin, cfg.hidden_dim, cfg.dropout,
-                                           cfg.seed, dev)
-        heads.append(_Head(cfg, cpu_k))
-        models.append(model_k)
-        rngs.append(rng_k)
-    mode = sweep_step_mode(tc, device, optimizer)
-    feats = getattr(train_data, "features", None)
-    static = (mode != "eager" and callable(getattr(train_data, "epoch_index", None))
-              and isinstance(feats, torch.Tensor) and feats.device == dev)
-    model, opt = _stack(heads, models, rngs, tc, optimizer, capturable=static)
-    group_step = _GroupStep(model, opt, feats, tc.gradient_clip_norm, mode == "graph") if static else None
-    slots = list(range(len(heads)))  # slot in the stack -> index into heads
-    outcomes: Dict[int, HeadOutcome] = {}
-
-    def finish(i: int, epochs_run: int, stopped: bool) -> None:
-        h = heads[i]
-        best = h.best or {}
-        out = HeadOutcome(
-            config=h.config, best_epoch=h.best_epoch, best_val_acc=float(h.best_acc), best_val_loss=float(h.best_loss),
-            epochs_run=epochs_run, stopped_early=stopped, state=best.get("state", {}),
-            optimizer_state=best.get("optimizer", {}), scheduler_state=best.get("scheduler", {}),
-            rng_state=best.get("rng", {}), history=h.history, wall_time_s=time.perf_counter() - t0,
-        )
-        outcomes[i] = out
-        if on_finished is not None:
-            on_finished(out)
-
+    group = _Group(configs, train_data, tc, device, optimizer)
     for epoch in range(tc.max_epochs):
         train_data.set_epoch(epoch)
-        lrs = opt.lrs()
-        model.train()
-        k = model.k
-        loss_sum = torch.zeros(k, device=dev)
-        correct = torch.zeros(k, device=dev, dtype=torch.long)
-        seen = 0
-        all_on = [True] * k
-        if group_step is not None:
-            seen = group_step.epoch(train_data)
-            loss_sum, correct = group_step.loss_sum, group_step.correct
-        for f1, f2, labels in (train_data if group_step is None else ()):
-            f1, f2, labels = f1.to(dev), f2.to(dev), labels.to(dev)
-            n = labels.shape[0]
-            scores = model(torch.cat([f1, f2], dim=0))
-            s1, s2 = scores[:, :n], scores[:, n:]
-            losses = model.pair_losses(s1, s2, labels)
-            model.zero_grad(set_to_none=True)
-            # Heads share no parameters: the gradient of the sum is each head's own loss gradient.
-            losses.sum().backward()
-            clip_grad_norm_per_head(model.stacked, tc.gradient_clip_norm)
-            opt.step(all_on)
-            loss_sum += losses.detach() * n
-            correct += (torch.sign(s1.detach() - s2.detach()) == labels.to(s1.dtype)).sum(dim=1)
-            seen += n
+        lrs = group.opt.lrs()
+        loss_sum, correct, seen = group.train_epoch(train_data)
         if seen == 0:
             raise ValueError("the training data yielded no batches")
-        val_loss, val_acc = _validate(model, val_data)
-        opt.epoch_end()
+        val_loss, val_acc = _validate(group.model, val_data)
+        group.opt.epoch_end()
         # One device sync per epoch for all heads' numbers.
         train_loss_l, train_acc_l = (loss_sum / seen).tolist(), (correct.double() / seen).tolist()
-        val_loss_l, val_acc_l = val_loss.tolist(), val_acc.tolist()
-        done: List[int] = []
-        for slot, i in enumerate(slots):
-            h = heads[i]
-            for key, value in zip(HISTORY_KEYS, (train_loss_l[slot], val_loss_l[slot], train_acc_l[slot],
-                                                 val_acc_l[slot], lrs[slot])):
-                h.history[key].append(value)
-            if val_acc_l[slot] > h.best_acc:
-                h.best_acc, h.best_loss, h.best_epoch, h.bad_epochs = val_acc_l[slot], val_loss_l[slot], epoch + 1, 0
-                h.best = {
-                    "state": model.head_state_dict(slot),
-                    "optimizer": opt.head_optimizer_state(slot),
-                    "scheduler": opt.head_scheduler_state(slot),
-                    "rng": _rng_snapshot(model, slot, h, dev),
-                }
-            else:
-                h.bad_epochs += 1
-            if 0 < tc.early_stopping_patience <= h.bad_epochs:
-                done.append(slot)
-        last_epoch = epoch + 1 == tc.max_epochs
+        done = group.record(epoch, lrs, train_loss_l, train_acc_l, val_loss.tolist(), val_acc.tolist())
         for slot in done:
-            finish(slots[slot], epoch + 1, stopped=True)
+            group.finish(group.slots[slot], epoch + 1, True, on_finished)
         if on_epoch is not None:
-            on_epoch(epoch, len(slots))
-        if last_epoch:
+            on_epoch(epoch, len(group.slots))
+        if epoch + 1 == tc.max_epochs or (done and not group.drop(done)):
             break
-        if done:
-            keep = [s for s in range(len(slots)) if s not in done]
-            if not keep:
-                break
-            model, opt = _compact(model, opt, keep)
-            slots = [slots[s] for s in keep]
-            if group_step is not None:  # a new stack: new buffers, a new capture
-                group_step = _GroupStep(model, opt, feats, tc.gradient_clip_norm, mode == "graph")
-    for i in slots:
-        if i not in outcomes:
-            finish(i, tc.max_epochs, stopped=False)
-    return [outcomes[i] for i in range(len(heads))]
+    for i in group.slots:
+        if i not in group.outcomes:
+            group.finish(i, tc.max_epochs, False, on_finished)
+    return [group.outcomes[i] for i in range(len(group.heads))]
 
 
 def _rng_snapshot(model: StackedHeads, slot: int, head: _Head, dev: torch.device) -> Dict[str, object]:

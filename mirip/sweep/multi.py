@@ -25,8 +25,8 @@ import pandas as pd
 from mirip.atomic import write_atomic
 from mirip.features.cache import CacheError, open_cache
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
-from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepGrid
-from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_markdown, to_argv, train_options
+from mirip.sweep.grid import HeadConfig, SweepGrid
+from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
 from mirip.plain import json_safe
 from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, SweepSettings
 from mirip.training.run import read_metadata
@@ -73,11 +73,10 @@ def make_splits(settings: SweepSettings, grid: SweepGrid, excluded: Sequence[str
             for seed in grid.seed}
 
 
-def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence[str], *, progress: bool = True,
-                    log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    """The grid on every cache in ``features`` over shared splits; returns the combined table and the winner."""
-    settings.check()
-    t_start = time.perf_counter()
+def _shared_splits(grid: SweepGrid, settings: SweepSettings, features: Sequence[str],
+                   log: Optional[Callable[[str], None]]) -> tuple:
+    """(image names, excluded images, cache facts, cache labels, splits per seed), the splits written to
+    ``splits/seed*.json``: what every cache's sub-sweep shares."""
     meta = read_metadata(settings.metadata, settings.filename_column, settings.tier_column, settings.encoding)
     names = meta[settings.filename_column].astype(str).tolist()
     # An image unreadable in any cache is left out of every cache's sweep: all train and test on the same drawings.
@@ -91,9 +90,15 @@ def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence
         write_atomic(os.path.join(out, "splits", f"seed{seed}.json"), json.dumps(by_split, indent=1))
     if excluded and log:
         log(exclusion_note(excluded, write_excluded(out, excluded)))
+    return names, excluded, facts, labels, splits
+
+
+def _sweep_caches(grid: SweepGrid, settings: SweepSettings, labels: Sequence[str], facts: Sequence[Dict[str, Any]],
+                  splits, excluded, progress: bool, log: Optional[Callable[[str], None]]) -> tuple:
+    """One sub-sweep per cache, in ``<output-dir>/<label>``; (their tables combined, heads trained, skipped)."""
     tables, trained, skipped = [], 0, 0
     for label, fact in zip(labels, facts):
-        sub = dataclasses.replace(settings, features=fact["path"], output_dir=os.path.join(out, label))
+        sub = dataclasses.replace(settings, features=fact["path"], output_dir=os.path.join(settings.output_dir, label))
         if log:
             log(f"cache {label}: {fact['backbone']} ({fact['family']}, {fact['image_size']} px, {fact['weights']})")
         result = SweepRunner(grid, sub, progress=progress, log=log, splits=splits, excluded=excluded).run()
@@ -104,37 +109,38 @@ def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence
         table.insert(2, "image_size", fact["image_size"])
         table["checkpoint"] = [os.path.join(label, c) for c in table["checkpoint"]]
         tables.append(table)
-    combined = pd.concat(tables, ignore_index=True)
-    write_atomic(os.path.join(out, "results.csv"), combined.to_csv(index=False))
-    summary = aggregate(combined, extra_keys=("cache",))
-    weights = sorted({f["weights"] for f in facts})
+    return pd.concat(tables, ignore_index=True), trained, skipped
+
+
+def _summary_notes(combined: pd.DataFrame, summary: pd.DataFrame, labels: Sequence[str],
+                   facts: Sequence[Dict[str, Any]], num_images: int, weights: Sequence[str]) -> List[str]:
+    """summary.md's preamble: the caches compared, and the random-weights warning where it applies."""
     notes = [f"{len(combined)} runs of {len(summary)} configurations on {len(facts)} caches of the same "
-             f"{len(names)} images, with the same splits per seed (splits/seed*.json):", ""]
+             f"{num_images} images, with the same splits per seed (splits/seed*.json):", ""]
     notes += [f"- `{label}`: {f['path']} — backbone {f['backbone']} ({f['family']}), {f['image_size']} px, "
               f"{f['weights']} weights" for label, f in zip(labels, facts)]
     if "random" in weights:
         notes += ["", f"**{RANDOM_WEIGHTS_NOTE[0].upper() + RANDOM_WEIGHTS_NOTE[1:]}.**"]
+    return notes
+
+
+def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence[str], *, progress: bool = True,
+                    log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """The grid on every cache in ``features`` over shared splits; returns the combined table and the winner."""
+    settings.check()
+    t_start = time.perf_counter()
+    names, excluded, facts, labels, splits = _shared_splits(grid, settings, features, log)
+    out = settings.output_dir
+    combined, trained, skipped = _sweep_caches(grid, settings, labels, facts, splits, excluded, progress, log)
+    write_atomic(os.path.join(out, "results.csv"), combined.to_csv(index=False))
+    summary = aggregate(combined, extra_keys=("cache",))
+    weights = sorted({f["weights"] for f in facts})
+    notes = _summary_notes(combined, summary, labels, facts, len(names), weights)
     write_atomic(os.path.join(out, "summary.md"), summary_markdown(summary, notes=notes))
     best = choose_best(summary)
     winner = facts[labels.index(best["cache"])]
-    fixed = {"features": winner["path"], "metadata": settings.metadata, **settings.fixed()}
-    fixed.update({k: getattr(settings.training, k) for k in ("device", "save_every_n_epochs")})
-    options = train_options(best, fixed)
-    best_json = {
-        "chosen_on": "mean validation pairwise accuracy over seeds (test accuracy is reported, never used)",
-        "cache": best["cache"], "features": winner["path"], "backbone": winner["backbone"],
-        "backbone_weights": ", ".join(weights),
-        "config": {k: best.get(k) for k in HYPERPARAMETERS},
-        "seeds": best["seed_list"],
-        **{k: best[k] for k in ("val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
-                                 "spearman_mean", "spearman_std")},
-        "best_seed": best["best_seed"],
-        "checkpoint": os.path.join(out, best["best_checkpoint"]),
-        "train_options": options,
-        "train_argv": to_argv(options),
-        "train_command": "python scripts/train.py " + " ".join(
-            to_argv(options) + ["--output-dir", os.path.join(out, "best-run")]),
-    }
+    best_json = best_record(best, settings, winner["path"], weights, out,
+                            extra={"cache": best["cache"], "features": winner["path"], "backbone": winner["backbone"]})
     write_atomic(os.path.join(out, "best.json"), json.dumps(json_safe(best_json), indent=2))
     save_heatmap(summary, os.path.join(out, "heatmap.png"),
                  title="RANDOM backbone weights (pipeline check, not a trained model)" if "random" in weights else "")

@@ -7,7 +7,8 @@ reported beside it and never consulted when choosing.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+import os
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -139,6 +140,31 @@ def to_argv(options: Dict[str, Any]) -> List[str]:
             argv += [flag, repr(v) if isinstance(v, float) else str(v)]
     return argv
 
+
+
+def best_record(best: Dict[str, Any], settings: Any, features: str, weights: Sequence[str], out: str,
+                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """best.json: the winner's configuration and numbers, and the ``scripts/train.py`` command that retrains it
+    on ``features`` (``settings``: the sweep's ``SweepSettings``). ``extra`` keys (a multi-cache sweep's cache,
+    features and backbone) come right after ``chosen_on``."""
+    fixed = {"features": features, "metadata": settings.metadata, **settings.fixed()}
+    fixed.update({k: getattr(settings.training, k) for k in ("device", "save_every_n_epochs")})
+    options = train_options(best, fixed)
+    return {
+        "chosen_on": "mean validation pairwise accuracy over seeds (test accuracy is reported, never used)",
+        **(extra or {}),
+        "backbone_weights": ", ".join(weights),
+        "config": {k: best.get(k) for k in HYPERPARAMETERS},
+        "seeds": best["seed_list"],
+        **{k: best[k] for k in ("val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
+                                 "spearman_mean", "spearman_std")},
+        "best_seed": best["best_seed"],
+        "checkpoint": os.path.join(out, best["best_checkpoint"]),
+        "train_options": options,
+        "train_argv": to_argv(options),
+        "train_command": "python scripts/train.py " + " ".join(
+            to_argv(options) + ["--output-dir", os.path.join(out, "best-run")]),
+    }
 
 def save_heatmap(table: pd.DataFrame, path: str, title: str = "") -> bool:
     """Mean val and test accuracy over margin x (hidden, projector) dims, one row of panels per feature spec;

@@ -19,12 +19,9 @@ different data or fixed settings is refused rather than mixed into one table.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -35,28 +32,22 @@ from tqdm.auto import tqdm
 from mirip.atomic import output_directory, write_atomic
 from mirip.checkpoint import head_checkpoint, save_checkpoint_file
 from mirip.devices import resolve_device
+from mirip.features.cache import open_cache
 from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.ml.ranking_model import RankingHead
+from mirip.plain import json_safe
 from mirip.sweep.engine import HeadOutcome, train_group
 from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepConfigError, SweepGrid, group_configs
-from mirip.sweep.report import aggregate, choose_best, save_heatmap, summary_markdown, to_argv, train_options
+from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
+# SweepSettings and its field lists live in mirip.sweep.settings; imported from here as before.
+from mirip.sweep.settings import (DATA_FIELDS, GRID_FIELDS, INERT_FIELDS, SweepSettings, _check_manifest,  # noqa: F401
+                                  _sha256)
 from mirip.tiers import tier_ranks
-from mirip.training.config import TrainingConfig
 from mirip.training.evaluator import Evaluator
-from mirip.features.cache import open_cache
-from mirip.plain import json_safe
-from mirip.feature_spec import FEATURE_NORMS
-from mirip.training.run import (SPLITS, DataSettings, RunConfig, RunData, calibrate_head, feature_keys,
-                                read_metadata, split_dataset)
+from mirip.training.run import SPLITS, RunData, calibrate_head, feature_keys, read_metadata, split_dataset
 from mirip.training.run_data import (exclusion_note, failed_images, scaled_features, split_names, split_positions,
                                      write_excluded)
-from mirip.training.trainer import check_config
 
-# TrainingConfig fields a sweep varies per head (grid axes), and those that do not change any number.
-GRID_FIELDS = ("learning_rate", "weight_decay", "seed")
-INERT_FIELDS = ("checkpoint_dir", "save_every_n_epochs", "wandb_enabled", "wandb_project", "wandb_run_name",
-                "device", "num_workers")
-DATA_FIELDS = ("filename_column", "tier_column", "train_ratio", "val_ratio", "test_ratio", "stratify")
 RESULT_COLUMNS = (
     ("config_id", "seed") + HYPERPARAMETERS
     + ("batch_size", "max_epochs", "pairs_per_epoch", "eval_pairs", "pair_balance", "gradient_clip_norm",
@@ -66,76 +57,6 @@ RESULT_COLUMNS = (
        "test_pairs", "wall_time_s", "group_size", "checkpoint", "backbone_weights")
 )
 OUTPUT_FILES = ("results.csv", "summary.md", "best.json", "heatmap.png")
-
-
-@dataclass
-class SweepSettings(DataSettings):
-    """Everything a sweep holds fixed across heads: the data, the split, and the non-grid training settings."""
-
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    optimizer: Optional[str] = None  # fused / batched / plain AdamW (mirip.sweep.stacked); None: by device
-    feature_norm: str = "auto"  # per-entry scaling of each spec (mirip.training.run.RunConfig.feature_norm)
-
-    def run_config(self, cfg: HeadConfig, feature: Optional[str] = None) -> RunConfig:
-        """The ``scripts/train.py`` run this head is equal to (same split, pairs, init and step)."""
-        tc = dataclasses.replace(self.training, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                 seed=cfg.seed, checkpoint_dir=self.output_dir)
-        return RunConfig(features=self.features, metadata=self.metadata, output_dir=self.output_dir,
-                         filename_column=self.filename_column, tier_column=self.tier_column,
-                         train_ratio=self.train_ratio, val_ratio=self.val_ratio, test_ratio=self.test_ratio,
-                         stratify=self.stratify, encoding=self.encoding, strict_images=self.strict_images,
-                         margin=cfg.margin, hidden_dim=cfg.hidden_dim,
-                         projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc,
-                         feature=feature or cfg.feature, feature_norm=self.feature_norm)
-
-    def fixed(self) -> Dict[str, Any]:
-        """The settings results depend on (apart from the grid): a restart must match them."""
-        out = {k: getattr(self, k) for k in DATA_FIELDS}
-        out.update({k: v for k, v in self.training.to_dict().items() if k not in GRID_FIELDS + INERT_FIELDS})
-        if self.feature_norm != "auto":  # recorded only when set, so sweeps from before feature specs continue
-            out["feature_norm"] = self.feature_norm
-        return out
-
-    def check(self) -> None:
-        check_config(self.training)
-        if self.feature_norm not in FEATURE_NORMS:
-            raise SweepConfigError(f"--feature-norm must be one of {', '.join(FEATURE_NORMS)}, got {self.feature_norm!r}")
-        ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
-        if min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
-            raise SweepConfigError(f"split ratios must be non-negative and sum to 1.0, got {ratios}")
-        if self.val_ratio <= 0:
-            raise SweepConfigError("--val-ratio must be positive: a sweep chooses its winner on validation accuracy")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_manifest(path: str, manifest: Dict[str, Any]) -> None:
-    """Refuse to continue a sweep in ``path`` that was run on other data or other fixed settings."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    diffs = []
-    for section in ("fixed", "fingerprint"):
-        a, b = old.get(section) or {}, manifest.get(section) or {}
-        for k in sorted(set(a) | set(b)):
-            if section == "fingerprint" and k in ("mirip_version", "torch_version", "transformers_version"):
-                continue
-            if json.dumps(a.get(k)) != json.dumps(b.get(k)):
-                diffs.append(f"{section}.{k}: was {a.get(k)!r}, now {b.get(k)!r}")
-    if old.get("metadata_sha256") != manifest.get("metadata_sha256"):
-        diffs.append("the metadata file's contents changed")
-    if diffs:
-        raise SweepConfigError(
-            f"{os.path.dirname(path)} holds a sweep run with other settings ({'; '.join(diffs[:6])}); "
-            "its finished results would not be comparable. Use another --output-dir, or the original settings."
-        )
 
 
 class SweepRunner:
@@ -287,16 +208,17 @@ class SweepRunner:
         return row
 
     # --- the run -----------------------------------------------------------------------------
-    def run(self) -> Dict[str, Any]:
+    def _write_manifest(self, data: Dict[str, Any]) -> None:
+        """sweep.json: what the results depend on; a directory holding a sweep with other settings is refused."""
         s = self.settings
-        os.makedirs(self.out, exist_ok=True)
-        data = self._load()
         manifest = {"fixed": s.fixed(), "fingerprint": data["fingerprint"], "metadata_sha256": _sha256(s.metadata),
                     "features": os.path.abspath(s.features), "metadata": os.path.abspath(s.metadata)}
         manifest_path = os.path.join(self.out, "sweep.json")
         _check_manifest(manifest_path, manifest)
         write_atomic(manifest_path, json.dumps(json_safe({**manifest, "grid": self.grid.to_dict()}), indent=2))
 
+    def _partition(self) -> tuple:
+        """(config_id -> stored row of every finished configuration, the configurations still to train)."""
         rows: Dict[str, Dict[str, Any]] = {}
         pending: List[HeadConfig] = []
         for cfg in self.configs:
@@ -305,16 +227,21 @@ class SweepRunner:
                 pending.append(cfg)
             else:
                 rows[cfg.config_id] = row
+        return rows, pending
+
+    def _announce(self, data: Dict[str, Any], rows: Dict[str, Dict[str, Any]], pending: List[HeadConfig]) -> None:
         dims = ", ".join(f"{spec} ({data['by_spec'][spec][0].shape[1]}-d)" for spec in data["specs"])
         self.log(f"sweep: {len(self.configs)} configurations ({len(self.grid.seed)} seed(s)), "
                  f"{len(rows)} already finished, {len(pending)} to train on {self.device}; "
                  f"{len(data['names'])} images, features {dims}")
         if data["excluded"]:
             self.log(exclusion_note(data["excluded"], write_excluded(self.out, data["excluded"])))
+
+    def _train_pending(self, data: Dict[str, Any], pending: List[HeadConfig], rows: Dict[str, Dict[str, Any]],
+                       bar) -> None:
+        """Train the pending heads group by group; each head is saved, and its row put in ``rows``, as it finishes."""
+        s = self.settings
         epochs = s.training.max_epochs
-        bar = tqdm(total=len(pending) * epochs, desc="sweep", unit="head-epoch", disable=not self.progress,
-                   dynamic_ncols=True)
-        t_start = time.perf_counter()
         done_count = len(rows)
         groups = group_configs(pending)
         # Every (seed, spec)'s split and pairs first: a split that cannot form pairs fails before any training.
@@ -341,6 +268,17 @@ class SweepRunner:
 
                 train_group(cfgs, datasets["train"], datasets["val"], s.training, self.device, optimizer=s.optimizer,
                             on_epoch=lambda epoch, trained: bar.update(trained), on_finished=finished)
+
+    def run(self) -> Dict[str, Any]:
+        os.makedirs(self.out, exist_ok=True)
+        data = self._load()
+        self._write_manifest(data)
+        rows, pending = self._partition()
+        self._announce(data, rows, pending)
+        bar = tqdm(total=len(pending) * self.settings.training.max_epochs, desc="sweep", unit="head-epoch",
+                   disable=not self.progress, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        self._train_pending(data, pending, rows, bar)
         bar.close()
         result = self._write_tables(rows, final=True)
         result.update(trained=len(pending), skipped=len(self.configs) - len(pending),
@@ -370,23 +308,7 @@ class SweepRunner:
             notes.append(f"**{RANDOM_WEIGHTS_NOTE[0].upper() + RANDOM_WEIGHTS_NOTE[1:]}.**")
         write_atomic(os.path.join(self.out, "summary.md"), summary_markdown(summary, notes=notes))
         best = choose_best(summary)
-        fixed = {"features": self.settings.features, "metadata": self.settings.metadata, **self.settings.fixed()}
-        fixed.update({k: getattr(self.settings.training, k) for k in ("device", "save_every_n_epochs")})
-        options = train_options(best, fixed)
-        best_json = {
-            "chosen_on": "mean validation pairwise accuracy over seeds (test accuracy is reported, never used)",
-            "backbone_weights": ", ".join(weights),
-            "config": {k: best.get(k) for k in HYPERPARAMETERS},
-            "seeds": best["seed_list"],
-            **{k: best[k] for k in ("val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
-                                     "spearman_mean", "spearman_std")},
-            "best_seed": best["best_seed"],
-            "checkpoint": os.path.join(self.out, best["best_checkpoint"]),
-            "train_options": options,
-            "train_argv": to_argv(options),
-            "train_command": "python scripts/train.py " + " ".join(
-                to_argv(options) + ["--output-dir", os.path.join(self.out, "best-run")]),
-        }
+        best_json = best_record(best, self.settings, self.settings.features, weights, self.out)
         write_atomic(os.path.join(self.out, "best.json"), json.dumps(json_safe(best_json), indent=2))
         save_heatmap(summary, os.path.join(self.out, "heatmap.png"),
                      title="RANDOM backbone weights (pipeline check, not a trained model)" if "random" in weights else "")

@@ -100,8 +100,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prog
         return _train(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log)
 
 
-def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None]
-           ) -> Dict[str, Any]:
+def _prepare_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Tuple[RunConfig, str]:
+    """Check what the output directory holds against resume/overwrite, create it; the config with the
+    checkpoints pointed there, and the path of last.pt."""
     out = cfg.output_dir
     last = os.path.join(out, "last.pt")
     if not resume and not overwrite and any(os.path.exists(os.path.join(out, f)) for f in ("best.pt", "last.pt")):
@@ -111,8 +112,12 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
         raise FileNotFoundError(f"cannot resume: {last} does not exist")
     os.makedirs(out, exist_ok=True)
     tc = dataclasses.replace(cfg.training, checkpoint_dir=out)
-    cfg = dataclasses.replace(cfg, training=tc)
+    return dataclasses.replace(cfg, training=tc), last
 
+
+def _run_inputs(cfg: RunConfig, resume: bool, last: str, log: Callable[[str], None]) -> tuple:
+    """(config with its spec resolved, run data, device, features on it, datasets per split, split sizes)."""
+    tc = cfg.training
     saved = load_checkpoint_file(last) if resume else {}
     cfg = dataclasses.replace(cfg, feature=resolve_spec(cfg.features, cfg.feature))
     if resume:
@@ -129,8 +134,15 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
         + (", per-entry scaling" if data.feature_scales else "") + ") | "
         + " | ".join(f"{s} {n}" for s, n in sizes.items()) + f" | device {device}")
     if data.excluded:
-        log(exclusion_note(data.excluded, write_excluded(out, data.excluded)))
+        log(exclusion_note(data.excluded, write_excluded(cfg.output_dir, data.excluded)))
+    return cfg, data, device, features, datasets, sizes
 
+
+def _fit(cfg: RunConfig, data: RunData, features, datasets, *, resume: bool, last: str, progress: bool,
+         log: Callable[[str], None]) -> tuple:
+    """Build the head, write config.json, train (resuming from last.pt if asked), write history.json;
+    (head, trainer, history, backbone summary)."""
+    out, tc = cfg.output_dir, cfg.training
     model = cfg.make_head(features.shape[1])
     backbone = weights_summary(data.fingerprint)
     if backbone["backbone_weights"] == "random":
@@ -144,7 +156,13 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
         log(f"resuming from {last} after epoch {trainer.epoch}")
     history = trainer.fit(datasets["train"], datasets["val"])
     write_json(os.path.join(out, "history.json"), history_to_json(history))
-    # Each checkpoint gets the calibration of its own head: last.pt the last epoch's, best.pt the best's.
+    return model, trainer, history, backbone
+
+
+def _calibrate_checkpoints(model, trainer: Trainer, datasets, device, out: str, last: str,
+                           log: Callable[[str], None]) -> HeadCalibration:
+    """Each checkpoint gets the calibration of its own head: last.pt the last epoch's, best.pt the best's.
+    Leaves the best head in ``model`` and returns its calibration."""
     if os.path.isfile(last):
         attach_calibration(last, calibrate_head(model, datasets, device, splits=("train", "val")))
     trainer.restore_best()
@@ -157,7 +175,13 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
             "score axis C|B {:.4f}, B|A {:.4f}, A|S {:.4f}".format(*cal.boundaries()))
     if calibrated.note:
         log(f"NOTE: {calibrated.note}")
+    return calibrated
 
+
+def _test_report(cfg: RunConfig, data: RunData, datasets, model, device, trainer: Trainer,
+                 calibrated: HeadCalibration, sizes: Dict[str, int], backbone: Dict[str, Any],
+                 log: Callable[[str], None]) -> Dict[str, Any]:
+    """The run's result: training outcome, calibration, and the best head and ridge baseline on the test split."""
     result: Dict[str, Any] = {"best_epoch": trainer.best_epoch, "best_accuracy": trainer.best_accuracy,
                               "epochs_run": trainer.epoch, "stopped_early": trainer.stopped_early,
                               "split_sizes": sizes, "split": "test", "features_backbone": backbone,
@@ -175,7 +199,12 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
         result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(data, datasets, "test", cfg.ridge_alpha)
         log(format_metrics(result["model"], result["linear_baseline"],
                            title=f"test split (best epoch {trainer.best_epoch}):"))
-    write_json(os.path.join(out, "test_metrics.json"), result)
+    return result
+
+
+def _save_plots(result: Dict[str, Any], out: str, history, calibrated: HeadCalibration,
+                backbone: Dict[str, Any]) -> None:
+    """curves.png and calibration.png; each path goes into ``result`` when the plot was written."""
     if save_curves(history, os.path.join(out, "curves.png"), title=_curves_title(backbone)):
         result["curves"] = os.path.join(out, "curves.png")
     if calibrated.calibration is not None and save_calibration_plot(
@@ -183,6 +212,19 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
             {s: calibrated.scores[s] for s in ("val", "test") if s in calibrated.scores},
             title=_calibration_title(backbone)):
         result["calibration_plot"] = os.path.join(out, "calibration.png")
+
+
+def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None]
+           ) -> Dict[str, Any]:
+    cfg, last = _prepare_output(cfg, resume, overwrite)
+    out = cfg.output_dir
+    cfg, data, device, features, datasets, sizes = _run_inputs(cfg, resume, last, log)
+    model, trainer, history, backbone = _fit(cfg, data, features, datasets, resume=resume, last=last,
+                                             progress=progress, log=log)
+    calibrated = _calibrate_checkpoints(model, trainer, datasets, device, out, last, log)
+    result = _test_report(cfg, data, datasets, model, device, trainer, calibrated, sizes, backbone, log)
+    write_json(os.path.join(out, "test_metrics.json"), result)
+    _save_plots(result, out, history, calibrated, backbone)
     result["history"] = history
     return result
 
@@ -194,6 +236,51 @@ def pair_evidence(dataset: Optional[FeaturePairDataset]) -> Optional[Dict[str, i
     first, second, _ = dataset.pair_arrays()
     return {"images": int(len(dataset.ranks)), "distinct_pairs": distinct_pairs(first, second),
             "sampled_pairs": int(len(first))}
+
+
+def _evaluation_config(ckpt: Dict[str, Any], checkpoint: str, features: str, metadata: str, split: str,
+                       eval_pairs: Optional[int], filename_column: Optional[str], tier_column: Optional[str],
+                       encoding: Optional[str], strict_images: bool) -> Tuple[RunConfig, TrainingConfig, str]:
+    """The run config to rebuild the data with: the checkpoint's own, pointed at these files; and its spec."""
+    run_cfg = ckpt.get("run_config") or {}
+    tc = TrainingConfig.from_dict(ckpt.get("config") or {})
+    if eval_pairs is not None:
+        tc.eval_pairs = int(eval_pairs)
+    filename_column = filename_column or run_cfg.get("filename_column", "filename")
+    tier_column = tier_column or run_cfg.get("tier_column", "tier")
+    spec = checkpoint_feature_spec(ckpt)
+    cfg = RunConfig.from_dict({**run_cfg, "features": features, "metadata": metadata,
+                               "output_dir": run_cfg.get("output_dir", ""), "training": tc.to_dict(),
+                               "filename_column": filename_column, "tier_column": tier_column, "feature": spec,
+                               "encoding": encoding, "strict_images": strict_images})
+    if split != "all" and not run_cfg:
+        raise ValueError(f"{checkpoint} holds no run config, so its {split} split cannot be rebuilt; use split='all'")
+    return cfg, tc, spec
+
+
+def _checked_cache_fingerprint(ckpt: Dict[str, Any], checkpoint: str, features: str) -> Dict[str, Any]:
+    """The cache's fingerprint, checked against the checkpoint's (a warning when the checkpoint records none)."""
+    with open_cache(features) as cache:
+        fingerprint = cache.fingerprint
+    if ckpt.get("fingerprint") is not None:
+        # Layout fields (which entries a cache holds) may differ: the spec's entries are looked up by name.
+        check_fingerprint(ckpt["fingerprint"], fingerprint, what=f"feature cache {features}",
+                          ignore=ENVIRONMENT_FIELDS + LAYOUT_FIELDS, asker=f"checkpoint {checkpoint}",
+                          fix="evaluate on the cache the checkpoint was trained on, or on one extracted with the "
+                              "checkpoint's settings")
+    else:
+        warnings.warn(f"{checkpoint} records no feature fingerprint; cannot verify that {features} matches it")
+    return fingerprint
+
+
+def _add_calibration(result: Dict[str, Any], calibration, why: Optional[str], split: str) -> None:
+    if calibration is None:
+        result["calibration_note"] = why
+    else:
+        result["calibration"] = calibration.to_dict()
+        if split in ("all", "train", "val"):
+            result["tier_figures_note"] = IN_SAMPLE[split] + ": these tier figures are in-sample; " \
+                "the test split gives the held-out ones"
 
 
 def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split: str = "all",
@@ -208,29 +295,9 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     ckpt = load_checkpoint_file(checkpoint)
     if ckpt.get("head") is None:
         raise ValueError(f"{checkpoint} has no head dims (key 'head'); it was not written by mirip's Trainer")
-    run_cfg = ckpt.get("run_config") or {}
-    tc = TrainingConfig.from_dict(ckpt.get("config") or {})
-    if eval_pairs is not None:
-        tc.eval_pairs = int(eval_pairs)
-    filename_column = filename_column or run_cfg.get("filename_column", "filename")
-    tier_column = tier_column or run_cfg.get("tier_column", "tier")
-    spec = checkpoint_feature_spec(ckpt)
-    cfg = RunConfig.from_dict({**run_cfg, "features": features, "metadata": metadata,
-                               "output_dir": run_cfg.get("output_dir", ""), "training": tc.to_dict(),
-                               "filename_column": filename_column, "tier_column": tier_column, "feature": spec,
-                               "encoding": encoding, "strict_images": strict_images})
-    if split != "all" and not run_cfg:
-        raise ValueError(f"{checkpoint} holds no run config, so its {split} split cannot be rebuilt; use split='all'")
-    with open_cache(features) as cache:
-        fingerprint = cache.fingerprint
-    if ckpt.get("fingerprint") is not None:
-        # Layout fields (which entries a cache holds) may differ: the spec's entries are looked up by name.
-        check_fingerprint(ckpt["fingerprint"], fingerprint, what=f"feature cache {features}",
-                          ignore=ENVIRONMENT_FIELDS + LAYOUT_FIELDS, asker=f"checkpoint {checkpoint}",
-                          fix="evaluate on the cache the checkpoint was trained on, or on one extracted with the "
-                              "checkpoint's settings")
-    else:
-        warnings.warn(f"{checkpoint} records no feature fingerprint; cannot verify that {features} matches it")
+    cfg, tc, spec = _evaluation_config(ckpt, checkpoint, features, metadata, split, eval_pairs, filename_column,
+                                       tier_column, encoding, strict_images)
+    fingerprint = _checked_cache_fingerprint(ckpt, checkpoint, features)
     data = load_run_data(cfg, scales=ckpt.get("feature_scales"), fit_scales=False)
     if split == "all":
         data.splits = {"all": np.arange(len(data.names)), **data.splits}
@@ -248,13 +315,7 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
                               "features_backbone": weights_summary(fingerprint), "feature_spec": spec,
                               "model": Evaluator(head, dev, calibration=calibration).evaluate_detailed(datasets[split]),
                               "excluded_images": data.excluded}
-    if calibration is None:
-        result["calibration_note"] = why
-    else:
-        result["calibration"] = calibration.to_dict()
-        if split in ("all", "train", "val"):
-            result["tier_figures_note"] = IN_SAMPLE[split] + ": these tier figures are in-sample; " \
-                "the test split gives the held-out ones"
+    _add_calibration(result, calibration, why, split)
     if split != "all" and datasets["train"] is not None:
         result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(
             data, datasets, split, cfg.ridge_alpha)

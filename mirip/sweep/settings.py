@@ -1,0 +1,93 @@
+"""What a sweep holds fixed across its heads (``SweepSettings``), and ``sweep.json``, the record of it that a
+restart is checked against: a sweep directory continues only with the data and fixed settings it was run with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from mirip.feature_spec import FEATURE_NORMS
+from mirip.sweep.grid import HeadConfig, SweepConfigError
+from mirip.training.config import TrainingConfig
+from mirip.training.run import DataSettings, RunConfig
+from mirip.training.trainer import check_config
+
+# TrainingConfig fields a sweep varies per head (grid axes), and those that do not change any number.
+GRID_FIELDS = ("learning_rate", "weight_decay", "seed")
+INERT_FIELDS = ("checkpoint_dir", "save_every_n_epochs", "wandb_enabled", "wandb_project", "wandb_run_name",
+                "device", "num_workers")
+DATA_FIELDS = ("filename_column", "tier_column", "train_ratio", "val_ratio", "test_ratio", "stratify")
+
+@dataclass
+class SweepSettings(DataSettings):
+    """Everything a sweep holds fixed across heads: the data, the split, and the non-grid training settings."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: Optional[str] = None  # fused / batched / plain AdamW (mirip.sweep.stacked); None: by device
+    feature_norm: str = "auto"  # per-entry scaling of each spec (mirip.training.run.RunConfig.feature_norm)
+
+    def run_config(self, cfg: HeadConfig, feature: Optional[str] = None) -> RunConfig:
+        """The ``scripts/train.py`` run this head is equal to (same split, pairs, init and step)."""
+        tc = dataclasses.replace(self.training, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 seed=cfg.seed, checkpoint_dir=self.output_dir)
+        return RunConfig(features=self.features, metadata=self.metadata, output_dir=self.output_dir,
+                         filename_column=self.filename_column, tier_column=self.tier_column,
+                         train_ratio=self.train_ratio, val_ratio=self.val_ratio, test_ratio=self.test_ratio,
+                         stratify=self.stratify, encoding=self.encoding, strict_images=self.strict_images,
+                         margin=cfg.margin, hidden_dim=cfg.hidden_dim,
+                         projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc,
+                         feature=feature or cfg.feature, feature_norm=self.feature_norm)
+
+    def fixed(self) -> Dict[str, Any]:
+        """The settings results depend on (apart from the grid): a restart must match them."""
+        out = {k: getattr(self, k) for k in DATA_FIELDS}
+        out.update({k: v for k, v in self.training.to_dict().items() if k not in GRID_FIELDS + INERT_FIELDS})
+        if self.feature_norm != "auto":  # recorded only when set, so sweeps from before feature specs continue
+            out["feature_norm"] = self.feature_norm
+        return out
+
+    def check(self) -> None:
+        check_config(self.training)
+        if self.feature_norm not in FEATURE_NORMS:
+            raise SweepConfigError(f"--feature-norm must be one of {', '.join(FEATURE_NORMS)}, got {self.feature_norm!r}")
+        ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
+        if min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
+            raise SweepConfigError(f"split ratios must be non-negative and sum to 1.0, got {ratios}")
+        if self.val_ratio <= 0:
+            raise SweepConfigError("--val-ratio must be positive: a sweep chooses its winner on validation accuracy")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_manifest(path: str, manifest: Dict[str, Any]) -> None:
+    """Refuse to continue a sweep in ``path`` that was run on other data or other fixed settings."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diffs = []
+    for section in ("fixed", "fingerprint"):
+        a, b = old.get(section) or {}, manifest.get(section) or {}
+        for k in sorted(set(a) | set(b)):
+            if section == "fingerprint" and k in ("mirip_version", "torch_version", "transformers_version"):
+                continue
+            if json.dumps(a.get(k)) != json.dumps(b.get(k)):
+                diffs.append(f"{section}.{k}: was {a.get(k)!r}, now {b.get(k)!r}")
+    if old.get("metadata_sha256") != manifest.get("metadata_sha256"):
+        diffs.append("the metadata file's contents changed")
+    if diffs:
+        raise SweepConfigError(
+            f"{os.path.dirname(path)} holds a sweep run with other settings ({'; '.join(diffs[:6])}); "
+            "its finished results would not be comparable. Use another --output-dir, or the original settings."
+        )
