@@ -151,3 +151,15 @@ def test_gpu_suite_rejects_unknown_sections(tmp_path, capsys):
         main(["--only", "bogus", "--device", "cpu", "--output-dir", str(tmp_path)])
     assert "unknown section" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "gpu_suite.json")
+
+
+def test_gpu_suite_serve_section_measures_the_service_on_cpu(tmp_path, tiny_backbone):
+    pytest.importorskip("fastapi")
+    code, report = _suite(tmp_path, tiny_backbone, "serve")
+    assert code == 0 and report["failed"] == [], report["sections"]["serve"].get("error")
+    s = report["sections"]["serve"]
+    assert [r["concurrency"] for r in s["levels"]] == [1, 8]
+    assert all(r["errors"] == 0 and r["requests"] == 8 for r in s["levels"])
+    assert s["p99_ms_at_8"] == s["levels"][1]["p99_ms"] > 0
+    rows = {r["figure"]: r for r in report["summary"]}
+    assert rows["service p99 per request at concurrency 8 (ms)"]["now"] == s["p99_ms_at_8"]

@@ -30,6 +30,8 @@ def summary(report: Dict[str, Any]) -> List[Dict[str, Any]]:
         ("sweep of 16 / 16 sequential runs", None, _get(s, "sweep", "ratio"), "<= 0.05"),
         ("end-to-end / two-stage", _get(s, "end_to_end", "ratio_eager_head"),
          _get(s, "end_to_end", "ratio_graph_head_compiled_backbone") or _get(s, "end_to_end", "ratio"), ">= 300"),
+        ("service p99 per request at concurrency 8 (ms)", _get(s, "serve", "in_process", "single_image", "p99_ms"),
+         _get(s, "serve", "p99_ms_at_8"), "<= 100"),
     ]
     runs = _get(s, "extraction", "summary") or {}
     offs = [(k, v) for k, v in runs.items() if k.startswith("off@")]

@@ -14,6 +14,8 @@ stopped by a time limit keeps what it measured:
     end_to_end   end-to-end / two-stage training time (PerformanceBenchmarks.training_time_estimate), with the
                  two-stage time also from the eager head step and from the compiled backbone
     extraction   pipeline / bare ratio and peak RSS at each size (mirip.bench.extraction), eager and compiled
+    serve        the HTTP service under load (mirip.bench.serve): requests/s and p50/p95/p99 at concurrency 1
+                 and 8 beside in-process scoring; the seed's online goal is p99 <= 100 ms at concurrency 8
 
 The sections are in ``mirip.bench.gpu_sections``, the goal table and markdown in ``mirip.bench.gpu_report``.
 
@@ -38,9 +40,10 @@ from mirip.devices import default_precision, resolve_device
 from mirip.bench.gpu_report import CHECKS, all_ok, failed_checks, summary, to_markdown  # noqa: F401
 from mirip.bench.gpu_sections import (DEFAULTS, GOALS, TOLERANCE, backbone_section, compare_features,  # noqa: F401
                                       end_to_end_section, extraction_section, full_image_section,
-                                      head_step_section, sweep_section, sync_free_epoch, training_section)
+                                      head_step_section, serve_section, sweep_section, sync_free_epoch,
+                                      training_section)
 
-SECTIONS = ("backbone", "head_step", "training", "sweep", "full_image", "end_to_end", "extraction")
+SECTIONS = ("backbone", "head_step", "training", "sweep", "full_image", "end_to_end", "extraction", "serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 RUNNERS = {"backbone": backbone_section, "head_step": head_step_section, "training": training_section,
            "sweep": sweep_section, "full_image": full_image_section, "end_to_end": end_to_end_section,
-           "extraction": extraction_section}
+           "extraction": extraction_section, "serve": serve_section}
 
 
 def run(args: argparse.Namespace, output_dir: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
