@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="decoded pixels at most (decompression-bomb limit; default: the library's 179 MP)")
     p.add_argument("--explain-steps", type=int, default=32, help="integration steps of POST /explain")
+    p.add_argument("--max-explain-images", type=int, default=4,
+                   help="images in one POST /explain at most (an explanation holds the backbone meanwhile)")
     p.add_argument("--api-key-env", default="MIRIP_API_KEY", metavar="VAR",
                    help="environment variable holding the API key; when it is set, every endpoint but /health "
                         "needs the X-API-Key header (a key is never taken on the command line, where ps shows it)")
@@ -92,7 +94,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms, max_queue=args.max_queue,
             max_images=args.max_images, max_image_bytes=int(args.max_image_mb * MB),
             max_request_bytes=int(args.max_request_mb * MB),
-            max_image_pixels=args.max_image_pixels, explain_steps=args.explain_steps, api_key=_api_key(args))
+            max_image_pixels=args.max_image_pixels, explain_steps=args.explain_steps,
+            max_explain_images=args.max_explain_images, api_key=_api_key(args))
     except (FileNotFoundError, CheckpointError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -253,15 +253,17 @@ def test_explain_returns_the_library_map_and_a_legible_overlay(heads_dir):
     d, a, _, images = heads_dir
     scorer = load_scorer(a, device="cpu")
     ref, = scorer.explain(images[:1], progress=False, steps=8)
-    with running(_app([a], explain_steps=8)) as url:
+    with running(_app([a], explain_steps=8, max_explain_images=2)) as url:
         got = httpx.post(url + "/explain", files=_files(images[:1])).json()["results"][0]
         bare = httpx.post(url + "/explain?overlay=false", files=_files(images[:1])).json()["results"][0]
+        too_many = httpx.post(url + "/explain", files=_files(images[:3]))
     np.testing.assert_allclose(np.array(got["map"]), ref.map, atol=1e-5)
     assert got["score"] == pytest.approx(ref.score, abs=1e-5) and got["grid"] == list(ref.grid)
     import base64
     overlay = Image.open(io.BytesIO(base64.b64decode(got["overlay_png_base64"])))
     assert overlay.format == "PNG" and min(overlay.size) > 50
     assert "overlay_png_base64" not in bare and "path" not in got
+    assert too_many.status_code == 413 and too_many.json()["max_images"] == 2
 
 
 def test_the_batcher_bounds_its_queue_admits_all_or_none_and_outlives_a_failed_batch():

@@ -16,7 +16,8 @@ class ServeConfig:
     ``batch_timeout_ms`` after its first image for more to arrive. ``max_queue`` images may wait; beyond it
     a request gets 503 at once instead of queueing without bound. ``max_image_bytes`` / ``max_images`` bound
     one upload and one request; ``max_image_pixels`` is the decoder's decompression-bomb limit (None: the
-    library's default). ``api_key`` (never printed or returned) guards every endpoint but ``/health``.
+    library's default). An explanation holds the backbone for a backward pass, so ``/explain`` takes at most
+    ``max_explain_images`` per request, to keep scoring requests from waiting long behind one. ``api_key`` (never printed or returned) guards every endpoint but ``/health``.
     """
 
     checkpoints: List[str] = field(default_factory=list)
@@ -34,11 +35,12 @@ class ServeConfig:
     max_request_bytes: int = 64 * MB
     max_image_pixels: Optional[int] = None
     explain_steps: int = 32
+    max_explain_images: int = 4
     api_key: Optional[str] = field(default=None, repr=False)
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_queue", "max_images", "max_image_bytes", "max_request_bytes",
-                     "explain_steps"):
+                     "explain_steps", "max_explain_images"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_timeout_ms < 0:
