@@ -264,6 +264,7 @@ def test_explain_returns_the_library_map_and_a_legible_overlay(heads_dir):
     assert overlay.format == "PNG" and min(overlay.size) > 50
     assert "overlay_png_base64" not in bare and "path" not in got
     assert too_many.status_code == 413 and too_many.json()["max_images"] == 2
+    assert "--max-explain-images" in too_many.json()["error"]
 
 
 def test_the_batcher_bounds_its_queue_admits_all_or_none_and_outlives_a_failed_batch():

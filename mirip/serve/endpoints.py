@@ -103,7 +103,8 @@ async def explain(request: Request, overlay: bool = True, head: int = 0):
     heads, config = service.ready(), service.config
     if not 0 <= head < len(heads.scorers):
         raise RequestError(400, f"head must be 0..{len(heads.scorers) - 1}, got {head}", field="head")
-    uploads = await read_uploads(request, config.max_explain_images, config.max_image_bytes)
+    uploads = await read_uploads(request, config.max_explain_images, config.max_image_bytes,
+                                 images_flag="--max-explain-images")
     decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor)
     scorer = heads.scorers[head]
 

@@ -67,17 +67,21 @@ def from_json(payload: Any, keys: Sequence[str] = ("images",)) -> List[Upload]:
     return uploads
 
 
-async def read_uploads(request, max_images: int, max_image_bytes: int, keys: Sequence[str] = ("images",)
-                       ) -> List[Upload]:
+async def read_uploads(request, max_images: int, max_image_bytes: int, keys: Sequence[str] = ("images",),
+                       images_flag: str = "--max-images") -> List[Upload]:
     """The request's images, in order, within the limits; raises ``RequestError`` otherwise."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
         # Starlette's own file-count refusal is a bare 400; let check_limits say it (the body limit bounds it).
         form = await request.form(max_files=4 * max_images + 4, max_fields=4 * max_images + 16)
-        parts = [(f, v) for f, v in form.multi_items() if hasattr(v, "read")]  # the UploadFiles
-        if keys != ("images",) and all(any(f == k for f, _ in parts) for k in keys):
-            parts = [next(p for p in parts if p[0] == k) for k in keys] + [p for p in parts if p[0] not in keys]
-        uploads = [Upload(i, v.filename or f, await v.read(max_image_bytes + 1)) for i, (f, v) in enumerate(parts)]
+        try:
+            parts = [(f, v) for f, v in form.multi_items() if hasattr(v, "read")]  # the UploadFiles
+            if keys != ("images",) and all(any(f == k for f, _ in parts) for k in keys):
+                parts = [next(p for p in parts if p[0] == k) for k in keys] + [p for p in parts if p[0] not in keys]
+            uploads = [Upload(i, v.filename or f, await v.read(max_image_bytes + 1))
+                       for i, (f, v) in enumerate(parts)]
+        finally:
+            await form.close()  # the spooled temporary files go at once, not when the request object does
     elif kind == "application/json":
         try:
             payload = json.loads(await request.body())
@@ -87,17 +91,18 @@ async def read_uploads(request, max_images: int, max_image_bytes: int, keys: Seq
     else:
         raise RequestError(415, f"send the images as multipart/form-data files or as JSON with base64 data, "
                                 f"not {kind or 'no content type'}", content_type=kind or None)
-    check_limits(uploads, max_images, max_image_bytes)
+    check_limits(uploads, max_images, max_image_bytes, images_flag)
     return uploads
 
 
-def check_limits(uploads: Sequence[Upload], max_images: int, max_image_bytes: int) -> None:
+def check_limits(uploads: Sequence[Upload], max_images: int, max_image_bytes: int,
+                 images_flag: str = "--max-images") -> None:
     if not uploads:
         raise RequestError(400, "the request holds no image: send files in a multipart form, or JSON "
                                 '{"images": ["<base64>"]}')
     if len(uploads) > max_images:
         raise RequestError(413, f"{len(uploads)} images in one request; this service takes at most {max_images} "
-                                "(split the request, or start it with a larger --max-images)",
+                                f"(split the request, or start it with a larger {images_flag})",
                            images=len(uploads), max_images=max_images)
     for u in uploads:
         if len(u.data) > max_image_bytes:
