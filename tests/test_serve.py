@@ -312,3 +312,31 @@ def test_a_lone_image_does_not_wait_for_a_batch_but_one_on_its_way_is_waited_for
     assert first[0].result(10) == 2.0 and second[0].result(10) == 3.0
     assert b.stats.sizes.get(2) == 1  # the two went through the backbone together
     b.close()
+
+
+def test_a_full_queue_answers_503_at_once_and_recovers(heads_dir):
+    d, a, _, images = heads_dir
+    heads = HeadSet.load([a], device="cpu")
+    gate, score_batch = threading.Event(), heads.score_batch
+
+    def held(batch):  # the backbone is busy until the gate opens
+        gate.wait(30)
+        return score_batch(batch)
+
+    heads.score_batch = held
+    app = create_app(ServeConfig(checkpoints=[a], device="cpu", max_queue=2, batch_timeout_ms=0), load=lambda: heads)
+    with running(app) as url, ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(httpx.post, url + "/score", files=_files(images[:1]), timeout=60)
+        time.sleep(0.5)  # taken by the worker, which now waits on the gate; the queue is empty again
+        queued = pool.submit(httpx.post, url + "/score", files=_files(images[1:3]), timeout=60)
+        time.sleep(0.5)  # two images wait: the queue is full
+        t0 = time.monotonic()
+        refused = httpx.post(url + "/score", files=_files(images[3:4]))
+        refused_in = time.monotonic() - t0
+        gate.set()
+        first, second = busy.result(60), queued.result(60)
+        after = httpx.post(url + "/score", files=_files(images[3:4]))
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "busy" in refused.json()["error"] and refused_in < 5
+    assert first.status_code == 200 and second.status_code == 200 and len(second.json()["results"]) == 2
+    assert after.status_code == 200
