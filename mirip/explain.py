@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mirip.feature_spec import PATCH_POOLINGS
 from mirip.ml.families import block_output
-from mirip.preprocessing import PAPER_WHITE, ImageReadError, resize, to_tensor
+from mirip.preprocessing import PAPER_WHITE, ImageReadError, resize, source_size, to_tensor
 
 EXACT_POOLINGS = PATCH_POOLINGS  # exact per-patch attribution (see the module docstring)
 
@@ -127,6 +127,13 @@ def input_geometry(width: int, height: int, size: int, mode: str, patch: int):
     return (x0, y0, x0 + nw, y0 + nh), (0, 0, width, height)
 
 
+def scale_box(box, size: Tuple[int, int], to: Tuple[int, int]) -> Tuple[int, int, int, int]:
+    """A box given on a picture of ``size`` moved onto the same picture at size ``to`` (a draft decode of a
+    JPEG is the file shrunk by a power of two, rounded up: proportional, not an exact factor)."""
+    sx, sy = to[0] / size[0], to[1] / size[1]
+    return tuple(int(round(v * s)) for v, s in zip(box, (sx, sy, sx, sy)))
+
+
 def content_cells(box: Tuple[int, int, int, int], grid: Tuple[int, int], patch: int) -> np.ndarray:
     """True for cells at least half covered by the drawing's box."""
     gh, gw = grid
@@ -137,7 +144,7 @@ def content_cells(box: Tuple[int, int, int, int], grid: Tuple[int, int], patch: 
 
 
 class _Files(Dataset):
-    """A file -> (index, tensor, upright size, None) or (index, None, None, reason)."""
+    """A file -> (index, tensor, (decoded size, file's upright size), None) or (index, None, None, reason)."""
 
     def __init__(self, paths: Sequence[str], preprocessor):
         self.paths, self.pre = list(paths), preprocessor
@@ -150,7 +157,7 @@ class _Files(Dataset):
             img = self.pre.load(self.paths[i])
             t = to_tensor(resize(img, self.pre.image_size, self.pre.resize_mode, self.pre.patch_size),
                           self.pre.mean, self.pre.std)
-            return i, t, img.size, None
+            return i, t, (img.size, source_size(img)), None
         except (FileNotFoundError, ImageReadError) as exc:
             return i, None, None, getattr(exc, "reason", None) or str(exc)
         except (OSError, ValueError, MemoryError) as exc:
@@ -353,13 +360,17 @@ class Explainer:
         for start in range(0, len(images), batch_size):
             chunk = list(images[start:start + batch_size])
             batch = torch.stack([self.pre(img) for _, img in chunk])
-            out.extend(self._wrap(name, img.size, r) for (name, img), r in zip(chunk, self.explain_batch(batch)))
+            results = self.explain_batch(batch)
+            out.extend(self._wrap(name, (img.size, source_size(img)), r) for (name, img), r in zip(chunk, results))
         return out
 
-    def _wrap(self, path: str, size, r: dict) -> Explanation:
-        p = self.ext.patch_size
-        box, source = input_geometry(size[0], size[1], self.pre.image_size, self.pre.resize_mode, p)
+    def _wrap(self, path: str, sizes, r: dict) -> Explanation:
+        """``sizes``: (the decoded picture's, the file's upright). The backbone saw the decoded one; the outputs
+        describe the file, which is what a viewer reopens."""
+        p, (decoded, upright) = self.ext.patch_size, sizes
+        box, source = input_geometry(decoded[0], decoded[1], self.pre.image_size, self.pre.resize_mode, p)
         return Explanation(path=path, score=r["score"], baseline_score=r["baseline_score"], map=r["map"],
-                           content=content_cells(box, r["map"].shape, p), patch_size=p, image_size=tuple(size),
-                           content_box=box, source_box=source, exact=all(m == "exact" for m in r["methods"].values()),
-                           methods=r["methods"], unassigned=r["unassigned"], quadrature_gap=r["quadrature_gap"])
+                           content=content_cells(box, r["map"].shape, p), patch_size=p, image_size=tuple(upright),
+                           content_box=box, source_box=scale_box(source, decoded, upright),
+                           exact=all(m == "exact" for m in r["methods"].values()), methods=r["methods"],
+                           unassigned=r["unassigned"], quadrature_gap=r["quadrature_gap"])

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mirip.explain import Explanation
+from mirip.explain import Explanation, scale_box
 from mirip.preprocessing import load_image
 
 NEGATIVE = np.array([33, 102, 172], dtype=np.float32)   # drags the score down
@@ -51,12 +51,18 @@ def colour_overlay(picture: Image.Image, values: np.ndarray, vmax: float) -> Ima
 
 
 def render_explanation(exp: Explanation, image: Optional[Image.Image] = None, max_side: int = 384) -> Image.Image:
-    """[drawing | drawing + map] with a legend strip naming the score, the blank page's and the scale."""
-    img = image if image is not None else load_image(exp.path)
-    img = img.convert("RGB").crop(exp.source_box)
-    scale = max_side / max(img.size)  # up as well as down: a small drawing's map needs room to be read
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
-    w, h = img.size
+    """[drawing | drawing + map] with a legend strip naming the score, the blank page's and the scale.
+
+    ``image``: the drawing already decoded, at any size (the service's draft-decoded upload); by default the
+    file is reopened, drafted only down to ``max_side``. Either way ``source_box`` (on the file's upright
+    ``image_size``) is moved onto the picture at hand."""
+    img = image if image is not None else load_image(exp.path, draft_size=max_side)
+    img = img.convert("RGB").crop(scale_box(exp.source_box, exp.image_size, img.size))
+    # Sized from the file's box, not the picture at hand, so a drafted picture gives the same layout.
+    bw, bh = exp.source_box[2] - exp.source_box[0], exp.source_box[3] - exp.source_box[1]
+    scale = max_side / max(bw, bh)  # up as well as down: a small drawing's map needs room to be read
+    w, h = max(1, round(bw * scale)), max(1, round(bh * scale))
+    img = img.resize((w, h), Image.BICUBIC)
     values = map_on_image(exp, w, h)
     on = exp.content
     vmax = float(np.abs(exp.map[on]).max()) if on.any() else float(np.abs(exp.map).max())

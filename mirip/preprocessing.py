@@ -33,6 +33,10 @@ MAX_IMAGE_PIXELS = int(os.environ.get("MIRIP_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAG
 COLOR_MANAGEMENT = "icc-to-srgb"
 COLOR_MANAGEMENTS = ("icc-to-srgb", "none")
 _SRGB = ImageCms.createProfile("sRGB")
+# Where a decoded image keeps its file's upright size: a JPEG draft decode is smaller than the file, and whatever
+# maps a result back onto the file (heatmaps, image_size in outputs) needs the file's own size.
+SOURCE_SIZE = "mirip_source_size"
+_ORIENTATION = 0x0112
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
@@ -130,13 +134,15 @@ def _decode(source, name: str, draft_size: int | None, max_pixels: int | None, i
                     raise ImageReadError(name, f"{w}x{h} pixels exceeds the {limit} pixel limit (a possible "
                                                "decompression bomb); raise it with --max-image-pixels or "
                                                "MIRIP_MAX_IMAGE_PIXELS if the file is a genuine scan")
+                upright = (h, w) if img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
                 if draft_size and img.format == "JPEG" and min(w, h) > draft_size:
                     img.draft(img.mode, (draft_size, draft_size))
                 img.load()
                 if icc:
                     img = to_srgb(img)  # before any transpose, while the profile is still attached
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img, icc)
+                img = _to_rgb(ImageOps.exif_transpose(img), icc)
+                img.info[SOURCE_SIZE] = upright
+                return img
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -145,6 +151,12 @@ def _decode(source, name: str, draft_size: int | None, max_pixels: int | None, i
         raise ImageReadError(name, "not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(name, f"{exc.__class__.__name__}: {exc}") from exc
+
+
+def source_size(img: Image.Image) -> Tuple[int, int]:
+    """The upright (width, height) of the file ``img`` was decoded from (``load_image``), larger than
+    ``img.size`` after a draft decode; an image that came from no file is its own source."""
+    return tuple(img.info.get(SOURCE_SIZE, img.size))
 
 
 def _open_with_limit(source, limit: int) -> Image.Image:
