@@ -14,21 +14,15 @@ import os
 from typing import Optional, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from mirip.explain import Explanation, scale_box
+from mirip.fonts import default_font, font_for
 from mirip.preprocessing import load_image
 
 NEGATIVE = np.array([33, 102, 172], dtype=np.float32)   # drags the score down
 POSITIVE = np.array([178, 24, 43], dtype=np.float32)    # lifts it
 MAX_ALPHA = 0.7
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: a fixed bitmap font
-        return ImageFont.load_default()
 
 
 def map_on_image(exp: Explanation, width: int, height: int) -> np.ndarray:
@@ -77,7 +71,7 @@ def render_explanation(exp: Explanation, image: Optional[Image.Image] = None, ma
 
 def _legend(draw: ImageDraw.ImageDraw, exp: Explanation, vmax: float, box: Tuple[int, int, int, int]) -> None:
     left, top, right, _ = box
-    small = _font(12)
+    small = default_font(12)
     bar_w = min(220, (right - left) // 2)
     for x in range(bar_w):
         v = 2 * x / max(bar_w - 1, 1) - 1
@@ -91,7 +85,8 @@ def _legend(draw: ImageDraw.ImageDraw, exp: Explanation, vmax: float, box: Tuple
     draw.text((left + bar_w + 12, top), f"score {exp.score:+.3f}  (blank page {exp.baseline_score:+.3f})",
               fill=(0, 0, 0), font=small)
     draw.text((left + bar_w + 12, top + 16), f"map = score - blank page, {kind}", fill=(80, 80, 80), font=small)
-    draw.text((left, top + 32), os.path.basename(exp.path), fill=(80, 80, 80), font=small)
+    name_font, name = font_for(os.path.basename(exp.path), 12)
+    draw.text((left, top + 32), name, fill=(80, 80, 80), font=name_font)
 
 
 def overlay_name(path: str, roots=()) -> str:
