@@ -231,7 +231,7 @@ def _write_explanations(scorer: Scorer, paths: Sequence[str], args: argparse.Nam
         print(f"  could not explain {p}: {reason}")
     kinds = {"exact" if r["exact"] else "first-order" for r in rows}
     print(f"explained {len(rows)} images ({', '.join(sorted(kinds)) or 'none'} per-patch maps of score - blank "
-          f"page score); wrote {args.explain}/*.png, *.npy and index.json")
+          f"page score); wrote {os.path.join(args.explain, '*.png')}, *.npy and index.json")
     return {r["path"]: r["png"] for r in rows}
 
 

@@ -108,3 +108,14 @@ def test_benchmark_explain_section_runs_and_reports_its_figures(tiny_backbone, t
     assert first["exact"] is True and first["quadrant"]["images"] == 4
     assert [d["fraction"] for d in first["deletion"]] == [0.05, 0.1, 0.25, 0.5]
     assert "explain / score" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_explain_dir_given_with_a_trailing_slash_is_printed_once_slashed(explained, tmp_path, capsys):
+    _, d, ckpt, _, _ = explained
+    out = str(tmp_path / "heatmaps") + "/"  # as the README writes it: --explain heatmaps/
+    with torch_threads(1):
+        rc = score.main(["--checkpoint", ckpt, str(d / "img_0.png"), "--output", str(tmp_path / "s.csv"),
+                         "--explain", out, "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'heatmaps'}/*.png" in printed and "//" not in printed
