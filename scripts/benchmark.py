@@ -30,10 +30,10 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.atomic import write_atomic
-from mirip.bench.machine import machine_info
-from mirip.cli_options import DefaultsHelpFormatter, plain_warnings
-from mirip.devices import PRECISIONS, default_precision, device_defaults, resolve_device
+from mirip.cli.options import DefaultsHelpFormatter, plain_warnings
+from mirip.common.atomic import write_atomic
+from mirip.common.devices import PRECISIONS, default_precision, device_defaults, resolve_device
+from mirip.common.machine import machine_info
 
 BENCHMARKS = ("full_image", "extraction", "training", "sweep", "explain", "serve")
 

@@ -17,13 +17,14 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, add_strict_images_option, plain_warnings
-from mirip.checkpoint import CheckpointError
-from mirip.features.cache import CacheError
-from mirip.fingerprint import RANDOM_WEIGHTS_NOTE
+from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, add_strict_images_option, plain_warnings
+from mirip.store.cache_errors import CacheError
+from mirip.store.checkpoint import CheckpointError
+from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE
 from mirip.training.evaluator import format_metrics
-from mirip.training.run import evaluate_checkpoint, write_json
+from mirip.training.run import evaluate_checkpoint
 from mirip.training.run_data import exclusion_note
+from mirip.training.run_outputs import write_json
 
 
 def _positive_int(text: str) -> int:

@@ -23,13 +23,14 @@ except ImportError:
     # ``python scripts/extract.py`` puts scripts/ on the path, not the repository root.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
-from mirip.devices import PRECISIONS, device_defaults
-from mirip.feature_spec import BANK_POOLINGS
-from mirip.features.extract import FEATURE_DTYPES, ExtractConfig, extract_features
+from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
+from mirip.common.devices import PRECISIONS, device_defaults
+from mirip.common.feature_spec import BANK_POOLINGS
+from mirip.common.feature_spec import POOLINGS
+from mirip.extract.config import FEATURE_DTYPES, ExtractConfig
+from mirip.extract.run import extract_features
 from mirip.ml import compiled
-from mirip.ml.feature_extractor import POOLINGS
-from mirip.preprocessing import MAX_IMAGE_PIXELS, RESIZE_MODES
+from mirip.ml.preprocessing import MAX_IMAGE_PIXELS, RESIZE_MODES
 
 
 def _positive(text: str) -> int:

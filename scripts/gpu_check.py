@@ -33,7 +33,8 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirip.bench import gpu_suite
-from mirip.cli_options import DefaultsHelpFormatter
+from mirip.cli.options import DefaultsHelpFormatter
+from mirip.bench import gpu_report
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -48,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(gpu_suite.to_markdown(report))
     print(f"wrote {args.output_dir}/gpu_suite.json and gpu_suite.md")
-    return 0 if gpu_suite.all_ok(report) else 1
+    return 0 if gpu_report.all_ok(report) else 1
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ except ImportError:
     # path, not the repository root, when the package is not installed.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.cli_options import DefaultsHelpFormatter
-from mirip.demo_data import IMAGE_FORMATS, IMAGES_DIR, METADATA_NAME, TIERS, make_demo_dataset
+from mirip.cli.options import DefaultsHelpFormatter
+from mirip.demo.data import IMAGE_FORMATS, IMAGES_DIR, METADATA_NAME, TIERS, make_demo_dataset
 
 
 def _int(text: str) -> int:

@@ -22,13 +22,15 @@ except ImportError:
 
 import pandas as pd
 
-from mirip.cli_options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
-from mirip.checkpoint import CheckpointError
-from mirip.fingerprint import FingerprintMismatch
-from mirip.inference import Scorer, ScoreResult, find_images, load_scorer, match_paths, split_membership
-from mirip.metadata_csv import csv_lines, read_metadata_csv
-from mirip.preprocessing import ImageReadError
-from mirip.tiers import tier_ranks, rank_to_tier
+from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
+from mirip.common.metadata_csv import csv_lines, read_metadata_csv
+from mirip.common.tiers import tier_ranks, rank_to_tier
+from mirip.ml.preprocessing import ImageReadError
+from mirip.scoring.inputs import find_images, match_paths, split_membership
+from mirip.scoring.scorer import Scorer, load_scorer
+from mirip.scoring.scores import ScoreResult
+from mirip.store.checkpoint import CheckpointError
+from mirip.store.fingerprint import FingerprintMismatch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +210,7 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
             print(f"  {p}: {reason}")
     overlays = _write_explanations(scorer, result.paths, args) if args.explain else None
     if args.html:
-        from mirip.report_html import write_html_report
+        from mirip.scoring.report_html import write_html_report
 
         info = {k: v for k, v in scorer.describe().items() if v is not None}
         write_html_report(args.html, frame.to_dict("records"), title=args.title or "mirip scores", info=info,
@@ -222,7 +224,7 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
 
 def _write_explanations(scorer: Scorer, paths: Sequence[str], args: argparse.Namespace) -> Dict[str, str]:
     """Attribution maps of the scored images into args.explain; returns path -> overlay PNG for the report."""
-    from mirip.heatmap import save_explanations
+    from mirip.scoring.heatmap import save_explanations
 
     result = scorer.explain(paths, batch_size=args.batch_size, num_workers=args.num_workers,
                             progress=not args.no_progress)

@@ -20,9 +20,9 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.checkpoint import CheckpointError, load_checkpoint_file
-from mirip.cli_options import DefaultsHelpFormatter, plain_warnings
+from mirip.cli.options import DefaultsHelpFormatter, plain_warnings
 from mirip.serve.config import MB, ServeConfig
+from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,16 +25,17 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.checkpoint import CheckpointError
-from mirip.cli_options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
-                                training_values)
-from mirip.features.cache import CacheError
-from mirip.feature_spec import FEATURE_NORMS
+from mirip.cli.options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
+    training_values)
+from mirip.common.feature_spec import FEATURE_NORMS
+from mirip.store.cache_errors import CacheError
+from mirip.store.checkpoint import CheckpointError
 from mirip.sweep.grid import SweepConfigError, SweepGrid
 from mirip.sweep.multi import run_multi_sweep
 from mirip.sweep.report import tie_note
-from mirip.sweep.runner import GRID_FIELDS, OUTPUT_FILES, SweepSettings, run_sweep
-from mirip.sweep.stacked import OPTIMIZERS
+from mirip.sweep.runner import OUTPUT_FILES, run_sweep
+from mirip.sweep.settings import GRID_FIELDS, SweepSettings
+from mirip.sweep.stacked_optim import OPTIMIZERS
 from mirip.training.config import TrainingConfig
 
 DEFAULTS = TrainingConfig()

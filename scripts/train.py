@@ -16,13 +16,14 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirip.checkpoint import CheckpointError
-from mirip.cli_options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
-                                training_values)
-from mirip.features.cache import CacheError
-from mirip.feature_spec import FEATURE_NORMS
+from mirip.cli.options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
+    training_values)
+from mirip.common.feature_spec import FEATURE_NORMS
+from mirip.store.cache_errors import CacheError
+from mirip.store.checkpoint import CheckpointError
 from mirip.training.config import TrainingConfig
-from mirip.training.run import OUTPUT_FILES, RunConfig, train
+from mirip.training.run import OUTPUT_FILES, train
+from mirip.training.run_config import RunConfig
 
 def _positive(kind):
     def parse(text: str):

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mirip.features.extract import ExtractConfig, extract_features
+from mirip.extract.config import ExtractConfig
+from mirip.extract.run import extract_features
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
-from mirip.preprocessing import Preprocessor
+from mirip.ml.preprocessing import Preprocessor
 
 SIZE = 28  # 2 x 2 patches of the tiny backbone: fast, and still a real forward pass
 

@@ -25,7 +25,7 @@ GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "golde
 def _bank(directory: str):
     """A two-entry bank: cls@-1 wide and weakly informative, std@-1 small and informative (so per-entry
     scaling matters), 96 images over four tiers."""
-    from mirip.features.cache import write_cache
+    from mirip.store.cache import write_cache
 
     rng = np.random.default_rng(7)
     n, dim = 96, 6
@@ -46,7 +46,7 @@ def _bank(directory: str):
 
 
 def _state_sha(path: str) -> str:
-    from mirip.checkpoint import load_checkpoint_file
+    from mirip.store.checkpoint import load_checkpoint_file
 
     state = load_checkpoint_file(path)["model_state_dict"]
     h = hashlib.sha256()
@@ -71,9 +71,11 @@ def _floats(obj):
 
 def compute() -> dict:
     from mirip.sweep.grid import SweepGrid
-    from mirip.sweep.runner import SweepSettings, run_sweep
+    from mirip.sweep.settings import SweepSettings
+    from mirip.sweep.runner import run_sweep
     from mirip.training.config import TrainingConfig
-    from mirip.training.run import RunConfig, train
+    from mirip.training.run_config import RunConfig
+    from mirip.training.run import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

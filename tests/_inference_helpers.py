@@ -9,12 +9,12 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from mirip.checkpoint import save_checkpoint_file
-from mirip.features.cache import write_cache
-from mirip.fingerprint import make_fingerprint
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.ml.preprocessing import Preprocessor
 from mirip.ml.ranking_model import RankingHead
-from mirip.preprocessing import Preprocessor
+from mirip.store.cache import write_cache
+from mirip.store.checkpoint import save_checkpoint_file
+from mirip.store.fingerprint import make_fingerprint
 
 IMAGE_SIZE = 56
 TIERS = "SSAABBCC"

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mirip.calibration import fit_ordinal, make_score_reference
-from mirip.checkpoint import save_checkpoint_file
-from mirip.feature_spec import FeatureSpec
-from mirip.fingerprint import make_fingerprint
+from mirip.common.feature_spec import FeatureSpec
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.ml.preprocessing import Preprocessor
 from mirip.ml.ranking_model import RankingHead
-from mirip.preprocessing import Preprocessor
+from mirip.store.checkpoint import save_checkpoint_file
+from mirip.store.fingerprint import make_fingerprint
+from mirip.training.calibration import fit_ordinal
+from mirip.training.calibration_reference import make_score_reference
 
 SIZE = 56
 BANK = "cls@-1+mean@-1+mean@1"

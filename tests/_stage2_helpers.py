@@ -9,8 +9,8 @@ from typing import Tuple
 import numpy as np
 import pandas as pd
 
-from mirip.features.cache import write_cache
-from mirip.tiers import TIERS
+from mirip.common.tiers import TIERS
+from mirip.store.cache import write_cache
 
 
 def fake_fingerprint(dim: int, **overrides) -> dict:

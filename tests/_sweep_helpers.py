@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirip.features.cache import write_cache
+from mirip.store.cache import write_cache
 
 TIER_RANK = {"S": 3, "A": 2, "B": 1, "C": 0}
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mirip.calibration import (CalibrationError, OrdinalCalibration, ScoreReference, confusion_matrix,
-                               expected_calibration_error, fit_ordinal, from_checkpoint, logistic_difference_cdf,
-                               make_score_reference, ranked_probability_score, tier_metrics)
+from mirip.training.calibration import OrdinalCalibration, fit_ordinal, from_checkpoint, logistic_difference_cdf
+from mirip.training.calibration_metrics import (CalibrationError, confusion_matrix, expected_calibration_error,
+    ranked_probability_score, tier_metrics)
+from mirip.training.calibration_reference import ScoreReference, make_score_reference
 
 TRUE_SLOPE = 1.3
 TRUE_THRESHOLDS = np.array([-1.5, 0.8, 2.9])

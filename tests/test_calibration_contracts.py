@@ -1,7 +1,7 @@
-"""The calibration's contract, function by function (mirip/calibration.py; mutation-tested, docs/testing.md).
+"""The calibration's contract, function by function (mirip/training/calibration.py; mutation-tested, docs/testing.md).
 
 Fast unit tests: reference values are written out by hand or computed naively (Python loops, ``decimal``),
-never with mirip.calibration's own helpers. The fits here are small (tens of drawings).
+never with mirip.training.calibration's own helpers. The fits here are small (tens of drawings).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from mirip import calibration as cm
-from mirip.calibration import (CalibrationError, OrdinalCalibration, ScoreReference, confusion_matrix,
-                               expected_calibration_error, fit_ordinal, from_checkpoint, logistic_difference_cdf,
-                               make_score_reference, names_sha256, ranked_probability_score, reliability_bins,
-                               tier_metrics)
+from mirip.training import calibration as cm
+from mirip.training.calibration import OrdinalCalibration, fit_ordinal, from_checkpoint, logistic_difference_cdf
+from mirip.training.calibration_metrics import (CalibrationError, confusion_matrix, expected_calibration_error,
+    ranked_probability_score, reliability_bins, tier_metrics)
+from mirip.training.calibration_reference import ScoreReference, make_score_reference, names_sha256
+from mirip.training import calibration_reference
 
 
 def _exactly(message: str):
@@ -438,7 +439,7 @@ def test_percentile_interpolates_between_quantiles_and_collapses_ties():
     np.testing.assert_allclose(two.percentile([0.5, 1.0, 1.25, 2.0, 2.5]), [0.0, 0.0, 25.0, 100.0, 100.0])
     inner = ScoreReference(levels=(10.0, 50.0, 90.0), overall=(1.0, 2.0, 4.0), per_tier={}, counts={})
     np.testing.assert_allclose(inner.percentile([0.0, 1.0, 1.5, 3.0, 4.0, 5.0]), [0.0, 10.0, 30.0, 70.0, 90.0, 100.0])
-    v, l = cm._strictly_increasing(np.array([1.0, 2.0, 2.0, 2.0, 3.0, 3.0]), np.array([0.0, 10, 20, 40, 50, 70]))
+    v, l = calibration_reference._strictly_increasing(np.array([1.0, 2.0, 2.0, 2.0, 3.0, 3.0]), np.array([0.0, 10, 20, 40, 50, 70]))
     assert v.tolist() == [1.0, 2.0, 3.0] and l.tolist() == [0.0, 70 / 3, 60.0]
 
 

@@ -134,7 +134,7 @@ def test_gpu_suite_every_section_runs_on_cpu(tmp_path, tiny_backbone):
     from mirip.bench.gpu_suite import SECTIONS
 
     code, report = _suite(tmp_path, tiny_backbone, ",".join(SECTIONS))
-    from mirip.bench.gpu_suite import failed_checks
+    from mirip.bench.gpu_report import failed_checks
 
     assert report["failed"] == [], {k: v.get("error") for k, v in report["sections"].items()}
     assert failed_checks(report) == [], {k: v for k, v in report["sections"].items() if k != "sweep"}

@@ -20,8 +20,8 @@ import torch
 
 from _extract_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from _extract_helpers import SIZE, extract, make_images, reference_features, script_main
-from mirip.features.cache import open_cache
 from mirip.ml import compiled as C
+from mirip.store.cache import open_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -166,10 +166,10 @@ def test_score_compile_on_equals_eager(scored_folder, tmp_path, capsys):
 
 
 def test_scorer_compile_with_an_intermediate_block_spec_scores_eager(tiny_backbone):
-    from mirip.inference import Scorer
+    from mirip.scoring.scorer import Scorer
     from mirip.ml.feature_extractor import DINOv2FeatureExtractor
     from mirip.ml.ranking_model import PairwiseRankingModel
-    from mirip.preprocessing import Preprocessor
+    from mirip.ml.preprocessing import Preprocessor
 
     ex = DINOv2FeatureExtractor(tiny_backbone, device="cpu", entries="cls@-2,-1")
     scorer = Scorer(PairwiseRankingModel(tiny_backbone, device="cpu", feature_extractor=ex), Preprocessor(SIZE))

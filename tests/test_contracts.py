@@ -14,16 +14,16 @@ import torch
 import transformers
 
 import mirip
-from mirip.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
-from mirip.features.cache import CacheError, FeatureCache, open_cache, write_cache
-from mirip.fingerprint import (RANDOM_WEIGHTS_NOTE, FingerprintMismatch, check_fingerprint, diff_fingerprints, from_attrs,
-                               make_fingerprint, to_attrs, weights_summary)
+from mirip.common.tiers import tier_ranks
 from mirip.ml.backbones import BackboneInfo
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
-from mirip.preprocessing import Preprocessor
-from mirip.tiers import tier_ranks
-from mirip.training.datasets.pair_sampling import (count_cross_tier_pairs, sample_pairs, tier_combinations,
-                                                   tier_groups)
+from mirip.ml.preprocessing import Preprocessor
+from mirip.store.cache import FeatureCache, open_cache, write_cache
+from mirip.store.cache_errors import CacheError
+from mirip.store.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
+from mirip.store.fingerprint import (RANDOM_WEIGHTS_NOTE, FingerprintMismatch, check_fingerprint, diff_fingerprints,
+    from_attrs, make_fingerprint, to_attrs, weights_summary)
+from mirip.training.datasets.pair_sampling import count_cross_tier_pairs, sample_pairs, tier_combinations, tier_groups
 
 FP = {"feature_dim": 4, "feature_dtype": "float32", "backbone": "b", "image_size": 28, "mean": [0.1, 0.2, 0.3]}
 
@@ -336,7 +336,7 @@ def test_uniform_balance_weights_combinations_by_their_pair_counts():
         sample_pairs(ranks, 10, balance="nope")
 
 
-# --- the cache format, pinned (mutation survivors of mirip/features/cache.py) -----------------------
+# --- the cache format, pinned (mutation survivors of mirip/store/cache.py) -----------------------
 def test_created_cache_layout(tmp_path):
     path = tmp_path / "new" / "deeper" / "c.h5"  # parent directories are made
     fp = {"feature_dim": 4, "backbone": "b"}  # no feature_dtype: float32; no views: none stored

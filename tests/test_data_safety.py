@@ -19,8 +19,9 @@ import pytest
 
 from _extract_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from _extract_helpers import SIZE, extract, make_images, reference_features, write_metadata
-from mirip.atomic import temp_prefix, write_atomic, write_atomic_with
-from mirip.features.cache import CacheDamaged, CacheError, CacheInUse, FeatureCache, open_cache, write_cache
+from mirip.common.atomic import temp_prefix, write_atomic, write_atomic_with
+from mirip.store.cache import FeatureCache, open_cache, write_cache
+from mirip.store.cache_errors import CacheDamaged, CacheError, CacheInUse
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
@@ -174,7 +175,7 @@ def test_no_row_is_committed_before_its_features_are_fsynced(tmp_path, monkeypat
     path = str(tmp_path / "c.h5")
     cache = FeatureCache.create(path, fp)
     cache.append(["a.png"], np.ones((1, 4), np.float32), [1], [1])
-    import mirip.features.cache as cache_module
+    import mirip.store.cache as cache_module
 
     real_fsync, calls = os.fsync, []
 

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mirip.features.cache import CacheError, write_cache
-from mirip.fingerprint import FingerprintMismatch
-from mirip.preprocessing import Preprocessor
-from mirip.tiers import TIER_RANK
+from mirip.common.tiers import TIER_RANK
+from mirip.ml.preprocessing import Preprocessor
+from mirip.store.cache import write_cache
+from mirip.store.cache_errors import CacheError
+from mirip.store.fingerprint import FingerprintMismatch
 from mirip.training.datasets.data_splitter import DataSplitter
 from mirip.training.datasets.pairwise_dataset import DEFAULT_MAX_PAIRS, FeaturePairDataset, PairwiseDataset
 from mirip.training.metrics import kendall_tau_b, pairwise_accuracy, rankdata, spearman, tier_pair_accuracy

@@ -11,15 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mirip.demo_data import (
-    TIERS,
-    assign_tiers,
-    degrade,
-    draw_picture,
-    make_demo_dataset,
-    sample_degradation,
-    tier_counts,
-)
+from mirip.demo.data import TIERS, assign_tiers, degrade, make_demo_dataset, sample_degradation, tier_counts
+from mirip.demo.drawing import draw_picture
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_demo_data.py"
 
@@ -177,8 +170,8 @@ def test_rerun_leaves_identical_files_untouched_so_the_cache_is_reused(tmp_path:
     import os
 
     from _extract_helpers import config
-    from mirip.demo_data import IMAGES_DIR, METADATA_NAME
-    from mirip.features.extract import extract_features
+    from mirip.demo.data import IMAGES_DIR, METADATA_NAME
+    from mirip.extract.run import extract_features
 
     meta = make_demo_dataset(tmp_path, num_images=8, image_size=32, seed=1)
     files = [tmp_path / IMAGES_DIR / name for name in meta["filename"]] + [tmp_path / METADATA_NAME]

@@ -13,10 +13,10 @@ from PIL import Image
 
 from _family_helpers import TINY_FAMILIES, save_tiny
 from _inference_helpers import torch_threads
-from mirip.explain import Explainer
-from mirip.inference import Scorer
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
+from mirip.scoring.explain import Explainer
+from mirip.scoring.scorer import Scorer
 
 SIZE = 56  # a 4 x 4 grid of 14 px patches
 

@@ -16,10 +16,10 @@ from PIL import Image
 
 from _inference_helpers import torch_threads
 from conftest import save_tiny_backbone
-from mirip.heatmap import render_explanation, save_explanations
-from mirip.inference import Scorer
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
+from mirip.scoring.heatmap import render_explanation, save_explanations
+from mirip.scoring.scorer import Scorer
 
 SIZE = 56
 MAX_SIDE = 384

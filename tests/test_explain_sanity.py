@@ -12,9 +12,9 @@ import torch
 
 from _inference_helpers import torch_threads
 from conftest import save_tiny_backbone
-from mirip.explain import Explainer
 from mirip.bench.explain import quadrant_set, scorer_for, train_damage_head
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.scoring.explain import Explainer
 
 SIZE = 112  # an 8 x 8 grid: quadrants of 4 x 4 cells
 

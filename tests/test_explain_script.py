@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
-from mirip.inference import load_scorer
+from mirip.scoring.scorer import load_scorer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,10 +14,14 @@ from PIL import ImageOps
 from _extract_helpers import (SIZE, one_torch_thread,  # noqa: F401  (autouse fixture)
                                config, extract, make_images, noise_image, reference_features, script_main, touch_later,
                               write_bad_files, write_metadata, write_mode_images)
-from mirip.features.cache import CacheError, open_cache
-from mirip.features.extract import ExtractConfig, default_output, extract_features
-from mirip.features.reader import MetadataError, PathEscapeError, list_images, normalize_relpath
-from mirip.fingerprint import FingerprintMismatch
+from mirip.common.metadata_csv import MetadataError
+from mirip.common.paths import PathEscapeError, normalize_relpath
+from mirip.extract.config import ExtractConfig
+from mirip.extract.reader import list_images
+from mirip.extract.run import default_output, extract_features
+from mirip.store.cache import open_cache
+from mirip.store.cache_errors import CacheError
+from mirip.store.fingerprint import FingerprintMismatch
 
 ATOL = 1e-5
 
@@ -218,7 +222,7 @@ def test_augmented_views_are_cached_and_deterministic(images, tiny_backbone, tmp
         assert views.shape == (6, 3, 32) and cache.fingerprint["views"] == 3
         np.testing.assert_allclose(cache.features(), reference_features(tiny_backbone, [d / n for n in names]), atol=ATOL)
     mirrored = tmp_path / "mirrored.png"
-    from mirip.preprocessing import load_image
+    from mirip.ml.preprocessing import load_image
 
     ImageOps.mirror(load_image(d / names[0])).save(mirrored)
     np.testing.assert_allclose(views[0, 0], reference_features(tiny_backbone, [mirrored])[0], atol=ATOL)
@@ -277,9 +281,9 @@ def test_fingerprint_mismatch_error_type_is_kept(images, tiny_backbone, tmp_path
 
 
 def test_uint8_pixels_normalised_on_the_device_equal_the_shared_preprocessing(images, tmp_path):
-    from mirip.features.mapper import Normalizer
-    from mirip.features.reader import ImageFileDataset
-    from mirip.preprocessing import Preprocessor
+    from mirip.extract.mapper import Normalizer
+    from mirip.extract.reader import ImageFileDataset
+    from mirip.ml.preprocessing import Preprocessor
 
     d, names = images
     pre = Preprocessor(image_size=SIZE)
@@ -292,7 +296,7 @@ def test_uint8_pixels_normalised_on_the_device_equal_the_shared_preprocessing(im
 
 
 def test_a_failing_writer_stops_the_run_with_the_error(images, tiny_backbone, tmp_path, monkeypatch):
-    from mirip.features import writer
+    from mirip.extract import writer
 
     d, _ = images
 

@@ -6,6 +6,7 @@ import argparse
 
 from _extract_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from mirip.bench import extraction
+from mirip.bench import memory
 
 
 def test_benchmark_measures_pipeline_and_bare_backbone(tiny_backbone, tmp_path):
@@ -58,9 +59,9 @@ def test_pss_counts_pages_shared_with_a_forked_worker_once(tmp_path):
 
         time.sleep(0.2)
         me = os.getpid()
-        rss = extraction._rss_bytes(me) + extraction._rss_bytes(pid)
-        pss = extraction._pss_bytes(me) + extraction._pss_bytes(pid)
-        assert pid in extraction._children(me)
+        rss = memory._rss_bytes(me) + memory._rss_bytes(pid)
+        pss = memory._pss_bytes(me) + memory._pss_bytes(pid)
+        assert pid in memory._children(me)
         assert 0 < pss < rss - 48 * 2**20, (rss / 2**20, pss / 2**20)
     finally:
         os.kill(pid, signal.SIGKILL)

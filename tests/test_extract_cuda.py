@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _extract_helpers import extract, make_images, reference_features
-from mirip.features.cache import open_cache
+from mirip.store.cache import open_cache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

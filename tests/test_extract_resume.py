@@ -16,8 +16,8 @@ import pytest
 
 from _extract_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from _extract_helpers import SIZE, extract, make_images, noise_image, touch_later
-from mirip.features.cache import FeatureCache, open_cache, write_cache
-from mirip.features.distributed import leftover_parts, merge_parts, part_path
+from mirip.extract.distributed import leftover_parts, merge_parts, part_path
+from mirip.store.cache import FeatureCache, open_cache, write_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
@@ -43,7 +43,7 @@ def _args(image_dir, output, backbone, batch_size: int = 1) -> list:
 def _kill_when(output, backbone, image_dir, at_least: int, timeout: float = 120.0) -> int:
     """Run the extractor until ``at_least`` rows are committed, then SIGKILL it; returns the rows committed.
 
-    The writer pauses itself there (MIRIP_TEST_PAUSE_WRITER, read by mirip.features.writer) and says so in a flag
+    The writer pauses itself there (MIRIP_TEST_PAUSE_WRITER, read by mirip.extract.writer) and says so in a flag
     file, so the kill lands at that count however slow or loaded the machine is; the reader and mapper threads keep
     running meanwhile, as they would at any moment of a real kill.
     """
@@ -134,7 +134,7 @@ def test_torchrun_two_ranks_give_the_same_cache_as_one_process(tmp_path, tiny_ba
 
 
 def test_a_write_error_on_one_rank_stops_every_rank_with_one_line_and_a_rerun_continues(tmp_path, tiny_backbone):
-    """Rank 1 meets a full disk (MIRIP_TEST_WRITE_ERROR, read by mirip.features.writer) after 2 committed rows.
+    """Rank 1 meets a full disk (MIRIP_TEST_WRITE_ERROR, read by mirip.extract.writer) after 2 committed rows.
     Before, rank 0 waited at the next collective until torchrun killed it (SIGTERM, no message, exit -15; under
     a launcher that does not, for the 12-hour timeout). Now both ranks leave on their own, each with the same
     one line naming rank 1 and its error, exit status 2, and a rerun continues from every committed row."""
@@ -187,8 +187,8 @@ def _FakeGather(others):
 
 
 def test_settle_gives_every_rank_the_same_one_line_naming_the_failed_ranks(monkeypatch):
-    from mirip.features.cache import CacheWriteError
-    from mirip.features.distributed import DistContext, RankFailed, StopRequested
+    from mirip.store.cache_errors import CacheWriteError
+    from mirip.extract.distributed import DistContext, RankFailed, StopRequested
 
     monkeypatch.setattr("signal.signal", lambda *a: None)  # settle shields the process from SIGTERM; not here
     barriers = []
@@ -219,9 +219,10 @@ def test_a_stop_request_ends_a_ranks_pipeline_with_its_committed_rows_intact(tmp
     import torch.distributed as dist
 
     from _extract_helpers import config
-    from mirip.features.distributed import DistContext, StopRequested
-    from mirip.features.extract import build_models, run_pipeline
-    from mirip.fingerprint import make_fingerprint
+    from mirip.extract.distributed import DistContext, StopRequested
+    from mirip.extract.run import build_models
+    from mirip.extract.pipeline import run_pipeline
+    from mirip.store.fingerprint import make_fingerprint
 
     # The flag travels through the process group's store; a HashStore stands in for torchrun's.
     store = dist.HashStore()

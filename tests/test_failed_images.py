@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mirip.checkpoint import load_checkpoint_file
-from mirip.features.cache import open_cache, write_cache
+from mirip.store.cache import open_cache, write_cache
+from mirip.store.checkpoint import load_checkpoint_file
 from mirip.training.datasets.data_splitter import DataSplitter
 
 from _extract_helpers import extract, make_images
@@ -84,7 +84,7 @@ def test_train_leaves_out_failed_images_and_keeps_the_others_in_their_split(extr
     assert ckpt["score_reference"]["counts"]["all"] == len(want["train"])
 
     # scoring's split membership rebuilds the same split (and accepts the train-split hash)
-    from mirip.inference import split_membership
+    from mirip.scoring.inputs import split_membership
 
     membership, note = split_membership(ckpt, meta)
     assert note is None and not set(membership) & set(BAD)

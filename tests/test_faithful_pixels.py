@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from _icc_helpers import adobe_rgb_profile, adobe_to_srgb_reference
-from mirip.fingerprint import FingerprintMismatch, check_fingerprint
-from mirip.preprocessing import ImageReadError, Preprocessor, load_image
+from mirip.ml.preprocessing import ImageReadError, Preprocessor, load_image
+from mirip.store.fingerprint import FingerprintMismatch, check_fingerprint
 
 
 def _faint_pencil() -> np.ndarray:
@@ -122,7 +122,7 @@ def test_cmyk_with_profile_converts(tmp_path):
 
 
 def test_fingerprint_records_color_management_and_refuses_old_caches():
-    from mirip.fingerprint import make_fingerprint
+    from mirip.store.fingerprint import make_fingerprint
 
     class Info:
         name, revision, pretrained, random_init_seed = "tiny", "", False, 0
@@ -157,7 +157,7 @@ def test_large_legitimate_scan_loads_with_draft_decoding(big_scan):
 
 
 def test_limit_is_documented_and_raisable(big_scan, monkeypatch):
-    import mirip.preprocessing as pre
+    import mirip.ml.preprocessing as pre
 
     assert pre.DEFAULT_MAX_IMAGE_PIXELS == 2 * 89_478_485  # twice Pillow's warning threshold
     with pytest.raises(ImageReadError, match="exceeds the 50000000 pixel limit.*--max-image-pixels"):
@@ -169,7 +169,7 @@ def test_limit_is_documented_and_raisable(big_scan, monkeypatch):
 
 
 def _peak_rss_kb(path, draft: bool) -> int:
-    code = ("import resource, sys; from mirip.preprocessing import load_image; "
+    code = ("import resource, sys; from mirip.ml.preprocessing import load_image; "
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             f"load_image(sys.argv[1], draft_size={768 if draft else None}); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")

@@ -16,11 +16,12 @@ import transformers
 
 from _extract_helpers import extract, make_images, write_metadata
 from _family_helpers import PREFIX_TOKENS, TINY_FAMILIES, save_tiny, save_tiny_full
-from mirip.features.cache import CacheError, open_cache
-from mirip.inference import load_scorer
-from mirip.ml.families import BackboneFamily
+from mirip.ml.family_adapter import BackboneFamily
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import RankingHead
+from mirip.scoring.scorer import load_scorer
+from mirip.store.cache import open_cache
+from mirip.store.cache_errors import CacheError
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every family, as a vision-only checkpoint and (CLIP, SigLIP) as a full dual-tower checkpoint.
@@ -201,7 +202,7 @@ def test_normalisation_from_the_directorys_preprocessor_config(dirs, tmp_path):
     # The cached row is the model on pixels normalised by hand with those statistics.
     from PIL import Image
 
-    from mirip.preprocessing import resize
+    from mirip.ml.preprocessing import resize
 
     img = resize(Image.open(images / names[0]).convert("RGB"), SIZE, "pad", 14)
     arr = (np.asarray(img, dtype=np.float32) / 255.0 - np.array(sat[0], np.float32)) / np.array(sat[1], np.float32)

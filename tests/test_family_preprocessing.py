@@ -16,8 +16,8 @@ from PIL import Image
 
 from _family_helpers import save_tiny
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.ml.preprocessing import Preprocessor
 from mirip.ml.ranking_model import PairwiseRankingModel
-from mirip.preprocessing import Preprocessor
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import PairwiseDataset, image_pair_loader
 from mirip.training.evaluator import Evaluator

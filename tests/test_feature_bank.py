@@ -15,10 +15,11 @@ from transformers import Dinov2Config, Dinov2Model
 
 from _extract_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from _extract_helpers import extract, make_images
-from mirip.features.cache import CacheError, open_cache, write_cache
-from mirip.features.extract import open_for_append
-from mirip.features.spec import FeatureSpec, FeatureSpecError, match_entries, resolve_layer
+from mirip.common.feature_spec import FeatureSpec, FeatureSpecError, match_entries, resolve_layer
+from mirip.extract.run import open_for_append
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.store.cache import open_cache, write_cache
+from mirip.store.cache_errors import CacheError
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -222,7 +223,8 @@ def test_train_evaluate_on_a_bank_spec_with_per_entry_scaling(bank_cache, tmp_pa
     assert ckpt["feature_spec"] == spec and ckpt["head"]["input_dim"] == 4 * 32
     assert ckpt["feature_norm"] == "entry" and len(ckpt["feature_scales"]) == 4
     # The scales are 1 / RMS spread of each entry over the train split, computed here by hand.
-    from mirip.training.run import RunConfig, load_run_data
+    from mirip.training.run_config import RunConfig
+    from mirip.training.run_data import load_run_data
 
     cfg = RunConfig.from_dict({**ckpt["run_config"]})
     data = load_run_data(cfg)
@@ -249,8 +251,9 @@ def test_train_evaluate_on_a_bank_spec_with_per_entry_scaling(bank_cache, tmp_pa
 def test_full_image_scores_equal_cache_scores_for_a_multi_layer_multi_pooling_spec(bank_cache, tmp_path):
     import train as train_script
 
-    from mirip.inference import load_scorer
-    from mirip.training.run import RunConfig, load_run_data
+    from mirip.scoring.scorer import load_scorer
+    from mirip.training.run_config import RunConfig
+    from mirip.training.run_data import load_run_data
 
     root, _ = bank_cache
     spec = "cls@-3,-1+mean@-2+std@-1"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mirip import fonts
-from mirip.explain import Explanation
-from mirip.heatmap import render_explanation
+from mirip.scoring import fonts
+from mirip.scoring.explain import Explanation
+from mirip.scoring.heatmap import render_explanation
 
 KOREAN = "한글 Aqua C.jpg"
 MAX_SIDE = 64

@@ -9,11 +9,12 @@ import torch
 
 from _inference_helpers import IMAGE_SIZE, make_cache_and_checkpoint, make_tiered_images, torch_threads
 from conftest import make_image, save_tiny_backbone
-from mirip.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
-from mirip.features.cache import open_cache
-from mirip.fingerprint import FingerprintMismatch
-from mirip.inference import Scorer, find_images, load_scorer
-from mirip.ml.backbones import RandomWeightsWarning
+from mirip.ml.family_loading import RandomWeightsWarning
+from mirip.scoring.inputs import find_images
+from mirip.scoring.scorer import Scorer, load_scorer
+from mirip.store.cache import open_cache
+from mirip.store.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
+from mirip.store.fingerprint import FingerprintMismatch
 
 
 @pytest.fixture(autouse=True)

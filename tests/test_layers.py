@@ -1,30 +1,76 @@
-"""The package's layers: the feature-spec vocabulary at the bottom, the model layer below stage one, one face
-over the cache's role modules. Import checks run in a fresh interpreter, where ``sys.modules`` shows what an
-import really pulls in (this process has imported everything already)."""
+"""The package's shape: folders in pipeline order, each importing only the folders below it; every name
+imported from the module that defines it; the seed's import paths are the real homes of its classes.
+
+Import checks that depend on what an import pulls in run in a fresh interpreter, where ``sys.modules`` shows
+it (this process has imported everything already)."""
 
 from __future__ import annotations
 
 import ast
-import errno
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
-import pytest
-
-from mirip.features.cache import CacheWriteError, FeatureCache, open_cache
-
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = ROOT / "mirip" / "feature_spec.py"
-UPPER_LAYERS = ("mirip.ml", "mirip.features", "mirip.training", "mirip.sweep", "mirip.inference", "mirip.bench")
+PACKAGE = ROOT / "mirip"
+VOCAB = PACKAGE / "common" / "feature_spec.py"
+# The README's code map, bottom to top: a module imports its own folder and the folders below it, never above.
+LAYERS = ("common", "demo", "ml", "store", "extract", "training", "sweep", "scoring", "serve", "bench", "cli")
 
 
-def _fresh(code: str) -> dict:
-    """Run ``code`` in a new interpreter on this checkout; it prints one JSON object, returned here."""
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def _modules():
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _folder(module: str) -> str:
+    parts = module.split(".")
+    assert len(parts) >= 2 and parts[1] in LAYERS, f"{module} is in no folder of the code map"
+    return parts[1]
+
+
+def _mirip_imports(tree):
+    """(module, name or None, line) for every import of mirip in the tree, those inside functions too."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mirip":
+            for alias in node.names:
+                yield node.module, alias.name, node.lineno
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "mirip":
+                    yield alias.name, None, node.lineno
+
+
+def _defined(tree) -> set:
+    """Names a module defines itself: functions, classes and assignments (not imports), at any top level."""
+    names = set()
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                    names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                for block in (node.body, getattr(node, "orelse", []), getattr(node, "finalbody", [])):
+                    visit(block)
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(tree.body)
+    return names
+
+
+def _fresh(code: str):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -36,41 +82,94 @@ def _loaded(prefixes) -> str:
             f"if any(m == p or m.startswith(p + '.') for p in {tuple(prefixes)!r}))))")
 
 
-def test_the_extractor_imports_no_part_of_stage_one():
-    got = _fresh("import mirip.ml.feature_extractor, mirip.ml.ranking_model\n" + _loaded(["mirip.features"]))
-    assert got == [], f"importing the model layer pulled in stage one: {got}"
+def test_the_package_is_folders_in_the_code_maps_order():
+    entries = sorted(p.name for p in PACKAGE.iterdir() if p.name != "__pycache__")
+    assert entries == sorted(LAYERS + ("__init__.py",)), "mirip/ holds only its folders and __init__.py"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Code map", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `mirip/(\w+)/`", section, flags=re.M)
+    assert tuple(rows) == LAYERS, f"the README's code map lists {rows}"
+
+
+def test_each_folder_init_is_a_docstring():
+    for folder in LAYERS:
+        tree = ast.parse((PACKAGE / folder / "__init__.py").read_text(encoding="utf-8"))
+        assert len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr), f"mirip/{folder}/__init__.py"
+
+
+def test_no_module_imports_a_folder_above_its_own():
+    wrong = []
+    for module, path in _modules().items():
+        if module == "mirip":
+            continue
+        own = LAYERS.index(_folder(module))
+        for target, name, line in _mirip_imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if target == "mirip":
+                continue
+            if LAYERS.index(_folder(target)) > own:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target} (above {_folder(module)})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_name_is_imported_from_the_module_that_defines_it():
+    modules = _modules()
+    defined = {m: _defined(ast.parse(p.read_text(encoding="utf-8"))) for m, p in modules.items()}
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "tests").rglob("*.py")):
+        for target, name, line in _mirip_imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if name is None or f"{target}.{name}" in modules or (target, name) == ("mirip", "__version__"):
+                continue
+            if name not in defined.get(target, set()):
+                wrong.append(f"{path.relative_to(ROOT)}:{line}: {name} from {target}, which does not define it")
+            elif name.startswith("_") and path.is_relative_to(PACKAGE):
+                wrong.append(f"{path.relative_to(ROOT)}:{line}: the private {name} from {target}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_lists_names_it_does_not_define():
+    wrong = []
+    for module, path in _modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+                extra = set(ast.literal_eval(node.value)) - _defined(tree)
+                wrong += [f"{module}.__all__ names {n}" for n in sorted(extra)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_seeds_import_paths_are_the_homes_of_its_classes():
+    """Each class of the README's API table is defined in the module the table names."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## The Python API", 1)[1].split("```", 1)[0]
+    rows = re.findall(r"^\| (.+?) \| `(mirip[\w.]+)` \|$", table, flags=re.M)
+    assert len(rows) == 9, rows
+    for names, module_name in rows:
+        module = importlib.import_module(module_name)
+        for name in re.findall(r"`(\w+)`", names):
+            assert getattr(module, name).__module__ == module_name, f"{name} is defined elsewhere than {module_name}"
 
 
 def test_the_vocabulary_imports_nothing_above_it():
-    # Statically, every import in the file (those inside functions too) ...
     tree = ast.parse(VOCAB.read_text(encoding="utf-8"))
-    named = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    named += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [m for m in named if m == "mirip" or m.startswith("mirip.")], named
-    # ... and at run time, with the entry-scaling functions' own imports made.
-    got = _fresh("import torch\nimport mirip.feature_spec as v\n"
+    assert [m for m, _, _ in _mirip_imports(tree)] == []
+    got = _fresh("import torch\nimport mirip.common.feature_spec as v\n"
                  "x = torch.arange(12.0).reshape(4, 3)\n"
                  "v.apply_entry_scales(x, [1, 2], v.entry_scales(x, [1, 2], [0, 2]))\n"
-                 "v.checkpoint_feature_spec({'fingerprint': {'pooling': 'mean'}})\n" + _loaded(UPPER_LAYERS))
+                 "v.checkpoint_feature_spec({'fingerprint': {'pooling': 'mean'}})\n"
+                 + _loaded([f"mirip.{f}" for f in LAYERS[1:]]))
     assert got == [], f"the vocabulary pulled in upper layers: {got}"
 
 
-def test_the_old_spec_path_and_the_extractors_poolings_are_the_vocabularys_own_objects():
-    import mirip.feature_spec as vocab
-    import mirip.features.spec as old
-    from mirip.ml import feature_extractor
-
-    for name in old.__all__:
-        assert getattr(old, name) is getattr(vocab, name), name
-    assert feature_extractor.POOLINGS is vocab.POOLINGS
-    assert not hasattr(sys.modules["mirip.features"], "__getattr__"), "mirip.features needs no lazy loader"
+def test_the_extractor_imports_no_part_of_stage_one():
+    got = _fresh("import mirip.ml.feature_extractor, mirip.ml.ranking_model\n" + _loaded(["mirip.extract"]))
+    assert got == [], f"importing the model layer pulled in stage one: {got}"
 
 
 def test_pooling_names_are_spelt_out_only_in_the_vocabulary():
     """No module but the vocabulary binds a tuple of pooling names at module level (the copies that drift)."""
     names = {"cls", "mean", "std", "cls_mean"}
     offenders = []
-    for path in sorted((ROOT / "mirip").rglob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         if path == VOCAB:
             continue
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
@@ -80,92 +179,3 @@ def test_pooling_names_are_spelt_out_only_in_the_vocabulary():
                 if len(items) >= 2 and len(items) == len(value.elts) and set(items) <= names:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
-
-
-FP = {"format_version": 3, "backbone": "x", "feature_dim": 4, "feature_dtype": "float32", "views": 0}
-
-
-def test_set_attribute_is_stored_and_a_failed_one_is_one_write_error_with_the_rows_intact(tmp_path, monkeypatch):
-    path = str(tmp_path / "c.h5")
-    cache = FeatureCache.create(path, FP)
-    cache.append(["a.png", "b.png"], np.arange(8, dtype=np.float32).reshape(2, 4), [1, 2], [3, 4])
-    cache.set_attribute("extract_config", '{"batch_size": 2}')
-    cache.close()
-    with h5py.File(path, "r") as h5:  # read back with h5py alone, not through the cache
-        assert h5.attrs["extract_config"] == '{"batch_size": 2}'
-
-    cache = open_cache(path, "a")
-
-    def full(self, key, value):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(h5py.AttributeManager, "__setitem__", full)
-    with pytest.raises(CacheWriteError, match="No space left on device") as info:
-        cache.set_attribute("extract_config", "{}")
-    monkeypatch.undo()
-    assert info.value.committed == 2 and "2 rows are committed" in str(info.value)
-    assert not cache.h5.id.valid, "a failed write closes the file"
-    assert not list(tmp_path.glob("*.tmp-*")), "and removes the reserve"
-    with h5py.File(path, "r") as h5:
-        assert int(h5.attrs["num_rows"]) == 2 and h5.attrs["extract_config"] == '{"batch_size": 2}'
-        np.testing.assert_array_equal(h5["features"][:], np.arange(8, dtype=np.float32).reshape(2, 4))
-
-
-def test_guarded_write_turns_an_os_error_into_one_write_error(tmp_path):
-    cache = FeatureCache.create(str(tmp_path / "c.h5"), FP)
-
-    def fail():
-        raise OSError(errno.EIO, "Input/output error")
-
-    with pytest.raises(CacheWriteError, match="Input/output error. 0 rows are committed"):
-        cache.guarded_write(fail)
-    assert not cache.h5.id.valid
-
-
-# The README's code map, bottom to top: a module may import its own layer and the layers below it, never above.
-# mirip.training.benchmarks sits with the benchmarks: it is the seed's import path, kept as a re-export.
-LAYERS = [
-    ("mirip.feature_spec", "mirip.tiers", "mirip.plain", "mirip.atomic", "mirip.devices", "mirip.paths",
-     "mirip.metadata_csv", "mirip.seeding", "mirip.demo_data", "mirip.demo_drawing", "mirip.features.spec"),
-    ("mirip.preprocessing", "mirip.ml"),
-    ("mirip.fingerprint", "mirip.checkpoint", "mirip.calibration", "mirip.calibration_metrics",
-     "mirip.calibration_reference"),
-    ("mirip.features",),
-    ("mirip.training",),
-    ("mirip.sweep",),
-    ("mirip.inference", "mirip.scores", "mirip.scoring_inputs", "mirip.explain", "mirip.heatmap",
-     "mirip.report_html"),
-    ("mirip.serve",),
-    ("mirip.bench", "mirip.training.benchmarks", "mirip.cli_options"),
-]
-
-
-def _layer(module: str) -> int:
-    best = None  # the longest matching prefix decides (mirip.training.benchmarks before mirip.training)
-    for i, prefixes in enumerate(LAYERS):
-        for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
-                best = (i, len(p))
-    assert best is not None, f"{module} is in no layer of the code map; add it to LAYERS and the README"
-    return best[0]
-
-
-def _imports(path: Path):
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mirip."):
-            yield node.module
-        elif isinstance(node, ast.Import):
-            yield from (a.name for a in node.names if a.name.startswith("mirip."))
-
-
-def test_no_module_imports_a_layer_above_its_own():
-    wrong = []
-    for path in sorted((ROOT / "mirip").rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("")
-        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
-        if module == "mirip":
-            continue
-        own = _layer(module)
-        wrong += [f"{module} (layer {own}) imports {m} (layer {_layer(m)})" for m in _imports(path)
-                  if _layer(m) > own]
-    assert not wrong, "\n".join(wrong)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler
 
 from conftest import make_image
-from mirip.preprocessing import Preprocessor
+from mirip.ml.preprocessing import Preprocessor
 from mirip.training.datasets.pairwise_dataset import PairwiseDataset
 from mirip.training.evaluator import Evaluator
 

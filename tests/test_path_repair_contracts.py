@@ -1,7 +1,7 @@
 """The path-list repair, unit by unit, on caches written with synthetic features (no extraction).
 
 ``FeatureCache.stored_paths`` / ``damaged_path_rows`` / ``stored_path_checksums`` / ``rewrite_paths`` and
-``mirip.features.extract.repair_path_list``: damage is made with h5py alone, expected checksums are
+``mirip.extract.run.repair_path_list``: damage is made with h5py alone, expected checksums are
 ``zlib.crc32`` of the bytes, never the cache's own helpers.
 """
 
@@ -13,8 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from mirip.features.cache import CacheDamaged, CacheError, FeatureCache, open_cache, write_cache
-from mirip.features.extract import PathRepair, repair_path_list
+from mirip.extract.plan import PathRepair, repair_path_list
+from mirip.store.cache import FeatureCache, open_cache, write_cache
+from mirip.store.cache_errors import CacheDamaged, CacheError
 
 # Two entries of 4 columns each: a checksum per entry and row.
 FP = {"format_version": 3, "backbone": "x", "feature_dim": 8, "feature_dtype": "float32", "views": 0,

@@ -9,12 +9,14 @@ import pytest
 
 from _extract_helpers import config, make_images
 from _stage2_helpers import fake_fingerprint, single_thread
-from mirip.features.cache import write_cache
-from mirip.features.extract import extract_features
-from mirip.features.reader import PathEscapeError, list_images
-from mirip.paths import normalize_relpath
-from mirip.training.run import RunConfig, load_run_data, read_metadata
+from mirip.common.paths import PathEscapeError
+from mirip.common.paths import normalize_relpath
+from mirip.extract.reader import list_images
+from mirip.extract.run import extract_features
+from mirip.store.cache import write_cache
 from mirip.training.config import TrainingConfig
+from mirip.training.run_config import RunConfig
+from mirip.training.run_data import load_run_data, read_metadata
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 

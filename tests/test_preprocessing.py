@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mirip.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor, load_image, resize
+from mirip.ml.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor, load_image, resize
 from conftest import make_image
 
 
@@ -115,7 +115,7 @@ def test_unreadable_files_are_named(tmp_path, content, reason):
 
 
 def test_decompression_bomb_refused(tmp_path, monkeypatch):
-    import mirip.preprocessing as pre
+    import mirip.ml.preprocessing as pre
 
     make_image(tmp_path / "big.png", size=(100, 100))
     monkeypatch.setattr(pre, "MAX_IMAGE_PIXELS", 5000)

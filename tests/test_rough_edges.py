@@ -14,9 +14,9 @@ import pytest
 
 from _extract_helpers import make_images
 from _stage2_helpers import fake_fingerprint, single_thread, write_dataset
-from mirip.atomic import output_directory, write_atomic
-from mirip.metadata_csv import EncodingNotice, MetadataError, read_metadata_csv
-from mirip.training.run import read_metadata
+from mirip.common.atomic import output_directory, write_atomic
+from mirip.common.metadata_csv import EncodingNotice, MetadataError, read_metadata_csv
+from mirip.training.run_data import read_metadata
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 ROOT = Path(__file__).resolve().parent.parent

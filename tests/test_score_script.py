@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
-from mirip.report_html import render_html, tier_agreement
+from mirip.scoring.report_html import render_html, tier_agreement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import make_image
+from mirip.ml.preprocessing import Preprocessor
 from mirip.ml.ranking_model import PairwiseRankingModel
-from mirip.preprocessing import Preprocessor
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.data_splitter import DataSplitter
 from mirip.training.datasets.pairwise_dataset import PairwiseDataset

@@ -21,12 +21,12 @@ httpx = pytest.importorskip("httpx")
 
 from _inference_helpers import torch_threads  # noqa: E402
 from _serve_helpers import SIZE, b64, bank_checkpoint, png_bytes, running, write_images  # noqa: E402
-from mirip.fingerprint import FingerprintMismatch  # noqa: E402
-from mirip.inference import load_scorer  # noqa: E402
-from mirip.serve.app import create_app  # noqa: E402
-from mirip.serve.batcher import DynamicBatcher, Overloaded  # noqa: E402
-from mirip.serve.config import ServeConfig  # noqa: E402
-from mirip.serve.heads import HeadSet  # noqa: E402
+from mirip.scoring.scorer import load_scorer
+from mirip.serve.app import create_app
+from mirip.serve.batcher import DynamicBatcher, Overloaded
+from mirip.serve.config import ServeConfig
+from mirip.serve.heads import HeadSet
+from mirip.store.fingerprint import FingerprintMismatch
 
 
 @pytest.fixture(autouse=True)

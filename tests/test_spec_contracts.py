@@ -1,4 +1,4 @@
-"""The feature spec's contract, function by function (mirip/features/spec.py; mutation-tested, docs/testing.md).
+"""The feature spec's contract, function by function (mirip/common/feature_spec.py; mutation-tested, docs/testing.md).
 
 Every expected value here is written out by hand or computed naively (numpy loops), never with spec.py's helpers.
 """
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mirip.features.spec import (DEFAULT_SPEC, Entry, FeatureSpec, FeatureSpecError, apply_entry_scales, bank_entries,
-                                 canonical_spec, checkpoint_feature_spec, default_spec, entry_scales, match_entries,
-                                 parse_entry, resolve_feature_norm, resolve_layer)
+from mirip.common.feature_spec import (DEFAULT_SPEC, Entry, FeatureSpec, FeatureSpecError, apply_entry_scales,
+    bank_entries, canonical_spec, checkpoint_feature_spec, default_spec, entry_scales, match_entries, parse_entry,
+    resolve_feature_norm, resolve_layer)
 
 
 def _raises_exactly(message: str):

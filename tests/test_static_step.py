@@ -242,7 +242,8 @@ def test_stacked_static_step_needs_the_batched_optimizer():
 
 
 def test_capturable_batched_adamw_equals_the_plain_one():
-    from mirip.sweep.stacked import StackedHeads, build_head, make_optimizer
+    from mirip.sweep.stacked import StackedHeads, build_head
+    from mirip.sweep.stacked_optim import make_optimizer
 
     cpu = torch.device("cpu")
     runs = []

@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from mirip.checkpoint import load_checkpoint_file
 from mirip.ml.ranking_model import RankingHead
+from mirip.store.checkpoint import load_checkpoint_file
 from mirip.sweep.grid import SweepConfigError, SweepGrid, group_configs
 from mirip.sweep.report import aggregate, choose_best, to_argv
-from mirip.sweep.runner import RESULT_COLUMNS, SweepRunner, SweepSettings, run_sweep
+from mirip.sweep.runner import RESULT_COLUMNS, SweepRunner, run_sweep
+from mirip.sweep.settings import SweepSettings
 from mirip.training.config import TrainingConfig
 from mirip.training.run import evaluate_checkpoint
 
@@ -246,11 +247,11 @@ def test_best_json_trains_the_same_head_with_train_py(data, tmp_path):
 def test_sweep_checkpoint_loads_in_full_image_mode(tiny_backbone, tmp_path):
     """A head from the sweep scores image files through the backbone as it scored their cached features."""
     from conftest import make_image
-    from mirip.features.cache import write_cache
-    from mirip.fingerprint import make_fingerprint
-    from mirip.inference import load_scorer
+    from mirip.store.cache import write_cache
+    from mirip.store.fingerprint import make_fingerprint
+    from mirip.scoring.scorer import load_scorer
     from mirip.ml.feature_extractor import DINOv2FeatureExtractor
-    from mirip.preprocessing import Preprocessor
+    from mirip.ml.preprocessing import Preprocessor
 
     images = tmp_path / "images"
     images.mkdir()

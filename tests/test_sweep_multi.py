@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mirip.checkpoint import load_checkpoint_file
-from mirip.features.cache import write_cache
+from mirip.store.cache import write_cache
+from mirip.store.checkpoint import load_checkpoint_file
 
 from _sweep_helpers import TIER_RANK, one_thread
 

@@ -14,11 +14,13 @@ import torch
 
 from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
 from _stage2_helpers import write_dataset
-from mirip.calibration import fit_ordinal, make_score_reference
-from mirip.checkpoint import load_checkpoint_file, save_checkpoint_file
-from mirip.inference import CalibrationUnavailable, load_scorer
-from mirip.report_html import disagreements, render_html
-from mirip.tiers import TIER_RANK
+from mirip.common.tiers import TIER_RANK
+from mirip.scoring.report_html import disagreements, render_html
+from mirip.scoring.scorer import load_scorer
+from mirip.scoring.scores import CalibrationUnavailable
+from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
+from mirip.training.calibration import fit_ordinal
+from mirip.training.calibration_reference import make_score_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +177,8 @@ def test_training_stores_a_calibration_and_evaluate_reports_the_tier_figures(tmp
 def test_the_sweep_winner_carries_a_calibration(tmp_path):
     from _sweep_helpers import write_synthetic
     from mirip.sweep.grid import SweepGrid
-    from mirip.sweep.runner import SweepSettings, run_sweep
+    from mirip.sweep.settings import SweepSettings
+    from mirip.sweep.runner import run_sweep
     from mirip.training.config import TrainingConfig
     from mirip.training.run import evaluate_checkpoint
 

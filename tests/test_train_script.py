@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mirip.features.cache import open_cache
-from mirip.training.run import RunConfig
+from mirip.store.cache import open_cache
+from mirip.training.run_config import RunConfig
 
 from _stage2_helpers import fake_fingerprint, single_thread, write_dataset
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mirip.checkpoint import CheckpointError, load_checkpoint_file
+from mirip.ml.preprocessing import Preprocessor
 from mirip.ml.ranking_model import PairwiseRankingModel, RankingHead
-from mirip.preprocessing import Preprocessor
+from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pair_sampling import sample_pairs
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset, PairwiseDataset, image_pair_loader

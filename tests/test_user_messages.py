@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from mirip.features.reader import read_metadata_paths
-from mirip.metadata_csv import MetadataError
-from mirip.training.run import read_metadata
+from mirip.common.metadata_csv import MetadataError
+from mirip.extract.reader import read_metadata_paths
+from mirip.training.run_data import read_metadata
 
 # Line numbers below are counted by hand in the text (the header is line 1).
 MIXED = ("filename,tier\n"         # 1
@@ -76,7 +76,7 @@ def _score_script():
 
 def test_a_flag_that_contradicts_the_checkpoint_says_to_drop_it(tmp_path, capsys):
     """The checkpoint holds the truth, the flag is what is wrong: say so, in the one wording every mismatch uses."""
-    from mirip.checkpoint import save_checkpoint_file
+    from mirip.store.checkpoint import save_checkpoint_file
 
     ckpt = tmp_path / "head.pt"
     save_checkpoint_file(ckpt, {"model_state_dict": {}, "head": {"input_dim": 8},
@@ -94,9 +94,9 @@ def test_a_cache_that_differs_from_the_checkpoint_names_both(tmp_path):
     """evaluate: the cache is the stored side, the checkpoint is what asks."""
     import numpy as np
 
-    from mirip.checkpoint import save_checkpoint_file
-    from mirip.features.cache import write_cache
-    from mirip.fingerprint import FingerprintMismatch
+    from mirip.store.checkpoint import save_checkpoint_file
+    from mirip.store.cache import write_cache
+    from mirip.store.fingerprint import FingerprintMismatch
     from mirip.training.run import evaluate_checkpoint
 
     fp = {"backbone": "b", "image_size": 28, "feature_dim": 4, "feature_dtype": "float32"}
@@ -178,7 +178,7 @@ def test_heatmap_colour_range_stays_in_0_1_and_never_magnifies_seed_noise():
 
 
 def test_tiles_name_the_subfolder_when_names_repeat():
-    from mirip.report_html import display_names
+    from mirip.scoring.report_html import display_names
 
     names = display_names(["/data/new/a/x.png", "/data/new/b/x.png", "/data/new/y.png"])
     assert names == {"/data/new/a/x.png": "a/x.png", "/data/new/b/x.png": "b/x.png", "/data/new/y.png": "y.png"}
@@ -186,7 +186,7 @@ def test_tiles_name_the_subfolder_when_names_repeat():
 
 
 def test_report_header_says_the_accuracy_is_validation_accuracy():
-    from mirip.report_html import render_html
+    from mirip.scoring.report_html import render_html
 
     page = render_html([{"path": "/d/a.png", "score": 1.0, "rank": 1}], {}, info={"epoch": 3, "accuracy": 0.99})
     assert "<td>val pairwise accuracy (chose the epoch)</td><td>0.99</td>" in page and "<td>accuracy</td>" not in page
@@ -195,7 +195,7 @@ def test_report_header_says_the_accuracy_is_validation_accuracy():
 def test_warnings_print_as_one_plain_line(capsys):
     import warnings
 
-    from mirip.cli_options import plain_warnings
+    from mirip.cli.options import plain_warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

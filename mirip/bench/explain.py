@@ -1,6 +1,6 @@
 """Attribution checks and cost: the quadrant-damage sanity check, the deletion curve, explain vs score time.
 
-A synthetic drawing (``mirip.demo_data.draw_picture``) gets tier-relevant damage (additive noise) in one
+A synthetic drawing (``mirip.demo.data.draw_picture``) gets tier-relevant damage (additive noise) in one
 quadrant only; a head trained on cached-style features to rank undamaged above damaged drawings should then
 put the map's negative mass in that quadrant. The deletion curve masks the most-attributed patches (painted
 paper white, i.e. turned into the blank page the map is relative to) and compares the score change with
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mirip.demo_data import draw_picture
+from mirip.demo.drawing import draw_picture
 from mirip.ml.ranking_model import RankingHead
 
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -74,7 +74,7 @@ def mask_cells(img: torch.Tensor, cells: Sequence[int], grid_w: int, patch: int,
 
 def scorer_for(extractor, preprocessor, head: RankingHead):
     """A ``Scorer`` of ``extractor`` + a head trained on its features (no checkpoint needed)."""
-    from mirip.inference import Scorer
+    from mirip.scoring.scorer import Scorer
     from mirip.ml.ranking_model import PairwiseRankingModel
 
     model = PairwiseRankingModel(extractor.info.name, projector_output_dim=head.projector_output_dim,
@@ -130,7 +130,7 @@ def deletion_curve(scorer, images: torch.Tensor, maps: Sequence[np.ndarray], fra
 
 def time_explain(scorer, images: torch.Tensor, repeats: int, steps: int) -> Dict[str, float]:
     """Median ms per image of scoring and of explaining the same batch, interleaved in one run."""
-    from mirip.explain import Explainer
+    from mirip.scoring.explain import Explainer
 
     explainer = Explainer(scorer, steps=steps)
     explainer.explain_batch(images[:1])  # warm-up (and the blank page's features, made once per scorer)
@@ -186,7 +186,7 @@ def run(args) -> dict:
         batch = torch.stack([pre(im) for im in test_imgs])
         row = time_explain(scorer, batch[:args.explain_batch], repeats, args.explain_steps)
         if i == 0:
-            from mirip.explain import Explainer
+            from mirip.scoring.explain import Explainer
 
             res = Explainer(scorer, steps=args.explain_steps).explain_batch(batch)
             maps = [r["map"] for r in res]

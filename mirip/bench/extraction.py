@@ -29,14 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mirip.bench.machine import device_name, sync
-from mirip.bench.memory import PeakRSS, _children, _pss_bytes, _rss_bytes  # noqa: F401 (their old home)
-from mirip.devices import default_precision, resolve_device
-from mirip.features.cache import FeatureCache
-from mirip.features.extract import ExtractConfig, build_models, run_pipeline
-from mirip.features.reader import source_facts
-from mirip.fingerprint import make_fingerprint
-from mirip.ml.backbones import RandomWeightsWarning
+from mirip.bench.memory import PeakRSS
+from mirip.common.devices import default_precision, resolve_device
+from mirip.common.machine import device_name, sync
+from mirip.extract.config import ExtractConfig
+from mirip.extract.pipeline import run_pipeline
+from mirip.extract.reader import source_facts
+from mirip.extract.run import build_models
+from mirip.ml.family_loading import RandomWeightsWarning
+from mirip.store.cache import FeatureCache
+from mirip.store.fingerprint import make_fingerprint
 
 GOAL_RATIO = 0.85
 GOAL_BANK_TIME_RATIO = 1.10
@@ -168,7 +170,7 @@ def _bench_images(args: argparse.Namespace, tmp: str, n: int) -> tuple:
     """(image directory, the N image names): the first N of ``--extract-image-dir``, else N synthetic JPEGs."""
     image_dir = getattr(args, "extract_image_dir", None)
     if image_dir:
-        from mirip.features.reader import walk_image_dir
+        from mirip.extract.reader import walk_image_dir
 
         return image_dir, walk_image_dir(image_dir)[:n]
     image_dir = os.path.join(tmp, "images")

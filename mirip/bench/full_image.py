@@ -15,13 +15,13 @@ from typing import Any, Dict, List
 
 import torch
 
-from mirip.devices import default_precision, resolve_device
-from mirip.ml.backbones import RandomWeightsWarning
-from mirip.feature_spec import FeatureSpec
+from mirip.common.devices import default_precision, resolve_device
+from mirip.common.feature_spec import FeatureSpec
+from mirip.common.machine import device_name
+from mirip.ml.family_loading import RandomWeightsWarning
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
-from mirip.bench.machine import device_name
-from mirip.bench.performance import PerformanceBenchmarks
+from mirip.training.benchmarks import PerformanceBenchmarks
 
 GOALS = {"inference_ms": 15.0, "memory_gb": 4.0, "speedup": 100.0, "two_stage_minutes": 4.0}
 # (full default, --quick default) for every option left unset on the command line.
@@ -93,7 +93,7 @@ def _build_model(args: argparse.Namespace, device: str, precision: str) -> tuple
         warnings.simplefilter("ignore", RandomWeightsWarning)  # announced below, in the report itself
         if checkpoint:
             # The checkpoint decides backbone, preprocessing and feature spec (layers, poolings), as load_scorer does.
-            from mirip.inference import load_scorer
+            from mirip.scoring.scorer import load_scorer
 
             model = load_scorer(checkpoint, device=device, precision=precision).model
             backbone = model.feature_extractor.info.name

@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import torch
 
-from mirip.bench.machine import sync
+from mirip.common.machine import sync
 from mirip.ml import compiled as C
-from mirip.ml.backbones import RandomWeightsWarning
+from mirip.ml.family_loading import RandomWeightsWarning
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel, RankingHead
 from mirip.training.config import TrainingConfig

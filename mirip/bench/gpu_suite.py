@@ -32,16 +32,14 @@ import time
 import traceback
 from typing import Any, Callable, Dict
 
-from mirip.atomic import write_atomic
-from mirip.bench.machine import machine_info
-from mirip.devices import default_precision, resolve_device
+from mirip.common.atomic import write_atomic
+from mirip.common.devices import default_precision, resolve_device
+from mirip.common.machine import machine_info
 # The sections (gpu_sections) and the report (gpu_report) live in modules of their own; their names are
 # imported from here too.
-from mirip.bench.gpu_report import CHECKS, all_ok, failed_checks, summary, to_markdown  # noqa: F401
-from mirip.bench.gpu_sections import (DEFAULTS, GOALS, TOLERANCE, backbone_section, compare_features,  # noqa: F401
-                                      end_to_end_section, extraction_section, full_image_section,
-                                      head_step_section, serve_section, sweep_section, sync_free_epoch,
-                                      training_section)
+from mirip.bench.gpu_report import summary, to_markdown
+from mirip.bench.gpu_sections import (DEFAULTS, backbone_section, end_to_end_section, extraction_section,
+    full_image_section, head_step_section, serve_section, sweep_section, training_section)
 
 SECTIONS = ("backbone", "head_step", "training", "sweep", "full_image", "end_to_end", "extraction", "serve")
 

@@ -49,9 +49,10 @@ def write_checkpoint(args, path: str) -> None:
     """A calibrated head on the benchmark's backbone, saved the way stage two saves one."""
     import torch
 
-    from mirip.calibration import fit_ordinal, make_score_reference
-    from mirip.checkpoint import save_checkpoint_file
-    from mirip.fingerprint import make_fingerprint
+    from mirip.training.calibration import fit_ordinal
+    from mirip.training.calibration_reference import make_score_reference
+    from mirip.store.checkpoint import save_checkpoint_file
+    from mirip.store.fingerprint import make_fingerprint
     from mirip.ml.feature_extractor import DINOv2FeatureExtractor
     from mirip.ml.ranking_model import RankingHead
 
@@ -69,7 +70,7 @@ def write_checkpoint(args, path: str) -> None:
 
 
 def write_drawings(directory: str, n: int, size: int = 512) -> List[str]:
-    from mirip.demo_data import draw_picture
+    from mirip.demo.drawing import draw_picture
 
     paths = []
     for i in range(n):
@@ -165,7 +166,7 @@ def load_level(url: str, blobs: Sequence[bytes], concurrency: int, requests: int
 
 def in_process(args, checkpoint: str, paths: Sequence[str], repeats: int = 3) -> dict:
     """The same checkpoint and files through ``Scorer.score_paths`` in this process."""
-    from mirip.inference import load_scorer
+    from mirip.scoring.scorer import load_scorer
 
     scorer = load_scorer(checkpoint, device=args.device, precision=args.precision)
     scorer.score_paths(paths[: args.serve_batch], batch_size=args.serve_batch, progress=False)  # warm-up

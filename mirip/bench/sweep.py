@@ -27,12 +27,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from mirip.bench.machine import sync
-from mirip.devices import resolve_device
+from mirip.common.devices import resolve_device
+from mirip.common.machine import sync
 from mirip.ml.ranking_model import RankingHead
 from mirip.sweep.engine import train_group
 from mirip.sweep.grid import SweepGrid, group_configs
-from mirip.sweep.stacked import OPTIMIZERS, default_optimizer
+from mirip.sweep.stacked_optim import OPTIMIZERS, default_optimizer
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator

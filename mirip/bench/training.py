@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from mirip.bench.machine import sync
-from mirip.devices import resolve_device
+from mirip.common.devices import resolve_device
+from mirip.common.machine import sync
 from mirip.ml.ranking_model import RankingHead
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pair_sampling import sample_pairs

@@ -16,8 +16,9 @@ from typing import Optional, Sequence, Tuple
 
 from torch import nn
 
-from mirip.ml import families
-from mirip.ml.families import RANDOM_INIT_SEED, RandomWeightsWarning  # noqa: F401  (re-exported)
+from mirip.ml.family_loading import RANDOM_INIT_SEED
+from mirip.ml import family_loading
+from mirip.ml import family_registry
 
 KNOWN_BACKBONES = ("dinov2-small", "dinov2-base", "dinov2-large", "dinov2-giant")
 
@@ -40,7 +41,7 @@ class BackboneInfo:
 
 def shipped_config(name: str):
     """The packaged architecture config for a hub id or short name (``facebook/dinov2-large``, ``dinov2-large``)."""
-    return families.shipped_config(name)
+    return family_loading.shipped_config(name)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -53,9 +54,9 @@ def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False
     """Build the backbone named by a hub id or a local directory; ``random_init`` skips the weights.
 
     Weights that do not load completely, and a ``model_type`` mirip does not support, are refused
-    (``families.IncompleteWeightsError`` / ``families.UnsupportedBackboneError``). ``allowed_families`` (family
+    (``family_loading.IncompleteWeightsError`` / ``family_registry.UnsupportedBackboneError``). ``allowed_families`` (family
     names) narrows the choice for a caller that handles only some; None (default) allows every family in
-    ``families.FAMILIES``, all of which the feature extractor pools.
+    ``family_registry.FAMILIES``, all of which the feature extractor pools.
     """
     name = os.path.expanduser(str(name))
     if not os.path.isdir(name) and _looks_like_path(name):
@@ -64,9 +65,9 @@ def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False
             "(and model weights), or a hub id such as facebook/dinov2-large"
         )
     try:
-        model, family, _ = families.load_model(name, random_init=random_init, warn_stacklevel=2,
+        model, family, _ = family_loading.load_model(name, random_init=random_init, warn_stacklevel=2,
                                                allowed=allowed_families)
-    except (families.UnsupportedBackboneError, families.IncompleteWeightsError):
+    except (family_registry.UnsupportedBackboneError, family_loading.IncompleteWeightsError):
         raise
     except (OSError, ValueError) as exc:
         if random_init:

@@ -27,8 +27,7 @@ The final norm, per family (it turns a block's output into what the family's own
   for every family and every layer: pool ``final_norm(block output)``.
 
 Where it lives: ``family_adapter`` (``BackboneFamily``, ``TokenLayout``), ``family_registry`` (``FAMILIES``,
-``family_for``), ``family_loading`` (shipped configs, ``load_model``); this module holds the block hooks and
-re-exports the rest.
+``family_for``), ``family_loading`` (shipped configs, ``load_model``); this module holds the block hooks.
 
 Loading refuses silent wrong results: an unknown ``model_type`` is refused naming the supported ones, and a
 checkpoint whose weights do not load completely into the family's vision model is refused naming the missing
@@ -45,21 +44,10 @@ import torch
 from torch import nn
 
 # The adapter class, the registry and the loaders live in modules of their own; every name is imported from here.
-from mirip.ml.family_adapter import BackboneFamily, TokenLayout
-from mirip.ml.family_loading import (RANDOM_INIT_SEED, SHIPPED, IncompleteWeightsError,  # noqa: F401
-                                     RandomWeightsWarning, count_parameters, image_normalization, load_model,
-                                     pretrained_model, random_model, read_config_dict, shipped_config,
-                                     shipped_config_dict, shipped_names)
-from mirip.ml.family_registry import (CLIP_MEAN, CLIP_STD, FAMILIES, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
-                                      SIGLIP_MEAN, SIGLIP_STD, SUPPORTED_MODEL_TYPES, UnsupportedBackboneError,
-                                      family_for, family_of)
+from mirip.ml.family_adapter import BackboneFamily
+from mirip.ml.family_registry import family_of
 
-__all__ = ["BackboneFamily", "TokenLayout", "FAMILIES", "SUPPORTED_MODEL_TYPES", "family_for", "family_of",
-           "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "SIGLIP_MEAN", "SIGLIP_STD",
-           "RANDOM_INIT_SEED", "SHIPPED", "RandomWeightsWarning", "UnsupportedBackboneError",
-           "IncompleteWeightsError", "shipped_names", "shipped_config_dict", "shipped_config", "read_config_dict",
-           "random_model", "pretrained_model", "load_model", "image_normalization", "count_parameters",
-           "block_output", "tap_blocks"]
+__all__ = ["block_output", "tap_blocks"]
 
 
 # -- hooks ---------------------------------------------------------------------------------------------------

@@ -15,14 +15,14 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from mirip.devices import autocast_dtype, check_precision, default_precision, device_type, resolve_device
-from mirip.feature_spec import (CLS_POOLINGS, POOLINGS, Entry, FeatureSpec, FeatureSpecError, bank_entries, entry_dim,
-                                parse_entry)
+from mirip.common.devices import autocast_dtype, check_precision, default_precision, device_type, resolve_device
+from mirip.common.feature_spec import (CLS_POOLINGS, POOLINGS, Entry, FeatureSpec, FeatureSpecError, bank_entries,
+    entry_dim, parse_entry)
 from mirip.ml.backbones import BackboneInfo, load_backbone
-from mirip.ml.families import block_output, family_of, image_normalization
-from mirip.preprocessing import Preprocessor
-
-# The pooling names are mirip.feature_spec's (POOLINGS stays importable from here, as it always was).
+from mirip.ml.families import block_output
+from mirip.ml.family_loading import image_normalization
+from mirip.ml.family_registry import family_of
+from mirip.ml.preprocessing import Preprocessor
 
 
 class _StopForward(Exception):
@@ -56,7 +56,7 @@ class DINOv2FeatureExtractor(nn.Module):
 
     ``model_name`` is a hub id or local directory; its config's ``model_type`` picks the family. ``mean`` /
     ``std`` are the family's normalisation (or the directory's ``preprocessor_config.json``): images given to
-    ``extract`` must be normalised with them (``mirip.preprocessing.Preprocessor(mean=..., std=...)``).
+    ``extract`` must be normalised with them (``mirip.ml.preprocessing.Preprocessor(mean=..., std=...)``).
 
     ``pooling`` picks the CLS token (default; SigLIP, which has none: its attention-pooling head's output;
     CLIP: the CLS token after ``post_layernorm``), the mean of the patch tokens, or both

@@ -123,7 +123,7 @@ async def explain(request: Request, overlay: bool = True, head: int = 0):
 
 
 def _png_base64(exp, img) -> str:
-    from mirip.heatmap import render_explanation
+    from mirip.scoring.heatmap import render_explanation
 
     buf = io.BytesIO()
     render_explanation(exp, img).save(buf, format="PNG")

@@ -15,10 +15,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mirip.feature_spec import FeatureSpec
-from mirip.fingerprint import check_fingerprint, fingerprint_sha256
-from mirip.inference import SHARED, Scorer, load_scorer
-from mirip.tiers import TIERS
+from mirip.common.feature_spec import FeatureSpec
+from mirip.common.tiers import TIERS
+from mirip.scoring.scorer import SHARED, Scorer, load_scorer
+from mirip.store.fingerprint import check_fingerprint, fingerprint_sha256
 
 
 def head_identity(scorer: Scorer, name: str) -> dict:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, List, Sequence
 
-from mirip.preprocessing import ImageReadError
+from mirip.ml.preprocessing import ImageReadError
 
 
 class RequestError(Exception):

@@ -5,7 +5,3 @@ the heads of one parameter shape as stacked tensors; ``train_group`` (engine.py)
 trains them; ``SweepRunner`` (runner.py) drives a whole sweep under ``SweepSettings``
 (settings.py) and writes its reports (report.py).
 """
-
-from mirip.sweep.grid import HeadConfig, SweepConfigError, SweepGrid, group_configs
-
-__all__ = ["HeadConfig", "SweepConfigError", "SweepGrid", "group_configs"]

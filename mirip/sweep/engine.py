@@ -24,10 +24,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from mirip.sweep.grid import HeadConfig
-from mirip.sweep.stacked import StackedHeads, build_head, clip_grad_norm_per_head, make_optimizer
+from mirip.sweep.stacked import StackedHeads, build_head, clip_grad_norm_per_head
+from mirip.sweep.stacked_optim import make_optimizer
 from mirip.training.config import TrainingConfig
 from mirip.training.static_step import StaticStep, persistent_grads, resolve_step_mode, zero_grads_
-from mirip.training.trainer import HISTORY_KEYS
+from mirip.training.trainer_checkpoints import HISTORY_KEYS
 
 SCORE_BATCH = 4096
 
@@ -292,7 +293,7 @@ def train_group(
     pairs) built with the group's seed. ``training`` supplies everything but lr, weight decay and seed, which
     come from each config. ``on_epoch(epoch, heads_trained)`` runs after every epoch and
     ``on_finished(outcome)`` as soon as a head is done, so a caller can save it before the others finish.
-    ``optimizer``: ``fused``, ``batched`` or ``plain`` (``mirip.sweep.stacked.make_optimizer``); None picks by device.
+    ``optimizer``: ``fused``, ``batched`` or ``plain`` (``mirip.sweep.stacked_optim.make_optimizer``); None picks by device.
     """
     if not configs:
         return []

@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from mirip.feature_spec import FeatureSpecError, canonical_spec
+from mirip.common.feature_spec import FeatureSpecError, canonical_spec
 
 
 class SweepConfigError(ValueError):

@@ -22,14 +22,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from mirip.atomic import write_atomic
-from mirip.features.cache import CacheError, open_cache
-from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
+from mirip.common.atomic import write_atomic
+from mirip.common.plain import json_safe
+from mirip.store.cache import open_cache
+from mirip.store.cache_errors import CacheError
+from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.sweep.grid import HeadConfig, SweepGrid
 from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
-from mirip.plain import json_safe
-from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, SweepSettings
-from mirip.training.run import read_metadata
+from mirip.sweep.runner import OUTPUT_FILES, SweepRunner
+from mirip.sweep.settings import SweepSettings
+from mirip.training.run_data import read_metadata
 from mirip.training.run_data import exclusion_note, split_names, union_failed, write_excluded
 
 

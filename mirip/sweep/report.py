@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from mirip.atomic import write_atomic_with
+from mirip.common.atomic import write_atomic_with
 from mirip.sweep.grid import HYPERPARAMETERS
 
 METRICS = ("val_acc", "test_acc", "spearman")

@@ -29,24 +29,24 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mirip.atomic import output_directory, write_atomic
-from mirip.checkpoint import head_checkpoint, save_checkpoint_file
-from mirip.devices import resolve_device
-from mirip.features.cache import open_cache
-from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
+from mirip.common.atomic import output_directory, write_atomic
+from mirip.common.devices import resolve_device
+from mirip.common.plain import json_safe
 from mirip.ml.ranking_model import RankingHead
-from mirip.plain import json_safe
+from mirip.store.cache import open_cache
+from mirip.store.checkpoint import head_checkpoint, save_checkpoint_file
+from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.sweep.engine import HeadOutcome, train_group
 from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepConfigError, SweepGrid, group_configs
 from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
 # SweepSettings and its field lists live in mirip.sweep.settings; imported from here as before.
-from mirip.sweep.settings import (DATA_FIELDS, GRID_FIELDS, INERT_FIELDS, SweepSettings, _check_manifest,  # noqa: F401
-                                  _sha256)
-from mirip.tiers import tier_ranks
+from mirip.common.tiers import tier_ranks
+from mirip.sweep.settings import SweepSettings, check_manifest, file_sha256
 from mirip.training.evaluator import Evaluator
-from mirip.training.run import SPLITS, RunData, calibrate_head, feature_keys, read_metadata, split_dataset
+from mirip.training.head_calibration import calibrate_head
+from mirip.training.run_data import SPLITS, RunData, feature_keys, read_metadata, split_dataset
 from mirip.training.run_data import (exclusion_note, failed_images, scaled_features, split_names, split_positions,
-                                     write_excluded)
+    write_excluded)
 
 RESULT_COLUMNS = (
     ("config_id", "seed") + HYPERPARAMETERS
@@ -211,10 +211,10 @@ class SweepRunner:
     def _write_manifest(self, data: Dict[str, Any]) -> None:
         """sweep.json: what the results depend on; a directory holding a sweep with other settings is refused."""
         s = self.settings
-        manifest = {"fixed": s.fixed(), "fingerprint": data["fingerprint"], "metadata_sha256": _sha256(s.metadata),
+        manifest = {"fixed": s.fixed(), "fingerprint": data["fingerprint"], "metadata_sha256": file_sha256(s.metadata),
                     "features": os.path.abspath(s.features), "metadata": os.path.abspath(s.metadata)}
         manifest_path = os.path.join(self.out, "sweep.json")
-        _check_manifest(manifest_path, manifest)
+        check_manifest(manifest_path, manifest)
         write_atomic(manifest_path, json.dumps(json_safe({**manifest, "grid": self.grid.to_dict()}), indent=2))
 
     def _partition(self) -> tuple:

@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from mirip.feature_spec import FEATURE_NORMS
+from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.sweep.grid import HeadConfig, SweepConfigError
 from mirip.training.config import TrainingConfig
-from mirip.training.run import DataSettings, RunConfig
+from mirip.training.run_config import DataSettings, RunConfig
 from mirip.training.trainer import check_config
 
 # TrainingConfig fields a sweep varies per head (grid axes), and those that do not change any number.
@@ -62,7 +62,7 @@ class SweepSettings(DataSettings):
             raise SweepConfigError("--val-ratio must be positive: a sweep chooses its winner on validation accuracy")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -70,7 +70,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _check_manifest(path: str, manifest: Dict[str, Any]) -> None:
+def check_manifest(path: str, manifest: Dict[str, Any]) -> None:
     """Refuse to continue a sweep in ``path`` that was run on other data or other fixed settings."""
     if not os.path.exists(path):
         return

@@ -34,8 +34,6 @@ from torch import nn
 
 from mirip.ml.ranking_model import RankingHead
 # The stacked heads' optimizers live in stacked_optim; imported from here as before.
-from mirip.sweep.stacked_optim import (OPTIMIZERS, BatchedAdamW, StackedOptimizer, default_optimizer,  # noqa: F401
-                                       make_optimizer)
 
 # RankingHead parameter names, in its state-dict order (also the order its optimizer sees them).
 PARAM_NAMES = (

@@ -1,4 +1,4 @@
-"""The optimizers of ``StackedHeads`` (``mirip.sweep.stacked``, the import path for them too): AdamW and
+"""The optimizers of ``StackedHeads`` (``mirip.sweep.stacked``): AdamW and
 CosineAnnealingLR with each head's own lr, weight decay, moments, step count and schedule, as K separate
 runs would have them: torch's AdamW over per-head param groups (``fused`` / ``plain``) or the same arithmetic
 over the stacked tensors (``batched``, capturable by a CUDA graph). ``make_optimizer`` picks one.
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # mirip.sweep.stacked imports this module to re-export it
+if TYPE_CHECKING:  # mirip.sweep.stacked imports this module
     from mirip.sweep.stacked import StackedHeads
 
 

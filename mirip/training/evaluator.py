@@ -1,6 +1,6 @@
 """Evaluator: pairwise accuracy of a ranking model, and the detailed report (per tier pair, Spearman, Kendall).
 
-Given a score-to-tier calibration (``mirip.calibration``), the detailed report also
+Given a score-to-tier calibration (``mirip.training.calibration``), the detailed report also
 holds the tier figures: tier accuracy, mean absolute tier error, the 4x4 confusion
 matrix and the expected calibration error (named in the report).
 
@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from mirip.calibration import OrdinalCalibration, tier_metrics
-from mirip.devices import resolve_device
+from mirip.common.devices import resolve_device
+from mirip.training.calibration import OrdinalCalibration
+from mirip.training.calibration_metrics import tier_metrics
 from mirip.training.metrics import score_metrics
 
 

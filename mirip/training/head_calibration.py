@@ -10,9 +10,10 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from mirip.calibration import (CalibrationError, OrdinalCalibration, ScoreReference, fit_ordinal,
-                               make_score_reference)
-from mirip.checkpoint import load_checkpoint_file, save_checkpoint_file
+from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
+from mirip.training.calibration import OrdinalCalibration, fit_ordinal
+from mirip.training.calibration_metrics import CalibrationError
+from mirip.training.calibration_reference import ScoreReference, make_score_reference
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import score_images
 
@@ -71,7 +72,7 @@ IN_SAMPLE = {"all": "all images include the training images (the head was fitted
              "val": "the calibration was fitted on the val split"}
 
 
-def _calibration_title(backbone: Dict[str, Any]) -> str:
+def calibration_title(backbone: Dict[str, Any]) -> str:
     base = "score-to-tier calibration, fitted on the validation split"
     if backbone["backbone_weights"] == "random":
         return f"{base}: RANDOM backbone weights (pipeline check, not a trained model)"

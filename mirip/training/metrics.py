@@ -11,7 +11,7 @@ from typing import Dict
 
 import numpy as np
 
-from mirip.tiers import rank_to_tier
+from mirip.common.tiers import rank_to_tier
 
 
 def pair_correct(score1: np.ndarray, score2: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -18,28 +18,28 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from mirip.atomic import output_directory
-from mirip.calibration import from_checkpoint, save_calibration_plot
-from mirip.checkpoint import load_checkpoint_file
-from mirip.devices import resolve_device
-from mirip.feature_spec import checkpoint_feature_spec
-from mirip.features.cache import CacheError, open_cache
-from mirip.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, FingerprintMismatch,
-                               check_fingerprint, weights_summary)
+from mirip.common.atomic import output_directory
+from mirip.common.devices import resolve_device
+from mirip.common.feature_spec import checkpoint_feature_spec
 from mirip.ml.ranking_model import RankingHead
+from mirip.store.cache import open_cache
+from mirip.store.checkpoint import load_checkpoint_file
+from mirip.store.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, check_fingerprint,
+    weights_summary)
 from mirip.training.baseline import RidgeBaseline
+from mirip.training.calibration import from_checkpoint, save_calibration_plot
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator, format_metrics
-from mirip.training.head_calibration import (IN_SAMPLE, HeadCalibration, _calibration_title, attach_calibration,
-                                             calibrate_head)
+from mirip.training.head_calibration import (IN_SAMPLE, HeadCalibration, calibration_title, attach_calibration,
+    calibrate_head)
 from mirip.training.metrics import distinct_pairs, score_metrics
-from mirip.training.run_config import DataSettings, RunConfig
-from mirip.training.run_data import (SPLITS, RunData, exclusion_note, feature_keys, load_bank_features,
-                                     load_features, load_run_data, read_metadata, resolve_spec, split_dataset,
-                                     write_excluded)
-from mirip.training.run_outputs import _curves_title, save_curves, write_json
-from mirip.training.trainer import Trainer, history_to_json
+from mirip.training.run_config import RunConfig
+from mirip.training.run_data import (SPLITS, RunData, exclusion_note, feature_keys, load_run_data, resolve_spec,
+    split_dataset, write_excluded)
+from mirip.training.run_outputs import curves_title, save_curves, write_json
+from mirip.training.trainer import Trainer
+from mirip.training.trainer_checkpoints import history_to_json
 
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
                 "calibration.png")
@@ -205,12 +205,12 @@ def _test_report(cfg: RunConfig, data: RunData, datasets, model, device, trainer
 def _save_plots(result: Dict[str, Any], out: str, history, calibrated: HeadCalibration,
                 backbone: Dict[str, Any]) -> None:
     """curves.png and calibration.png; each path goes into ``result`` when the plot was written."""
-    if save_curves(history, os.path.join(out, "curves.png"), title=_curves_title(backbone)):
+    if save_curves(history, os.path.join(out, "curves.png"), title=curves_title(backbone)):
         result["curves"] = os.path.join(out, "curves.png")
     if calibrated.calibration is not None and save_calibration_plot(
             os.path.join(out, "calibration.png"), calibrated.calibration,
             {s: calibrated.scores[s] for s in ("val", "test") if s in calibrated.scores},
-            title=_calibration_title(backbone)):
+            title=calibration_title(backbone)):
         result["calibration_plot"] = os.path.join(out, "calibration.png")
 
 
@@ -322,8 +322,4 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     return result
 
 
-__all__ = ["RunConfig", "DataSettings", "RunData", "read_metadata", "load_features", "load_bank_features", "resolve_spec",
-           "feature_keys", "load_run_data", "split_dataset",
-           "baseline_metrics", "train", "evaluate_checkpoint", "save_curves", "OUTPUT_FILES",
-           "HeadCalibration", "calibrate_head", "attach_calibration",
-           "CacheError", "FingerprintMismatch"]
+__all__ = ["baseline_metrics", "train", "evaluate_checkpoint", "OUTPUT_FILES"]

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from mirip.feature_spec import FEATURE_NORMS, canonical_spec
+from mirip.common.feature_spec import FEATURE_NORMS, canonical_spec
 from mirip.ml.ranking_model import RankingHead
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.data_splitter import DataSplitter
@@ -45,7 +45,7 @@ class RunConfig(DataSettings):
     dropout: float = 0.1
     ridge_alpha: Optional[float] = None  # None: chosen on the val split
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    # The feature spec (mirip.features.spec): which cached entries the head sees, in order. None: the cache's
+    # The feature spec (mirip.common.feature_spec): which cached entries the head sees, in order. None: the cache's
     # default (its only entry, else cls@-1); a run resolves it and saves the canonical spec in config.json.
     feature: Optional[str] = None
     feature_norm: str = "auto"  # per-entry scaling: auto (entry when the spec has several entries), entry, none

@@ -20,13 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mirip.atomic import write_atomic
-from mirip.feature_spec import apply_entry_scales, canonical_spec, entry_scales, resolve_feature_norm
-from mirip.features.cache import CacheError, open_cache
-from mirip.fingerprint import ENVIRONMENT_FIELDS, LAYOUT_FIELDS
-from mirip.metadata_csv import csv_lines, read_metadata_csv
-from mirip.paths import normalize_relpath
-from mirip.tiers import tier_ranks
+from mirip.common.atomic import write_atomic
+from mirip.common.feature_spec import apply_entry_scales, canonical_spec, entry_scales, resolve_feature_norm
+from mirip.common.metadata_csv import csv_lines, read_metadata_csv
+from mirip.common.paths import normalize_relpath
+from mirip.common.tiers import tier_ranks
+from mirip.store.cache import open_cache
+from mirip.store.cache_errors import CacheError
+from mirip.store.fingerprint import ENVIRONMENT_FIELDS, LAYOUT_FIELDS
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.run_config import RunConfig
@@ -230,5 +231,4 @@ def split_dataset(data: RunData, split: str, features: torch.Tensor, tc: Trainin
     )
 
 
-__all__ = ["SPLITS", "EXCLUDED_FILE", "failed_images", "union_failed", "split_names", "split_positions",
-           "scaled_features", "exclusion_note", "write_excluded"]
+__all__ = ["SPLITS", "EXCLUDED_FILE", "failed_images", "union_failed", "split_names", "split_positions", "scaled_features", "exclusion_note", "write_excluded"]

@@ -8,15 +8,15 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from mirip.atomic import write_atomic
-from mirip.plain import json_safe
+from mirip.common.atomic import write_atomic
+from mirip.common.plain import json_safe
 
 
 def write_json(path: str, obj: Any) -> None:
     write_atomic(path, json.dumps(json_safe(obj), indent=2))
 
 
-def _curves_title(backbone: Dict[str, Any]) -> Optional[str]:
+def curves_title(backbone: Dict[str, Any]) -> Optional[str]:
     if backbone["backbone_weights"] != "random":
         return None
     return f"{backbone['backbone']}: RANDOM backbone weights (pipeline check, not a trained model)"

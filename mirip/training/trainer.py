@@ -35,7 +35,7 @@ Training-step contract (a sweep that trains stacked heads reproduces exactly thi
   order comes from ``sample_pairs``, and a ``FeaturePairDataset`` is iterated directly
   (a ``DataLoader`` would draw a base seed from the global RNG on every epoch).
 
-Checkpoints (``mirip.checkpoint`` keys) hold the head-only state dict, optimizer and
+Checkpoints (``mirip.store.checkpoint`` keys) hold the head-only state dict, optimizer and
 scheduler state, the feature fingerprint and backbone info, the config, and what an
 exact resume needs: epochs done, history, best accuracy and epoch, the early-stopping
 counter and the torch RNG states. ``fit`` after ``load_checkpoint`` continues exactly
@@ -52,14 +52,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mirip.devices import resolve_device
+from mirip.common.devices import resolve_device
 from mirip.training.config import TrainingConfig
 from mirip.training.optim_step import clip_and_step
 from mirip.training.static_step import StaticStep, persistent_grads, resolve_step_mode, zero_grads_
 # What a checkpoint holds and how a run resumes (TrainerCheckpoints, a base class of Trainer); the history
 # keys and helpers are imported from here too.
-from mirip.training.trainer_checkpoints import (HISTORY_KEYS, TrainerCheckpoints, head_state,  # noqa: F401
-                                                history_to_json, plain_lrs)
+from mirip.training.trainer_checkpoints import HISTORY_KEYS, TrainerCheckpoints, head_state
 
 
 def check_config(config: TrainingConfig) -> None:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mirip.checkpoint import head_checkpoint, load_checkpoint_file, save_checkpoint_file
 from mirip.ml.ranking_model import HEAD_PREFIXES
+from mirip.store.checkpoint import head_checkpoint, load_checkpoint_file, save_checkpoint_file
 
 
 HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "lr")

@@ -1,0 +1,1 @@
+"""Pairs of drawings (on image files or cached features), their sampling, and image-level splits."""

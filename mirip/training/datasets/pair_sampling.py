@@ -11,7 +11,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from mirip.tiers import rank_to_tier
+from mirip.common.tiers import rank_to_tier
 
 BALANCES = ("tier_pair", "uniform")
 

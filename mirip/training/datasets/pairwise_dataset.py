@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from mirip.features.cache import FeatureCache, open_cache
-from mirip.preprocessing import Preprocessor, load_image
-from mirip.tiers import rank_to_tier, tier_ranks
+from mirip.common.tiers import rank_to_tier, tier_ranks
+from mirip.ml.preprocessing import Preprocessor, load_image
+from mirip.store.cache import FeatureCache, open_cache
 from mirip.training.datasets.pair_sampling import BALANCES, all_cross_tier_pairs, count_cross_tier_pairs, sample_pairs
 
 # PairwiseDataset's default length: every cross-tier pair for small sets, capped so large sets stay O(N).
@@ -81,7 +81,7 @@ class PairwiseDataset(Dataset):
     exactly once per epoch (in a shuffled order and orientation, labels balanced)
     and the length is their count; otherwise pairs are sampled (with replacement).
     Both are drawn from ``seed`` and the epoch; ``set_epoch(e)`` draws epoch ``e``'s pairs. With ``transform=None`` images go
-    through ``mirip.preprocessing.Preprocessor`` (768 px, whole drawing kept);
+    through ``mirip.ml.preprocessing.Preprocessor`` (768 px, whole drawing kept);
     any callable taking a PIL image (a torchvision ``Compose``) may be passed.
 
     The default transform normalises with ImageNet mean/std, which is right for DINOv2 only. Given a

@@ -1,0 +1,232 @@
+"""Stage one: extract frozen-backbone features for a set of images into an HDF5 cache.
+
+    list images -> load backbone -> open/create cache (fingerprint checked) -> plan
+    -> reader (DataLoader workers) -> mapper (backbone) -> writer (background thread) -> summary
+
+Pieces: ``config`` (ExtractConfig), ``plan`` (which images to extract, path repair, the completeness
+check), ``pipeline`` (the batches: reader -> mapper -> writer), ``summary`` (the report). This module opens
+the cache and runs them in order (per rank under torchrun).
+
+The plan is what makes reruns cheap and kills harmless: an image is extracted
+only when it has no row yet, its file changed (size or mtime), its row fails
+its checksum (a damaged cache is repaired, not reported cached), or it failed
+before and ``retry_failed`` is set. Rows are committed batch by batch, so a
+killed run, or one stopped by a full disk, resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from mirip.common.atomic import write_atomic
+from mirip.extract.distributed import DistContext, StopRequested, leftover_parts, merge_parts, part_path
+from mirip.store.cache import FeatureCache
+from mirip.store.cache_errors import CacheError
+# The run's pieces, each in a module of its own; their names are imported from here too.
+from mirip.extract.config import ExtractConfig, Item
+from mirip.extract.pipeline import RunStats, run_pipeline
+from mirip.extract.plan import PathRepair, Plan, make_plan, repair_path_list, verify_complete
+from mirip.extract.reader import list_images, source_facts
+from mirip.extract.summary import ExtractSummary
+from mirip.ml import compiled
+from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.ml.preprocessing import Preprocessor
+from mirip.store.fingerprint import ENVIRONMENT_FIELDS, make_fingerprint
+
+__all__ = ["fingerprint_hash", "default_output", "write_config_json", "open_for_append", "build_models", "prepare_backbone", "extract_features"]
+
+
+# --- pieces of the run ---------------------------------------------------------------------------
+def fingerprint_hash(fingerprint: dict) -> str:
+    meaning = {k: v for k, v in fingerprint.items() if k not in ENVIRONMENT_FIELDS}
+    return hashlib.sha256(json.dumps(meaning, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def default_output(fingerprint: dict, cache_dir: str = "cache") -> str:
+    """``cache/dinov2-large-768px-cls-1a2b3c4d.h5``: readable, and distinct for every fingerprint."""
+    short = os.path.basename(str(fingerprint["backbone"]).rstrip("/")) or "backbone"
+    pooling = str(fingerprint["pooling"]).replace(",", "+")
+    blocks = set(fingerprint.get("feature_entry_blocks") or [])
+    layers = f"-{len(blocks)}L" if len(blocks) > 1 else ""
+    name = f"{short}-{fingerprint['image_size']}px-{pooling}{layers}-{fingerprint_hash(fingerprint)}.h5"
+    return os.path.join(cache_dir, name)
+
+
+def write_config_json(config: ExtractConfig, output: str, fingerprint: dict, last_run: Optional[dict] = None) -> str:
+    """``<cache>.json``: the run's config and the fingerprint; after a run also ``last_run`` (how it ran)."""
+    path = output + ".json"
+    record = {"config": config.to_dict(), "fingerprint": fingerprint}
+    if last_run is not None:
+        record["last_run"] = last_run
+    write_atomic(path, json.dumps(record, indent=2, default=str))
+    return path
+
+
+def open_for_append(output: str, fingerprint: dict, overwrite: bool) -> FeatureCache:
+    """Create the cache, or open it for appending after checking that every fingerprint field matches."""
+    if overwrite or not os.path.exists(output):
+        for part in leftover_parts(output):
+            os.remove(part)
+        return FeatureCache.create(output, fingerprint, overwrite=overwrite)
+    cache = FeatureCache.open(output, "a")
+    try:
+        # Versions count too: rows from another torch/transformers could differ in the last bits.
+        cache.check_fingerprint(fingerprint, ignore=())
+    except ValueError as exc:
+        cache.close()
+        raise CacheError(f"{exc}. Refusing to append; pass --overwrite to start over, "
+                         "or a different --output for these settings") from None
+    return cache
+
+
+def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2FeatureExtractor, Preprocessor]:
+    pooling = config.pooling if isinstance(config.pooling, str) else list(config.pooling)
+    extractor = DINOv2FeatureExtractor(config.backbone, device=device, random_init=config.random_init,
+                                       pooling=pooling, precision=config.precision,
+                                       layers=None if config.layers is None else [int(l) for l in config.layers])
+    # Refused here, before any image is read, if the backbone cannot take this size.
+    extractor.check_image_size(config.image_size)
+    preprocessor = extractor.preprocessor(config.image_size, config.resize_mode, max_pixels=config.max_image_pixels)
+    return extractor, preprocessor
+
+
+def prepare_backbone(extractor: DINOv2FeatureExtractor, config: ExtractConfig, num_images: int) -> compiled.CompileInfo:
+    """Compile the backbone for this process's ``num_images`` images, or say why it stays eager. Under
+    torchrun every rank decides for its own shard and compiles its own copy (compiling is paid per process)."""
+    if num_images == 0:
+        return compiled.CompileInfo(False, "nothing to extract in this run",
+                                    sdpa_backend=None if config.sdpa_backend == "auto" else config.sdpa_backend,
+                                    backend=config.compile_backend)
+    # Each loader batch holds batch_size images x (1 + views) views: the one shape compiled.
+    return compiled.prepare_extractor(extractor, compile=config.compile, num_images=num_images,
+                                      batch_size=config.batch_size * (1 + config.views), image_size=config.image_size,
+                                      sdpa_backend=config.sdpa_backend, backend=config.compile_backend)
+
+
+# --- the runner ----------------------------------------------------------------------------------
+def extract_features(config: ExtractConfig) -> ExtractSummary:
+    """Run stage one as configured (one process, or one rank of a ``torchrun`` job); returns the summary."""
+    ctx = DistContext.from_env()
+    # Bad metadata is reported before any backbone or GPU work.
+    skipped: Dict[str, str] = {}
+    paths = list_images(config.image_dir, config.metadata, config.filename_column, encoding=config.encoding,
+                        tier_column=config.tier_column, allow_outside_links=config.allow_outside_links,
+                        skipped=skipped)
+    ctx.init()
+    try:
+        return dataclasses.replace(_extract(config, ctx, paths), skipped_links=skipped)
+    finally:
+        ctx.shutdown()
+
+
+def _rank_device(config: ExtractConfig, ctx: DistContext) -> Optional[str]:
+    """The device asked for; under torchrun on CUDA, this rank's own GPU (made the current one)."""
+    device = config.device
+    if ctx.enabled and torch.cuda.is_available() and (device is None or device == "cuda"):
+        device = f"cuda:{ctx.local_rank}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def _load_backbone(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2FeatureExtractor, Preprocessor, dict]:
+    """(extractor, preprocessor, fingerprint) for the run; an SDPA kernel the device cannot run is refused here."""
+    extractor, preprocessor = build_models(config, device)
+    # A named SDPA kernel this device cannot run is refused before any cache is touched.
+    compiled.check_sdpa_backend(extractor, None if config.sdpa_backend == "auto" else config.sdpa_backend,
+                                config.image_size)
+    fingerprint = make_fingerprint(extractor, preprocessor, config.feature_dtype, config.views)
+    return extractor, preprocessor, fingerprint
+
+
+def _prepare_cache(config: ExtractConfig, output: str, fingerprint: dict, items: List[Item],
+                   order: Dict[str, int]) -> Tuple[List[Item], Plan, Optional[int], List[PathRepair]]:
+    """Open the main cache, repair its path list, merge leftover parts, record the config, plan the run:
+    (items, plan, rows verified or None, path repairs)."""
+    with open_for_append(output, fingerprint, config.overwrite) as cache:
+        # Rows whose path entry is damaged get their path back from this run's images, then count as
+        # damaged rows below: re-extracted, while every good row is kept (cheap: the path list is read anyway).
+        repairs = repair_path_list(cache, [rel for rel, _, _ in items], cache.failures())
+        merge_parts(cache, leftover_parts(output), order)
+        # Guarded like every write: a disk already full says so in one line, with the reserve in place.
+        cache.set_attribute("extract_config", json.dumps(config.to_dict()))
+        write_config_json(config, output, fingerprint)
+        # A full read of the cache: damage found here is re-extracted by this run, not reported cached.
+        # (Without it, the rows given their path back above are still re-extracted.)
+        damaged = cache.damaged_rows() if config.verify else [x.row for x in repairs]
+        plan = make_plan(items, cache, config.retry_failed, damaged)
+        return items, plan, (cache.num_rows if config.verify and cache.has_checksums else None), repairs
+
+
+def _extract_shard(config: ExtractConfig, ctx: DistContext, extractor: DINOv2FeatureExtractor,
+                   preprocessor: Preprocessor, fingerprint: dict, output: str, shard: List[Item]) -> List[RunStats]:
+    """Extract this rank's shard into its cache (the main one, or its part under torchrun); every rank's stats."""
+    info = prepare_backbone(extractor, config, len(shard))  # before a cache is opened: a bad SDPA backend stops here
+    target = part_path(output, ctx.rank, ctx.world_size) if ctx.enabled else output
+    stats, error = None, None
+    try:
+        if ctx.enabled:
+            cache = FeatureCache.create(target, fingerprint, overwrite=True)
+        else:
+            cache = open_for_append(output, fingerprint, overwrite=False)
+        # Eager batches run under the SDPA backend asked for too; a compiled forward enters it itself.
+        with cache, compiled.sdpa_context(info.sdpa_backend):
+            stats = run_pipeline(shard, cache, extractor, preprocessor, config,
+                                 progress=config.progress and ctx.is_main,
+                                 should_stop=ctx.stop_requested if ctx.enabled else None)
+        stats.compile = info.to_dict()
+    except Exception as exc:  # noqa: BLE001 - under torchrun every rank must hear of it (settle re-raises)
+        if not ctx.enabled:
+            raise
+        if not isinstance(exc, StopRequested):
+            ctx.request_stop(str(exc))  # the others stop at their next batch instead of finishing their shards
+        error = exc
+    finally:
+        compiled.uncompile(extractor)
+    return ctx.settle(stats, error)  # every rank's stats, or RankFailed on every rank
+
+
+def _finish_cache(config: ExtractConfig, ctx: DistContext, output: str, fingerprint: dict, items: List[Item],
+                  order: Dict[str, int], all_stats: List[RunStats]) -> int:
+    """Merge the ranks' parts, check every listed image is accounted for, record how the run ran; the rows."""
+    with FeatureCache.open(output, "a") as cache:
+        if ctx.enabled:
+            merge_parts(cache, [part_path(output, r, ctx.world_size) for r in range(ctx.world_size)], order)
+        verify_complete(cache, items)
+        rows = cache.num_rows
+    last_run = {"compile": all_stats[0].compile}
+    if ctx.enabled:
+        last_run["compile_per_rank"] = [s.compile for s in all_stats]
+    write_config_json(config, output, fingerprint, last_run)
+    return rows
+
+
+def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> ExtractSummary:
+    extractor, preprocessor, fingerprint = _load_backbone(config, _rank_device(config, ctx))
+    output = config.output or default_output(fingerprint, config.cache_dir)
+    order = {p: i for i, p in enumerate(paths)}
+    items = [(rel, *source_facts(config.image_dir, rel)) for rel in paths] if ctx.is_main else None
+    # Rank 0 alone touches the main cache here; the others get the plan through the process group.
+    items, plan, verified, repairs = ctx.on_main(lambda: _prepare_cache(config, output, fingerprint, items, order))
+    shard = plan.todo[ctx.rank::ctx.world_size]
+    all_stats = _extract_shard(config, ctx, extractor, preprocessor, fingerprint, output, shard)
+    ctx.barrier()  # every part is complete and closed
+    rows = ctx.on_main(lambda: _finish_cache(config, ctx, output, fingerprint, items, order, all_stats))
+    failed: Dict[str, str] = {}
+    for s in all_stats:
+        failed.update(s.failed)
+    return ExtractSummary(
+        output=output, total=plan.total, extracted=sum(s.extracted for s in all_stats),
+        replaced=len(plan.had_row - set(failed)), skipped_cached=plan.cached, failed=failed,
+        known_failed=plan.known_failed, seconds=max(s.seconds for s in all_stats),
+        read_s=max(s.read_s for s in all_stats), infer_s=max(s.infer_s for s in all_stats),
+        write_s=max(s.write_s for s in all_stats), rows=rows, world_size=ctx.world_size,
+        entries=list(extractor.entry_names), size_bytes=os.path.getsize(output) if os.path.exists(output) else 0,
+        repaired=plan.repaired, verified=verified, damaged_unlisted=plan.damaged_unlisted, paths_repaired=repairs,
+        compile=all_stats[0].compile, compile_ranks=[s.compile for s in all_stats] if ctx.enabled else [],
+    )
