@@ -167,6 +167,29 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(heads_dir, tmp
     assert still.status_code == 200 and len(still.json()["results"]) == 1
 
 
+def test_edge_cases_get_the_services_own_4xx_and_the_service_keeps_running(heads_dir):
+    d, a, _, images = heads_dir
+    good = open(images[0], "rb").read()
+    with running(_app([a])) as url:  # the defaults: --max-images 16
+        nested = httpx.post(url + "/score", content=b"[" * 50000, headers={"content-type": "application/json"})
+        nested_inside = httpx.post(url + "/score", content=b'{"images": ' + b"[" * 50000,
+                                   headers={"content-type": "application/json"})
+        # 69: one past the parser's old 4 x 16 + 4 files, whose own refusal named 68 as the limit
+        files = httpx.post(url + "/score", files=[("images", (f"{i}.png", good)) for i in range(69)])
+        seventeen = httpx.post(url + "/score", files=[("images", (f"{i}.png", good)) for i in range(17)])
+        head = httpx.post(url + "/explain?head=abc", files=_files(images[:1]))
+        health = httpx.get(url + "/health")
+        still = httpx.post(url + "/score", files=_files(images[:1]))
+    for r in (nested, nested_inside):
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    for r in (files, seventeen):
+        assert r.status_code == 413 and r.json()["max_images"] == 16
+        assert "at most 16" in r.json()["error"] and "--max-images" in r.json()["error"] and "68" not in r.text
+    assert head.status_code == 400 and "detail" not in head.json()
+    assert head.json()["field"] == "head" and "'abc'" in head.json()["error"] and "integer" in head.json()["error"]
+    assert health.status_code == 200 and still.status_code == 200 and len(still.json()["results"]) == 1
+
+
 def test_a_set_api_key_guards_every_endpoint_but_health(heads_dir):
     d, a, _, images = heads_dir
     with running(_app([a], api_key="s3cret")) as url:
