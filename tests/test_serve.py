@@ -190,6 +190,20 @@ def test_edge_cases_get_the_services_own_4xx_and_the_service_keeps_running(heads
     assert health.status_code == 200 and still.status_code == 200 and len(still.json()["results"]) == 1
 
 
+def test_a_request_larger_than_the_whole_queue_gets_413_not_503_forever(heads_dir):
+    d, a, _, images = heads_dir
+    with pytest.raises(ValueError, match=r"--max-images.* 8 .*--max-queue.* 4"):
+        ServeConfig(checkpoints=[a], max_images=8, max_queue=4)
+    config = ServeConfig(checkpoints=[a], device="cpu", max_images=4, max_queue=4)
+    config.max_queue = 2  # set after the check, as a program embedding the app might
+    with running(create_app(config)) as url:
+        refused = httpx.post(url + "/score", files=_files(images[:3]))
+        fits = httpx.post(url + "/score", files=_files(images[:2]))
+    assert refused.status_code == 413 and "retry-after" not in refused.headers
+    assert refused.json()["max_queue"] == 2 and "--max-queue" in refused.json()["error"]
+    assert fits.status_code == 200
+
+
 def test_a_set_api_key_guards_every_endpoint_but_health(heads_dir):
     d, a, _, images = heads_dir
     with running(_app([a], api_key="s3cret")) as url:
@@ -347,7 +361,8 @@ def test_a_full_queue_answers_503_at_once_and_recovers(heads_dir):
         return score_batch(batch)
 
     heads.score_batch = held
-    app = create_app(ServeConfig(checkpoints=[a], device="cpu", max_queue=2, batch_timeout_ms=0), load=lambda: heads)
+    app = create_app(ServeConfig(checkpoints=[a], device="cpu", max_queue=2, max_images=2, batch_timeout_ms=0),
+                     load=lambda: heads)
     with running(app) as url, ThreadPoolExecutor(2) as pool:
         busy = pool.submit(httpx.post, url + "/score", files=_files(images[:1]), timeout=60)
         time.sleep(0.5)  # taken by the worker, which now waits on the gate; the queue is empty again

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 import mirip
-from mirip.serve.batcher import Overloaded
+from mirip.serve.batcher import NeverFits, Overloaded
 from mirip.serve.service import Service, memory
 from mirip.serve.uploads import RequestError, decode_all, read_uploads
 
@@ -62,6 +62,9 @@ async def _scores(request: Request, keys=("images",)):
         decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor)
         t1 = time.perf_counter()
         futures = service.batcher.submit([t for _, t in decoded])
+    except NeverFits as exc:
+        raise RequestError(413, f"{exc}; send at most {config.max_queue} images per request (--max-queue)",
+                           images=len(uploads), max_queue=config.max_queue) from None
     except Overloaded as exc:
         raise RequestError(503, f"the service is busy ({exc}); retry shortly") from None
     finally:
