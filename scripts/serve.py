@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -116,11 +117,22 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"<= {config.max_request_bytes / MB:g} MiB per request", flush=True)
     print("loading the model; GET /health answers 503 until it is ready", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level))
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal; SIGTERM's default action
+    # would then end a service stopped on purpose with 143 (docker stop, systemctl stop): exit 0 instead.
+    signal.signal(signal.SIGTERM, _stopped)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C / SIGINT, then re-raises it
-        pass
+    except (KeyboardInterrupt, Stopped):
+        print("mirip serve: stopped", flush=True)
     return 2 if failed else 0
+
+
+class Stopped(Exception):
+    """SIGTERM arrived: the service was stopped on purpose."""
+
+
+def _stopped(signum, frame):
+    raise Stopped()
 
 
 if __name__ == "__main__":
