@@ -147,7 +147,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(heads_dir, tmp
         wrong_type = post(content=b"raw", headers={"content-type": "image/png"})
         body_over = post(content=b"x" * 200_010, headers={"content-type": "application/json"})
         streamed_over = post(content=iter([b"x" * 100_000] * 3), headers={"content-type": "application/json"})
-        mixed = post([("images", ("ok.png", good)), ("images", ("bad.png", b"junk"))])
+        mixed = post([("images", ("ok.png", good)), ("images", ("bad.png", b"junk"))], params={"strict": "true"})
         still = post(_files(images[:1]))
     assert not_image.status_code == 422 and "notes.txt" in not_image.json()["error"]
     assert "not a recognised image format" in not_image.json()["error"]
@@ -178,6 +178,7 @@ def test_edge_cases_get_the_services_own_4xx_and_the_service_keeps_running(heads
         files = httpx.post(url + "/score", files=[("images", (f"{i}.png", good)) for i in range(69)])
         seventeen = httpx.post(url + "/score", files=[("images", (f"{i}.png", good)) for i in range(17)])
         head = httpx.post(url + "/explain?head=abc", files=_files(images[:1]))
+        strict = httpx.post(url + "/score?strict=maybe", files=_files(images[:1]))
         health = httpx.get(url + "/health")
         still = httpx.post(url + "/score", files=_files(images[:1]))
     for r in (nested, nested_inside):
@@ -187,6 +188,7 @@ def test_edge_cases_get_the_services_own_4xx_and_the_service_keeps_running(heads
         assert "at most 16" in r.json()["error"] and "--max-images" in r.json()["error"] and "68" not in r.text
     assert head.status_code == 400 and "detail" not in head.json()
     assert head.json()["field"] == "head" and "'abc'" in head.json()["error"] and "integer" in head.json()["error"]
+    assert strict.status_code == 400 and strict.json()["field"] == "strict"
     assert health.status_code == 200 and still.status_code == 200 and len(still.json()["results"]) == 1
 
 
@@ -202,6 +204,32 @@ def test_a_request_larger_than_the_whole_queue_gets_413_not_503_forever(heads_di
     assert refused.status_code == 413 and "retry-after" not in refused.headers
     assert refused.json()["max_queue"] == 2 and "--max-queue" in refused.json()["error"]
     assert fits.status_code == 200
+
+
+def test_an_unreadable_image_gets_an_error_in_its_place_and_the_others_are_scored(heads_dir):
+    d, a, _, images = heads_dir
+    expected, scorer = _one_by_one(a, [images[0], images[2]])
+    files = [_files(images[:1])[0], ("images", ("bad.png", b"junk")), _files(images[2:3])[0]]
+    with running(_app([a])) as url:
+        lenient = httpx.post(url + "/score", files=files)
+        as_json = httpx.post(url + "/score", json={"images": [b64(b"junk"), b64(open(images[2], "rb").read())]})
+        strict = httpx.post(url + "/score?strict=true", files=files)
+        none_readable = httpx.post(url + "/score", files=[("images", ("bad.png", b"junk"))])
+    assert lenient.status_code == 200 and lenient.json()["failed"] == 1
+    first, bad, third = lenient.json()["results"]
+    assert bad["index"] == 1 and bad["image"] == "bad.png" and "score" not in bad
+    assert "bad.png" in bad["error"] and "not a recognised image format" in bad["error"]
+    assert [first["image"], third["image"]] == ["img_0.png", "img_2.png"]
+    np.testing.assert_allclose([first["score"], third["score"]], expected, atol=1e-5)
+    tiers = scorer.tiers_for_scores(["", ""], expected)  # each image's tier from its own score
+    for row, t in zip((first, third), tiers):  # the probabilities are tiny here: compared relatively
+        assert [row[f"p_{k}"] for k in "SAB"] == pytest.approx([t.probabilities[k] for k in "SAB"], rel=1e-3)
+    assert [first["heads"][0]["score"], third["heads"][0]["score"]] == [first["score"], third["score"]]
+    got = as_json.json()["results"]
+    assert as_json.status_code == 200 and "image0" in got[0]["error"] and got[1]["score"] == pytest.approx(
+        expected[1], abs=1e-5)
+    assert strict.status_code == 422 and [b["image_index"] for b in strict.json()["bad_images"]] == [1]
+    assert none_readable.status_code == 422 and "bad.png" in none_readable.json()["error"]
 
 
 def test_a_set_api_key_guards_every_endpoint_but_health(heads_dir):
@@ -302,6 +330,21 @@ def test_explain_returns_the_library_map_and_a_legible_overlay(heads_dir):
     assert "overlay_png_base64" not in bare and "path" not in got
     assert too_many.status_code == 413 and too_many.json()["max_images"] == 2
     assert "--max-explain-images" in too_many.json()["error"]
+
+
+def test_explain_of_several_images_explains_the_readable_ones_and_names_the_unreadable(heads_dir):
+    d, a, _, images = heads_dir
+    ref, = load_scorer(a, device="cpu").explain(images[1:2], progress=False, steps=4)
+    files = [("images", ("bad.png", b"junk")), _files(images[1:2])[0]]
+    with running(_app([a], explain_steps=4, max_explain_images=2)) as url:
+        lenient = httpx.post(url + "/explain?overlay=false", files=files)
+        strict = httpx.post(url + "/explain?overlay=false&strict=true", files=files)
+    assert lenient.status_code == 200 and lenient.json()["failed"] == 1
+    bad, good = lenient.json()["results"]
+    assert bad["index"] == 0 and "bad.png" in bad["error"] and "map" not in bad
+    assert good["image"] == "img_1.png" and good["index"] == 1
+    np.testing.assert_allclose(np.array(good["map"]), ref.map, atol=1e-5)
+    assert strict.status_code == 422 and strict.json()["bad_images"][0]["image"] == "bad.png"
 
 
 def test_the_batcher_bounds_its_queue_admits_all_or_none_and_outlives_a_failed_batch():

@@ -132,20 +132,36 @@ def check_limits(uploads: Sequence[Upload], max_images: int, max_image_bytes: in
                                image_index=u.index, image=u.name, max_image_bytes=max_image_bytes)
 
 
-def decode_all(uploads: Sequence[Upload], preprocessor) -> list:
-    """(PIL image, tensor) per upload, or ``RequestError`` 422 naming every image that cannot be decoded."""
-    out, bad = [], []
-    for u in uploads:
-        try:
-            img = preprocessor.load_bytes(u.data, u.name)
-            out.append((img, preprocessor(img)))
-        except ImageReadError as exc:
-            bad.append({"image_index": u.index, "image": u.name, "reason": exc.reason})
-        except (OSError, ValueError, MemoryError) as exc:
-            bad.append({"image_index": u.index, "image": u.name, "reason": f"{exc.__class__.__name__}: {exc}"})
-    if bad:
-        first = bad[0]
+@dataclass
+class Unreadable:
+    """An upload that cannot be decoded, in the place of its image in a lenient request's results."""
+    index: int
+    name: str
+    reason: str
+
+    def entry(self) -> dict:
+        return {"index": self.index, "image": self.name, "reason": self.reason,
+                "error": f"image {self.index} ({self.name}) cannot be read: {self.reason}"}
+
+
+def _decode(u: Upload, preprocessor):
+    try:
+        img = preprocessor.load_bytes(u.data, u.name)
+        return img, preprocessor(img)
+    except ImageReadError as exc:
+        return Unreadable(u.index, u.name, exc.reason)
+    except (OSError, ValueError, MemoryError) as exc:
+        return Unreadable(u.index, u.name, f"{exc.__class__.__name__}: {exc}")
+
+
+def decode_all(uploads: Sequence[Upload], preprocessor, strict: bool = True) -> list:
+    """Per upload, (PIL image, tensor); with ``strict`` false an ``Unreadable`` in the place of an image that
+    cannot be decoded. ``RequestError`` 422 names every undecodable image when strict, or when none is readable
+    (a request with nothing to answer)."""
+    out = [_decode(u, preprocessor) for u in uploads]
+    bad = [d for d in out if isinstance(d, Unreadable)]
+    if bad and (strict or len(bad) == len(out)):
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise RequestError(422, f"image {first['image_index']} ({first['image']}) cannot be read: "
-                                f"{first['reason']}{more}", bad_images=bad)
+        raise RequestError(422, f"{bad[0].entry()['error']}{more}",
+                           bad_images=[{"image_index": b.index, "image": b.name, "reason": b.reason} for b in bad])
     return out
