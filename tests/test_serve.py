@@ -210,10 +210,12 @@ def test_an_unreadable_image_gets_an_error_in_its_place_and_the_others_are_score
     d, a, _, images = heads_dir
     expected, scorer = _one_by_one(a, [images[0], images[2]])
     files = [_files(images[:1])[0], ("images", ("bad.png", b"junk")), _files(images[2:3])[0]]
+    bad_first = {"images": [b64(b"junk"), b64(open(images[2], "rb").read())]}
     with running(_app([a])) as url:
         lenient = httpx.post(url + "/score", files=files)
-        as_json = httpx.post(url + "/score", json={"images": [b64(b"junk"), b64(open(images[2], "rb").read())]})
+        as_json = httpx.post(url + "/score", json=bad_first)
         strict = httpx.post(url + "/score?strict=true", files=files)
+        strict_json = httpx.post(url + "/score?strict=true", json=bad_first)
         none_readable = httpx.post(url + "/score", files=[("images", ("bad.png", b"junk"))])
     assert lenient.status_code == 200 and lenient.json()["failed"] == 1
     first, bad, third = lenient.json()["results"]
@@ -230,6 +232,7 @@ def test_an_unreadable_image_gets_an_error_in_its_place_and_the_others_are_score
         expected[1], abs=1e-5)
     assert strict.status_code == 422 and [b["image_index"] for b in strict.json()["bad_images"]] == [1]
     assert none_readable.status_code == 422 and "bad.png" in none_readable.json()["error"]
+    assert strict_json.status_code == 422 and [b["image_index"] for b in strict_json.json()["bad_images"]] == [0]
 
 
 def test_a_set_api_key_guards_every_endpoint_but_health(heads_dir):
