@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits after its first image for others to join it")
     p.add_argument("--max-queue", type=int, default=256,
                    help="images that may wait; a request that does not fit gets 503 with Retry-After")
-    p.add_argument("--max-images", type=int, default=16, help="images in one request at most (413 beyond)")
+    p.add_argument("--max-images", type=int, default=16,
+                   help="images in one request at most (413 beyond); at most --max-queue")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="bytes of one uploaded image at most, in MiB")
     p.add_argument("--max-request-mb", type=float, default=64.0,
                    help="a request's whole body at most, in MiB (base64 JSON is a third larger than the files)")
