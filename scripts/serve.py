@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits after its first image for others to join it")
     p.add_argument("--max-queue", type=int, default=256,
                    help="images that may wait; a request that does not fit gets 503 with Retry-After")
-    p.add_argument("--max-images", type=int, default=16, help="images in one request at most (413 beyond)")
+    p.add_argument("--max-images", type=int, default=16,
+                   help="images in one request at most (413 beyond); at most --max-queue")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="bytes of one uploaded image at most, in MiB")
     p.add_argument("--max-request-mb", type=float, default=64.0,
                    help="a request's whole body at most, in MiB (base64 JSON is a third larger than the files)")
@@ -116,11 +118,22 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"<= {config.max_request_bytes / MB:g} MiB per request", flush=True)
     print("loading the model; GET /health answers 503 until it is ready", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level))
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal; SIGTERM's default action
+    # would then end a service stopped on purpose with 143 (docker stop, systemctl stop): exit 0 instead.
+    signal.signal(signal.SIGTERM, _stopped)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C / SIGINT, then re-raises it
-        pass
+    except (KeyboardInterrupt, Stopped):
+        print("mirip serve: stopped", flush=True)
     return 2 if failed else 0
+
+
+class Stopped(Exception):
+    """SIGTERM arrived: the service was stopped on purpose."""
+
+
+def _stopped(signum, frame):
+    raise Stopped()
 
 
 if __name__ == "__main__":

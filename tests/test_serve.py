@@ -147,7 +147,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(heads_dir, tmp
         wrong_type = post(content=b"raw", headers={"content-type": "image/png"})
         body_over = post(content=b"x" * 200_010, headers={"content-type": "application/json"})
         streamed_over = post(content=iter([b"x" * 100_000] * 3), headers={"content-type": "application/json"})
-        mixed = post([("images", ("ok.png", good)), ("images", ("bad.png", b"junk"))])
+        mixed = post([("images", ("ok.png", good)), ("images", ("bad.png", b"junk"))], params={"strict": "true"})
         still = post(_files(images[:1]))
     assert not_image.status_code == 422 and "notes.txt" in not_image.json()["error"]
     assert "not a recognised image format" in not_image.json()["error"]
@@ -165,6 +165,74 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(heads_dir, tmp
     assert streamed_over.request.headers["transfer-encoding"] == "chunked"  # no length declared: counted as read
     assert mixed.status_code == 422 and [b["image_index"] for b in mixed.json()["bad_images"]] == [1]
     assert still.status_code == 200 and len(still.json()["results"]) == 1
+
+
+def test_edge_cases_get_the_services_own_4xx_and_the_service_keeps_running(heads_dir):
+    d, a, _, images = heads_dir
+    good = open(images[0], "rb").read()
+    with running(_app([a])) as url:  # the defaults: --max-images 16
+        nested = httpx.post(url + "/score", content=b"[" * 50000, headers={"content-type": "application/json"})
+        nested_inside = httpx.post(url + "/score", content=b'{"images": ' + b"[" * 50000,
+                                   headers={"content-type": "application/json"})
+        # 69: one past the parser's old 4 x 16 + 4 files, whose own refusal named 68 as the limit
+        files = httpx.post(url + "/score", files=[("images", (f"{i}.png", good)) for i in range(69)])
+        seventeen = httpx.post(url + "/score", files=[("images", (f"{i}.png", good)) for i in range(17)])
+        head = httpx.post(url + "/explain?head=abc", files=_files(images[:1]))
+        strict = httpx.post(url + "/score?strict=maybe", files=_files(images[:1]))
+        health = httpx.get(url + "/health")
+        still = httpx.post(url + "/score", files=_files(images[:1]))
+    for r in (nested, nested_inside):
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    for r in (files, seventeen):
+        assert r.status_code == 413 and r.json()["max_images"] == 16
+        assert "at most 16" in r.json()["error"] and "--max-images" in r.json()["error"] and "68" not in r.text
+    assert head.status_code == 400 and "detail" not in head.json()
+    assert head.json()["field"] == "head" and "'abc'" in head.json()["error"] and "integer" in head.json()["error"]
+    assert strict.status_code == 400 and strict.json()["field"] == "strict"
+    assert health.status_code == 200 and still.status_code == 200 and len(still.json()["results"]) == 1
+
+
+def test_a_request_larger_than_the_whole_queue_gets_413_not_503_forever(heads_dir):
+    d, a, _, images = heads_dir
+    with pytest.raises(ValueError, match=r"--max-images.* 8 .*--max-queue.* 4"):
+        ServeConfig(checkpoints=[a], max_images=8, max_queue=4)
+    config = ServeConfig(checkpoints=[a], device="cpu", max_images=4, max_queue=4)
+    config.max_queue = 2  # set after the check, as a program embedding the app might
+    with running(create_app(config)) as url:
+        refused = httpx.post(url + "/score", files=_files(images[:3]))
+        fits = httpx.post(url + "/score", files=_files(images[:2]))
+    assert refused.status_code == 413 and "retry-after" not in refused.headers
+    assert refused.json()["max_queue"] == 2 and "--max-queue" in refused.json()["error"]
+    assert fits.status_code == 200
+
+
+def test_an_unreadable_image_gets_an_error_in_its_place_and_the_others_are_scored(heads_dir):
+    d, a, _, images = heads_dir
+    expected, scorer = _one_by_one(a, [images[0], images[2]])
+    files = [_files(images[:1])[0], ("images", ("bad.png", b"junk")), _files(images[2:3])[0]]
+    bad_first = {"images": [b64(b"junk"), b64(open(images[2], "rb").read())]}
+    with running(_app([a])) as url:
+        lenient = httpx.post(url + "/score", files=files)
+        as_json = httpx.post(url + "/score", json=bad_first)
+        strict = httpx.post(url + "/score?strict=true", files=files)
+        strict_json = httpx.post(url + "/score?strict=true", json=bad_first)
+        none_readable = httpx.post(url + "/score", files=[("images", ("bad.png", b"junk"))])
+    assert lenient.status_code == 200 and lenient.json()["failed"] == 1
+    first, bad, third = lenient.json()["results"]
+    assert bad["index"] == 1 and bad["image"] == "bad.png" and "score" not in bad
+    assert "bad.png" in bad["error"] and "not a recognised image format" in bad["error"]
+    assert [first["image"], third["image"]] == ["img_0.png", "img_2.png"]
+    np.testing.assert_allclose([first["score"], third["score"]], expected, atol=1e-5)
+    tiers = scorer.tiers_for_scores(["", ""], expected)  # each image's tier from its own score
+    for row, t in zip((first, third), tiers):  # the probabilities are tiny here: compared relatively
+        assert [row[f"p_{k}"] for k in "SAB"] == pytest.approx([t.probabilities[k] for k in "SAB"], rel=1e-3)
+    assert [first["heads"][0]["score"], third["heads"][0]["score"]] == [first["score"], third["score"]]
+    got = as_json.json()["results"]
+    assert as_json.status_code == 200 and "image0" in got[0]["error"] and got[1]["score"] == pytest.approx(
+        expected[1], abs=1e-5)
+    assert strict.status_code == 422 and [b["image_index"] for b in strict.json()["bad_images"]] == [1]
+    assert none_readable.status_code == 422 and "bad.png" in none_readable.json()["error"]
+    assert strict_json.status_code == 422 and [b["image_index"] for b in strict_json.json()["bad_images"]] == [0]
 
 
 def test_a_set_api_key_guards_every_endpoint_but_health(heads_dir):
@@ -267,6 +335,21 @@ def test_explain_returns_the_library_map_and_a_legible_overlay(heads_dir):
     assert "--max-explain-images" in too_many.json()["error"]
 
 
+def test_explain_of_several_images_explains_the_readable_ones_and_names_the_unreadable(heads_dir):
+    d, a, _, images = heads_dir
+    ref, = load_scorer(a, device="cpu").explain(images[1:2], progress=False, steps=4)
+    files = [("images", ("bad.png", b"junk")), _files(images[1:2])[0]]
+    with running(_app([a], explain_steps=4, max_explain_images=2)) as url:
+        lenient = httpx.post(url + "/explain?overlay=false", files=files)
+        strict = httpx.post(url + "/explain?overlay=false&strict=true", files=files)
+    assert lenient.status_code == 200 and lenient.json()["failed"] == 1
+    bad, good = lenient.json()["results"]
+    assert bad["index"] == 0 and "bad.png" in bad["error"] and "map" not in bad
+    assert good["image"] == "img_1.png" and good["index"] == 1
+    np.testing.assert_allclose(np.array(good["map"]), ref.map, atol=1e-5)
+    assert strict.status_code == 422 and strict.json()["bad_images"][0]["image"] == "bad.png"
+
+
 def test_the_batcher_bounds_its_queue_admits_all_or_none_and_outlives_a_failed_batch():
     gate = threading.Event()
     seen = []
@@ -324,7 +407,8 @@ def test_a_full_queue_answers_503_at_once_and_recovers(heads_dir):
         return score_batch(batch)
 
     heads.score_batch = held
-    app = create_app(ServeConfig(checkpoints=[a], device="cpu", max_queue=2, batch_timeout_ms=0), load=lambda: heads)
+    app = create_app(ServeConfig(checkpoints=[a], device="cpu", max_queue=2, max_images=2, batch_timeout_ms=0),
+                     load=lambda: heads)
     with running(app) as url, ThreadPoolExecutor(2) as pool:
         busy = pool.submit(httpx.post, url + "/score", files=_files(images[:1]), timeout=60)
         time.sleep(0.5)  # taken by the worker, which now waits on the gate; the queue is empty again

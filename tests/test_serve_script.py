@@ -80,3 +80,27 @@ def test_serve_script_exits_2_when_the_model_cannot_be_loaded(tiny_backbone, tmp
     proc = _start(["--checkpoint", ckpt, "--port", str(_free_port()), "--device", "cpu"])
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 2 and "could not be loaded" in out
+
+
+def test_serve_script_stopped_by_sigterm_shuts_down_cleanly_and_exits_0(tiny_backbone, tmp_path):
+    ckpt = bank_checkpoint(tiny_backbone, str(tmp_path / "best.pt"), "cls@-1")
+    port = _free_port()
+    proc = _start(["--checkpoint", ckpt, "--port", str(port), "--device", "cpu"])
+    try:
+        health = _wait_health(f"http://127.0.0.1:{port}", proc)
+        assert health is not None and health.status_code == 200, proc.stdout.read() if proc.poll() else ""
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)  # what docker stop and systemctl stop send
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out  # not 143, the signal's own exit status
+    assert "Application shutdown complete" in out and "Traceback" not in out
+
+
+@pytest.mark.slow  # a whole process for one message; ServeConfig's own check is tested in test_serve.py
+def test_serve_script_refuses_more_images_per_request_than_the_queue_holds(tiny_backbone, tmp_path):
+    ckpt = bank_checkpoint(tiny_backbone, str(tmp_path / "best.pt"), "cls@-1")
+    proc = _start(["--checkpoint", ckpt, "--port", str(_free_port()), "--max-images", "32", "--max-queue", "16"])
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "error:" in out and "Traceback" not in out
+    assert "--max-images) is 32" in out and "--max-queue) is 16" in out

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -94,6 +95,15 @@ async def _http_error(request: Request, exc: HTTPException):
     return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def _invalid(request: Request, exc: RequestValidationError):
+    """A query parameter of the wrong type (``?head=abc``): 400 in the service's own shape, naming it."""
+    first = exc.errors()[0]
+    where, name = (list(first.get("loc", ())) + ["request", "?"])[:2]
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return JSONResponse({"error": f"{where} parameter {name}: {first.get('msg')}, got {first.get('input')!r}{more}",
+                         "field": name}, status_code=400)
+
+
 async def _refused(request: Request, exc: RequestError):
     headers = {"Retry-After": "1"} if exc.status == 503 else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
@@ -124,6 +134,7 @@ def create_app(config: ServeConfig, load: Optional[Callable[[], HeadSet]] = None
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
     app.middleware("http")(_auth_middleware(config.api_key))  # added last: runs first, before the body is read
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(RequestError, _refused)
     for method, path, endpoint in ROUTES:
         app.add_api_route(path, endpoint, methods=[method])

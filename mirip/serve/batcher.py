@@ -5,7 +5,8 @@ One worker thread owns the model. It takes the first waiting image, waits up to 
 ``expecting`` (how many images are on their way: uploaded, still decoding) it does not wait when the queue
 is empty and nothing is on its way, so a lone request pays no batching delay. The
 queue is bounded: a request whose images do not all fit is refused at once (``Overloaded``, 503 to the
-client) rather than left to wait without bound, and a request's images are admitted all or none.
+client) rather than left to wait without bound, and a request's images are admitted all or none; one
+larger than the whole queue is ``NeverFits`` (413), since a retry could never be admitted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ _STOP = object()
 
 class Overloaded(RuntimeError):
     """More images are waiting than the queue admits; the client should retry later."""
+
+
+class NeverFits(ValueError):
+    """One request brings more images than the whole queue holds: retrying would be refused forever."""
 
 
 @dataclass
@@ -65,6 +70,8 @@ class DynamicBatcher:
         with self._lock:
             if not self._thread.is_alive():
                 raise RuntimeError("the batcher has stopped")
+            if len(tensors) > self.max_queue:
+                raise NeverFits(f"this request brings {len(tensors)} images and the queue holds {self.max_queue}")
             if self._waiting + len(tensors) > self.max_queue:
                 raise Overloaded(f"{self._waiting} images are waiting and this request brings {len(tensors)}; "
                                  f"the queue holds {self.max_queue}")

@@ -43,6 +43,10 @@ class ServeConfig:
                      "explain_steps", "max_explain_images"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_images > self.max_queue:  # such a request would be told to retry (503) forever
+            raise ValueError(f"max_images (--max-images) is {self.max_images} but max_queue (--max-queue) is "
+                             f"{self.max_queue}: a request of more images than the queue holds could never be "
+                             "admitted; lower --max-images or raise --max-queue")
         if self.batch_timeout_ms < 0:
             raise ValueError(f"batch_timeout_ms must be >= 0, got {self.batch_timeout_ms}")
         if self.api_key is not None and not self.api_key.strip():

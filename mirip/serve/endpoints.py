@@ -4,6 +4,8 @@
 and percentile, and every head's (``heads``). ``POST /compare``: two images -> which is better and
 P(first is better). ``POST /explain``: per image, the per-patch map of ``Scorer.explain`` and its overlay.
 ``GET /health``: 503 until the model is loaded, then 200. ``GET /info``: heads, backbone, device, batching.
+In ``/score`` and ``/explain`` an image that cannot be decoded gets an ``error`` entry in its place and the
+rest are answered, unless the request asks ``?strict=true`` (then 422, as ``/compare`` always does).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 import mirip
-from mirip.serve.batcher import Overloaded
+from mirip.serve.batcher import NeverFits, Overloaded
 from mirip.serve.service import Service, memory
-from mirip.serve.uploads import RequestError, decode_all, read_uploads
+from mirip.serve.uploads import RequestError, Unreadable, decode_all, read_uploads
 
 
 def _service(request: Request) -> Service:
@@ -51,36 +53,45 @@ async def info(request: Request):
             "uptime_s": round(time.time() - service.started, 3)}
 
 
-async def _scores(request: Request, keys=("images",)):
-    """Read, decode and score a request's images: (heads, uploads, per-image per-head scores, timing)."""
+async def _scores(request: Request, keys=("images",), strict: bool = True):
+    """Read, decode and score a request's images: (heads, uploads, per upload its per-head scores or its
+    ``Unreadable``, timing)."""
     service = _service(request)
     heads, config = service.ready(), service.config
     t0 = time.perf_counter()
     uploads = await read_uploads(request, config.max_images, config.max_image_bytes, keys)
     service.arriving(len(uploads))  # the batcher waits for these rather than run a batch without them
     try:
-        decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor)
+        decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor, strict)
         t1 = time.perf_counter()
-        futures = service.batcher.submit([t for _, t in decoded])
+        futures = service.batcher.submit([d[1] for d in decoded if not isinstance(d, Unreadable)])
+    except NeverFits as exc:
+        raise RequestError(413, f"{exc}; send at most {config.max_queue} images per request (--max-queue)",
+                           images=len(uploads), max_queue=config.max_queue) from None
     except Overloaded as exc:
         raise RequestError(503, f"the service is busy ({exc}); retry shortly") from None
     finally:
         service.arriving(-len(uploads))
-    scores = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+    got = iter(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+    scores = [d if isinstance(d, Unreadable) else next(got) for d in decoded]
     timing = {"decode_ms": 1000 * (t1 - t0), "model_ms": 1000 * (time.perf_counter() - t1)}
     return heads, uploads, scores, timing
 
 
-async def score(request: Request):
-    heads, uploads, scores, timing = await _scores(request)
-    per_head = [heads.tier_fields(h, [s[h] for s in scores]) for h in range(len(heads.scorers))]
+async def score(request: Request, strict: bool = False):
+    heads, uploads, scores, timing = await _scores(request, strict=strict)
+    good = [s for s in scores if not isinstance(s, Unreadable)]
+    per_head = [iter(heads.tier_fields(h, [s[h] for s in good])) for h in range(len(heads.scorers))]
     idents = heads.identities()
     results = []
-    for i, (u, s) in enumerate(zip(uploads, scores)):
-        rows = [{**idents[h], "score": s[h], **per_head[h][i]} for h in range(len(idents))]
+    for u, s in zip(uploads, scores):
+        if isinstance(s, Unreadable):
+            results.append(s.entry())
+            continue
+        rows = [{**idents[h], "score": s[h], **next(per_head[h])} for h in range(len(idents))]
         primary = {k: v for k, v in rows[0].items() if k not in idents[0]}
         results.append({"index": u.index, "image": u.name, **primary, "heads": rows})
-    return {"model": idents[0], "results": results, "timing": timing}
+    return {"model": idents[0], "results": results, "failed": len(scores) - len(good), "timing": timing}
 
 
 async def compare(request: Request):
@@ -98,28 +109,32 @@ async def compare(request: Request):
             "timing": timing}
 
 
-async def explain(request: Request, overlay: bool = True, head: int = 0):
+async def explain(request: Request, overlay: bool = True, head: int = 0, strict: bool = False):
     service = _service(request)
     heads, config = service.ready(), service.config
     if not 0 <= head < len(heads.scorers):
         raise RequestError(400, f"head must be 0..{len(heads.scorers) - 1}, got {head}", field="head")
     uploads = await read_uploads(request, config.max_explain_images, config.max_image_bytes,
                                  images_flag="--max-explain-images")
-    decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor)
+    decoded = await run_in_threadpool(decode_all, uploads, service.preprocessor, strict)
+    readable = [(u, d[0]) for u, d in zip(uploads, decoded) if not isinstance(d, Unreadable)]
     scorer = heads.scorers[head]
 
     def run():
         with service.model_lock:  # the backbone's hooks must not interleave with a scoring batch
-            return scorer.explain_images([(u.name, img) for u, (img, _) in zip(uploads, decoded)],
-                                         steps=config.explain_steps)
-    results = []
-    for u, (img, _), exp in zip(uploads, decoded, await run_in_threadpool(run)):
-        row = {"index": u.index, "image": u.name, **exp.to_dict()}
-        row.pop("path", None)
-        if overlay:
-            row["overlay_png_base64"] = _png_base64(exp, img)
-        results.append(row)
-    return {"model": heads.identities()[head], "results": results}
+            return scorer.explain_images([(u.name, img) for u, img in readable], steps=config.explain_steps)
+    explained = iter(await run_in_threadpool(run))
+    results = [d.entry() if isinstance(d, Unreadable) else _explained(u, next(explained), d[0], overlay)
+               for u, d in zip(uploads, decoded)]
+    return {"model": heads.identities()[head], "results": results, "failed": len(uploads) - len(readable)}
+
+
+def _explained(upload, exp, img, overlay: bool) -> dict:
+    row = {"index": upload.index, "image": upload.name, **exp.to_dict()}
+    row.pop("path", None)  # the server's name for an upload means nothing to the client
+    if overlay:
+        row["overlay_png_base64"] = _png_base64(exp, img)
+    return row
 
 
 def _png_base64(exp, img) -> str:

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, List, Sequence
 
+from starlette.exceptions import HTTPException
+
 from mirip.ml.preprocessing import ImageReadError
 
 
@@ -72,8 +74,7 @@ async def read_uploads(request, max_images: int, max_image_bytes: int, keys: Seq
     """The request's images, in order, within the limits; raises ``RequestError`` otherwise."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        # Starlette's own file-count refusal is a bare 400; let check_limits say it (the body limit bounds it).
-        form = await request.form(max_files=4 * max_images + 4, max_fields=4 * max_images + 16)
+        form = await _form(request, max_images, images_flag)
         try:
             parts = [(f, v) for f, v in form.multi_items() if hasattr(v, "read")]  # the UploadFiles
             if keys != ("images",) and all(any(f == k for f, _ in parts) for k in keys):
@@ -87,6 +88,9 @@ async def read_uploads(request, max_images: int, max_image_bytes: int, keys: Seq
             payload = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as exc:
             raise RequestError(400, f"the body is not valid JSON ({exc})") from None
+        except RecursionError:  # the decoder recurses per level: '[' * 50000 is a few KB of body
+            raise RequestError(400, 'the JSON body is nested too deeply to read; send an object such as '
+                                    '{"images": ["<base64>", ...]}') from None
         uploads = from_json(payload, keys)
     else:
         raise RequestError(415, f"send the images as multipart/form-data files or as JSON with base64 data, "
@@ -95,15 +99,32 @@ async def read_uploads(request, max_images: int, max_image_bytes: int, keys: Seq
     return uploads
 
 
+async def _form(request, max_images: int, images_flag: str):
+    """The multipart form, parsed with at most ``max_images`` files: a longer one is refused while it is
+    parsed, with this service's limit (Starlette's own refusal names its parser setting, not the flag)."""
+    try:
+        return await request.form(max_files=max_images, max_fields=4 * max_images + 16)
+    except HTTPException as exc:
+        if exc.status_code != 400:  # the body limit's 413, raised while the form streams in
+            raise
+        if "number of files" in str(exc.detail):
+            raise too_many(f"more than {max_images}", max_images, images_flag) from None
+        raise RequestError(400, f"the multipart form cannot be read: {exc.detail}") from None
+
+
+def too_many(count: str, max_images: int, images_flag: str, **where: Any) -> RequestError:
+    return RequestError(413, f"{count} images in one request; this service takes at most {max_images} "
+                             f"(split the request, or start it with a larger {images_flag})",
+                        max_images=max_images, **where)
+
+
 def check_limits(uploads: Sequence[Upload], max_images: int, max_image_bytes: int,
                  images_flag: str = "--max-images") -> None:
     if not uploads:
         raise RequestError(400, "the request holds no image: send files in a multipart form, or JSON "
                                 '{"images": ["<base64>"]}')
     if len(uploads) > max_images:
-        raise RequestError(413, f"{len(uploads)} images in one request; this service takes at most {max_images} "
-                                f"(split the request, or start it with a larger {images_flag})",
-                           images=len(uploads), max_images=max_images)
+        raise too_many(str(len(uploads)), max_images, images_flag, images=len(uploads))
     for u in uploads:
         if len(u.data) > max_image_bytes:
             raise RequestError(413, f"image {u.index} ({u.name}) is over the {max_image_bytes}-byte upload limit "
@@ -111,20 +132,36 @@ def check_limits(uploads: Sequence[Upload], max_images: int, max_image_bytes: in
                                image_index=u.index, image=u.name, max_image_bytes=max_image_bytes)
 
 
-def decode_all(uploads: Sequence[Upload], preprocessor) -> list:
-    """(PIL image, tensor) per upload, or ``RequestError`` 422 naming every image that cannot be decoded."""
-    out, bad = [], []
-    for u in uploads:
-        try:
-            img = preprocessor.load_bytes(u.data, u.name)
-            out.append((img, preprocessor(img)))
-        except ImageReadError as exc:
-            bad.append({"image_index": u.index, "image": u.name, "reason": exc.reason})
-        except (OSError, ValueError, MemoryError) as exc:
-            bad.append({"image_index": u.index, "image": u.name, "reason": f"{exc.__class__.__name__}: {exc}"})
-    if bad:
-        first = bad[0]
+@dataclass
+class Unreadable:
+    """An upload that cannot be decoded, in the place of its image in a lenient request's results."""
+    index: int
+    name: str
+    reason: str
+
+    def entry(self) -> dict:
+        return {"index": self.index, "image": self.name, "reason": self.reason,
+                "error": f"image {self.index} ({self.name}) cannot be read: {self.reason}"}
+
+
+def _decode(u: Upload, preprocessor):
+    try:
+        img = preprocessor.load_bytes(u.data, u.name)
+        return img, preprocessor(img)
+    except ImageReadError as exc:
+        return Unreadable(u.index, u.name, exc.reason)
+    except (OSError, ValueError, MemoryError) as exc:
+        return Unreadable(u.index, u.name, f"{exc.__class__.__name__}: {exc}")
+
+
+def decode_all(uploads: Sequence[Upload], preprocessor, strict: bool = True) -> list:
+    """Per upload, (PIL image, tensor); with ``strict`` false an ``Unreadable`` in the place of an image that
+    cannot be decoded. ``RequestError`` 422 names every undecodable image when strict, or when none is readable
+    (a request with nothing to answer)."""
+    out = [_decode(u, preprocessor) for u in uploads]
+    bad = [d for d in out if isinstance(d, Unreadable)]
+    if bad and (strict or len(bad) == len(out)):
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise RequestError(422, f"image {first['image_index']} ({first['image']}) cannot be read: "
-                                f"{first['reason']}{more}", bad_images=bad)
+        raise RequestError(422, f"{bad[0].entry()['error']}{more}",
+                           bad_images=[{"image_index": b.index, "image": b.name, "reason": b.reason} for b in bad])
     return out
