@@ -125,14 +125,10 @@ def touch_later(path, seconds: float = 10.0) -> None:
 
 
 def script_main():
-    """``main`` of scripts/extract.py, loaded by path (scripts/ is not a package)."""
-    import importlib.util
+    """``main`` of ``mirip extract`` (scripts/extract.py)."""
+    from mirip.cli.extract import main
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "extract.py"
-    spec = importlib.util.spec_from_file_location("mirip_script_extract", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return main
 
 
 @pytest.fixture(autouse=True)

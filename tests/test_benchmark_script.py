@@ -19,9 +19,7 @@ SEED_KEYS = ("inference_time_per_pair", "inference_time_ms", "memory_usage_bytes
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", os.path.join(ROOT, "scripts", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mirip.cli.benchmark")
     return module
 
 

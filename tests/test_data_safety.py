@@ -28,9 +28,7 @@ ATOL = 1e-5
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}_safety", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"mirip.cli.{name}")
     return module
 
 

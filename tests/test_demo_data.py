@@ -14,16 +14,8 @@ from PIL import Image
 from mirip.demo.data import TIERS, assign_tiers, degrade, make_demo_dataset, sample_degradation, tier_counts
 from mirip.demo.drawing import draw_picture
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_demo_data.py"
-
-
 def _load_script() -> ModuleType:
-    # scripts/ is not a package, so load the CLI module from its file.
-    spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("mirip.cli.demo")
 
 
 def _sharpness(path: Path) -> float:

@@ -19,9 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("score_script_explain", os.path.join(ROOT, "scripts", "score.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mirip.cli.score")
     return module
 
 
@@ -91,9 +89,7 @@ def test_explain_is_refused_with_compare(explained):
 
 
 def test_benchmark_explain_section_runs_and_reports_its_figures(tiny_backbone, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_script_explain", os.path.join(ROOT, "scripts", "benchmark.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = importlib.import_module("mirip.cli.benchmark")
     with torch_threads(1):
         rc = bench.main(["--only", "explain", "--backbone", tiny_backbone, "--image-size", "56", "--quick",
                          "--device", "cpu", "--explain-train-images", "8", "--explain-test-images", "4",

@@ -25,9 +25,7 @@ BAD = ("empty.png", "truncated.jpg", "notes.png", "missing.png")
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_failed_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"mirip.cli.{name}")
     return module
 
 

@@ -100,9 +100,7 @@ def test_feature_bank_of_every_family_equals_a_naive_computation(dirs, kind):
 
 
 def _train_main():
-    spec = importlib.util.spec_from_file_location("_script_train_families", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("mirip.cli.train")
     return module.main
 
 

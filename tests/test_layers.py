@@ -165,6 +165,12 @@ def test_the_extractor_imports_no_part_of_stage_one():
     assert got == [], f"importing the model layer pulled in stage one: {got}"
 
 
+def test_training_and_scoring_commands_import_nothing_of_stage_one():
+    for command in ("train", "sweep", "evaluate", "score"):
+        got = _fresh(f"import mirip.cli.{command}\n" + _loaded(["mirip.extract"]))
+        assert got == [], f"mirip.cli.{command} pulled in stage one: {got}"
+
+
 def test_pooling_names_are_spelt_out_only_in_the_vocabulary():
     """No module but the vocabulary binds a tuple of pooling names at module level (the copies that drift)."""
     names = {"cls", "mean", "std", "cls_mean"}

@@ -25,10 +25,9 @@ def _shell_lines() -> list:
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_readme_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command module that scripts/NAME.py wraps."""
+    wrapper = (ROOT / "scripts" / f"{name}.py").read_text(encoding="utf-8")
+    return importlib.import_module(re.search(r"^from (mirip\.cli\.\w+) import main$", wrapper, flags=re.M).group(1))
 
 
 def test_environment_is_activated_before_the_first_python_command():

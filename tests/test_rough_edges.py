@@ -24,9 +24,7 @@ KOREAN = pd.DataFrame({"filename": ["소묘_001.png", "수채화_002.png"], "tie
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_edges_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"mirip.cli.{name}")
     return module
 
 

@@ -26,9 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_tier_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"mirip.cli.{name}")
     return module
 
 

@@ -64,14 +64,9 @@ def test_empty_filenames_and_duplicates_are_named_by_line(tmp_path):
 
 
 def _score_script():
-    import importlib.util
-    import os
+    from mirip.cli import score
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "score.py")
-    spec = importlib.util.spec_from_file_location("score_script_messages", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return score
 
 
 def test_a_flag_that_contradicts_the_checkpoint_says_to_drop_it(tmp_path, capsys):
@@ -205,14 +200,8 @@ def test_warnings_print_as_one_plain_line(capsys):
 
 
 def test_extract_defaults_follow_the_device(capsys):
-    import argparse
-    import importlib.util
-    import os
+    from mirip.cli import extract as script
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "extract.py")
-    spec = importlib.util.spec_from_file_location("extract_script_messages", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     args = script.build_parser().parse_args(["--image-dir", "x", "--device", "cpu"])
     script._device_defaults(args)
     assert (args.backbone, args.image_size) == ("facebook/dinov2-small", 224)

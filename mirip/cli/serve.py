@@ -1,0 +1,131 @@
+"""Serve trained heads over HTTP for the app: score, compare and explain drawings sent as uploads.
+
+Examples, from the repository root (needs the serve extra: pip install -e ".[serve]"):
+
+    python scripts/serve.py --checkpoint runs/demo/train/best.pt
+    MIRIP_API_KEY=secret python scripts/serve.py --checkpoint best.pt --checkpoint candidate.pt --port 8080
+    curl -s -F image=@drawing.jpg http://127.0.0.1:8000/score
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import List, Optional
+
+from mirip.cli.options import DefaultsHelpFormatter, plain_warnings
+from mirip.serve.config import MB, ServeConfig
+from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="An HTTP scoring service over trained heads: POST /score, /compare and /explain take images "
+                    "as multipart files or base64 JSON; GET /health is 503 until the model is loaded; GET /info "
+                    "names the heads, backbone, device and batch settings. Concurrent requests are fused into "
+                    "backbone batches. Several --checkpoint heads trained on one cache share one backbone.",
+        formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True, metavar="PT",
+                   help="a trained head (best.pt); repeat to serve several heads on one backbone, the first is the "
+                        "primary one whose fields lead each response")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="backbone precision (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--backbone", default=None,
+                   help="a local directory holding the checkpoints' backbone (for a machine without the hub)")
+    p.add_argument("--random-init", action="store_true",
+                   help="random backbone weights in place of pretrained ones: scores only exercise the pipeline")
+    p.add_argument("--max-batch-size", type=int, default=16, help="images per backbone batch at most")
+    p.add_argument("--batch-timeout-ms", type=float, default=10.0,
+                   help="how long a batch waits after its first image for others to join it")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="images that may wait; a request that does not fit gets 503 with Retry-After")
+    p.add_argument("--max-images", type=int, default=16,
+                   help="images in one request at most (413 beyond); at most --max-queue")
+    p.add_argument("--max-image-mb", type=float, default=20.0, help="bytes of one uploaded image at most, in MiB")
+    p.add_argument("--max-request-mb", type=float, default=64.0,
+                   help="a request's whole body at most, in MiB (base64 JSON is a third larger than the files)")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="decoded pixels at most (decompression-bomb limit; default: the library's 179 MP)")
+    p.add_argument("--explain-steps", type=int, default=32, help="integration steps of POST /explain")
+    p.add_argument("--max-explain-images", type=int, default=4,
+                   help="images in one POST /explain at most (an explanation holds the backbone meanwhile)")
+    p.add_argument("--api-key-env", default="MIRIP_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key; when it is set, every endpoint but /health "
+                        "needs the X-API-Key header (a key is never taken on the command line, where ps shows it)")
+    p.add_argument("--api-key-file", default=None, help="a file whose first line is the API key")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return p
+
+
+def _api_key(args) -> Optional[str]:
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as fh:
+            return fh.readline().strip() or None
+    return os.environ.get(args.api_key_env) or None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    plain_warnings()
+    try:
+        import uvicorn
+
+        from mirip.serve.app import create_app
+    except ImportError as exc:
+        print(f"error: the service needs FastAPI and uvicorn ({exc}); install them with: "
+              'pip install -e ".[serve]"', file=sys.stderr)
+        return 2
+    try:
+        for path in args.checkpoint:  # fail now on a missing or corrupt file, before the backbone loads
+            load_checkpoint_file(path)
+        config = ServeConfig(
+            checkpoints=list(args.checkpoint), host=args.host, port=args.port, device=args.device,
+            backbone=args.backbone, random_init=True if args.random_init else None, precision=args.precision,
+            max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms, max_queue=args.max_queue,
+            max_images=args.max_images, max_image_bytes=int(args.max_image_mb * MB),
+            max_request_bytes=int(args.max_request_mb * MB),
+            max_image_pixels=args.max_image_pixels, explain_steps=args.explain_steps,
+            max_explain_images=args.max_explain_images, api_key=_api_key(args))
+    except (FileNotFoundError, CheckpointError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed: List[str] = []
+    server: Optional[uvicorn.Server] = None
+
+    def on_failed(error: str) -> None:
+        print(f"error: the model could not be loaded: {error}", file=sys.stderr, flush=True)
+        failed.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_failed=on_failed)
+    auth = "API key required (X-API-Key)" if config.api_key else "no API key (set " + args.api_key_env + " to require one)"
+    print(f"mirip serve: {len(config.checkpoints)} head(s) on http://{config.host}:{config.port} | {auth} | "
+          f"batches of <= {config.max_batch_size} images, {config.batch_timeout_ms:g} ms wait | "
+          f"<= {config.max_images} images of <= {config.max_image_bytes / MB:g} MiB, "
+          f"<= {config.max_request_bytes / MB:g} MiB per request", flush=True)
+    print("loading the model; GET /health answers 503 until it is ready", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level))
+    # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal; SIGTERM's default action
+    # would then end a service stopped on purpose with 143 (docker stop, systemctl stop): exit 0 instead.
+    signal.signal(signal.SIGTERM, _stopped)
+    try:
+        server.run()
+    except (KeyboardInterrupt, Stopped):
+        print("mirip serve: stopped", flush=True)
+    return 2 if failed else 0
+
+
+class Stopped(Exception):
+    """SIGTERM arrived: the service was stopped on purpose."""
+
+
+def _stopped(signum, frame):
+    raise Stopped()
+

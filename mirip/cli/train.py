@@ -1,0 +1,101 @@
+"""Train a ranking head on cached features (stage two) and report it on the held-out test split.
+
+Example, from the repository root:
+
+    python scripts/train.py --features cache/features.h5 --metadata data/demo/metadata.csv --output-dir runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mirip.cli.options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
+    training_values)
+from mirip.common.feature_spec import FEATURE_NORMS
+from mirip.store.cache_errors import CacheError
+from mirip.store.checkpoint import CheckpointError
+from mirip.training.config import TrainingConfig
+from mirip.training.run import OUTPUT_FILES, train
+from mirip.training.run_config import RunConfig
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train the Projector + score head on cached DINOv2 features. Splits the metadata by image "
+                    "(train/val/test), trains with early stopping on val accuracy, keeps the best head, and "
+                    "prints its test-split metrics beside a ridge-regression baseline. Writes "
+                    + ", ".join(OUTPUT_FILES) + " (curves.png needs matplotlib) into --output-dir.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    add_data_options(parser, "run directory for checkpoints and reports")
+    model = parser.add_argument_group("model")
+    model.add_argument("--feature", default=None, metavar="SPEC",
+                       help="feature spec: which cached entries the head sees, concatenated, e.g. cls@-1, "
+                            "'cls@-4,-3,-2,-1+mean@-1', 'mean@-1+std@-1' (default: the cache's only entry, else cls@-1)")
+    model.add_argument("--feature-norm", choices=FEATURE_NORMS, default="auto",
+                       help="per-entry scaling fitted on the train split (entry), or none; auto: entry when the "
+                            "spec has several entries")
+    model.add_argument("--margin", type=float, default=1.0, help="MarginRankingLoss margin")
+    model.add_argument("--hidden-dim", type=_positive(int), default=512, help="Projector hidden width")
+    model.add_argument("--projector-dim", type=_positive(int), default=256, help="Projector output (embedding) dim")
+    model.add_argument("--dropout", type=float, default=0.1, help="Projector dropout")
+    model.add_argument("--ridge-alpha", type=float, default=None, help="ridge strength of the linear baseline "
+                       "(default: picked on the val split)")
+    add_training_options(parser.add_argument_group("training (TrainingConfig)"))
+    run = parser.add_argument_group("run")
+    run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    training = training_values(args, args.output_dir)
+    return RunConfig(
+        features=args.features, metadata=args.metadata, output_dir=args.output_dir,
+        filename_column=args.filename_column, tier_column=args.tier_column,
+        train_ratio=args.train_ratio, val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
+        encoding=args.encoding, strict_images=args.strict_images,
+        margin=args.margin, hidden_dim=args.hidden_dim, projector_dim=args.projector_dim, dropout=args.dropout,
+        ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training), feature=args.feature,
+        feature_norm=args.feature_norm,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plain_warnings()
+    try:
+        cfg = config_from_args(args)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError, CacheError, CheckpointError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model, base = result.get("model"), result.get("linear_baseline")
+    chooser = "val" if result["split_sizes"]["val"] else "train"
+    val = result.get("val_evidence") if chooser == "val" else None
+    on_val = f" on {val['distinct_pairs']} distinct pairs of {val['images']} images" if val else ""
+    print(f"\nbest epoch {result['best_epoch']} of {result['epochs_run']} ({chooser} accuracy "
+          f"{result['best_accuracy']:.4f}{on_val})" + (" - stopped early" if result["stopped_early"] else ""))
+    if model is not None:
+        print(f"test pairwise accuracy {model['accuracy']:.4f} on {model['distinct_pairs']} distinct pairs of "
+              f"{model['num_images']} images (ridge baseline {base['accuracy']:.4f}), "
+              f"Spearman {model['spearman']:.4f}, Kendall {model['kendall']:.4f} ({model['num_images']} images)")
+        if "tier_accuracy" in model:
+            print(f"test tier accuracy {model['tier_accuracy']:.4f} (always {model['majority_tier']}: "
+                  f"{model['majority_tier_accuracy']:.4f}), mean absolute tier error {model['tier_mae']:.4f}, "
+                  f"expected calibration error {model['calibration_error']['value']:.4f}")
+    print(f"outputs in {args.output_dir}: " + ", ".join(
+        f for f in OUTPUT_FILES if (Path(args.output_dir) / f).exists()))
+    return 0
+
