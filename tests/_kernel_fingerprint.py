@@ -82,7 +82,7 @@ def onednn_isa() -> Optional[str]:
 
     try:
         text = _captured_stdout(convolve)
-    except (AttributeError, OSError, ValueError, RuntimeError):  # no real stdout (an embedding host) or verbose unsupported
+    except (AttributeError, OSError, ValueError, RuntimeError):  # no fd 1, or no such op or verbose mode here
         return None
     found = re.search(r"onednn_verbose,(?:v\d+,)?info,cpu,isa:([^\n]+)", text)
     return found.group(1).strip() if found else None
