@@ -15,10 +15,24 @@ from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.projector import Projector
 
 HEAD_PREFIXES = ("projector.", "score_head.")
+# The parameters that only shift every score by the same amount: the Projector's last LayerNorm bias (the score
+# head is linear on it) and the score head's bias.
+OFFSET_PARAMETERS = ("projector.net.5.bias", "score_head.0.bias")
+
+
+def zero_offset_gradient(parameter: torch.Tensor) -> None:
+    """Make the gradient reaching ``parameter`` exactly zero (see ``RankingHead``)."""
+    parameter.register_hook(torch.zeros_like)
 
 
 class RankingHead(nn.Module):
-    """Projector + score head + margin ranking loss, taking ``(B, D)`` features."""
+    """Projector + score head + margin ranking loss, taking ``(B, D)`` features.
+
+    The loss sees score differences only, so the ``OFFSET_PARAMETERS`` get an exactly zero gradient (weight
+    decay still applies). In floats their gradient is rounding noise (~1e-9) that AdamW, dividing by its own
+    running size, turned into steps of ~lr: the scores' offset, and the calibration thresholds on that scale,
+    followed the last bits of the CPU's kernels. (A ``copy.deepcopy`` of a module drops gradient hooks.)
+    """
 
     def __init__(
         self,
@@ -36,6 +50,9 @@ class RankingHead(nn.Module):
         self.projector = Projector(self.input_dim, self.hidden_dim, self.projector_output_dim, self.dropout)
         self.score_head = nn.Sequential(nn.Linear(self.projector_output_dim, 1))
         self.loss_fn = nn.MarginRankingLoss(margin=self.margin)
+        params = dict(self.named_parameters())
+        for name in OFFSET_PARAMETERS:
+            zero_offset_gradient(params[name])
 
     def head_config(self) -> dict:
         """The dims that rebuild this head; stored in every checkpoint."""

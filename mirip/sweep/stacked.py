@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mirip.ml.ranking_model import RankingHead
+from mirip.ml.ranking_model import OFFSET_PARAMETERS, RankingHead, zero_offset_gradient
 # The stacked heads' optimizers live in stacked_optim; imported from here as before.
 
 # RankingHead parameter names, in its state-dict order (also the order its optimizer sees them).
@@ -91,6 +91,8 @@ class StackedHeads(nn.Module):
         self.stacked = nn.ParameterList(
             [nn.Parameter(torch.stack([s[name].detach() for s in states]).contiguous()) for name in PARAM_NAMES]
         )
+        for name in OFFSET_PARAMETERS:  # as in each RankingHead: the pairwise loss leaves them no gradient
+            zero_offset_gradient(self.stacked[PARAM_NAMES.index(name)])
         self.margins = torch.tensor([h.margin for h in heads], dtype=torch.float32, device=self.device)
         self.dropouts = [float(h.dropout) for h in heads]
         self.head_configs = [h.head_config() for h in heads]

@@ -12,7 +12,8 @@ Training-step contract (a sweep that trains stacked heads reproduces exactly thi
 - Step: ``model.train()``; ``s1, s2 = model(f1, f2)``; ``loss = model.compute_loss(s1, s2,
   labels)``; ``optimizer.zero_grad(set_to_none=True)``; ``loss.backward()``;
   ``clip_grad_norm_(trainable params, gradient_clip_norm)``; ``optimizer.step()`` (``mirip.training.optim_step``:
-  the same arithmetic bit for bit, with less Python per step).
+  the same arithmetic bit for bit, with less Python per step). The head's two score-offset parameters get an
+  exactly zero gradient (``RankingHead``: the pairwise loss cannot see a common shift of the scores).
   Optimizer: ``AdamW(trainable params, lr=learning_rate, weight_decay=weight_decay,
   fused=True)`` (``make_optimizer``), torch defaults otherwise; the fused kernel computes
   the same update as the default for-loop one (to float rounding) and is ~10x faster
