@@ -61,3 +61,122 @@ def test_every_readme_command_parses(line):
     module = _script(name)
     parser = module.build_parser(module.load_benchmarks()[0]) if name == "benchmark" else module.build_parser()
     parser.parse_args(argv[2:])  # exits (SystemExit) on an unknown or malformed option
+
+
+def _python_block(marker: str) -> str:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if marker in b]
+    assert len(blocks) == 1, f"one README python block with {marker!r}"
+    return blocks[0]
+
+
+def test_the_seed_snippet_runs_where_there_is_no_gpu(tiny_backbone, monkeypatch):
+    """As written, but with the tiny offline backbone in place of facebook/dinov2-large."""
+    import torch
+
+    from mirip.ml import ranking_model
+
+    class Tiny(ranking_model.PairwiseRankingModel):
+        def __init__(self, **kwargs):
+            super().__init__(tiny_backbone, **kwargs)
+
+    monkeypatch.setattr(ranking_model, "PairwiseRankingModel", Tiny)
+    namespace: dict = {}
+    exec(_python_block("PairwiseRankingModel("), namespace)
+    assert namespace["score1"].numel() == 4 and torch.isfinite(namespace["loss"])
+    assert str(namespace["score1"].device).startswith(namespace["device"])
+
+
+@pytest.fixture
+def demo_checkpoint(tiny_backbone, tmp_path, monkeypatch):
+    """runs/demo/train/best.pt (calibrated), a.jpg and b.jpg in the working directory, as the snippet expects."""
+    import numpy as np
+
+    from _inference_helpers import make_cache_and_checkpoint, make_tiered_images
+    from conftest import make_image
+    from mirip.calibration import fit_ordinal, make_score_reference
+    from mirip.checkpoint import load_checkpoint_file, save_checkpoint_file
+    from mirip.inference import load_scorer
+
+    meta = make_tiered_images(tmp_path / "images")
+    run = tmp_path / "runs" / "demo" / "train"
+    run.mkdir(parents=True)
+    _, path, _, paths = make_cache_and_checkpoint(tiny_backbone, str(tmp_path / "images"), list(meta["filename"]),
+                                                  str(run))
+    scores = load_scorer(path, device="cpu").score_paths(paths, progress=False).scores
+    ranks = np.array(["CBAS".index(t) for t in meta["tier"]])
+    ckpt = load_checkpoint_file(path)
+    ckpt.update(calibration=fit_ordinal(scores, ranks).to_dict(),
+                score_reference=make_score_reference(scores, ranks).to_dict())
+    save_checkpoint_file(path, ckpt)
+    make_image(tmp_path / "a.jpg", size=(60, 40), seed=1, fmt="JPEG")
+    make_image(tmp_path / "b.jpg", size=(40, 60), seed=2, fmt="JPEG")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_scoring_snippet_runs_as_written(demo_checkpoint):
+    from mirip.explain import Explanation, ExplainResult
+
+    namespace: dict = {}
+    exec(_python_block("load_scorer("), namespace)
+    maps = namespace["maps"]
+    assert isinstance(maps, ExplainResult) and [e.path for e in maps] == ["a.jpg", "b.jpg"]
+    assert isinstance(maps["a.jpg"], Explanation) and namespace["where"] is maps.explanations[0].map
+    assert namespace["where"].shape == maps.explanations[0].grid
+    assert len(namespace["result"]) == 2 and namespace["pair"].better in ("a.jpg", "b.jpg")
+    with pytest.raises(TypeError, match="by path, not position"):
+        maps[0]
+
+
+def test_an_unreadable_file_is_named_when_its_explanation_is_asked_for(demo_checkpoint):
+    from mirip.inference import load_scorer
+
+    (demo_checkpoint / "bad.jpg").write_bytes(b"not a picture")
+    maps = load_scorer("runs/demo/train/best.pt", device="cpu").explain(["bad.jpg", "a.jpg"], progress=False)
+    assert [e.path for e in maps] == ["a.jpg"] and maps["a.jpg"].path == "a.jpg"
+    with pytest.raises(KeyError, match="bad.jpg: could not be read"):
+        maps["bad.jpg"]
+
+
+# An editable install's import hook as setuptools writes it: consulted after the path search, it maps the
+# children of mirip to the real package, so a folder named mirip found on sys.path wins for mirip itself.
+SHADOWED = """
+import sys
+from importlib.machinery import PathFinder
+
+class EditableFinder:
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        parent, _, _ = fullname.rpartition(".")
+        if parent == "mirip":
+            return PathFinder.find_spec(fullname, path=[{package!r}])
+        return None
+
+sys.path[:] = [p for p in sys.path if p not in ("", {root!r})]
+sys.path.insert(0, {shadow_parent!r})
+sys.meta_path.append(EditableFinder)
+import mirip
+assert getattr(mirip, "__file__", None) is None, "the folder did not shadow the package: nothing to test"
+try:
+    import {module}
+except ImportError as exc:
+    print("ImportError:", exc)
+else:
+    print("imported")
+"""
+
+
+@pytest.mark.parametrize("module", ["mirip.fingerprint", "mirip.checkpoint"])
+def test_a_folder_named_mirip_that_shadows_the_package_is_named(tmp_path, module):
+    import subprocess
+
+    clone = tmp_path / "mirip"  # a clone of the repository: no __init__.py at its top
+    (clone / "scripts").mkdir(parents=True)
+    code = SHADOWED.format(package=str(ROOT / "mirip"), root=str(ROOT), shadow_parent=str(tmp_path), module=module)
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ImportError:"), done.stdout
+    assert str(clone) in done.stdout and str(ROOT / "mirip") in done.stdout
+    assert "Run from another directory, or rename that folder" in done.stdout
