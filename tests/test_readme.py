@@ -180,3 +180,34 @@ def test_a_folder_named_mirip_that_shadows_the_package_is_named(tmp_path, module
     assert done.stdout.startswith("ImportError:"), done.stdout
     assert str(clone) in done.stdout and str(ROOT / "mirip") in done.stdout
     assert "Run from another directory, or rename that folder" in done.stdout
+
+
+def _written_by(line: str) -> list:
+    """The paths a README command line writes (files, or a file inside each output directory)."""
+    argv = shlex.split(line.split("  #")[0])
+    name = Path(argv[1]).stem
+    module = _script(name)
+    parser = module.build_parser(module.load_benchmarks()[0]) if name == "benchmark" else module.build_parser()
+    args = parser.parse_args(argv[2:])
+    files = [getattr(args, k) for k in ("output", "html", "json") if getattr(args, k, None)]
+    dirs = [getattr(args, k) for k in ("output_dir", "explain") if getattr(args, k, None)]
+    if name == "score" and args.images and not args.output:
+        files.append("scores.csv")  # score.py's default
+    if name == "extract" and not args.output:
+        dirs.append(args.cache_dir)
+    return [str(f) for f in files] + [os.path.join(str(d), "written.file") for d in dirs]
+
+
+def test_what_the_readme_examples_write_is_ignored_by_git():
+    import shutil
+    import subprocess
+
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = [p for line in _shell_lines() if line.startswith("python scripts/") for p in _written_by(line)]
+    written += [os.path.join(d, "written.file") for d in re.findall(r"--local-dir (\S+?)`", README)]
+    assert "scores.csv" in written and any(p.startswith("heatmaps") for p in written)  # the parse found them
+    not_ignored = [p for p in written
+                   if subprocess.run([git, "check-ignore", "-q", "--no-index", p], cwd=ROOT).returncode != 0]
+    assert not not_ignored, f"README examples write these, and .gitignore does not ignore them: {not_ignored}"
