@@ -154,9 +154,11 @@ class EditableFinder:
 
 sys.path[:] = [p for p in sys.path if p not in ("", {root!r})]
 sys.path.insert(0, {shadow_parent!r})
-sys.meta_path.append(EditableFinder)
+# right after the path search: before any editable hook this environment has for mirip (it may point elsewhere)
+sys.meta_path.insert(sys.meta_path.index(PathFinder) + 1, EditableFinder)
 import mirip
 assert getattr(mirip, "__file__", None) is None, "the folder did not shadow the package: nothing to test"
+assert mirip.__path__[0] == {shadow!r}
 try:
     import {module}
 except ImportError as exc:
@@ -172,7 +174,8 @@ def test_a_folder_named_mirip_that_shadows_the_package_is_named(tmp_path, module
 
     clone = tmp_path / "mirip"  # a clone of the repository: no __init__.py at its top
     (clone / "scripts").mkdir(parents=True)
-    code = SHADOWED.format(package=str(ROOT / "mirip"), root=str(ROOT), shadow_parent=str(tmp_path), module=module)
+    code = SHADOWED.format(package=str(ROOT / "mirip"), root=str(ROOT), shadow_parent=str(tmp_path),
+                           shadow=str(clone), module=module)
     env = {**os.environ, "PYTHONPATH": ""}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
