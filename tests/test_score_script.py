@@ -51,9 +51,14 @@ def test_score_folder_with_broken_file(scored_folder, tmp_path, capsys):
                      str(meta_path), "--batch-size", "3", "--top", "2", "--device", "cpu", "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0
-    frame = pd.read_csv(out)
-    assert list(frame.columns[:3]) == ["path", "score", "rank"]
-    assert len(frame) == 8 and list(frame["rank"]) == list(range(1, 9))
+    table = pd.read_csv(out, keep_default_na=False)
+    assert list(table.columns[:3]) == ["path", "score", "rank"] and table.columns[-1] == "error"
+    # Every file asked for has a row: the unreadable one last, no score or rank, its reason in error.
+    assert len(table) == 9 and os.path.basename(table["path"].iloc[-1]) == "broken.jpg"
+    assert table.iloc[-1][["score", "rank"]].tolist() == ["", ""] and table["error"].iloc[-1]
+    assert (table["error"].iloc[:-1] == "").all()
+    frame = pd.read_csv(out).iloc[:-1]
+    assert list(frame["rank"]) == list(range(1, 9))
     assert frame["score"].is_monotonic_decreasing
     assert set(frame["weights"]) == {"pretrained"}
     assert sorted(os.path.basename(p) for p in frame["path"]) == sorted(meta["filename"])
@@ -85,6 +90,7 @@ def test_html_without_metadata_is_ordered_by_score(scored_folder, tmp_path):
     assert score.main(["--checkpoint", ckpt, str(d), "--output", str(tmp_path / "s.csv"), "--html", str(page),
                        "--device", "cpu", "--no-progress"]) == 0
     frame = pd.read_csv(tmp_path / "s.csv")
+    frame = frame[frame["error"].isna()]
     text = page.read_text()
     positions = [text.index(f'data-path="{p}"') for p in frame["path"]]
     assert positions == sorted(positions) and "Tier" not in text

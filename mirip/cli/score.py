@@ -20,6 +20,7 @@ from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_
 from mirip.common.metadata_csv import csv_lines, read_metadata_csv
 from mirip.common.tiers import tier_ranks, rank_to_tier
 from mirip.ml.preprocessing import ImageReadError
+from mirip.scoring.report_html import agreement_summary
 from mirip.scoring.inputs import find_images, match_paths, split_membership
 from mirip.scoring.scorer import Scorer, load_scorer
 from mirip.scoring.scores import ScoreResult
@@ -38,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image files and/or directories (searched recursively for image files)")
     parser.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint written by scripts/train.py")
     parser.add_argument("--output", default=None, metavar="CSV",
-                        help="CSV with columns path, score, rank, weights (+ tier and split with --metadata), and "
+                        help="CSV with columns path, score, rank, weights (+ tier and split with --metadata), "
                              "predicted_tier, p_S, p_A, p_B, p_C, percentile when the checkpoint holds a "
-                             "calibration; default scores.csv when scoring IMAGES_OR_DIRS")
+                             "calibration, and error (why a file could not be read: its row has no score; empty "
+                             "for scored rows); default scores.csv when scoring IMAGES_OR_DIRS")
     parser.add_argument("--compare", nargs=2, metavar=("FIRST", "SECOND"),
                         help="say which of two drawings is better, by how much, and the probability that the "
                              "first is better under the calibrated model")
@@ -50,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "it with a heatmap: red cells lift the score, blue drag it down, relative to a blank "
                              "page), DIR/NAME.npy (the raw patch-grid map, score units) and DIR/index.json; with "
                              "--html, clicking a thumbnail shows the overlay. Costs a backward pass per image")
-    parser.add_argument("--metadata", metavar="CSV", help="CSV with a filename and a tier column: groups the HTML "
-                        "report by tier and adds a tier column to the CSV")
+    parser.add_argument("--metadata", metavar="CSV", help="CSV with a filename and a tier column: adds a tier "
+                        "column, the tier agreement (printed and in the HTML report), and a split column saying "
+                        "which drawings the checkpoint's run trained, calibrated or tested on")
+    parser.add_argument("--run-metadata", metavar="CSV", default=None,
+                        help="the metadata the checkpoint was trained on, when it is no longer at the path the "
+                             "checkpoint records (needed to tell its training drawings apart)")
     parser.add_argument("--filename-column", default="filename", help="metadata column with the image path")
     parser.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
     add_encoding_option(parser)
@@ -105,30 +111,50 @@ def match_tiers(paths: Sequence[str], metadata: pd.DataFrame, roots: Sequence[st
 
 def _frame(result: ScoreResult, weights: str, tiers: Optional[Dict[str, str]], scorer: Optional[Scorer] = None,
            splits: Optional[Dict[str, str]] = None) -> pd.DataFrame:
-    rows = [{"path": p, "score": s, "rank": r, "weights": weights} for r, p, s in result.ranked()]
-    frame = pd.DataFrame(rows, columns=["path", "score", "rank", "weights"])
+    """The scored drawings by rank, then one row per unreadable file (no score, rank or prediction; its
+    reason in ``error``) so that every file asked for has a row."""
+    rows = [{"path": p, "score": s, "rank": r, "weights": weights, "error": ""} for r, p, s in result.ranked()]
+    rows += [{"path": p, "score": None, "rank": None, "weights": weights, "error": reason}
+             for p, reason in result.failures]
+    frame = pd.DataFrame(rows, columns=["path", "score", "rank", "weights", "error"])
+    frame["score"] = frame["score"].astype("float64")
+    frame["rank"] = frame["rank"].astype("Int64")  # an empty cell, not 1.000000, when unscored
     if tiers is not None:
         frame["tier"] = [tiers.get(p, "") for p in frame["path"]]
-    if splits:
+    if splits is not None:  # known, even when none of these drawings was in the run
         frame["split"] = [splits.get(p, "") for p in frame["path"]]
     if scorer is not None and scorer.has_tiers:
-        predicted = pd.DataFrame([t.as_row() for t in scorer.tiers_for_scores(list(frame["path"]),
-                                                                                list(frame["score"]))],
-                                 columns=["predicted_tier", "p_S", "p_A", "p_B", "p_C", "percentile"])
-        frame = pd.concat([frame, predicted], axis=1)
-    return frame
+        scored = frame[frame["error"] == ""]
+        predicted = pd.DataFrame([t.as_row() for t in scorer.tiers_for_scores(list(scored["path"]),
+                                                                                list(scored["score"]))],
+                                 columns=["predicted_tier", "p_S", "p_A", "p_B", "p_C", "percentile"],
+                                 index=scored.index)
+        frame = frame.join(predicted)
+    return frame[[c for c in frame.columns if c != "error"] + ["error"]]
 
 
-def _image_splits(scorer: Scorer, paths: Sequence[str], metadata: str, roots: Sequence[str]) -> Dict[str, str]:
-    """path -> the training run's split (train/val/test) of each scored image found in the metadata."""
-    membership, note = split_membership(scorer.checkpoint, metadata)
+def _image_splits(scorer: Scorer, paths: Sequence[str], args: argparse.Namespace) -> Optional[Dict[str, str]]:
+    """path -> the checkpoint's run split (train/val/test) of each scored drawing that was in the run (matched
+    by name, as in the metadata); None when which drawings the run saw is unknown. Says how many were in it."""
+    membership, note = split_membership(scorer.checkpoint, args.metadata, args.encoding,
+                                        run_metadata=args.run_metadata)
     if not membership:
-        print(f"NOTE: splits unknown: {note}; figures computed on these images are labelled as possibly "
-              "including training images")
-        return {}
+        print(f"NOTE: splits unknown: {note}; pass the run's metadata with --run-metadata. Figures computed on "
+              "these images are labelled as possibly including training images")
+        return None
     if note:
         print(f"NOTE: {note}")
-    return {p: membership[name] for p, name in match_paths(paths, list(membership), roots).items()}
+    splits = {p: membership[name] for p, name in match_paths(paths, list(membership), args.images).items()}
+    print(_overlap_line(splits, len(paths)))
+    return splits
+
+
+def _overlap_line(splits: Dict[str, str], scored: int) -> str:
+    if not splits:
+        return f"split: none of the {scored} scored drawings was in the checkpoint's run (matched by file name)"
+    counts = ", ".join(f"{sum(1 for s in splits.values() if s == name)} {name}" for name in ("train", "val", "test"))
+    return (f"split: {len(splits)} of the {scored} scored drawings were in the checkpoint's run ({counts}; "
+            "matched by file name, column split); agreement figures leave out the train and val ones")
 
 
 def _print_ranking(frame: pd.DataFrame, top: int) -> None:
@@ -184,20 +210,19 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
     result = scorer.score_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
                                 progress=not args.no_progress)
     tiers, splits = None, None
-    if args.metadata:
-        try:
-            meta = read_metadata_csv(args.metadata, args.encoding)
-            tiers = match_tiers(result.paths, meta, args.images, args.filename_column, args.tier_column)
-        except ValueError as exc:
-            raise ValueError(f"metadata {args.metadata}: {exc}") from exc
-        print(f"metadata: tiers for {len(tiers)} of {len(result.paths)} scored images")
-        splits = _image_splits(scorer, result.paths, args.metadata, args.images)
-    frame = _frame(result, scorer.weights, tiers, scorer, splits)
+    if args.metadata or args.run_metadata:
+        tiers = _tiers(result, args) if args.metadata else None
+        splits = _image_splits(scorer, result.paths, args)
+    table = _frame(result, scorer.weights, tiers, scorer, splits)
     output = args.output or "scores.csv"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    frame.to_csv(output, index=False, float_format="%.6f")
+    table.to_csv(output, index=False, float_format="%.6f")
+    frame = table[table["error"] == ""].drop(columns="error")
     if len(frame):
         _print_ranking(frame, args.top)
+    if tiers:
+        for line in agreement_summary(frame.to_dict("records"), splits is not None):
+            print(line)
     if result.failures:
         print(f"could not read {len(result.failures)} file(s):")
         for p, reason in result.failures:
@@ -210,10 +235,21 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
         write_html_report(args.html, frame.to_dict("records"), title=args.title or "mirip scores", info=info,
                           notes=scorer.notes + ([scorer.calibration_note] if scorer.calibration_note else []),
                           failures=result.failures, progress=not args.no_progress,
-                          calibration=scorer.calibration, splits_known=bool(splits), overlays=overlays)
+                          calibration=scorer.calibration, splits_known=splits is not None, overlays=overlays)
     print(f"scored {len(frame)} of {len(paths)} images ({scorer.weights} backbone weights); wrote {output}"
+          + (" (the unread ones too, each with its reason in column error)" if result.failures else "")
           + (f" and {args.html}" if args.html else ""))
     return 0 if len(frame) else 1
+
+
+def _tiers(result: ScoreResult, args: argparse.Namespace) -> Dict[str, str]:
+    try:
+        meta = read_metadata_csv(args.metadata, args.encoding)
+        tiers = match_tiers(result.paths, meta, args.images, args.filename_column, args.tier_column)
+    except ValueError as exc:
+        raise ValueError(f"metadata {args.metadata}: {exc}") from exc
+    print(f"metadata: tiers for {len(tiers)} of {len(result.paths)} scored images")
+    return tiers
 
 
 def _write_explanations(scorer: Scorer, paths: Sequence[str], args: argparse.Namespace) -> Dict[str, str]:
@@ -237,8 +273,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     plain_warnings()
     if args.compare and args.images:
         parser.error("--compare A B scores two drawings; do not also pass IMAGES_OR_DIRS")
-    if args.compare and (args.output or args.html or args.metadata or args.explain):
-        parser.error("--output, --html, --metadata and --explain apply to scoring IMAGES_OR_DIRS, not to --compare")
+    if args.compare and (args.output or args.html or args.metadata or args.run_metadata or args.explain):
+        parser.error("--output, --html, --metadata, --run-metadata and --explain apply to scoring IMAGES_OR_DIRS, "
+                     "not to --compare")
     if not args.compare and not args.images:
         parser.error("give IMAGES_OR_DIRS to score, or --compare A B")
     if args.batch_size <= 0:

@@ -109,6 +109,19 @@ class ExplainResult:
     def __iter__(self):
         return iter(self.explanations)
 
+    def __getitem__(self, path) -> Explanation:
+        """The explanation of ``path`` as it was passed to ``explain``. Not by position: a file that cannot be
+        read has no explanation, so the positions of the others would shift."""
+        if isinstance(path, (int, slice)):
+            raise TypeError("an ExplainResult is looked up by path, not position (an unreadable file has no "
+                            "explanation, so positions shift): result['a.jpg'], or iterate over it")
+        key = os.fspath(path)
+        found = next((e for e in self.explanations if os.fspath(e.path) == key), None)
+        if found is not None:
+            return found
+        reason = dict(self.failures).get(key)
+        raise KeyError(f"{key}: could not be read ({reason})" if reason else f"{key} was not among the explained files")
+
 
 def input_geometry(width: int, height: int, size: int, mode: str, patch: int):
     """(content_box in the backbone's input, source_box in the original): where the drawing lands (``resize``)."""

@@ -20,6 +20,7 @@ import html
 import io
 import json
 import os
+import re
 from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -52,6 +53,8 @@ table.failed td{padding:0 1rem 0 0;font-size:.85rem}
 table.confusion{border-collapse:collapse;margin:.4rem 0} table.confusion td,table.confusion th{border:1px solid #bbb;
 padding:.2rem .6rem;text-align:right} table.confusion .diag{background:#e3f1e0;font-weight:700}
 .basis{font-size:.85rem;color:#555;margin:.2rem 0 .6rem}
+nav.toc{position:sticky;top:0;z-index:5;background:#fafaf7;border-bottom:1px solid #ccc;padding:.35rem 0;
+font-size:.9rem} nav.toc a{margin-right:1.1rem;white-space:nowrap} h2{scroll-margin-top:2.6rem}
 """
 MAX_DISAGREEMENTS = 30
 
@@ -156,6 +159,9 @@ def evaluation_basis(entries: Sequence[Mapping], splits_known: bool) -> Tuple[Li
     if splits_known:
         held_out = [e for e in tiered if str(e.get("split") or "") not in ("train", "val")]
         seen = {s: sum(1 for e in tiered if e.get("split") == s) for s in ("train", "val")}
+        if held_out and not seen["train"] and not seen["val"]:
+            return held_out, (f"computed on all {len(held_out)} drawings with a tier, none of which was in the "
+                              "training run's train or val split")
         if held_out:
             return held_out, (f"computed on the {len(held_out)} held-out drawings (test split or not in the run): "
                               f"{seen['train']} training and {seen['val']} validation drawings are left out")
@@ -163,7 +169,8 @@ def evaluation_basis(entries: Sequence[Mapping], splits_known: bool) -> Tuple[Li
                         f"training drawings (the head was fitted on them) and {seen['val']} validation drawings "
                         "(the calibration was fitted on them)")
     return tiered, (f"computed on all {len(tiered)} drawings with a tier; the training run's split is unknown, so "
-                    "these MAY INCLUDE training drawings (pass the run's metadata to tell them apart)")
+                    "these MAY INCLUDE training drawings (score.py --run-metadata names the run's metadata to tell "
+                    "them apart)")
 
 
 def disagreements(entries: Sequence[Mapping]) -> List[Tuple[Mapping, str]]:
@@ -258,11 +265,9 @@ def _meta_table(entries: Sequence[Mapping], info: Optional[Mapping[str, object]]
     meta = {("val pairwise accuracy (chose the epoch)" if k == "accuracy" else k): v for k, v in (info or {}).items()}
     meta.setdefault("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     meta["images scored"] = len(entries)
-    if basis:
-        agreement, pairs = tier_agreement([float(e["score"]) for e in basis], [_tier(e) for e in basis])
-        if pairs:
-            meta["tier agreement"] = (f"{agreement:.1%} of {pairs} cross-tier pairs ordered like the tiers "
-                                      f"({basis_text})")
+    agreement = _agreement_text(basis, basis_text)
+    if agreement:
+        meta["tier agreement"] = agreement
     if calibration is not None:
         meta["tier prediction"] = (f"ordinal logistic calibration fitted on the {calibration.fitted_on} split "
                                    f"({calibration.num_images} drawings); score boundaries C|B, B|A, A|S: "
@@ -271,6 +276,25 @@ def _meta_table(entries: Sequence[Mapping], info: Optional[Mapping[str, object]]
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in meta.items() if v is not None)
     return f"<table class='meta'>{rows}</table>"
+
+
+def _agreement_text(basis: Sequence[Mapping], basis_text: str) -> Optional[str]:
+    agreement, pairs = tier_agreement([float(e["score"]) for e in basis], [_tier(e) for e in basis])
+    return f"{agreement:.1%} of {pairs} cross-tier pairs ordered like the tiers ({basis_text})" if pairs else None
+
+
+def agreement_summary(entries: Sequence[Mapping], splits_known: bool) -> List[str]:
+    """The report's agreement figures as console lines: tier agreement, and predicted tiers right when the
+    entries carry predictions; on the same drawings as the report (``evaluation_basis``)."""
+    basis, basis_text = evaluation_basis(entries, splits_known)
+    agreement = _agreement_text(basis, basis_text)
+    lines = [f"tier agreement: {agreement}"] if agreement else []
+    predicted = [e for e in basis if _known(e.get("predicted_tier"))]
+    if predicted:
+        right = sum(1 for e in predicted if str(e["predicted_tier"]) == _tier(e))
+        lines.append(f"predicted tier right for {right} of {len(predicted)} drawings ({right / len(predicted):.0%}), "
+                     "on the same drawings")
+    return lines
 
 
 def _evaluation_sections(basis, basis_text: str, thumbnails: Mapping[str, Optional[str]], thumb_size: int,
@@ -319,19 +343,29 @@ def render_html(entries: Sequence[Mapping], thumbnails: Mapping[str, Optional[st
     parts += [f"<div class='note'>{html.escape(n)}</div>" for n in notes]
     ordered = sorted(entries, key=lambda e: int(e["rank"]))
     names = display_names([str(e["path"]) for e in entries])
-    parts.append(f"<h2 id='by-score'>All drawings, ordered by score &middot; {len(ordered)}</h2>")
-    parts.append("<div class='grid'>" + "".join(_card(e, thumbnails.get(str(e["path"])), thumb_size,
-                                                      shown_name=names.get(str(e["path"]))) for e in ordered) + "</div>")
+    body = [f"<h2 id='by-score'>All drawings, ordered by score &middot; {len(ordered)}</h2>"]
+    body.append("<div class='grid'>" + "".join(_card(e, thumbnails.get(str(e["path"])), thumb_size,
+                                                     shown_name=names.get(str(e["path"]))) for e in ordered) + "</div>")
     if basis:
-        parts += _evaluation_sections(basis, basis_text, thumbnails, thumb_size, names, calibration)
+        body += _evaluation_sections(basis, basis_text, thumbnails, thumb_size, names, calibration)
     if failures:
-        parts.append(f"<h2>Could not be read ({len(failures)})</h2><table class='failed'>")
-        parts += [f"<tr><td>{html.escape(p)}</td><td>{html.escape(r)}</td></tr>" for p, r in failures]
-        parts.append("</table>")
+        body.append(f"<h2 id='unreadable'>Could not be read &middot; {len(failures)}</h2><table class='failed'>")
+        body += [f"<tr><td>{html.escape(p)}</td><td>{html.escape(r)}</td></tr>" for p, r in failures]
+        body.append("</table>")
+    parts.append(table_of_contents(body))
+    parts += body
     if overlays:
         parts.append(overlay_viewer(overlays))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def table_of_contents(parts: Sequence[str]) -> str:
+    """A bar of links to every section heading in ``parts``, kept at the top while scrolling: the page of a
+    few hundred drawings is thousands of pixels long."""
+    found = re.findall(r"<h2 id='([^']+)'>(.*?)</h2>", "".join(parts))
+    links = "".join(f"<a href='#{anchor}'>{title}</a>" for anchor, title in found)
+    return f"<nav class='toc' aria-label='sections'>{links}</nav>"
 
 
 def write_html_report(path: str, entries: Sequence[Mapping], *, title: str = "mirip scores",

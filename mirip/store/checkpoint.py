@@ -17,6 +17,9 @@ import torch
 
 import mirip
 from mirip.common.atomic import write_atomic_with
+from mirip.common.package import package_version
+
+package_version()  # a folder shadowing the package fails here, named, not at the first checkpoint saved
 
 CHECKPOINT_FORMAT_VERSION = 1
 

@@ -13,8 +13,10 @@ from typing import Iterable, List, Mapping, Optional, Tuple
 import torch
 import transformers
 
-import mirip
 from mirip.common.feature_spec import format1_entry
+from mirip.common.package import package_version
+
+package_version()  # a folder shadowing the package fails here, named, not when a fingerprint is made
 
 # Format 2: a feature bank (feature_entries / feature_entry_blocks / feature_entry_dims / backbone_layers);
 # a format-1 file (no such fields) reads as a bank of one entry, ``<pooling>@-1``. Format 3: per-row checksums
@@ -94,7 +96,7 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
         "precision": extractor.precision,
         "feature_dtype": feature_dtype,
         "views": int(views),
-        "mirip_version": mirip.__version__,
+        "mirip_version": package_version(),
         "torch_version": str(torch.__version__),  # TorchVersion is a str subclass h5py cannot store
         "transformers_version": transformers.__version__,
     }
