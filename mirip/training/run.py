@@ -38,7 +38,7 @@ from mirip.training.run_config import DataSettings, RunConfig
 from mirip.training.run_data import (SPLITS, RunData, exclusion_note, feature_keys, load_bank_features,
                                      load_features, load_run_data, read_metadata, resolve_spec, split_dataset,
                                      write_excluded)
-from mirip.training.run_outputs import _curves_title, save_curves, write_json
+from mirip.training.run_outputs import _curves_title, quality_warnings, save_curves, write_json
 from mirip.training.trainer import Trainer, history_to_json
 
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
@@ -199,6 +199,9 @@ def _test_report(cfg: RunConfig, data: RunData, datasets, model, device, trainer
         result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(data, datasets, "test", cfg.ridge_alpha)
         log(format_metrics(result["model"], result["linear_baseline"],
                            title=f"test split (best epoch {trainer.best_epoch}):"))
+    result["warnings"] = quality_warnings(result["model"], result["linear_baseline"], sizes.get("val"))
+    for warning in result["warnings"]:
+        log(f"WARNING: {warning}")
     return result
 
 
