@@ -28,7 +28,7 @@ from mirip.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.sweep.grid import HeadConfig, SweepGrid
 from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
 from mirip.plain import json_safe
-from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, SweepSettings
+from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, SweepSettings, _describe
 from mirip.training.run import read_metadata
 from mirip.training.run_data import exclusion_note, split_names, union_failed, write_excluded
 
@@ -145,7 +145,8 @@ def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence
     save_heatmap(summary, os.path.join(out, "heatmap.png"),
                  title="RANDOM backbone weights (pipeline check, not a trained model)" if "random" in weights else "")
     if log:
-        log(f"best on validation: cache {best['cache']} (val {best['val_acc_mean']:.4f}, test "
+        log(f"best on validation: cache {best['cache']} ({winner['backbone']}), {_describe(best)} "
+            f"(val {best['val_acc_mean']:.4f}, test "
             f"{best['test_acc_mean']:.4f}); outputs in {out}: "
             + ", ".join(f for f in OUTPUT_FILES if os.path.exists(os.path.join(out, f))))
     return {"results": combined, "summary": summary, "best": best_json, "output_dir": out, "trained": trained,
