@@ -185,3 +185,33 @@ def test_round_trip_through_a_weights_only_checkpoint(tmp_path, fitted):
     _, _, bad = from_checkpoint({"calibration": {"slope": 1.0, "thresholds": [2.0, 1.0, 0.0]}}, "x.pt")
     assert "ordered" in bad
     assert isinstance(ScoreReference.from_dict(ref.to_dict()), ScoreReference)
+
+
+def test_calibration_plot_legends_cover_no_point(tmp_path, monkeypatch):
+    """Each panel's legend lies outside its plotting area (and off its x tick labels and label), so nothing is hidden:
+    checked on the figure as drawn, legend boxes against axes boxes in pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mirip.training.calibration import fit_ordinal, save_calibration_plot
+
+    rng = np.random.default_rng(0)
+    ranks = np.repeat(np.arange(4), 30)
+    scores = ranks + rng.normal(scale=0.8, size=ranks.size)
+    cal = fit_ordinal(scores, ranks)
+    # A test split scored backwards: confident and wrong, points in the lower right of the reliability square.
+    splits = {"val": (scores, ranks), "test": (-scores, ranks)}
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    assert save_calibration_plot(str(tmp_path / "c.png"), cal, splits)
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    try:
+        for ax in fig.axes:
+            legend = ax.get_legend().get_window_extent(renderer)
+            for covered in (ax.get_window_extent(renderer), ax.xaxis.get_tightbbox(renderer)):
+                assert not legend.overlaps(covered), (ax.get_title(), legend, covered)
+    finally:
+        close(fig)

@@ -76,21 +76,21 @@ def test_logistic_difference_cdf_matches_its_formula_in_high_precision():
 
 
 def test_scores_and_ranks_are_checked_with_positions():
-    np.testing.assert_array_equal(cm._as_scores([[1, 2], [3, 4]]), [1.0, 2.0, 3.0, 4.0])
-    assert cm._as_scores([1, 2]).dtype == np.float64
+    np.testing.assert_array_equal(cm.as_scores([[1, 2], [3, 4]]), [1.0, 2.0, 3.0, 4.0])
+    assert cm.as_scores([1, 2]).dtype == np.float64
     bad = [0.0, float("nan"), 1.0, float("inf"), -float("inf"), 2.0, float("nan"), float("nan"), float("nan")]
     with _exactly("scores must be finite numbers; positions [1, 3, 4, 6, 7] are not"):
-        cm._as_scores(bad)
+        cm.as_scores(bad)
     with _exactly("val scores must be finite numbers; positions [0] are not"):
-        cm._as_scores([float("nan")], "val scores")
-    ranks = cm._as_ranks(np.array([[0.0, 3.0], [1.0, 2.0]]), 4)
+        cm.as_scores([float("nan")], "val scores")
+    ranks = cm.as_ranks(np.array([[0.0, 3.0], [1.0, 2.0]]), 4)
     assert ranks.dtype == np.int64 and ranks.tolist() == [0, 3, 1, 2]
-    assert cm._as_ranks([], 0).tolist() == []
+    assert cm.as_ranks([], 0).tolist() == []
     with _exactly("need one tier rank per score: 3 scores, 2 ranks"):
-        cm._as_ranks([0, 1], 3)
+        cm.as_ranks([0, 1], 3)
     for bad in ([0, -1], [4, 0], [0, 1.5], [3, 3.25]):
         with _exactly("tier ranks must be integers 0..3 (C=0, B=1, A=2, S=3)"):
-            cm._as_ranks(bad, 2)
+            cm.as_ranks(bad, 2)
 
 
 # --- the model ------------------------------------------------------------------------------------

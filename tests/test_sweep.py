@@ -244,6 +244,15 @@ def test_best_json_trains_the_same_head_with_train_py(data, tmp_path):
     assert test_metrics["model"]["accuracy"] == pytest.approx(best["test_acc_mean"])
 
 
+def test_the_winner_is_announced_once_in_words(data, tmp_path, capsys):
+    features, metadata = data
+    assert sweep_script.main(["--features", features, "--metadata", metadata, "--output-dir", str(tmp_path / "s"),
+                              "--margin", "0.1", "1.0", "--hidden-dim", "8", "--projector-dim", "4", *FAST]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "best on validation" in line]
+    assert len(lines) == 1, lines
+    assert "margin=" in lines[0] and "{" not in lines[0], lines[0]
+
+
 def test_sweep_checkpoint_loads_in_full_image_mode(tiny_backbone, tmp_path):
     """A head from the sweep scores image files through the backbone as it scored their cached features."""
     from conftest import make_image

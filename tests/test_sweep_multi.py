@@ -59,7 +59,8 @@ def test_two_caches_one_table_identical_splits(two_caches, tmp_path, capsys):
                             "--margin", "0.5", "1.0", "--seeds", "0", "1", *FAST])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "best on validation: cache" in printed
+    winner = [line for line in printed.splitlines() if line.startswith("best on validation: cache")]
+    assert len(winner) == 1 and "margin=" in winner[0] and "{" not in winner[0], winner
 
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 2 * 2 * 2  # caches x margins x seeds

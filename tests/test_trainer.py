@@ -198,6 +198,27 @@ def test_checkpoint_files_and_contents(tmp_path):
         assert torch.equal(v, trainer.model.head_state_dict()[k])
 
 
+def test_best_pt_ships_without_resume_state_and_last_pt_keeps_it(tmp_path):
+    cfg = _config(tmp_path, max_epochs=4)
+    trainer, _ = _fit(cfg)
+    best, last = (torch.load(tmp_path / f, weights_only=True) for f in ("best.pt", "last.pt"))
+    resume_only = ("optimizer_state_dict", "scheduler_state_dict", "best_state_dict")
+    assert not set(resume_only) & set(best), sorted(best)
+    assert all(last.get(k) for k in resume_only)
+    # Adam's exp_avg + exp_avg_sq and the best-so-far copy: three times the head's float32 bytes, gone from best.pt.
+    head_bytes = sum(4 * p.numel() for p in trainer.model.parameters())
+    assert os.path.getsize(tmp_path / "last.pt") - os.path.getsize(tmp_path / "best.pt") > 2.5 * head_bytes
+    # best.pt still loads (scoring, evaluating, fine-tuning on), saying that it does not resume exactly.
+    other = Trainer(_head(cfg), cfg, progress=False)
+    with pytest.warns(UserWarning, match="resume from last.pt"):
+        other.load_checkpoint(str(tmp_path / "best.pt"))
+    trainer.restore_best()
+    for k, v in other.model.head_state_dict().items():
+        assert torch.equal(v, trainer.model.head_state_dict()[k])
+    other.restore_best()  # with no best_state_dict in the file, the loaded weights are the best ones
+    assert all(torch.equal(v, trainer.model.head_state_dict()[k]) for k, v in other.model.head_state_dict().items())
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker

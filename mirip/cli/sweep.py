@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     best = result.get("best")
     print(f"\n{result['trained']} configuration(s) trained, {result['skipped']} already done, "
           f"{result['wall_time_s']:.1f} s")
-    if best:
-        where = f"cache {best['cache']} ({best['backbone']}) " if "cache" in best else ""
-        print(f"best on validation: {where}{best['config']} val {best['val_acc_mean']:.4f} test {best['test_acc_mean']:.4f}")
+    if best:  # the sweep itself has said which configuration won ("best on validation: ...")
         summary = result.get("summary")
         if summary is not None and len(summary) and tie_note(summary):
             print(tie_note(summary))

@@ -11,20 +11,27 @@ The plan is what makes reruns cheap and kills harmless: an image is extracted
 only when it has no row yet, its file changed (size or mtime), its row fails
 its checksum (a damaged cache is repaired, not reported cached), or it failed
 before and ``retry_failed`` is set. Rows are committed batch by batch, so a
-killed run, or one stopped by a full disk, resumes where it stopped.
+killed run, or one stopped by a full disk, resumes where it stopped. A rerun
+with nothing to do (``nothing_to_do``) is told so by the cache alone, without
+loading the backbone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import transformers
+
+import mirip
 
 from mirip.common.atomic import write_atomic
+from mirip.common.devices import check_precision, default_precision, resolve_device
 from mirip.extract.distributed import DistContext, StopRequested, leftover_parts, merge_parts, part_path
 from mirip.store.cache import FeatureCache
 from mirip.store.cache_errors import CacheError
@@ -39,7 +46,7 @@ from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.preprocessing import Preprocessor
 from mirip.store.fingerprint import ENVIRONMENT_FIELDS, make_fingerprint
 
-__all__ = ["fingerprint_hash", "default_output", "write_config_json", "open_for_append", "build_models", "prepare_backbone", "extract_features"]
+__all__ = ["fingerprint_hash", "default_output", "write_config_json", "open_for_append", "build_models", "prepare_backbone", "extract_features", "nothing_to_do"]
 
 
 # --- pieces of the run ---------------------------------------------------------------------------
@@ -206,7 +213,78 @@ def _finish_cache(config: ExtractConfig, ctx: DistContext, output: str, fingerpr
     return rows
 
 
+# --- a rerun with nothing to do ------------------------------------------------------------------
+# The choices that decide a cache's numbers (with the precision, resolved by device, and the versions, both
+# checked against its fingerprint): a cache made with the same ones holds this run's features.
+SAME_FEATURES = ("backbone", "random_init", "image_size", "resize_mode", "pooling", "layers", "feature_dtype",
+                 "views", "max_image_pixels")
+
+
+def _candidate_caches(config: ExtractConfig) -> List[str]:
+    """The cache this run writes to: --output, or the default names under cache_dir that could be its."""
+    if config.output:
+        return [config.output] if os.path.isfile(config.output) else []
+    short = os.path.basename(str(config.backbone).rstrip("/")) or "backbone"
+    pattern = os.path.join(glob.escape(config.cache_dir), f"{glob.escape(short)}-{config.image_size}px-*.h5")
+    return [p for p in sorted(glob.glob(pattern)) if not leftover_parts(p) and ".part-" not in p]
+
+
+def _made_with_these_settings(cache: FeatureCache, config: ExtractConfig) -> bool:
+    """Whether the cache itself records this run's feature settings, precision and versions."""
+    try:
+        stored = json.loads(cache.h5.attrs["extract_config"])
+    except (KeyError, ValueError, TypeError):
+        return False
+    fp, now = cache.fingerprint, config.to_dict()
+    precision = check_precision(config.precision or default_precision(resolve_device(config.device)))
+    versions = {"mirip_version": mirip.__version__, "torch_version": str(torch.__version__),
+                "transformers_version": transformers.__version__}
+    return (isinstance(stored, dict) and all(stored.get(k) == now[k] for k in SAME_FEATURES)
+            and fp.get("precision") == precision and all(fp.get(k) == v for k, v in versions.items()))
+
+
+def _cached_summary(path: str, config: ExtractConfig, items: List[Item]) -> Optional[ExtractSummary]:
+    """The summary of a run that would extract nothing from ``path``; None when anything is left to do there."""
+    with FeatureCache.open(path, "r") as cache:
+        if not _made_with_these_settings(cache, config):
+            return None
+        if cache.has_checksums and cache.damaged_path_rows(cache.stored_paths()):
+            return None
+        damaged = cache.damaged_rows() if config.verify else []
+        plan = make_plan(items, cache, config.retry_failed, damaged)
+        if plan.todo or plan.damaged_unlisted:
+            return None
+        rows, entries = cache.num_rows, list(cache.fingerprint.get("feature_entries") or [])
+        verified = rows if config.verify and cache.has_checksums else None
+    return ExtractSummary(output=path, total=plan.total, extracted=0, replaced=0, skipped_cached=plan.cached,
+                          failed={}, known_failed=plan.known_failed, seconds=0.0, read_s=0.0, infer_s=0.0,
+                          write_s=0.0, rows=rows, entries=entries, size_bytes=os.path.getsize(path),
+                          verified=verified, backbone_loaded=False)
+
+
+def nothing_to_do(config: ExtractConfig, paths: List[str]) -> Optional[ExtractSummary]:
+    """A rerun whose every image is already cached (and whose cache is sound) needs no backbone: its summary,
+    read off the cache alone, or None when there is work, or doubt (another fingerprint, leftover parts)."""
+    if config.overwrite:
+        return None
+    items = None
+    for path in _candidate_caches(config):
+        if leftover_parts(path):
+            continue
+        items = items or [(rel, *source_facts(config.image_dir, rel)) for rel in paths]
+        try:
+            done = _cached_summary(path, config, items)
+        except (CacheError, OSError, ValueError, KeyError):
+            continue  # an unreadable cache is the full run's to report, with the backbone loaded as before
+        if done is not None:
+            return done
+    return None
+
+
 def _extract(config: ExtractConfig, ctx: DistContext, paths: List[str]) -> ExtractSummary:
+    done = None if ctx.enabled else nothing_to_do(config, paths)
+    if done is not None:
+        return done
     extractor, preprocessor, fingerprint = _load_backbone(config, _rank_device(config, ctx))
     output = config.output or default_output(fingerprint, config.cache_dir)
     order = {p: i for i, p in enumerate(paths)}

@@ -33,6 +33,7 @@ class ExtractSummary:
     compile: Dict[str, object] = field(default_factory=dict)  # rank 0's CompileInfo: compiled or not, and why
     compile_ranks: List[Dict[str, object]] = field(default_factory=list)  # every rank's, under torchrun
     paths_repaired: List[PathRepair] = field(default_factory=list)  # damaged path entries given their path back
+    backbone_loaded: bool = True  # False: every listed image was cached already, so the backbone was not needed
 
     @property
     def images_per_s(self) -> float:
@@ -70,9 +71,13 @@ class ExtractSummary:
         if self.known_failed:
             lines.append(f"  failed before, skipped: {len(self.known_failed)} (pass --retry-failed to try again)")
             lines += _listing(self.known_failed)
-        lines.append(f"speed: {self.images_per_s:.1f} images/s over {self.seconds:.1f} s "
-                     f"(read wait {self.read_s:.1f} s, infer {self.infer_s:.1f} s, write {self.write_s:.1f} s"
-                     + (f", {self.world_size} ranks" if self.world_size > 1 else "") + ")")
+        if self.extracted or self.failed:
+            lines.append(f"speed: {self.images_per_s:.1f} images/s over {self.seconds:.1f} s "
+                         f"(read wait {self.read_s:.1f} s, infer {self.infer_s:.1f} s, write {self.write_s:.1f} s"
+                         + (f", {self.world_size} ranks" if self.world_size > 1 else "") + ")")
+        else:
+            lines.append("nothing to extract: every listed image is in the cache already"
+                         + ("" if self.backbone_loaded else " (the backbone was not loaded)"))
         if self.compile:
             lines.append(compiled.describe(self.compile))
             if self.world_size > 1:

@@ -11,16 +11,22 @@ a full-image model rebuilt from a checkpoint give the same numbers).
 from __future__ import annotations
 
 import os
+import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
+from urllib.parse import urlparse
 
 from torch import nn
 
-from mirip.ml.family_loading import RANDOM_INIT_SEED
 from mirip.ml import family_loading
 from mirip.ml import family_registry
+from mirip.ml.family_loading import RANDOM_INIT_SEED
 
 KNOWN_BACKBONES = ("dinov2-small", "dinov2-base", "dinov2-large", "dinov2-giant")
+HUB_PROBE_TIMEOUT = 3.0  # seconds: a reachable hub answers a TCP connect well within it
+_HUB_REACHABLE: Optional[bool] = None  # the probe's answer, once asked
 
 
 @dataclass(frozen=True)
@@ -64,16 +70,21 @@ def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False
             f"backbone directory {name!r} does not exist; pass an existing directory holding config.json "
             "(and model weights), or a hub id such as facebook/dinov2-large"
         )
+    # Asked once, quickly: an unreachable hub otherwise costs the hub client's five retries (15-30 s) per file.
+    offline = not random_init and not os.path.isdir(name) and (hub_offline() or not hub_reachable())
     try:
-        model, family, _ = family_loading.load_model(name, random_init=random_init, warn_stacklevel=2,
-                                               allowed=allowed_families)
+        with _hub_client_offline(offline):
+            model, family, _ = family_loading.load_model(name, random_init=random_init, warn_stacklevel=2,
+                                                   allowed=allowed_families, local_files_only=offline)
     except (family_registry.UnsupportedBackboneError, family_loading.IncompleteWeightsError):
         raise
     except (OSError, ValueError) as exc:
         if random_init:
             raise
+        where = (f"the hub ({hub_host()}) cannot be reached from here and it is not in the local hub cache"
+                 if offline else f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}")
         raise OSError(
-            f"could not load backbone {name!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}).\n"
+            f"could not load backbone {name!r} ({where}).\n"
             "To fix: download it once where the hub is reachable (e.g. `hf download "
             f"{name} --local-dir models/{name.split('/')[-1]}`) and pass that directory as the backbone name, "
             "or opt into an untrained architecture with random_init=True (--random-init) for benchmarks and tests."
@@ -91,7 +102,57 @@ def load_backbone(name: str = "facebook/dinov2-large", random_init: bool = False
     return model, info
 
 
-def pretrained_available(name: str, timeout: float = 3.0) -> bool:
+def hub_offline() -> bool:
+    """Whether the hub client is told to stay offline (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(k, "0").strip().lower() not in ("0", "", "false", "no", "off")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_host() -> str:
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to the hub's host opens within ``timeout`` s, name lookup included (which
+    ``socket.create_connection``'s own timeout does not bound, hence the thread). Asked once per process."""
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        answer: list = []
+
+        def probe() -> None:
+            try:
+                socket.create_connection((hub_host(), 443), timeout=timeout).close()
+                answer.append(True)
+            except OSError:
+                answer.append(False)
+
+        thread = threading.Thread(target=probe, daemon=True, name="mirip-hub-probe")
+        thread.start()
+        thread.join(timeout)
+        _HUB_REACHABLE = bool(answer and answer[0])
+    return _HUB_REACHABLE
+
+
+@contextmanager
+def _hub_client_offline(offline: bool) -> Iterator[None]:
+    """The hub client told it is offline for a while: besides the files, it asks the hub for other things
+    (its user-agent registry) unless its own offline switch is on, and that switch is read at import."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def pretrained_available(name: str, timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     """Whether ``name``'s weights can be had now: a local directory, the local hub cache, or a reachable hub.
 
     Answers in at most ``timeout`` seconds, so a demo can choose random weights offline without
@@ -108,12 +169,4 @@ def pretrained_available(name: str, timeout: float = 3.0) -> bool:
             return True
     except Exception:  # an old or missing hub client only means "not cached"
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    import socket
-
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return not hub_offline() and hub_reachable(timeout)

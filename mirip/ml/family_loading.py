@@ -80,13 +80,14 @@ def shipped_config(name: str):
     return family_for(d.get("model_type")).vision_config(d)
 
 
-def read_config_dict(name: str) -> dict:
-    """config.json of a local directory or hub id (the hub cache, or the hub when reachable)."""
+def read_config_dict(name: str, local_files_only: bool = False) -> dict:
+    """config.json of a local directory or hub id (the hub cache, or the hub when reachable).
+    ``local_files_only``: never ask the hub (an unreachable one costs the hub client's retries)."""
     import transformers
 
     # PreTrainedConfig since transformers 5; the older spelling stays as an alias in some releases.
     base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
-    config_dict, _ = base.get_config_dict(name)
+    config_dict, _ = base.get_config_dict(name, local_files_only=local_files_only)
     return config_dict
 
 
@@ -113,7 +114,8 @@ def _listing(keys: Sequence[str], limit: int = 8) -> str:
     return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown
 
 
-def pretrained_model(name: str, config_dict: Optional[dict] = None) -> Tuple[nn.Module, BackboneFamily]:
+def pretrained_model(name: str, config_dict: Optional[dict] = None, local_files_only: bool = False
+                     ) -> Tuple[nn.Module, BackboneFamily]:
     """Load a checkpoint's vision tower with all of its weights, or refuse.
 
     The family comes from the checkpoint's ``model_type``; a full CLIP/SigLIP checkpoint gives its vision
@@ -121,9 +123,10 @@ def pretrained_model(name: str, config_dict: Optional[dict] = None) -> Tuple[nn.
     weights raise :class:`IncompleteWeightsError` naming them: a model that would run half-random is never
     returned.
     """
-    config_dict = read_config_dict(name) if config_dict is None else config_dict
+    config_dict = read_config_dict(name, local_files_only) if config_dict is None else config_dict
     family = family_for(config_dict.get("model_type"))
-    model, info = family.model_class.from_pretrained(name, attn_implementation="sdpa", output_loading_info=True)
+    model, info = family.model_class.from_pretrained(name, attn_implementation="sdpa", output_loading_info=True,
+                                                     local_files_only=local_files_only)
     missing, unexpected, mismatched = _weight_problems(family, info)
     if missing or unexpected or mismatched:
         parts = []
@@ -144,15 +147,17 @@ def pretrained_model(name: str, config_dict: Optional[dict] = None) -> Tuple[nn.
 
 
 def load_model(name: str, random_init: bool = False, seed: int = RANDOM_INIT_SEED, warn_stacklevel: int = 1,
-               allowed: Optional[Sequence[str]] = None) -> Tuple[nn.Module, BackboneFamily, dict]:
+               allowed: Optional[Sequence[str]] = None, local_files_only: bool = False
+               ) -> Tuple[nn.Module, BackboneFamily, dict]:
     """Build the vision model named by a local directory or hub id; returns (model, family, config dict).
 
     ``random_init`` builds the architecture with seeded random weights (from the directory's config.json,
     or from the configs shipped in the package for hub ids) and warns with :class:`RandomWeightsWarning`.
     ``allowed`` (family names) refuses other families before any weights are read; None allows all.
+    ``local_files_only`` reads a hub id from the local hub cache only.
     """
     if os.path.isdir(name) or not random_init:
-        config_dict = read_config_dict(name)
+        config_dict = read_config_dict(name, local_files_only)
     else:
         config_dict = shipped_config_dict(name)
     family = family_for(config_dict.get("model_type"))
@@ -162,7 +167,7 @@ def load_model(name: str, random_init: bool = False, seed: int = RANDOM_INIT_SEE
             f"{', '.join(allowed)} backbones are accepted here"
         )
     if not random_init:
-        model, family = pretrained_model(name, config_dict)
+        model, family = pretrained_model(name, config_dict, local_files_only)
         return model, family, config_dict
     warnings.warn(
         f"backbone {name!r} is built with RANDOM weights: its features carry no learned meaning. "

@@ -4,7 +4,8 @@ Keys (format 1): format_version, mirip_version, model_state_dict (head only:
 projector.* and score_head.*), optimizer_state_dict, scheduler_state_dict,
 epoch, accuracy, config (TrainingConfig as a dict), head (RankingHead.head_config()),
 fingerprint (the feature fingerprint the head was trained on, or None),
-backbone (BackboneInfo as a dict, or None); trainers may add more plain keys.
+backbone (BackboneInfo as a dict, or None); trainers may add more plain keys. The Trainer's best.pt leaves
+out optimizer_state_dict, scheduler_state_dict and best_state_dict: only resuming reads them, from last.pt.
 """
 
 from __future__ import annotations

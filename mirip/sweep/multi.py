@@ -29,7 +29,7 @@ from mirip.store.cache_errors import CacheError
 from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.sweep.grid import HeadConfig, SweepGrid
 from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
-from mirip.sweep.runner import OUTPUT_FILES, SweepRunner
+from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, describe_best
 from mirip.sweep.settings import SweepSettings
 from mirip.training.run_data import read_metadata
 from mirip.training.run_data import exclusion_note, split_names, union_failed, write_excluded
@@ -147,7 +147,8 @@ def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence
     save_heatmap(summary, os.path.join(out, "heatmap.png"),
                  title="RANDOM backbone weights (pipeline check, not a trained model)" if "random" in weights else "")
     if log:
-        log(f"best on validation: cache {best['cache']} (val {best['val_acc_mean']:.4f}, test "
+        log(f"best on validation: cache {best['cache']} ({winner['backbone']}), {describe_best(best)} "
+            f"(val {best['val_acc_mean']:.4f}, test "
             f"{best['test_acc_mean']:.4f}); outputs in {out}: "
             + ", ".join(f for f in OUTPUT_FILES if os.path.exists(os.path.join(out, f))))
     return {"results": combined, "summary": summary, "best": best_json, "output_dir": out, "trained": trained,

@@ -285,7 +285,7 @@ class SweepRunner:
                       wall_time_s=time.perf_counter() - t_start)
         if result.get("best"):
             b = result["best"]
-            self.log(f"best on validation: {_describe(b)} (val {b['val_acc_mean']:.4f}, test {b['test_acc_mean']:.4f}"
+            self.log(f"best on validation: {describe_best(b)} (val {b['val_acc_mean']:.4f}, test {b['test_acc_mean']:.4f}"
                      f", {len(b['seeds'])} seed(s)); outputs in {self.out}: "
                      + ", ".join(f for f in OUTPUT_FILES if os.path.exists(os.path.join(self.out, f))))
         return result
@@ -316,7 +316,7 @@ class SweepRunner:
         return out
 
 
-def _describe(best: Dict[str, Any]) -> str:
+def describe_best(best: Dict[str, Any]) -> str:
     c = best.get("config", best)
     return (f"margin={c['margin']:g} hidden={c['hidden_dim']} proj={c['projector_dim']} lr={c['learning_rate']:g} "
             f"dropout={c['dropout']:g} wd={c['weight_decay']:g} feature={c.get('feature')}")

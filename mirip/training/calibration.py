@@ -271,7 +271,7 @@ def save_calibration_plot(path: str, calibration: OrdinalCalibration,
         return False
     from mirip.common.atomic import write_atomic_with
 
-    fig, (ax_rel, ax_p) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax_rel, ax_p) = plt.subplots(1, 2, figsize=(11, 5.5))
     ax_rel.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfectly calibrated")
     for (name, (scores, ranks)), style in zip(splits.items(), ("o-", "s--", "^:")):
         probs = calibration.probabilities(scores)
@@ -285,7 +285,8 @@ def save_calibration_plot(path: str, calibration: OrdinalCalibration,
     ax_rel.set_xlabel("probability of the predicted tier")
     ax_rel.set_ylabel("how often the predicted tier is right")
     ax_rel.set_title("reliability (top label)")
-    ax_rel.legend(fontsize=9, loc="lower right", framealpha=0.9)
+    # Below the axes: a badly calibrated split's points can lie anywhere in the square, under any corner.
+    ax_rel.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     ax_rel.grid(alpha=0.3)
 
     all_scores = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1) for s, _ in splits.values()])
@@ -306,12 +307,12 @@ def save_calibration_plot(path: str, calibration: OrdinalCalibration,
     ax_p.set_xlabel("score")
     ax_p.set_ylabel("probability")
     ax_p.set_title(f"P(tier | score); ticks: {name} split drawings by tier")
-    ax_p.legend(fontsize=10, loc="center right", framealpha=0.9)
+    ax_p.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(TIERS), frameon=False)
     ax_p.grid(alpha=0.3)
     if title:
         fig.suptitle(title, color="#a00000" if "RANDOM" in title else "black")
     fig.tight_layout()
-    write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
     return True
 

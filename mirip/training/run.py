@@ -36,8 +36,8 @@ from mirip.training.head_calibration import (IN_SAMPLE, HeadCalibration, calibra
 from mirip.training.metrics import distinct_pairs, score_metrics
 from mirip.training.run_config import RunConfig
 from mirip.training.run_data import (SPLITS, RunData, exclusion_note, feature_keys, load_run_data, resolve_spec,
-    split_dataset, write_excluded)
-from mirip.training.run_outputs import curves_title, save_curves, write_json
+                                     split_dataset, write_excluded)
+from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, write_json
 from mirip.training.trainer import Trainer
 from mirip.training.trainer_checkpoints import history_to_json
 
@@ -199,6 +199,9 @@ def _test_report(cfg: RunConfig, data: RunData, datasets, model, device, trainer
         result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(data, datasets, "test", cfg.ridge_alpha)
         log(format_metrics(result["model"], result["linear_baseline"],
                            title=f"test split (best epoch {trainer.best_epoch}):"))
+    result["warnings"] = quality_warnings(result["model"], result["linear_baseline"], sizes.get("val"))
+    for warning in result["warnings"]:
+        log(f"WARNING: {warning}")
     return result
 
 

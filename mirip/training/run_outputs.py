@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -14,6 +14,44 @@ from mirip.common.plain import json_safe
 
 def write_json(path: str, obj: Any) -> None:
     write_atomic(path, json.dumps(json_safe(obj), indent=2))
+
+
+CHANCE = 0.5  # pairwise accuracy of a coin toss: a head below it orders drawings backwards more often than not
+
+
+def _figure(value: Any) -> Optional[float]:
+    # NaN (a split without pairs) compares False both ways: nothing to warn about.
+    return float(value) if isinstance(value, (int, float)) and value == value else None
+
+
+def quality_warnings(model: Optional[Dict[str, Any]], baseline: Optional[Dict[str, Any]],
+                     val_images: Optional[int] = None) -> List[str]:
+    """What a run's test figures say is wrong with its head, each with what to try: pairwise accuracy below
+    chance or below the ridge baseline, tier accuracy below always predicting the commonest tier."""
+    if not model:
+        return []
+    out: List[str] = []
+    acc, ridge = _figure(model.get("accuracy")), _figure((baseline or {}).get("accuracy"))
+    pairs = f"{model.get('distinct_pairs', model.get('total_pairs'))} distinct test pairs"
+    if acc is not None and acc < CHANCE:
+        out.append(f"the head's test pairwise accuracy {acc:.4f} is below chance ({CHANCE}, {pairs}): it orders "
+                   "drawings backwards more often than not. Try: check that the tier column means S best ... C "
+                   "worst; use features from pretrained backbone weights (not --random-init); a lower "
+                   "--learning-rate or more --max-epochs; more images per tier")
+    if acc is not None and ridge is not None and acc < ridge:
+        out.append(f"the head's test pairwise accuracy {acc:.4f} is below the linear baseline's {ridge:.4f} (ridge "
+                   f"regression on the same features, {pairs}): the MLP head is not earning its keep. Try: a smaller "
+                   "head (--hidden-dim 128 --projector-dim 64), more --dropout or --weight-decay, a lower "
+                   "--learning-rate, or compare settings with scripts/sweep.py")
+    tier, majority = _figure(model.get("tier_accuracy")), _figure(model.get("majority_tier_accuracy"))
+    if tier is not None and majority is not None and tier < majority:
+        fitted = f" on {val_images} images" if val_images else ""
+        out.append(f"the tier accuracy {tier:.4f} is below always predicting the commonest test tier "
+                   f"({model.get('majority_tier')}: {majority:.4f}): the score-to-tier boundaries (fitted on the val "
+                   f"split{fitted}) do not fit the test drawings. Try: a larger --val-ratio or more images per tier "
+                   "for the calibration, and improve the pairwise accuracy first; until then, do not rely on the "
+                   "predicted tiers")
+    return out
 
 
 def curves_title(backbone: Dict[str, Any]) -> Optional[str]:

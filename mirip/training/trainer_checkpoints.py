@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -21,6 +22,8 @@ from mirip.store.checkpoint import head_checkpoint, load_checkpoint_file, save_c
 
 
 HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "lr")
+# What only resuming a run reads: left out of best.pt (``save_checkpoint(resumable=False)``).
+RESUME_ONLY_KEYS = ("optimizer_state_dict", "scheduler_state_dict", "best_state_dict")
 
 
 _LR_KEYS = ("lr", "initial_lr", "base_lrs", "_last_lr")
@@ -57,7 +60,7 @@ class TrainerCheckpoints:
         if not directory:
             return
         if improved:
-            self.save_checkpoint(os.path.join(directory, "best.pt"), self.epoch, accuracy)
+            self.save_checkpoint(os.path.join(directory, "best.pt"), self.epoch, accuracy, resumable=False)
         if self.epoch % self.config.save_every_n_epochs == 0:
             self.save_checkpoint(os.path.join(directory, f"checkpoint_epoch_{self.epoch}.pt"), self.epoch, accuracy)
         self.save_checkpoint(os.path.join(directory, "last.pt"), self.epoch, accuracy)
@@ -75,8 +78,12 @@ class TrainerCheckpoints:
         info.update({"pooling": getattr(extractor, "pooling", None), "precision": getattr(extractor, "precision", None)})
         return info
 
-    def save_checkpoint(self, filepath: str, epoch: int, accuracy: float) -> None:
-        """Write a weights-only-loadable checkpoint atomically; ``epoch`` is the number of epochs completed."""
+    def save_checkpoint(self, filepath: str, epoch: int, accuracy: float, resumable: bool = True) -> None:
+        """Write a weights-only-loadable checkpoint atomically; ``epoch`` is the number of epochs completed.
+
+        ``resumable=False`` (best.pt: the file people ship) leaves out what only resuming needs and what would
+        repeat the head: the optimizer and scheduler states (Adam's two moments are twice the head's size)
+        and the best-so-far weights, which are this file's own weights. last.pt keeps them."""
         head = head_state(self.model)
         # A full-image model with an unfrozen backbone also trains backbone weights; keep them too.
         trainable_rest = {name: p.detach() for name, p in self.model.named_parameters()
@@ -93,6 +100,9 @@ class TrainerCheckpoints:
                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
         if trainable_rest:
             payload["trainable_state_dict"] = trainable_rest
+        if not resumable:
+            for key in RESUME_ONLY_KEYS:
+                del payload[key]
         payload.update(self.extra)
         save_checkpoint_file(filepath, payload)
 
@@ -108,6 +118,10 @@ class TrainerCheckpoints:
             self.model.load_state_dict(ckpt["trainable_state_dict"], strict=False)
         if ckpt.get("optimizer_state_dict"):
             self._load_optimizer_state(ckpt["optimizer_state_dict"])
+        elif "optimizer_state_dict" not in ckpt:
+            warnings.warn(f"{filepath} holds no optimizer or scheduler state (best.pt leaves them to last.pt): "
+                          "training goes on from its weights with a fresh optimizer and learning-rate schedule, "
+                          "not exactly where that run stood; resume from last.pt for that", stacklevel=2)
         if ckpt.get("scheduler_state_dict"):
             self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
         self.epoch = int(ckpt.get("epoch", 0))
