@@ -11,16 +11,28 @@ the same splits and reported side by side:
     python scripts/sweep.py --features cache/dinov2-large.h5 cache/siglip-so400m.h5 --metadata data/metadata.csv \\
         --output-dir runs/backbones --seeds 0 1 2
 
-Run the same command again after an interruption: finished configurations are skipped.
+Ctrl-C (or SIGTERM) stops it cleanly, keeping every finished configuration; run the same command again
+to continue: finished configurations are skipped.
+
+On a 2-core CPU, a sweep sized for minutes (12 heads, 20 epochs of 2,000 pairs; 39 s on 500 images of 384-d
+features, measured 2026-12-05):
+
+    python scripts/sweep.py --features cache/features.h5 --metadata data/metadata.csv --output-dir runs/sweep \\
+        --margin 0.5 1.0 --hidden-dim 256 --projector-dim 128 --learning-rate 1e-3 3e-4 --seeds 0 1 2 \\
+        --max-epochs 20 --pairs-per-epoch 2000
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
+import torch
+
 from mirip.cli.options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
-    training_values)
+                               training_values)
+from mirip.common.devices import resolve_device
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
@@ -30,6 +42,7 @@ from mirip.sweep.report import tie_note
 from mirip.sweep.runner import OUTPUT_FILES, run_sweep
 from mirip.sweep.settings import GRID_FIELDS, SweepSettings
 from mirip.sweep.stacked_optim import OPTIMIZERS
+from mirip.sweep.threads import choose_threads
 from mirip.training.config import TrainingConfig
 
 DEFAULTS = TrainingConfig()
@@ -89,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "pass, best on CPU), 'batched' (a few ops over all heads at once, best on GPU), 'plain' "
                           "(torch's single-tensor AdamW per head: a single run's exact arithmetic on CPU); the "
                           "results agree to rounding; auto picks by device")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads (default: the cores idle when the sweep starts, by the load average; "
+                          "small stacked heads slow down many times over when their threads compete for cores)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete the finished results of a sweep run in --output-dir with other settings and "
+                          "start over (without it such a directory is refused; one where nothing had finished "
+                          "starts over anyway)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -109,18 +129,41 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
     return grid, settings
 
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the same clean stop as Ctrl-C: finished configurations are kept
+
+
+def _set_threads(args: argparse.Namespace, settings: SweepSettings) -> None:
+    if resolve_device(settings.training.device) == "cpu":
+        threads, why = choose_threads(args.threads)
+        torch.set_num_threads(threads)
+        print(f"threads: {why}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plain_warnings()
+    if args.threads is not None and args.threads < 1:
+        print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         grid, settings = settings_from_args(args)
+        _set_threads(args, settings)
         if len(args.features) > 1:
-            result = run_multi_sweep(grid, settings, args.features, progress=not args.no_progress, log=print)
+            result = run_multi_sweep(grid, settings, args.features, progress=not args.no_progress, log=print,
+                                     overwrite=args.overwrite)
         else:
-            result = run_sweep(grid, settings, progress=not args.no_progress)
+            result = run_sweep(grid, settings, progress=not args.no_progress, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, CacheError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"\n{exc}" if str(exc) else "\ninterrupted before any configuration finished; nothing to keep",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     best = result.get("best")
     print(f"\n{result['trained']} configuration(s) trained, {result['skipped']} already done, "
           f"{result['wall_time_s']:.1f} s")

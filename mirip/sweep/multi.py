@@ -96,14 +96,16 @@ def _shared_splits(grid: SweepGrid, settings: SweepSettings, features: Sequence[
 
 
 def _sweep_caches(grid: SweepGrid, settings: SweepSettings, labels: Sequence[str], facts: Sequence[Dict[str, Any]],
-                  splits, excluded, progress: bool, log: Optional[Callable[[str], None]]) -> tuple:
+                  splits, excluded, progress: bool, log: Optional[Callable[[str], None]], overwrite: bool = False
+                  ) -> tuple:
     """One sub-sweep per cache, in ``<output-dir>/<label>``; (their tables combined, heads trained, skipped)."""
     tables, trained, skipped = [], 0, 0
     for label, fact in zip(labels, facts):
         sub = dataclasses.replace(settings, features=fact["path"], output_dir=os.path.join(settings.output_dir, label))
         if log:
             log(f"cache {label}: {fact['backbone']} ({fact['family']}, {fact['image_size']} px, {fact['weights']})")
-        result = SweepRunner(grid, sub, progress=progress, log=log, splits=splits, excluded=excluded).run()
+        result = SweepRunner(grid, sub, progress=progress, log=log, splits=splits, excluded=excluded,
+                             overwrite=overwrite).run()
         trained, skipped = trained + result["trained"], skipped + result["skipped"]
         table = result["results"].copy()
         table.insert(0, "cache", label)
@@ -127,13 +129,14 @@ def _summary_notes(combined: pd.DataFrame, summary: pd.DataFrame, labels: Sequen
 
 
 def run_multi_sweep(grid: SweepGrid, settings: SweepSettings, features: Sequence[str], *, progress: bool = True,
-                    log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+                    log: Optional[Callable[[str], None]] = None, overwrite: bool = False) -> Dict[str, Any]:
     """The grid on every cache in ``features`` over shared splits; returns the combined table and the winner."""
     settings.check()
     t_start = time.perf_counter()
     names, excluded, facts, labels, splits = _shared_splits(grid, settings, features, log)
     out = settings.output_dir
-    combined, trained, skipped = _sweep_caches(grid, settings, labels, facts, splits, excluded, progress, log)
+    combined, trained, skipped = _sweep_caches(grid, settings, labels, facts, splits, excluded, progress, log,
+                                              overwrite)
     write_atomic(os.path.join(out, "results.csv"), combined.to_csv(index=False))
     summary = aggregate(combined, extra_keys=("cache",))
     weights = sorted({f["weights"] for f in facts})

@@ -14,11 +14,14 @@ result was saved (the heads of a group train together, so their times overlap).
 
 Restarting with the same command skips every configuration whose result file
 exists; ``sweep.json`` records what the results depend on, and a restart with
-different data or fixed settings is refused rather than mixed into one table.
+different data or fixed settings is refused rather than mixed into one table
+(unless nothing had finished yet, or with ``overwrite``). An interrupt (Ctrl-C)
+raises ``SweepInterrupted`` with a one-line account of what was kept.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -32,21 +35,20 @@ from tqdm.auto import tqdm
 from mirip.common.atomic import output_directory, write_atomic
 from mirip.common.devices import resolve_device
 from mirip.common.plain import json_safe
+from mirip.common.tiers import tier_ranks
 from mirip.ml.ranking_model import RankingHead
 from mirip.store.cache import open_cache
 from mirip.store.checkpoint import head_checkpoint, save_checkpoint_file
 from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
+from mirip.sweep.cost import EpochTimer, cost_line, estimate_seconds, head_size
 from mirip.sweep.engine import HeadOutcome, train_group
 from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepConfigError, SweepGrid, group_configs
 from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
-# SweepSettings and its field lists live in mirip.sweep.settings; imported from here as before.
-from mirip.common.tiers import tier_ranks
 from mirip.sweep.settings import SweepSettings, check_manifest, file_sha256
 from mirip.training.evaluator import Evaluator
 from mirip.training.head_calibration import calibrate_head
-from mirip.training.run_data import SPLITS, RunData, feature_keys, read_metadata, split_dataset
-from mirip.training.run_data import (exclusion_note, failed_images, scaled_features, split_names, split_positions,
-    write_excluded)
+from mirip.training.run_data import (SPLITS, RunData, exclusion_note, failed_images, feature_keys, read_metadata,
+                                     scaled_features, split_dataset, split_names, split_positions, write_excluded)
 
 RESULT_COLUMNS = (
     ("config_id", "seed") + HYPERPARAMETERS
@@ -59,14 +61,19 @@ RESULT_COLUMNS = (
 OUTPUT_FILES = ("results.csv", "summary.md", "best.json", "heatmap.png")
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, by scripts/sweep.py) during a sweep; ``str()`` says what was kept and how to go on."""
+
+
 class SweepRunner:
     """Runs a ``SweepGrid`` under ``SweepSettings``; ``run()`` returns the finished table and the winner."""
 
     def __init__(self, grid: SweepGrid, settings: SweepSettings, *, progress: bool = True,
                  log: Optional[Callable[[str], None]] = None,
                  splits: Optional[Dict[int, Dict[str, List[str]]]] = None,
-                 excluded: Optional[Dict[str, str]] = None):
+                 excluded: Optional[Dict[str, str]] = None, overwrite: bool = False):
         settings.check()
+        self.overwrite = overwrite  # replace finished results of a sweep run here with other settings
         # seed -> {split: image names}, made once from the metadata by a multi-cache sweep (mirip.sweep.multi)
         # so that every cache trains and is tested on the same drawings; None: made here, the same way.
         self.fixed_splits = splits
@@ -214,8 +221,18 @@ class SweepRunner:
         manifest = {"fixed": s.fixed(), "fingerprint": data["fingerprint"], "metadata_sha256": file_sha256(s.metadata),
                     "features": os.path.abspath(s.features), "metadata": os.path.abspath(s.metadata)}
         manifest_path = os.path.join(self.out, "sweep.json")
-        check_manifest(manifest_path, manifest)
+        finished = glob.glob(os.path.join(self.out, "results", "*.json"))
+        note = check_manifest(manifest_path, manifest, len(finished), self.overwrite)
+        if note:
+            self.log(note)
+            self._remove_old_results()
         write_atomic(manifest_path, json.dumps(json_safe({**manifest, "grid": self.grid.to_dict()}), indent=2))
+
+    def _remove_old_results(self) -> None:
+        """Delete what a sweep with other settings left here: its results, checkpoints and tables, nothing else."""
+        for pattern in ("results/*.json", "checkpoints/*.pt") + OUTPUT_FILES:
+            for path in glob.glob(os.path.join(glob.escape(self.out), pattern)):
+                os.remove(path)
 
     def _partition(self) -> tuple:
         """(config_id -> stored row of every finished configuration, the configurations still to train)."""
@@ -231,8 +248,9 @@ class SweepRunner:
 
     def _announce(self, data: Dict[str, Any], rows: Dict[str, Dict[str, Any]], pending: List[HeadConfig]) -> None:
         dims = ", ".join(f"{spec} ({data['by_spec'][spec][0].shape[1]}-d)" for spec in data["specs"])
+        threads = f" ({torch.get_num_threads()} thread(s))" if self.device == "cpu" else ""
         self.log(f"sweep: {len(self.configs)} configurations ({len(self.grid.seed)} seed(s)), "
-                 f"{len(rows)} already finished, {len(pending)} to train on {self.device}; "
+                 f"{len(rows)} already finished, {len(pending)} to train on {self.device}{threads}; "
                  f"{len(data['names'])} images, features {dims}")
         if data["excluded"]:
             self.log(exclusion_note(data["excluded"], write_excluded(self.out, data["excluded"])))
@@ -244,6 +262,8 @@ class SweepRunner:
         epochs = s.training.max_epochs
         done_count = len(rows)
         groups = group_configs(pending)
+        sizes = {c.config_id: self._head_size(data, c) for c in pending}
+        timer: Optional[EpochTimer] = None
         # Every (seed, spec)'s split and pairs first: a split that cannot form pairs fails before any training.
         per_seed = {(seed, spec): self._datasets(data, seed, spec)
                     for seed, spec in dict.fromkeys((c.seed, self.spec_of(c)) for c in pending)}
@@ -266,8 +286,21 @@ class SweepRunner:
                              f"test {row['test_acc']:.4f}, spearman {row['spearman']:.4f}")
                     self._write_tables(rows)
 
+                timer = timer or EpochTimer(epochs)  # the first group's epoch is timed, once
+
+                def on_epoch(epoch: int, trained: int, cfgs=cfgs) -> None:
+                    bar.update(trained)
+                    took = timer.epoch_end(epoch)
+                    if took is not None:
+                        seconds = estimate_seconds(took, sum(sizes[c.config_id] for c in cfgs), sizes.values(),
+                                                   epochs)
+                        self.log(cost_line(len(pending), epochs, seconds, self.device))
+
                 train_group(cfgs, datasets["train"], datasets["val"], s.training, self.device, optimizer=s.optimizer,
-                            on_epoch=lambda epoch, trained: bar.update(trained), on_finished=finished)
+                            on_epoch=on_epoch, on_finished=finished)
+
+    def _head_size(self, data: Dict[str, Any], cfg: HeadConfig) -> int:
+        return head_size(int(data["by_spec"][self.spec_of(cfg)][0].shape[1]), cfg.hidden_dim, cfg.projector_dim)
 
     def run(self) -> Dict[str, Any]:
         os.makedirs(self.out, exist_ok=True)
@@ -278,7 +311,13 @@ class SweepRunner:
         bar = tqdm(total=len(pending) * self.settings.training.max_epochs, desc="sweep", unit="head-epoch",
                    disable=not self.progress, dynamic_ncols=True)
         t_start = time.perf_counter()
-        self._train_pending(data, pending, rows, bar)
+        try:
+            self._train_pending(data, pending, rows, bar)
+        except KeyboardInterrupt:
+            bar.close()
+            raise SweepInterrupted(
+                f"interrupted: {len(rows)} of {len(self.configs)} configuration(s) finished and kept in {self.out}"
+                f"{' (results.csv)' if rows else ''}; run the same command again to continue") from None
         bar.close()
         result = self._write_tables(rows, final=True)
         result.update(trained=len(pending), skipped=len(self.configs) - len(pending),

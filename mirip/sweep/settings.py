@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.sweep.grid import HeadConfig, SweepConfigError
@@ -70,10 +70,10 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def check_manifest(path: str, manifest: Dict[str, Any]) -> None:
-    """Refuse to continue a sweep in ``path`` that was run on other data or other fixed settings."""
+def _manifest_diffs(path: str, manifest: Dict[str, Any]) -> List[str]:
+    """What differs between the sweep recorded in ``path`` and ``manifest`` (versions aside); [] if none."""
     if not os.path.exists(path):
-        return
+        return []
     with open(path) as f:
         old = json.load(f)
     diffs = []
@@ -86,8 +86,24 @@ def check_manifest(path: str, manifest: Dict[str, Any]) -> None:
                 diffs.append(f"{section}.{k}: was {a.get(k)!r}, now {b.get(k)!r}")
     if old.get("metadata_sha256") != manifest.get("metadata_sha256"):
         diffs.append("the metadata file's contents changed")
-    if diffs:
-        raise SweepConfigError(
-            f"{os.path.dirname(path)} holds a sweep run with other settings ({'; '.join(diffs[:6])}); "
-            "its finished results would not be comparable. Use another --output-dir, or the original settings."
-        )
+    return diffs
+
+
+def check_manifest(path: str, manifest: Dict[str, Any], finished: int = 0, overwrite: bool = False
+                    ) -> Optional[str]:
+    """Refuse to continue a sweep in ``path``'s directory that finished configurations on other data or other
+    fixed settings (its results would not be comparable). Returns a note when the directory starts over instead:
+    nothing had finished there (an interrupted first try), or ``overwrite`` was asked for; None otherwise."""
+    diffs = _manifest_diffs(path, manifest)
+    if not diffs:
+        return None
+    what = "; ".join(diffs[:6])
+    if finished == 0:
+        return f"starting afresh: the sweep begun here with other settings ({what}) had finished no configuration"
+    if overwrite:
+        return f"--overwrite: removing {finished} finished configuration(s) run with other settings ({what})"
+    raise SweepConfigError(
+        f"{os.path.dirname(path)} holds {finished} finished configuration(s) run with other settings ({what}); "
+        "its results would not be comparable. Use another --output-dir, the original settings, or --overwrite "
+        "to delete them and start over."
+    )
