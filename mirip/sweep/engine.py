@@ -28,7 +28,7 @@ from mirip.sweep.stacked import StackedHeads, build_head, clip_grad_norm_per_hea
 from mirip.sweep.stacked_optim import make_optimizer
 from mirip.training.config import TrainingConfig
 from mirip.training.static_step import StaticStep, persistent_grads, resolve_step_mode, zero_grads_
-from mirip.training.trainer_checkpoints import HISTORY_KEYS
+from mirip.training.checkpoint_state import HISTORY_KEYS
 
 SCORE_BATCH = 4096
 

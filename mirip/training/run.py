@@ -39,7 +39,7 @@ from mirip.training.run_data import (SPLITS, RunData, exclusion_note, feature_ke
                                      split_dataset, write_excluded)
 from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, write_json
 from mirip.training.trainer import Trainer
-from mirip.training.trainer_checkpoints import history_to_json
+from mirip.training.checkpoint_state import history_to_json
 
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
                 "calibration.png")
