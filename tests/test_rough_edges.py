@@ -187,7 +187,7 @@ def test_messages_name_flags_with_dashes(tmp_path, capsys):
     assert not re.search(r"(?<!-)\b(resume|overwrite) to\b", err)
 
 
-@pytest.mark.parametrize("name", ["extract", "train", "sweep", "evaluate", "score", "benchmark", "make_demo_data"])
+@pytest.mark.parametrize("name", ["extract", "train", "sweep", "evaluate", "score", "benchmark", "demo"])
 def test_help_shows_each_default_once(name):
     module = _script(name)
     parser = module.build_parser(module.load_benchmarks()[0]) if name == "benchmark" else module.build_parser()

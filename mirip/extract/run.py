@@ -103,13 +103,18 @@ def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2Fe
     return extractor, preprocessor
 
 
+def idle_compile_info(config: ExtractConfig) -> compiled.CompileInfo:
+    """What a run with no image to extract says about compiling: nothing was compiled, and why."""
+    return compiled.CompileInfo(False, "nothing to extract in this run",
+                                sdpa_backend=None if config.sdpa_backend == "auto" else config.sdpa_backend,
+                                backend=config.compile_backend)
+
+
 def prepare_backbone(extractor: DINOv2FeatureExtractor, config: ExtractConfig, num_images: int) -> compiled.CompileInfo:
     """Compile the backbone for this process's ``num_images`` images, or say why it stays eager. Under
     torchrun every rank decides for its own shard and compiles its own copy (compiling is paid per process)."""
     if num_images == 0:
-        return compiled.CompileInfo(False, "nothing to extract in this run",
-                                    sdpa_backend=None if config.sdpa_backend == "auto" else config.sdpa_backend,
-                                    backend=config.compile_backend)
+        return idle_compile_info(config)
     # Each loader batch holds batch_size images x (1 + views) views: the one shape compiled.
     return compiled.prepare_extractor(extractor, compile=config.compile, num_images=num_images,
                                       batch_size=config.batch_size * (1 + config.views), image_size=config.image_size,
@@ -259,7 +264,7 @@ def _cached_summary(path: str, config: ExtractConfig, items: List[Item]) -> Opti
     return ExtractSummary(output=path, total=plan.total, extracted=0, replaced=0, skipped_cached=plan.cached,
                           failed={}, known_failed=plan.known_failed, seconds=0.0, read_s=0.0, infer_s=0.0,
                           write_s=0.0, rows=rows, entries=entries, size_bytes=os.path.getsize(path),
-                          verified=verified, backbone_loaded=False)
+                          verified=verified, compile=idle_compile_info(config).to_dict(), backbone_loaded=False)
 
 
 def nothing_to_do(config: ExtractConfig, paths: List[str]) -> Optional[ExtractSummary]:
