@@ -19,11 +19,10 @@ from PIL import Image
 from mirip.demo.drawing import draw_picture
 from mirip.ml.ranking_model import RankingHead
 
-QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
-
 
 def damage_quadrant(img: Image.Image, quadrant: int, sigma: float, seed: int) -> Image.Image:
-    """``img`` with Gaussian pixel noise of ``sigma`` (0-255 scale) in one quadrant (0..3, ``QUADRANTS``)."""
+    """``img`` with Gaussian pixel noise of ``sigma`` (0-255 scale) in one quadrant (0..3: top-left, top-right,
+    bottom-left, bottom-right)."""
     arr = np.asarray(img, dtype=np.float32).copy()
     h, w = arr.shape[:2]
     r, c = divmod(quadrant, 2)

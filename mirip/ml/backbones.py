@@ -24,7 +24,6 @@ from mirip.ml import family_loading
 from mirip.ml import family_registry
 from mirip.ml.family_loading import RANDOM_INIT_SEED
 
-KNOWN_BACKBONES = ("dinov2-small", "dinov2-base", "dinov2-large", "dinov2-giant")
 HUB_PROBE_TIMEOUT = 3.0  # seconds: a reachable hub answers a TCP connect well within it
 _HUB_REACHABLE: Optional[bool] = None  # the probe's answer, once asked
 

@@ -44,7 +44,6 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     got, ref = got.double().cpu(), ref.double().cpu()
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 SDPA_CHOICES = ("auto",) + SDPA_BACKENDS  # auto: torch's own choice (measured when compiling on CUDA)
-FULL_IMAGE_COMPILE = ("off", "on")
 
 
 def _backend_enum(name: str):

@@ -53,14 +53,6 @@ class TokenLayout:
         """(B, T, D) -> (B, P, D): the patch tokens only (CLS and registers dropped)."""
         return tokens[:, self.num_prefix_tokens:]
 
-    def register_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        start = 0 if self.cls_index is None else self.cls_index + 1
-        return tokens[:, start:start + self.num_register_tokens]
-
-    def num_patches(self, height: int, width: int) -> int:
-        # The stride-p patch conv drops the last (size mod p) pixels of each side.
-        return (height // self.patch_size) * (width // self.patch_size)
-
     def to_dict(self) -> dict:
         return {"num_prefix_tokens": self.num_prefix_tokens,
                 "cls_index": -1 if self.cls_index is None else self.cls_index,

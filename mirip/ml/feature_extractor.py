@@ -18,7 +18,7 @@ from torch import nn
 from mirip.common.devices import autocast_dtype, check_precision, default_precision, device_type, resolve_device
 from mirip.common.feature_spec import (CLS_POOLINGS, POOLINGS, Entry, FeatureSpec, FeatureSpecError, bank_entries,
     entry_dim, parse_entry)
-from mirip.ml.backbones import BackboneInfo, load_backbone
+from mirip.ml.backbones import load_backbone
 from mirip.ml.families import block_output
 from mirip.ml.family_loading import image_normalization
 from mirip.ml.family_registry import family_of
@@ -165,10 +165,6 @@ class DINOv2FeatureExtractor(nn.Module):
             return bank_entries(list(layers) if layers is not None else [-1], poolings)
         except FeatureSpecError as exc:
             raise ValueError(str(exc)) from None
-
-    @property
-    def backbone_info(self) -> BackboneInfo:
-        return self.info
 
     @property
     def patch_size(self) -> int:

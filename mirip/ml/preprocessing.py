@@ -248,8 +248,3 @@ class Preprocessor:
         d.pop("max_pixels")
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
-
-
-def preprocess_file(path: Union[str, os.PathLike], image_size: int = 768, resize_mode: str = "pad") -> torch.Tensor:
-    """Shortcut: one file -> normalised (3, image_size, image_size) tensor."""
-    return Preprocessor(image_size=image_size, resize_mode=resize_mode)(path)

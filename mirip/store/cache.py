@@ -350,9 +350,6 @@ class FeatureCache:
         picked = match_entries(spec, names, blocks, num_layers, where=f"feature cache {self.path}")
         return [slice(int(starts[i]), int(starts[i + 1])) for i in picked]
 
-    def spec_dim(self, spec) -> int:
-        return sum(s.stop - s.start for s in self.entry_slices(spec))
-
     def features(self, rows: Optional[Sequence[int]] = None, spec=None) -> np.ndarray:
         """The committed feature rows (all, or the given ones in the given order); with ``spec``, only its
         entries' columns, concatenated in spec order (``None``: every column)."""

@@ -28,10 +28,10 @@ CACHE_FORMAT_VERSION = 3
 LEGACY_DEFAULTS = {"color_management": "none"}
 # Fields that record the software, not the numbers' meaning: compared only when appending to a cache.
 ENVIRONMENT_FIELDS = ("mirip_version", "torch_version", "transformers_version")
-# The backbone family's facts (mirip.ml.families): which family, which tokens are CLS / registers / patches,
-# and what ``cls`` pools. Caches and checkpoints from before families were recorded are all DINOv2 (nothing
-# else could be extracted), so a fingerprint without these fields reads as DINOv2's (``with_family_defaults``).
-FAMILY_FIELDS = ("backbone_family", "token_layout", "cls_pooling")
+# The backbone family's facts (backbone_family, token_layout, cls_pooling: which family, which tokens are CLS /
+# registers / patches, and what ``cls`` pools). Caches and checkpoints from before families were recorded are all
+# DINOv2 (nothing else could be extracted), so a fingerprint without these fields reads as DINOv2's
+# (``with_family_defaults``).
 # Fields that describe which entries a cache holds and how they are laid out, not what an entry means: a head
 # trained on some entries of one cache may read the same entries from another cache (checked by name instead).
 LAYOUT_FIELDS = ("format_version", "feature_dim", "pooling", "views", "feature_entries", "feature_entry_blocks",

@@ -46,12 +46,6 @@ class HeadConfig:
         """Heads with equal keys have equal parameter shapes and see the same data: they stack."""
         return (self.seed, self.hidden_dim, self.projector_dim, self.feature)
 
-    def hyperparameters(self) -> Dict[str, float]:
-        """The grid values without the seed (what mean +- std over seeds groups by)."""
-        d = asdict(self)
-        d.pop("seed")
-        return d
-
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -156,7 +156,7 @@ class SweepRunner:
         features, dims = data["by_spec"][spec]
         features, scales = scaled_features(features, dims, spec, rc.feature_norm, splits["train"])
         run_data = RunData(data["meta"], features, data["ranks"], data["names"], data["fingerprint"],
-                           splits, splitter.get_split_info(), spec=spec, entry_dims=dims,
+                           splits, spec=spec, entry_dims=dims,
                            feature_norm="entry" if scales else "none", feature_scales=scales,
                            excluded=data["excluded"])
         device_features = features.to(self.device)

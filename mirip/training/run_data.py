@@ -152,7 +152,6 @@ class RunData:
     names: list
     fingerprint: Dict[str, Any]
     splits: Dict[str, np.ndarray]  # split -> row positions into metadata / features
-    split_info: Dict[str, Any]
     spec: str = "cls@-1"  # the canonical feature spec the columns of ``features`` follow
     entry_dims: List[int] = field(default_factory=list)  # width of each spec entry, in order
     feature_norm: str = "none"  # resolved: entry or none
@@ -208,7 +207,7 @@ def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]]
     splits = split_positions(by_split, names)
     features, scales = scaled_features(features, dims, spec, cfg.feature_norm, splits["train"], scales, fit_scales)
     return RunData(meta, features, tier_ranks(meta, cfg.tier_column), names, fingerprint, splits,
-                   splitter.get_split_info(), spec=spec, entry_dims=dims,
+                   spec=spec, entry_dims=dims,
                    feature_norm="entry" if scales else "none", feature_scales=scales, excluded=excluded)
 
 
