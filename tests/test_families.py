@@ -13,7 +13,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from _family_helpers import PREFIX_TOKENS, TINY_FAMILIES, save_tiny, save_tiny_full
-from mirip.ml.backbones import load_backbone, shipped_config
+from mirip.ml.backbones import load_backbone
+from mirip.ml.family_loading import shipped_config
 from mirip.ml.families import tap_blocks
 from mirip.ml.family_loading import RandomWeightsWarning
 from mirip.ml.family_loading import IncompleteWeightsError, count_parameters

@@ -44,11 +44,6 @@ class BackboneInfo:
         return asdict(self)
 
 
-def shipped_config(name: str):
-    """The packaged architecture config for a hub id or short name (``facebook/dinov2-large``, ``dinov2-large``)."""
-    return family_loading.shipped_config(name)
-
-
 def _looks_like_path(name: str) -> bool:
     # A hub id is "org/name"; anything else with a separator, or starting like a path, is a directory.
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and os.sep != "/"
