@@ -158,7 +158,7 @@ def sync_free_epoch(trainer: Trainer, dataset: FeaturePairDataset) -> Dict[str, 
     """Run one epoch's static steps under torch.cuda's sync debug mode "error": any host sync raises."""
     if not trainer.device.startswith("cuda"):
         return {"checked": False, "reason": "CUDA only (torch.cuda.set_sync_debug_mode)"}
-    stepper = trainer._static_step(dataset.features)
+    stepper = trainer.static_step(dataset.features)
     index = dataset.epoch_index()
     size = dataset.batch_size
     torch.cuda.synchronize()

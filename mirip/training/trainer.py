@@ -216,7 +216,7 @@ class Trainer:
         correct = batch_correct(*(torch.cat([k[i].reshape(-1) for k in kept]) for i in range(3)))
         return float(loss_sum) / seen, int(correct) / seen
 
-    def _static_step(self, features: torch.Tensor) -> StaticStep:
+    def static_step(self, features: torch.Tensor) -> StaticStep:
         """The static-buffer step over ``features`` (one per feature matrix: a graph captures its address)."""
         key = (features.data_ptr(), tuple(features.shape), features.dtype)
         if self._static is not None and self._static_key == key:
@@ -250,7 +250,7 @@ class Trainer:
         return self._static
 
     def _train_epoch_static(self, dataset) -> Tuple[float, float]:
-        stepper = self._static_step(dataset.features)
+        stepper = self.static_step(dataset.features)
         acc = self._static_acc
         acc["loss_sum"].zero_()
         acc["correct"].zero_()
