@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from mirip.cli import sweep as sweep_script
 from mirip.ml.ranking_model import RankingHead
 from mirip.store.checkpoint import load_checkpoint_file
 from mirip.sweep.grid import SweepConfigError, SweepGrid, group_configs
@@ -22,9 +21,6 @@ from mirip.training.config import TrainingConfig
 from mirip.training.run import evaluate_checkpoint
 
 from _sweep_helpers import one_thread, write_synthetic
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import sweep as sweep_script  # noqa: E402
 
 FAST = ["--max-epochs", "3", "--pairs-per-epoch", "64", "--eval-pairs", "120", "--batch-size", "16",
         "--early-stopping-patience", "2", "--device", "cpu", "--no-progress"]
@@ -221,8 +217,7 @@ def test_best_is_chosen_on_validation_never_test():
 
 def test_best_json_trains_the_same_head_with_train_py(data, tmp_path):
     """best.json's options, handed to scripts/train.py, reproduce the sweep's checkpoint for that seed."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import train as train_script
+    from mirip.cli import train as train_script
 
     features, metadata = data
     out = tmp_path / "sweep"

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from mirip.cli import sweep as sweep_script
 from mirip.store.cache import write_cache
 from mirip.store.checkpoint import load_checkpoint_file
 
 from _sweep_helpers import TIER_RANK, one_thread
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import sweep as sweep_script  # noqa: E402
 
 FAST = ["--max-epochs", "3", "--learning-rate", "0.01", "--pairs-per-epoch", "64", "--eval-pairs", "80", "--batch-size", "16",
         "--device", "cpu", "--no-progress", "--hidden-dim", "16", "--projector-dim", "8"]
