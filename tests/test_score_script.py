@@ -16,12 +16,7 @@ from mirip.scoring.report_html import render_html, tier_agreement
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_script():
-    module = importlib.import_module("mirip.cli.score")
-    return module
-
-
-score = _load_script()
+score = importlib.import_module("mirip.cli.score")
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import importlib.util
 import os
 import re
 import shutil
@@ -15,22 +14,12 @@ import pytest
 
 from _inference_helpers import make_cache_and_checkpoint, torch_threads
 from conftest import make_image
+from mirip.cli import score
 from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
 from mirip.training.datasets.data_splitter import DataSplitter
 from mirip.training.run_config import RunConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 5
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("score_splits_script", os.path.join(ROOT, "scripts", "score.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-score = _load_script()
 
 
 @pytest.fixture(autouse=True)
