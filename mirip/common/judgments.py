@@ -57,7 +57,7 @@ def _check_row(row: Dict[str, str], where: str, known: Optional[Set[str]], probl
             continue
         try:
             row[key] = normalize_relpath(row[key])
-        except MetadataError as exc:
+        except ValueError as exc:  # MetadataError and PathEscapeError alike
             problems.append(f"{where}: {exc}")
             continue
         if known is not None and row[key] not in known:

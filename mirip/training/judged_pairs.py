@@ -77,7 +77,8 @@ def split_judged(pairs: JudgedPairs, splits: Mapping[str, np.ndarray], num_drawi
     owner = np.full(num_drawings, -1)
     local = np.zeros_like(owner)
     names = list(splits)
-    for k, rows in enumerate(names):
+    for k, split in enumerate(names):
+        rows = np.asarray(splits[split], dtype=np.int64)
         owner[rows] = k
         local[rows] = np.arange(len(rows))
     same = (owner[pairs.first] == owner[pairs.second]) & (owner[pairs.first] >= 0)
