@@ -189,3 +189,25 @@ def test_suggestions_never_repeat_a_judged_pair_and_cover_drawings_evenly():
     picks = suggest_pairs(scores, counts, set(), n // 4, rng=rng)
     used = np.array([[i, j] for i, j, _, _ in picks]).reshape(-1)
     assert (used >= n // 2).mean() > 0.9
+
+
+def test_suggest_command_writes_fillable_pairs_never_already_judged(tmp_path):
+    from mirip.cli.suggest_pairs import main as suggest
+    from mirip.cli.train import main as train
+
+    cache, meta, judgments = _contradicting_bank(tmp_path)
+    run = tmp_path / "run"
+    assert train(["--features", cache, "--metadata", meta, "--output-dir", str(run), "--max-epochs", "1",
+                  "--pairs-per-epoch", "64", "--device", "cpu", "--no-progress", "--hidden-dim", "8",
+                  "--projector-dim", "4"]) == 0
+    out = tmp_path / "pairs.csv"
+    assert suggest(["--checkpoint", str(run / "best.pt"), "--features", cache, "--metadata", meta,
+                    "--judgments", judgments, "--count", "40", "--output", str(out)]) == 0
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert list(frame.columns) == ["a", "b", "winner", "judge", "time", "p_a_better", "reason"]
+    assert len(frame) == 40 and (frame["winner"] == "").all()
+    done = {frozenset(p) for p in zip(*(read_judgments(judgments)[c] for c in ("a", "b")))}
+    assert not {frozenset(p) for p in zip(frame["a"], frame["b"])} & done
+    frame["winner"] = "a"  # the teacher's answers: the file goes straight back into training
+    frame.to_csv(out, index=False)
+    assert len(read_judgments(out, known=pd.read_csv(meta)["filename"])) == 40
