@@ -56,12 +56,26 @@ def test_tiers_are_shuffled_but_prefix_stable() -> None:
 
 def test_metadata_columns_and_files(dataset: tuple[Path, pd.DataFrame]) -> None:
     out, df = dataset
-    assert list(df.columns) == ["filename", "tier"]
+    assert list(df.columns) == ["filename", "tier", "latent_quality"]
     on_disk = pd.read_csv(out / "metadata.csv")
     pd.testing.assert_frame_equal(on_disk, df)
     assert set(df["tier"]) <= set(TIERS)
     assert df["filename"].iloc[0] == "img_00000.jpg"
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(df["filename"])
+
+
+def test_latent_quality_orders_the_tiers_and_varies_within(dataset: tuple[Path, pd.DataFrame]) -> None:
+    out, df = dataset
+    # Independent recomputation: the same per-image stream, the severity of each drawn parameter.
+    for i, (tier, q) in enumerate(zip(df["tier"], df["latent_quality"])):
+        rng = np.random.default_rng([7, i])
+        p = sample_degradation(tier, rng, image_size=max(draw_picture(rng, 96).size))
+        sev = [p.blur_radius / (0.8 * 96 / 256), p.noise_sigma / 3, (1 - p.contrast) / 0.16, (95 - p.jpeg_quality) / 26]
+        assert q == pytest.approx(-sum(sev) / 4, abs=1e-6)
+    bands = [df.loc[df["tier"] == t, "latent_quality"] for t in TIERS]
+    for better, worse in zip(bands, bands[1:]):
+        assert better.min() > worse.max()  # tiers coarsen the latent order, never contradict it
+    assert all(b.std() > 0 for b in bands)
 
 
 def test_image_size_and_mode(dataset: tuple[Path, pd.DataFrame]) -> None:

@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("mirip.cli.train", "stage two: train a ranking head on a cache, report it on the test split"),
     "evaluate": ("mirip.cli.evaluate", "metrics of a trained checkpoint on a cache's split"),
     "sweep": ("mirip.cli.sweep", "many heads over margins, dims, feature specs and caches, mean +- std over seeds"),
+    "suggest": ("mirip.cli.suggest_pairs", "the next pairs of drawings worth a teacher's judgment"),
     "score": ("mirip.cli.score", "score new drawings: tiers, percentiles, CSV, HTML report, heatmaps"),
     "serve": ("mirip.cli.serve", "the scoring service over HTTP (needs the serve extra)"),
     "benchmark": ("mirip.cli.benchmark", "speed and memory of each stage beside its baseline"),

@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ridge-alpha", type=float, default=None, help="ridge strength of the linear baseline "
                        "(default: picked on the val split)")
     add_training_options(parser.add_argument_group("training (TrainingConfig)"))
+    judged = parser.add_argument_group("teachers' judged pairs")
+    judged.add_argument("--judgments", default=None, metavar="CSV",
+                        help="judged pairs to train beside the tier pairs: a,b,winner (a, b or tie) or winner,loser, "
+                             "optional judge and time; paths as in the metadata. A pair across splits is not used")
+    judged.add_argument("--judgment-weight", type=float, default=1.0, metavar="W",
+                        help="what one judged pair counts against one tier pair in an epoch's loss (a tie: W/2 "
+                             "each way)")
     run = parser.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
@@ -68,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         encoding=args.encoding, strict_images=args.strict_images,
         margin=args.margin, hidden_dim=args.hidden_dim, projector_dim=args.projector_dim, dropout=args.dropout,
         ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training), feature=args.feature,
-        feature_norm=args.feature_norm,
+        feature_norm=args.feature_norm, judgments=args.judgments, judgment_weight=args.judgment_weight,
     )
 
 

@@ -103,6 +103,15 @@ def apply_degradation(img: Image.Image, params: Degradation, rng: np.random.Gene
     return _jpeg_round_trip(out, params.jpeg_quality)
 
 
+def latent_quality(params: Degradation, image_size: int = 256) -> float:
+    """The drawing's true quality, higher better: minus the mean severity its degradation was drawn with (each
+    parameter's severity recovered exactly from its value; JPEG quality to its rounding). The order tiers only
+    coarsen, for measuring a model or a teacher within a tier."""
+    severities = (params.blur_radius / (0.8 * image_size / 256), params.noise_sigma / 3.0,
+                  (1.0 - params.contrast) / 0.16, (95 - params.jpeg_quality) / 26)
+    return -float(np.mean(severities))
+
+
 def degrade(img: Image.Image, tier: str, rng: np.random.Generator) -> Image.Image:
     """Return ``img`` degraded to the quality of ``tier`` (S barely touched)."""
     params = sample_degradation(tier, rng, image_size=max(img.size))
@@ -194,7 +203,7 @@ def make_demo_dataset(
     """Write ``output_dir/images/*`` and ``output_dir/metadata.csv``.
 
     Returns the metadata (columns ``filename``, relative to ``images/``,
-    and ``tier``). Rerunning into the same directory rewrites only files whose content differs, so
+    ``tier`` and ``latent_quality``: the true order within and across tiers, higher better). Rerunning into the same directory rewrites only files whose content differs, so
     identical files keep their mtimes.
     """
     _check_args(num_images, image_size, seed, image_format)
@@ -204,11 +213,15 @@ def make_demo_dataset(
 
     tiers = assign_tiers(num_images, seed)
     names = [image_filename(i, num_images, image_format) for i in range(num_images)]
+    quality = []
     for i, (name, tier) in enumerate(zip(names, tiers)):
         rng = np.random.default_rng([seed, i])
-        _save(degrade(draw_picture(rng, image_size), tier, rng), images_dir / name, image_format)
+        img = draw_picture(rng, image_size)
+        params = sample_degradation(tier, rng, image_size=max(img.size))  # the draws degrade() makes, in order
+        quality.append(round(latent_quality(params, max(img.size)), 6))
+        _save(apply_degradation(img, params, rng), images_dir / name, image_format)
     _remove_stale(images_dir, set(names))
 
-    metadata = pd.DataFrame({"filename": names, "tier": tiers})
+    metadata = pd.DataFrame({"filename": names, "tier": tiers, "latent_quality": quality})
     _write_if_changed(output_dir / METADATA_NAME, metadata.to_csv(index=False, lineterminator="\n").encode())
     return metadata

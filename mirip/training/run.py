@@ -31,6 +31,8 @@ from mirip.training.calibration import from_checkpoint, save_calibration_plot
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator, format_metrics
+from mirip.training.judged_pairs import (all_scores, attach_judgments, judged_summary, judgments_report,
+                                         reference_report)
 from mirip.training.head_calibration import (IN_SAMPLE, HeadCalibration, calibration_title, attach_calibration,
     calibrate_head)
 from mirip.training.metrics import distinct_pairs, score_metrics
@@ -77,7 +79,7 @@ def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path
     if not saved:
         return
     # A run from before feature specs trained on the spec its checkpoint implies, with no normalisation.
-    saved = {"feature_norm": "auto", "strict_images": False, **saved}
+    saved = {"feature_norm": "auto", "strict_images": False, "judgments": None, "judgment_weight": 1.0, **saved}
     if not saved.get("feature"):
         saved["feature"] = saved_spec
     old, new = _flat(saved), _flat(cfg.to_dict())
@@ -222,14 +224,29 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
     cfg, last = _prepare_output(cfg, resume, overwrite)
     out = cfg.output_dir
     cfg, data, device, features, datasets, sizes = _run_inputs(cfg, resume, last, log)
+    judged = (attach_judgments(cfg.judgments, cfg.judgment_weight, data, datasets, cfg.encoding, log)
+              if cfg.judgments else None)
     model, trainer, history, backbone = _fit(cfg, data, features, datasets, resume=resume, last=last,
                                              progress=progress, log=log)
     calibrated = _calibrate_checkpoints(model, trainer, datasets, device, out, last, log)
     result = _test_report(cfg, data, datasets, model, device, trainer, calibrated, sizes, backbone, log)
+    _judged_results(result, judged, data, model, features, calibrated.calibration, log)
     write_json(os.path.join(out, "test_metrics.json"), result)
     _save_plots(result, out, history, calibrated, backbone)
     result["history"] = history
     return result
+
+
+def _judged_results(result: Dict[str, Any], judged, data: RunData, model, features, calibration,
+                    log: Callable[[str], None]) -> None:
+    """The judged pairs' figures (when the run had judgments) and the reference order's (when the metadata has one)."""
+    scores = all_scores(model, features)
+    reference = reference_report(scores, data)
+    if reference is not None:
+        result["reference_order"] = reference
+    if judged is not None:
+        result["judgments"] = judgments_report(judged, scores, data, calibration)
+        log(judged_summary(result["judgments"], reference))
 
 
 def pair_evidence(dataset: Optional[FeaturePairDataset]) -> Optional[Dict[str, int]]:

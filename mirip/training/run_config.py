@@ -49,6 +49,9 @@ class RunConfig(DataSettings):
     # default (its only entry, else cls@-1); a run resolves it and saves the canonical spec in config.json.
     feature: Optional[str] = None
     feature_norm: str = "auto"  # per-entry scaling: auto (entry when the spec has several entries), entry, none
+    # Teachers' judged pairs trained beside the tier pairs (mirip.training.judged_pairs); None: tiers only.
+    judgments: Optional[str] = None
+    judgment_weight: float = 1.0  # what one judged pair counts against one tier pair
 
     def __post_init__(self):
         if isinstance(self.training, dict):
@@ -60,6 +63,8 @@ class RunConfig(DataSettings):
         for name in ("hidden_dim", "projector_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.judgment_weight >= 0:
+            raise ValueError(f"judgment_weight must be non-negative, got {self.judgment_weight}")
         if self.margin < 0:
             raise ValueError(f"margin must be non-negative, got {self.margin}")
         if not 0.0 <= self.dropout < 1.0:

@@ -1,0 +1,1 @@
+"""Comparative judgement: teachers' judged pairs, the next pairs worth asking, and the judges' database."""

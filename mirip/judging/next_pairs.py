@@ -1,0 +1,94 @@
+"""The suggest command's work: score every drawing of the metadata with one checkpoint or several (an
+ensemble's members), count the judgments each already has, and write the pairs ``suggest_pairs`` picks as a
+judgments CSV with the winner left blank for the teacher, plus P(a better) and the reason."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from mirip.common.feature_spec import apply_entry_scales, checkpoint_feature_spec
+from mirip.common.judgments import JUDGMENT_COLUMNS, read_judgments
+from mirip.ml.ranking_model import RankingHead
+from mirip.store.checkpoint import load_checkpoint_file
+from mirip.training.calibration import from_checkpoint, logistic_difference_cdf
+from mirip.training.judged_pairs import all_scores
+from mirip.training.run_data import load_bank_features, read_metadata
+from mirip.judging.suggest import DEFAULT_WINDOW, suggest_pairs
+
+SUGGESTION_COLUMNS = JUDGMENT_COLUMNS + ("p_a_better", "reason")
+
+
+@dataclass
+class SuggestConfig:
+    """One suggestion run's choices."""
+
+    checkpoints: List[str]
+    features: str
+    metadata: str
+    output: str
+    judgments: Optional[str] = None
+    count: int = 50
+    window: int = DEFAULT_WINDOW
+    seed: int = 0
+    filename_column: str = "filename"
+    tier_column: str = "tier"
+    encoding: Optional[str] = None
+
+
+def member_scores(checkpoint: str, features: str, names: List[str]):
+    """(scores of ``names`` under one checkpoint's head, its calibration slope or None)."""
+    ckpt = load_checkpoint_file(checkpoint)
+    if ckpt.get("head") is None:
+        raise ValueError(f"{checkpoint} has no head dims (key 'head'); it was not written by mirip's Trainer")
+    head = RankingHead(**ckpt["head"])
+    head.load_head_state_dict(ckpt["model_state_dict"])
+    feats, _, _, dims = load_bank_features(features, names, checkpoint_feature_spec(ckpt), ckpt.get("fingerprint"),
+                                           ignore_layout=True)
+    feats = apply_entry_scales(feats.float(), dims, ckpt.get("feature_scales"))
+    calibration, _, _ = from_checkpoint(ckpt, checkpoint)
+    return all_scores(head, feats), (calibration.slope if calibration is not None else None)
+
+
+def suggest_from_files(cfg: SuggestConfig, log=print) -> Dict[str, Any]:
+    """Score, count, choose, write ``cfg.output``; a summary of what was done."""
+    if cfg.count <= 0:
+        raise ValueError(f"--count must be positive, got {cfg.count}")
+    meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column, cfg.encoding)
+    names = meta[cfg.filename_column].astype(str).tolist()
+    members, slopes = zip(*(member_scores(c, cfg.features, names) for c in cfg.checkpoints))
+    slope = float(np.mean([s for s in slopes if s is not None])) if any(s is not None for s in slopes) else 1.0
+    at = {n: i for i, n in enumerate(names)}
+    counts = np.zeros(len(names))
+    judged = set()
+    if cfg.judgments:
+        frame = read_judgments(cfg.judgments, encoding=cfg.encoding, known=names)
+        for a, b in zip(frame["a"], frame["b"]):
+            counts[at[a]] += 1
+            counts[at[b]] += 1
+            judged.add(frozenset((at[a], at[b])))
+    log(f"scored {len(names)} drawings with {len(members)} checkpoint(s); {len(judged)} distinct pairs already judged")
+    picks = suggest_pairs(np.stack(members), counts, judged, cfg.count,
+                          probability=lambda d: logistic_difference_cdf(slope * d),
+                          rng=np.random.default_rng(cfg.seed), window=cfg.window)
+    write_suggestions(cfg.output, [(names[i], names[j], reason, p) for i, j, reason, p in picks])
+    shown = np.bincount(np.array([[i, j] for i, j, _, _ in picks]).reshape(-1), minlength=len(names)) if picks \
+        else np.zeros(len(names), dtype=int)
+    return {"pairs": len(picks), "drawings": int((shown > 0).sum()), "most_per_drawing": int(shown.max()),
+            "output": cfg.output, "mean_p_a_better_distance": float(np.mean([abs(p - 0.5) for *_, p in picks]))
+            if picks else None}
+
+
+def write_suggestions(path: str, rows) -> None:
+    """A judgments CSV with the winner blank (the teacher fills in a, b or tie), P(a better) and the reason."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(SUGGESTION_COLUMNS)
+        for a, b, reason, p in rows:
+            writer.writerow([a, b, "", "", "", f"{p:.4f}", reason])
