@@ -9,7 +9,8 @@ A candidate pair's value is ``(uncertainty + disagreement) * need``:
 Uncertain pairs are pairs close in score, so the candidates are each drawing's ``window`` nearest neighbours
 in the (mean) score order: O(N * window) pairs. Pairs already judged are never offered, nor one pair twice.
 Spread: pairs are taken best first while no drawing appears more than ``ceil(2 * count / N)`` times in the
-batch, so no drawing dominates; the cap rises only when the candidates run out under it.
+batch, so no drawing dominates; when the neighbours run out under the cap, the drawings still free are paired
+with their neighbours among themselves, and the cap rises only when those run out too.
 """
 
 from __future__ import annotations
@@ -78,39 +79,62 @@ def suggest_pairs(scores, counts, judged: Iterable[frozenset], count: int,
         return []
     rng = rng if rng is not None else np.random.default_rng(0)
     probability = probability or _logistic
-    first, second = candidate_pairs(scores.mean(axis=0), max(1, int(window)))
-    codes = first * n + second
-    done = np.array([min(p) * n + max(p) for p in map(tuple, judged) if len(p) == 2], dtype=np.int64)
-    codes, keep = np.unique(codes, return_index=True)
-    first, second = first[keep], second[keep]
-    fresh = ~np.isin(codes, done)
-    first, second = first[fresh], second[fresh]
-    value, p, _, disagreement = pair_values(scores, counts, first, second, probability)
-    order = np.lexsort((rng.random(len(value)), -value))
-    return _spread(order, first, second, p, disagreement, counts, count, n, rng)
-
-
-def _spread(order, first, second, p, disagreement, counts, count: int, n: int, rng) -> List[Suggestion]:
-    """Take pairs in ``order`` with each drawing at most ``cap`` times, raising the cap only when stuck."""
+    mean = scores.mean(axis=0)
+    done = {min(p) * n + max(p) for p in map(tuple, judged) if len(p) == 2}
     used = np.zeros(n, dtype=np.int64)
-    taken = np.zeros(len(order), dtype=bool)
     out: List[Suggestion] = []
     cap = max(1, math.ceil(2 * count / n))
-    while len(out) < count and not taken.all():
-        before = len(out)
-        for k in order:
-            if len(out) >= count:
-                break
-            i, j = int(first[k]), int(second[k])
-            if taken[k] or used[i] >= cap or used[j] >= cap:
+    pool = np.arange(n)
+    while len(out) < count:
+        # Candidates among the drawings still under the cap: first everyone's neighbours, then, when those
+        # are spent, the free drawings' neighbours among themselves (so a cap of one pairs nearly everyone).
+        first, second = candidate_pairs(mean[pool], max(1, int(window)))
+        first, second = pool[first], pool[second]
+        first, second = _fresh(first, second, n, done)
+        if len(first):
+            value, p, _, disagreement = pair_values(scores, counts, first, second, probability)
+            order = np.lexsort((rng.random(len(value)), -value))
+            added = _spread(order, first, second, p, disagreement, counts, count - len(out), used, cap, rng)
+            for i, j, reason, p_a in added:
+                done.add(min(i, j) * n + max(i, j))
+            out += added
+        free = np.flatnonzero(used < cap)
+        if len(out) < count and (not len(first) or not added or len(free) == len(pool)):
+            if len(free) >= 2 and len(free) < len(pool):
+                pool = free
                 continue
-            taken[k] = True
-            used[i] += 1
-            used[j] += 1
-            p_a = float(p[k])
-            if rng.random() < 0.5:  # which drawing shows on the left is chance, not score order
-                i, j, p_a = j, i, 1.0 - p_a
-            out.append((i, j, _reason(p_a, float(disagreement[k]), int(counts[i]), int(counts[j])), p_a))
-        if len(out) == before:
+            if cap >= n:
+                break
             cap += 1
+            pool = np.arange(n)
+        else:
+            pool = free if len(free) >= 2 else np.arange(n)
+    return out
+
+
+def _fresh(first: np.ndarray, second: np.ndarray, n: int, done: Set[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs among (first, second) not judged or offered yet."""
+    codes = np.minimum(first, second) * n + np.maximum(first, second)
+    codes, keep = np.unique(codes, return_index=True)
+    fresh = ~np.isin(codes, np.fromiter(done, dtype=np.int64, count=len(done)))
+    keep = keep[fresh]
+    return np.minimum(first, second)[keep], np.maximum(first, second)[keep]
+
+
+def _spread(order, first, second, p, disagreement, counts, count: int, used: np.ndarray, cap: int,
+            rng) -> List[Suggestion]:
+    """Take pairs in ``order``, best first, while neither drawing is at ``cap`` yet (``used`` is updated)."""
+    out: List[Suggestion] = []
+    for k in order:
+        if len(out) >= count:
+            break
+        i, j = int(first[k]), int(second[k])
+        if used[i] >= cap or used[j] >= cap:
+            continue
+        used[i] += 1
+        used[j] += 1
+        p_a = float(p[k])
+        if rng.random() < 0.5:  # which drawing shows on the left is chance, not score order
+            i, j, p_a = j, i, 1.0 - p_a
+        out.append((i, j, _reason(p_a, float(disagreement[k]), int(counts[i]), int(counts[j])), p_a))
     return out
