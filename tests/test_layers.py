@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mirip"
 VOCAB = PACKAGE / "common" / "feature_spec.py"
 # The README's code map, bottom to top: a module imports its own folder and the folders below it, never above.
-LAYERS = ("common", "demo", "ml", "store", "extract", "training", "sweep", "scoring", "serve", "bench", "cli")
+LAYERS = ("common", "demo", "ml", "store", "extract", "training", "sweep", "judging", "scoring", "serve", "bench", "cli")
 
 
 def _module_name(path: Path) -> str:
