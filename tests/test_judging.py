@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 
 from _judge_helpers import TOKENS, judge_app, make_desk  # noqa: E402
 from _serve_helpers import running  # noqa: E402
-from mirip.judging.pairs import ModelPairSource, PairBook  # noqa: E402
+from mirip.judging.pairs import FewestJudgedPairs, ModelPairSource, PairBook  # noqa: E402
 from mirip.judging.store import JudgmentStore  # noqa: E402
 
 
@@ -60,6 +60,29 @@ def test_model_source_asks_the_least_certain_pair_first():
     assert best not in source.next_pairs("ana", 3)  # its drawings' judgments now weigh against it
     book.offered[source.next_pairs("bo", 1)[0]] = "ana"
     assert all(book.eligible("bo", p) for p in source.next_pairs("bo", 20))
+
+
+def test_a_judge_never_gets_a_pair_judged_skipped_or_offered_elsewhere():
+    book = PairBook(["w", "x", "y", "z"], max_judges_per_pair=3)
+    source = FewestJudgedPairs(book, seed=0)
+    every = list(itertools.combinations(range(4), 2))
+    for pair in every[:5]:
+        book.record("ana", *pair)
+    assert source.next_pairs("ana", 6) == [every[5]]
+    assert sorted(source.next_pairs("bo", 6)) == every
+    book.offered[every[5]] = "bo"
+    assert source.next_pairs("ana", 6) == [] and book.left("ana") == 0
+    del book.offered[every[5]]
+    book.skipped["ana"] = {every[5]}
+    assert source.next_pairs("ana", 6) == []
+
+
+def test_two_judges_are_never_offered_one_pair_at_once(tmp_path):
+    desk = make_desk(tmp_path, n=2)
+    first = desk.next("ana")
+    assert first["pair"] is not None and desk.next("bo")["pair"] is None
+    desk.answer("ana", first["pair"]["offer"], "skip")  # ana lets it go: now bo may have it
+    assert desk.next("bo")["pair"] is not None
 
 
 @pytest.fixture
