@@ -21,7 +21,7 @@ Pair = Tuple[int, int]
 # ModelPairSource: ten judgments of a drawing outweigh a 0.2 difference in certainty.
 FEWEST_WEIGHT = 0.02
 NEIGHBOURS = 8  # a drawing is compared with the NEIGHBOURS nearest drawings in score order, the least certain
-START_POOL = 48  # drawings the default source looks among first (grown when they run out of pairs)
+START_POOL = 16  # drawings the default source looks among first (grown when they run out of pairs): 120 pairs
 
 
 def ordered(i: int, j: int) -> Pair:
