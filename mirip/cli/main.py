@@ -21,6 +21,7 @@ COMMANDS = {
     "suggest": ("mirip.cli.suggest_pairs", "the next pairs of drawings worth a teacher's judgment"),
     "score": ("mirip.cli.score", "score new drawings: tiers, percentiles, CSV, HTML report, heatmaps"),
     "serve": ("mirip.cli.serve", "the scoring service over HTTP (needs the serve extra)"),
+    "judgments": ("mirip.cli.judgments", "the judges' database: export the judged pairs as the CSV training reads"),
     "benchmark": ("mirip.cli.benchmark", "speed and memory of each stage beside its baseline"),
     "gpu-check": ("mirip.cli.gpu_check", "every GPU speed goal in one prepared run"),
 }

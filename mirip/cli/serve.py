@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="environment variable holding the API key; when it is set, every endpoint but /health "
                         "needs the X-API-Key header (a key is never taken on the command line, where ps shows it)")
     p.add_argument("--api-key-file", default=None, help="a file whose first line is the API key")
+    judging = p.add_argument_group("judging (--judge): a page where teachers judge pairs, GET /judge?token=...")
+    judging.add_argument("--judge", action="store_true",
+                         help="also serve the judging page and GET /judgments.csv beside the scoring endpoints")
+    judging.add_argument("--metadata", default=None, help="CSV naming the drawings to judge (--filename-column)")
+    judging.add_argument("--filename-column", default="filename")
+    judging.add_argument("--image-dir", default=None, help="folder the metadata's file names are relative to")
+    judging.add_argument("--features", default=None,
+                         help="the feature cache of the drawings: pairs the first --checkpoint is least sure of "
+                              "come first (without it: pairs of the least-judged drawings)")
+    judging.add_argument("--judgments-db", default="judgments.sqlite", help="the SQLite file judgments go to")
+    judging.add_argument("--judges", default=None, help="CSV with columns name,token, one judge a line")
+    judging.add_argument("--max-judges-per-pair", type=int, default=3,
+                         help="how many judges may judge one pair over time")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -104,7 +117,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(config, on_failed=on_failed)
+    try:
+        desk = judging_desk(args) if args.judge else None
+    except (FileNotFoundError, ValueError, OSError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(config, on_failed=on_failed, judging=desk)
     auth = "API key required (X-API-Key)" if config.api_key else "no API key (set " + args.api_key_env + " to require one)"
     print(f"mirip serve: {len(config.checkpoints)} head(s) on http://{config.host}:{config.port} | {auth} | "
           f"batches of <= {config.max_batch_size} images, {config.batch_timeout_ms:g} ms wait | "
@@ -120,6 +138,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (KeyboardInterrupt, Stopped):
         print("mirip serve: stopped", flush=True)
     return 2 if failed else 0
+
+
+def judging_desk(args):
+    """The desk of --judge: drawings from --metadata under --image-dir, pairs from the checkpoint's scores of
+    --features when given, judgments into --judgments-db."""
+    from mirip.common.metadata_csv import read_metadata_csv
+    from mirip.judging.desk import JudgingDesk, drawings_under, read_judges
+    from mirip.judging.pairs import ModelPairSource, PairBook, checkpoint_scores
+    from mirip.judging.store import JudgmentStore
+
+    missing = [f for f in ("metadata", "image_dir", "judges") if getattr(args, f) is None]
+    if missing:
+        raise ValueError("--judge needs " + ", ".join("--" + f.replace("_", "-") for f in missing))
+    frame = read_metadata_csv(args.metadata)
+    if args.filename_column not in frame.columns:
+        raise ValueError(f"{args.metadata} has no column {args.filename_column!r} (it has {list(frame.columns)})")
+    names = drawings_under(args.image_dir, frame[args.filename_column].astype(str).tolist(), args.metadata)
+    judges = read_judges(args.judges)
+    book = PairBook(names, args.max_judges_per_pair)
+    source = None
+    if args.features:
+        scores, probability, note = checkpoint_scores(args.checkpoint[0], args.features, names)
+        if note:
+            print(f"note: {note}; P(a better) from the raw score difference", flush=True)
+        source = ModelPairSource(book, scores, probability)
+    desk = JudgingDesk(JudgmentStore(args.judgments_db), book, source, args.image_dir, judges)
+    stored = sum(len(v) for v in book.judged.values())
+    print(f"judging: {len(names)} drawings, {len(judges)} judges, {stored} judgments in {args.judgments_db}"
+          + (f" ({desk.unknown} of drawings not in the metadata)" if desk.unknown else "")
+          + f"; pairs {'the head is least sure of' if source else 'of the least-judged drawings'}; "
+          f"open http://{args.host}:{args.port}/judge?token=...", flush=True)
+    return desk
 
 
 class Stopped(Exception):

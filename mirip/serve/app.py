@@ -24,7 +24,9 @@ from starlette.exceptions import HTTPException
 import mirip
 from mirip.serve.config import ServeConfig
 from mirip.serve.endpoints import ROUTES
+from mirip.judging.desk import JudgingDesk
 from mirip.serve.heads import HeadSet
+from mirip.serve.judge import JUDGE_PATHS, add_judging
 from mirip.serve.service import Service
 from mirip.serve.uploads import RequestError
 
@@ -81,9 +83,11 @@ def authorised(request: Request, key: Optional[str]) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), key.encode())
 
 
-def _auth_middleware(key: Optional[str]):
+def _auth_middleware(key: Optional[str], own_auth: tuple = ()):
+    """``own_auth``: path prefixes that check their own credentials (the judges' tokens), not the API key."""
     async def check(request: Request, call_next):
-        if request.url.path not in OPEN_PATHS and not authorised(request, key):
+        path = request.url.path
+        if path not in OPEN_PATHS and not path.startswith(own_auth) and not authorised(request, key):
             return JSONResponse({"error": "missing or wrong API key: send it as the X-API-Key header "
                                           "(or Authorization: Bearer <key>)"}, status_code=401,
                                 headers={"WWW-Authenticate": 'Bearer realm="mirip"'})
@@ -110,10 +114,11 @@ async def _refused(request: Request, exc: RequestError):
 
 
 def create_app(config: ServeConfig, load: Optional[Callable[[], HeadSet]] = None, background: bool = True,
-               on_failed: Optional[Callable[[str], None]] = None) -> FastAPI:
+               on_failed: Optional[Callable[[str], None]] = None, judging: Optional[JudgingDesk] = None) -> FastAPI:
     """The service's ASGI app. ``load`` builds the heads (default: ``HeadSet.load`` of the config's
     checkpoints); with ``background`` it runs after start-up, so ``/health`` answers 503 until it is done.
-    ``on_failed(error)`` is called if loading fails (the script stops the server with it)."""
+    ``on_failed(error)`` is called if loading fails (the script stops the server with it). With ``judging``,
+    the judging page and its endpoints (``mirip.serve.judge``) come beside the scoring ones."""
     if load is None:
         def load():
             return HeadSet.load(config.checkpoints, backbone=config.backbone, random_init=config.random_init,
@@ -132,11 +137,13 @@ def create_app(config: ServeConfig, load: Optional[Callable[[], HeadSet]] = None
     app = FastAPI(title="mirip scoring service", version=mirip.__version__, lifespan=lifespan)
     app.state.service = service
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
-    app.middleware("http")(_auth_middleware(config.api_key))  # added last: runs first, before the body is read
+    app.middleware("http")(_auth_middleware(config.api_key, JUDGE_PATHS if judging is not None else ()))  # added last: runs first, before the body is read
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(RequestError, _refused)
     for method, path, endpoint in ROUTES:
         app.add_api_route(path, endpoint, methods=[method])
+    if judging is not None:
+        add_judging(app, judging)
     return app
 

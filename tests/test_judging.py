@@ -1,0 +1,182 @@
+"""Comparative judging: the SQLite store, the pair rules, the HTTP endpoints and their refusals."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import sqlite3
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from _judge_helpers import TOKENS, judge_app, make_desk  # noqa: E402
+from _serve_helpers import running  # noqa: E402
+from mirip.judging.pairs import FewestJudgedPairs, ModelPairSource, PairBook  # noqa: E402
+from mirip.judging.store import JudgmentStore  # noqa: E402
+
+
+def _rows(path):
+    """The database read with sqlite3 directly, not through the store."""
+    con = sqlite3.connect(str(path))
+    try:
+        return con.execute("SELECT judge, a, b, winner FROM judgments ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+def test_store_is_wal_durable_refuses_replays_and_undoes(tmp_path):
+    db = tmp_path / "j.sqlite"
+    store = JudgmentStore(db)
+    store.add("ana", "x.png", "y.png", "a", 1.0, "o1")
+    store.add("bo", "x.png", "z.png", "tie", 2.0, "o2")
+    with pytest.raises(ValueError, match="already answered"):
+        store.add("ana", "x.png", "y.png", "b", 1.0, "o1")
+    store.add("ana", "y.png", "z.png", "b", 3.0, "o3")
+    assert store.undo_last("ana").offer == "o3"
+    store.close()
+    con = sqlite3.connect(str(db))
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+    assert _rows(db) == [("ana", "x.png", "y.png", "a"), ("bo", "x.png", "z.png", "tie")]
+    again = JudgmentStore(db)  # a restart
+    assert [j.offer for j in again.all()] == ["o1", "o2"]
+
+
+def test_model_source_asks_the_least_certain_pair_first():
+    names = [f"d{i}" for i in range(30)]
+    scores = np.random.default_rng(3).normal(size=30)
+    book = PairBook(names)
+    prob = lambda a, b: 1 / (1 + np.exp(-(np.asarray(a) - np.asarray(b))))  # noqa: E731
+    source = ModelPairSource(book, scores, prob)
+    # naive: every pair, smallest |p - 0.5|
+    best = min(itertools.combinations(range(30), 2), key=lambda p: abs(prob(scores[p[0]], scores[p[1]]) - 0.5))
+    assert source.next_pairs("ana", 1) == [best]
+    book.record("bo", *best)
+    book.record("bo", best[0], (best[1] + 1) % 30)
+    assert best not in source.next_pairs("ana", 3)  # its drawings' judgments now weigh against it
+    book.offered[source.next_pairs("bo", 1)[0]] = "ana"
+    assert all(book.eligible("bo", p) for p in source.next_pairs("bo", 20))
+
+
+def test_a_judge_never_gets_a_pair_judged_skipped_or_offered_elsewhere():
+    book = PairBook(["w", "x", "y", "z"], max_judges_per_pair=3)
+    source = FewestJudgedPairs(book, seed=0)
+    every = list(itertools.combinations(range(4), 2))
+    for pair in every[:5]:
+        book.record("ana", *pair)
+    assert source.next_pairs("ana", 6) == [every[5]]
+    assert sorted(source.next_pairs("bo", 6)) == every
+    book.offered[every[5]] = "bo"
+    assert source.next_pairs("ana", 6) == [] and book.left("ana") == 0
+    del book.offered[every[5]]
+    book.skipped["ana"] = {every[5]}
+    assert source.next_pairs("ana", 6) == []
+
+
+def test_two_judges_are_never_offered_one_pair_at_once(tmp_path):
+    desk = make_desk(tmp_path, n=2)
+    first = desk.next("ana")
+    assert first["pair"] is not None and desk.next("bo")["pair"] is None
+    desk.answer("ana", first["pair"]["offer"], "skip")  # ana lets it go: now bo may have it
+    assert desk.next("bo")["pair"] is not None
+
+
+@pytest.fixture
+def served(tmp_path):
+    desk = make_desk(tmp_path)
+    with running(judge_app(desk, api_key="scoring-key"), ready=False) as url:
+        yield desk, url, tmp_path / "judgments.sqlite"
+
+
+def _client(url, judge):
+    client = httpx.Client(base_url=url, timeout=10)
+    r = client.get("/judge", params={"token": TOKENS[judge]}, follow_redirects=False)
+    assert r.status_code == 303 and "mirip_judge" in r.cookies
+    return client
+
+
+def test_token_cookie_page_and_escaped_name(served):
+    desk, url, db = served
+    assert httpx.get(url + "/judge").status_code == 401
+    assert httpx.get(url + "/judge", params={"token": "wrong-token"}).status_code == 401
+    assert httpx.get(url + "/judge/next").status_code == 401
+    assert httpx.get(url + "/judgments.csv").status_code == 401
+    client = _client(url, "<b>cy</b>")
+    page = client.get("/judge")
+    assert page.status_code == 200 and "&lt;b&gt;cy&lt;/b&gt;" in page.text and "<b>cy</b>" not in page.text
+    assert httpx.get(url + "/info").status_code == 401  # the scoring API key still guards the scoring side
+
+
+def test_answers_undo_export_and_never_the_same_pair_twice(served):
+    desk, url, db = served
+    ana, bo = _client(url, "ana"), _client(url, "bo")
+    a, b = ana.get("/judge/next").json(), bo.get("/judge/next").json()
+    assert {a["pair"]["a"]["id"], a["pair"]["b"]["id"]} != {b["pair"]["a"]["id"], b["pair"]["b"]["id"]}
+    img = ana.get(f"/judge/image/{a['pair']['a']['id']}")
+    assert img.status_code == 200 and img.content[:4] == b"\x89PNG"
+    mine = {a["pair"]["a"]["id"], a["pair"]["b"]["id"]}
+    other = next(i for i in range(len(desk.book.names)) if i not in mine)
+    assert ana.get(f"/judge/image/{other}").status_code == 404  # a drawing not in ana's pair
+    seen, made, state = set(), [], a
+    for choice in ["a", "b", "tie", "skip", "a"]:
+        pair = state["pair"]
+        key = frozenset((pair["a"]["id"], pair["b"]["id"]))
+        assert key not in seen
+        seen.add(key)
+        if choice != "skip":
+            made.append(("ana", pair["a"]["name"], pair["b"]["name"], choice))
+        state = ana.post("/judge/answer", json={"offer": pair["offer"], "choice": choice}).json()
+    assert state["judged_session"] == 4
+    undone = ana.post("/judge/undo", json={}).json()
+    assert undone["undone"] == {"a": made[-1][1], "b": made[-1][2]}
+    assert {undone["pair"]["a"]["name"], undone["pair"]["b"]["name"]} == set(made[-1][1:3])
+    made.pop()
+    assert _rows(db) == made
+    exported = list(csv.DictReader(io.StringIO(ana.get("/judgments.csv").text)))
+    assert [tuple(r) for r in exported] == [("a", "b", "winner", "judge", "time")] * 3
+    assert [(r["judge"], r["a"], r["b"], r["winner"]) for r in exported] == made
+
+
+def test_bad_answers_are_refused_and_write_nothing(served):
+    desk, url, db = served
+    ana, bo = _client(url, "ana"), _client(url, "bo")
+    offer = ana.get("/judge/next").json()["pair"]["offer"]
+    bo_offer = bo.get("/judge/next").json()["pair"]["offer"]
+    assert ana.post("/judge/answer", json={"offer": "forged-offer-id", "choice": "a"}).status_code == 409
+    assert ana.post("/judge/answer", json={"offer": bo_offer, "choice": "a"}).status_code == 403
+    assert ana.post("/judge/answer", json={"offer": offer, "choice": "left"}).status_code == 400
+    assert ana.post("/judge/answer", content=b"[1]", headers={"content-type": "application/json"}).status_code == 400
+    long = ana.post("/judge/answer", json={"offer": offer, "choice": "a", "pad": "x" * 5000})
+    assert long.status_code == 413
+    assert _rows(db) == []
+    assert ana.post("/judge/answer", json={"offer": offer, "choice": "a"}).status_code == 200
+    assert ana.post("/judge/answer", json={"offer": offer, "choice": "b"}).status_code == 409  # a replay
+    assert len(_rows(db)) == 1
+    for bad in ("../judges.csv", "999", "-1"):
+        assert ana.get(f"/judge/image/{bad}").status_code == 404
+
+
+def test_a_restart_keeps_every_judgment_and_what_each_judge_has_seen(tmp_path):
+    desk = make_desk(tmp_path, n=4, max_judges_per_pair=1)  # 6 pairs, each judged once
+    with running(judge_app(desk), ready=False) as url:
+        ana = _client(url, "ana")
+        state = ana.get("/judge/next").json()
+        for _ in range(3):
+            state = ana.post("/judge/answer", json={"offer": state["pair"]["offer"], "choice": "a"}).json()
+    desk.store.close()
+    before = _rows(tmp_path / "judgments.sqlite")
+    assert len(before) == 3
+    desk = make_desk(tmp_path, n=4, max_judges_per_pair=1)
+    with running(judge_app(desk), ready=False) as url:
+        bo = _client(url, "bo")
+        judged = {frozenset(r[1:3]) for r in before}
+        state = bo.get("/judge/next").json()
+        for _ in range(3):
+            assert frozenset((state["pair"]["a"]["name"], state["pair"]["b"]["name"])) not in judged
+            state = bo.post("/judge/answer", json={"offer": state["pair"]["offer"], "choice": "b"}).json()
+        assert state["pair"] is None and state["left"] == 0
+    assert _rows(tmp_path / "judgments.sqlite")[:3] == before
