@@ -123,10 +123,20 @@ def _frame(result: ScoreResult, weights: str, tiers: Optional[Dict[str, str]], s
         frame["tier"] = [tiers.get(p, "") for p in frame["path"]]
     if splits is not None:  # known, even when none of these drawings was in the run
         frame["split"] = [splits.get(p, "") for p in frame["path"]]
+    extras = result.extras()
+    for column in ("score_std", "typicality", "unusual"):
+        if result.paths and column in extras[result.paths[0]]:
+            frame[column] = [extras[p][column] if p in extras else None for p in frame["path"]]
     if scorer is not None and scorer.has_tiers:
         scored = frame[frame["error"] == ""]
-        predicted = pd.DataFrame([t.as_row() for t in scorer.tiers_for_scores(list(scored["path"]),
-                                                                                list(scored["score"]))],
+        by_path = dict(zip(result.paths, range(len(result.paths))))
+
+        def pick(col):
+            return None if col is None else [col[by_path[p]] for p in scored["path"]]
+
+        predicted = pd.DataFrame([t.as_row() for t in scorer.tiers_for_scores(
+                                      list(scored["path"]), list(scored["score"]), pick(result.typicality),
+                                      pick(result.member_scores))],
                                  columns=["predicted_tier", "p_S", "p_A", "p_B", "p_C", "percentile"],
                                  index=scored.index)
         frame = frame.join(predicted)
