@@ -146,7 +146,11 @@ def test_a_checkpoint_without_the_new_fields_still_scores_and_says_what_it_lacks
     assert "predates typicality" in scorer.typicality_note
     for ckpt, has in ((old, False), (ckpt_path, True)):
         out = tmp_path / f"{has}.csv"
-        assert score_cli.main(["--checkpoint", ckpt, paths[0], grey, "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
+        html = tmp_path / f"{has}.html"
+        assert score_cli.main(["--checkpoint", ckpt, paths[0], grey, "--output", str(out), "--no-progress",
+                               "--device", "cpu", "--html", str(html)]) == 0
+        page = html.read_text()
+        assert (page.count('class="unusual"') == 1 and "&plusmn;" in page) if has else "&plusmn;" not in page
         table = pd.read_csv(out)
         assert {"typicality", "unusual", "score_std"} <= set(table.columns) if has else \
             not {"typicality", "unusual", "score_std"} & set(table.columns)

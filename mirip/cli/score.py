@@ -96,6 +96,10 @@ def _print_header(scorer: Scorer) -> None:
         print(f"NOTE: {note}")
     if scorer.calibration is None:
         print(f"NOTE: {scorer.calibration_note}")
+    if scorer.typicality is None:
+        print(f"NOTE: {scorer.typicality_note}")
+    if len(scorer.heads) > 1:
+        print(f"ensemble of {len(scorer.heads)} heads: score = their mean, score_std = their spread")
 
 
 def match_tiers(paths: Sequence[str], metadata: pd.DataFrame, roots: Sequence[str], filename_column: str,
@@ -171,9 +175,14 @@ def _print_ranking(frame: pd.DataFrame, top: int) -> None:
     def show(part: pd.DataFrame) -> None:
         for row in part.itertuples():
             tier = f"  [{row.tier}]" if "tier" in frame.columns and row.tier else ""
-            guess = (f"  predicted {row.predicted_tier} ({max(row.p_S, row.p_A, row.p_B, row.p_C):.0%}), "
-                     f"percentile {row.percentile:.0f}" if "predicted_tier" in frame.columns else "")
-            print(f"  #{row.rank:<5d} {row.score:+.4f}  {row.path}{tier}{guess}")
+            guess = (f"  predicted {row.predicted_tier} ({max(row.p_S, row.p_A, row.p_B, row.p_C):.0%})"
+                     if "predicted_tier" in frame.columns else "")
+            if guess and pd.notna(row.percentile):
+                guess += f", percentile {row.percentile:.0f}"
+            spread = f" ± {row.score_std:.4f}" if "score_std" in frame.columns else ""
+            odd = ("  UNUSUAL: unlike the training drawings, tier probabilities pulled toward the base rates"
+                   if "unusual" in frame.columns and row.unusual is True else "")
+            print(f"  #{row.rank:<5d} {row.score:+.4f}{spread}  {row.path}{tier}{guess}{odd}")
 
     if len(frame) <= 2 * top:
         print(f"ranking ({len(frame)} images, best first):")

@@ -30,8 +30,9 @@ def head_identity(scorer: Scorer, name: str) -> dict:
             "fingerprint_sha256": fingerprint_sha256(scorer.fingerprint), "weights": scorer.weights,
             "backbone": ext.info.name, "image_size": scorer.preprocessor.image_size,
             "calibrated": scorer.has_tiers, "ensemble_members": len(scorer.heads),
-            "typicality": scorer.typicality.summary() if scorer.typicality is not None else None,
-            **({"typicality_note": scorer.typicality_note} if scorer.typicality is None else {})}
+            # What the head knows of its training set (the typicality fit); a note when it knows nothing.
+            "training_set": (scorer.typicality.summary() if scorer.typicality is not None
+                             else {"note": scorer.typicality_note})}
 
 
 def _names(paths: Sequence[str]) -> List[str]:
