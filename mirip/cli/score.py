@@ -96,6 +96,10 @@ def _print_header(scorer: Scorer) -> None:
         print(f"NOTE: {note}")
     if scorer.calibration is None:
         print(f"NOTE: {scorer.calibration_note}")
+    if scorer.typicality is None:
+        print(f"NOTE: {scorer.typicality_note}")
+    if len(scorer.heads) > 1:
+        print(f"ensemble of {len(scorer.heads)} heads: score = their mean, score_std = their spread")
 
 
 def match_tiers(paths: Sequence[str], metadata: pd.DataFrame, roots: Sequence[str], filename_column: str,
@@ -123,10 +127,20 @@ def _frame(result: ScoreResult, weights: str, tiers: Optional[Dict[str, str]], s
         frame["tier"] = [tiers.get(p, "") for p in frame["path"]]
     if splits is not None:  # known, even when none of these drawings was in the run
         frame["split"] = [splits.get(p, "") for p in frame["path"]]
+    extras = result.extras()
+    for column in ("score_std", "typicality", "unusual"):
+        if result.paths and column in extras[result.paths[0]]:
+            frame[column] = [extras[p][column] if p in extras else None for p in frame["path"]]
     if scorer is not None and scorer.has_tiers:
         scored = frame[frame["error"] == ""]
-        predicted = pd.DataFrame([t.as_row() for t in scorer.tiers_for_scores(list(scored["path"]),
-                                                                                list(scored["score"]))],
+        by_path = dict(zip(result.paths, range(len(result.paths))))
+
+        def pick(col):
+            return None if col is None else [col[by_path[p]] for p in scored["path"]]
+
+        predicted = pd.DataFrame([t.as_row() for t in scorer.tiers_for_scores(
+                                      list(scored["path"]), list(scored["score"]), pick(result.typicality),
+                                      pick(result.member_scores))],
                                  columns=["predicted_tier", "p_S", "p_A", "p_B", "p_C", "percentile"],
                                  index=scored.index)
         frame = frame.join(predicted)
@@ -161,9 +175,14 @@ def _print_ranking(frame: pd.DataFrame, top: int) -> None:
     def show(part: pd.DataFrame) -> None:
         for row in part.itertuples():
             tier = f"  [{row.tier}]" if "tier" in frame.columns and row.tier else ""
-            guess = (f"  predicted {row.predicted_tier} ({max(row.p_S, row.p_A, row.p_B, row.p_C):.0%}), "
-                     f"percentile {row.percentile:.0f}" if "predicted_tier" in frame.columns else "")
-            print(f"  #{row.rank:<5d} {row.score:+.4f}  {row.path}{tier}{guess}")
+            guess = (f"  predicted {row.predicted_tier} ({max(row.p_S, row.p_A, row.p_B, row.p_C):.0%})"
+                     if "predicted_tier" in frame.columns else "")
+            if guess and pd.notna(row.percentile):
+                guess += f", percentile {row.percentile:.0f}"
+            spread = f" ± {row.score_std:.4f}" if "score_std" in frame.columns else ""
+            odd = ("  UNUSUAL: unlike the training drawings, tier probabilities pulled toward the base rates"
+                   if "unusual" in frame.columns and row.unusual is True else "")
+            print(f"  #{row.rank:<5d} {row.score:+.4f}{spread}  {row.path}{tier}{guess}{odd}")
 
     if len(frame) <= 2 * top:
         print(f"ranking ({len(frame)} images, best first):")

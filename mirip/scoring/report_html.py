@@ -52,6 +52,7 @@ table.failed td{padding:0 1rem 0 0;font-size:.85rem}
 .card.wrong{border:2px solid #c0392b} .why{color:#a00;font-weight:600}
 table.confusion{border-collapse:collapse;margin:.4rem 0} table.confusion td,table.confusion th{border:1px solid #bbb;
 padding:.2rem .6rem;text-align:right} table.confusion .diag{background:#e3f1e0;font-weight:700}
+.unusual{display:inline-block;padding:0 .35rem;border-radius:3px;background:#c77c00;color:#fff;font-weight:600}
 .basis{font-size:.85rem;color:#555;margin:.2rem 0 .6rem}
 nav.toc{position:sticky;top:0;z-index:5;background:#fafaf7;border-bottom:1px solid #ccc;padding:.35rem 0;
 font-size:.9rem} nav.toc a{margin-right:1.1rem;white-space:nowrap} h2{scroll-margin-top:2.6rem}
@@ -127,14 +128,24 @@ def _card(entry: Mapping, uri: Optional[str], size: int, why: str = "", wrong: b
         extra += (f'<div><span class="pred">predicted {html.escape(str(pred))}'
                   + (f" ({float(p):.0%})" if _known(p) else "") + "</span>"
                   + (f'<span class="pct">pct {float(pct):.0f}</span>' if _known(pct) else "") + "</div>")
+    if _known(entry.get("unusual")) and entry["unusual"] in (True, "True", 1):
+        typ = entry.get("typicality")
+        extra += ('<div><span class="unusual" title="unlike the drawings this model was trained on: its tier '
+                  'probabilities are pulled toward the base rates">unusual'
+                  + (f" (typicality {float(typ):.2f})" if _known(typ) else "") + "</span></div>")
     if _known(entry.get("split")):
         extra += f'<div class="split">{html.escape(str(entry["split"]))} split</div>'
     if why:
         extra += f'<div class="why">{html.escape(why)}</div>'
     return (f'<div class="card{" wrong" if wrong else ""}" data-path="{html.escape(path)}">{picture}'
             f'<div><span class="rank">#{int(entry["rank"])}</span>{tier_html}'
-            f'<span class="score">{float(entry["score"]):.4f}</span></div>{extra}'
+            f'<span class="score">{float(entry["score"]):.4f}{_spread(entry)}</span></div>{extra}'
             f'<div class="name" title="{html.escape(path)}">{name}</div></div>')
+
+
+def _spread(entry: Mapping) -> str:
+    std = entry.get("score_std")
+    return f" &plusmn; {float(std):.3f}" if _known(std) else ""
 
 
 def _groups(entries: Sequence[Mapping]) -> List[Tuple[str, List[Mapping]]]:

@@ -38,7 +38,9 @@ from mirip.scoring.scores import CalibrationUnavailable, Comparison, ScoreResult
 from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.store.fingerprint import (LEGACY_DEFAULTS, FingerprintMismatch, bank_layout, check_fingerprint,
     make_fingerprint)
+from mirip.scoring.uncertainty import ScoreDetails, ensemble_heads, flattened, score_features, tier_probabilities
 from mirip.training.calibration import from_checkpoint
+from mirip.training.typicality import typicality_from_checkpoint
 
 # Fields of the fingerprint that decide the features' numbers (besides the backbone's identity). Which entries
 # (layers, poolings) the head sees comes from the checkpoint's feature spec, checked entry by entry.
@@ -82,7 +84,8 @@ class Scorer:
     """A full-image ``PairwiseRankingModel`` plus the ``Preprocessor`` its head was trained with."""
 
     def __init__(self, model: PairwiseRankingModel, preprocessor: Preprocessor, fingerprint: Optional[dict] = None,
-                 notes: Sequence[str] = (), checkpoint: Optional[dict] = None, checkpoint_path: Optional[str] = None):
+                 notes: Sequence[str] = (), checkpoint: Optional[dict] = None, checkpoint_path: Optional[str] = None,
+                 members: Sequence[torch.nn.Module] = ()):
         self.model = model.eval()
         self.preprocessor = preprocessor
         self.fingerprint = fingerprint
@@ -91,6 +94,10 @@ class Scorer:
         self.checkpoint_path = checkpoint_path
         self.calibration, self.score_reference, self.calibration_note = from_checkpoint(
             self.checkpoint, checkpoint_path or "(none given)")
+        # Every head scored: the model's own, then an ensemble checkpoint's further members.
+        self.heads = [self.model, *members]
+        self.typicality, self.typicality_note = typicality_from_checkpoint(self.checkpoint,
+                                                                            checkpoint_path or "(none given)")
         self.compile_info = None  # a mirip.ml.compiled.CompileInfo once ``compile`` was called
 
     def compile(self, batch_size: int = 16, *, backend: str = "inductor", mode: Optional[str] = None,
@@ -146,12 +153,23 @@ class Scorer:
             "device": str(self.device),
             "epoch": self.checkpoint.get("epoch"),
             "accuracy": self.checkpoint.get("accuracy"),
+            "ensemble_members": len(self.heads),
+            "typicality": (f"Mahalanobis distance to the {self.typicality.num_train} training drawings' features; "
+                           f"unusual below the validation's {self.typicality.threshold:.0%} quantile"
+                           if self.typicality is not None else self.typicality_note),
         }
 
     @torch.inference_mode()
     def score_tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """Scores (B,) for a preprocessed (B, 3, H, W) batch."""
-        return self.model.get_score(images).reshape(-1).float().cpu()
+        """Scores (B,) for a preprocessed (B, 3, H, W) batch (an ensemble's: the members' mean)."""
+        if len(self.heads) == 1:
+            return self.model.get_score(images).reshape(-1).float().cpu()
+        return torch.from_numpy(self.score_details(images).scores).float()
+
+    @torch.inference_mode()
+    def score_details(self, images: torch.Tensor) -> ScoreDetails:
+        """Mean score, spread across members, typicality and members' scores of a preprocessed batch."""
+        return score_features(self.heads, self.model.embed(images), self.typicality)
 
     def score_paths(self, paths: Iterable[PathLike], batch_size: int = 16, num_workers: int = 0,
                     progress: bool = True) -> ScoreResult:
@@ -161,18 +179,30 @@ class Scorer:
         paths = [os.fspath(p) for p in paths]
         loader = DataLoader(_ImageFiles(paths, self.preprocessor), batch_size=batch_size, num_workers=num_workers,
                             collate_fn=_collate, pin_memory=str(self.device).startswith("cuda"))
-        scores: Dict[int, float] = {}
+        rows: Dict[int, Tuple] = {}
         failures: Dict[int, str] = {}
         bar = tqdm(total=len(paths), desc="score", unit="img", disable=not progress)
         for idx, batch, bad in loader:
             failures.update(bad)
             if batch is not None:
-                scores.update(zip(idx, self.score_tensor(batch).tolist()))
+                d = self.score_details(batch)
+                for j, i in enumerate(idx):
+                    rows[i] = (float(d.scores[j]), None if d.score_std is None else float(d.score_std[j]),
+                               None if d.typicality is None else float(d.typicality[j]),
+                               d.member_scores[:, j].tolist())
             bar.update(len(idx) + len(bad))
         bar.close()
-        ok = sorted(scores)
-        return ScoreResult([paths[i] for i in ok], [scores[i] for i in ok],
-                           [(paths[i], failures[i]) for i in sorted(failures)])
+        ok = sorted(rows)
+
+        def column(k: int) -> Optional[list]:
+            return [rows[i][k] for i in ok] if ok and rows[ok[0]][k] is not None else None
+
+        typ = column(2) if self.typicality is not None else None
+        return ScoreResult([paths[i] for i in ok], [rows[i][0] for i in ok],
+                           [(paths[i], failures[i]) for i in sorted(failures)],
+                           score_std=column(1) if len(self.heads) > 1 else None, typicality=typ,
+                           unusual=None if typ is None else [bool(u) for u in self.typicality.unusual(typ)],
+                           member_scores=column(3))
 
     def explain(self, paths: Iterable[PathLike], batch_size: int = 8, num_workers: int = 0, steps: int = 32,
                 progress: bool = True):
@@ -198,22 +228,36 @@ class Scorer:
 
         With a calibration, ``prob_a_better`` is P(a's latent quality > b's) under the calibrated model."""
         a, b = os.fspath(path_a), os.fspath(path_b)
-        scores = self.score_tensor(torch.stack([self.preprocessor(a), self.preprocessor(b)])).tolist()
-        p = self.calibration.prob_first_better(scores[0], scores[1]) if self.calibration is not None else None
-        return Comparison(a, b, scores[0], scores[1], p)
+        d = self.score_details(torch.stack([self.preprocessor(a), self.preprocessor(b)]))
+        p = (float(sum(self.calibration.prob_first_better(m[0], m[1]) for m in d.member_scores) / len(self.heads))
+             if self.calibration is not None else None)
+        std = [None, None] if d.score_std is None else [float(x) for x in d.score_std]
+        typ = [None, None] if d.typicality is None else [float(x) for x in d.typicality]
+        return Comparison(a, b, float(d.scores[0]), float(d.scores[1]), p, std[0], std[1], typ[0], typ[1])
 
-    def tiers_for_scores(self, paths: Sequence[str], scores: Sequence[float]) -> List[TierPrediction]:
-        """Tier predictions for scores already computed (e.g. by ``score_paths``)."""
+    def tiers_for_scores(self, paths: Sequence[str], scores: Sequence[float],
+                         typicality: Optional[Sequence[float]] = None,
+                         member_scores: Optional[Sequence[Sequence[float]]] = None) -> List[TierPrediction]:
+        """Tier predictions for scores already computed (e.g. by ``score_paths``). With ``member_scores`` (per
+        drawing, each member's score) the probabilities are the members' averaged; with ``typicality`` an
+        unusual drawing's probabilities are pulled toward the prior (``mirip.scoring.uncertainty.flattened``)."""
         if self.calibration is None:
             raise CalibrationUnavailable(self.calibration_note)
-        probs = self.calibration.probabilities(scores) if len(scores) else []
-        pct = (self.score_reference.percentile(scores).tolist() if self.score_reference is not None and len(scores)
+        if not len(scores):
+            return []
+        probs = (tier_probabilities(self.calibration, list(zip(*member_scores))) if member_scores is not None
+                 else self.calibration.probabilities(scores))
+        fit = self.typicality if typicality is not None else None
+        probs = flattened(self.calibration, probs, typicality, fit)
+        pct = (self.score_reference.percentile(scores).tolist() if self.score_reference is not None
                else [None] * len(scores))
         out = []
-        for path, score, p, q in zip(paths, scores, probs, pct):
+        for i, (path, score, p, q) in enumerate(zip(paths, scores, probs, pct)):
             tier = TIERS[int(max(range(4), key=lambda j: p[j]))]
+            typ = None if fit is None else float(typicality[i])
             out.append(TierPrediction(str(path), float(score), tier, {t: float(p[j]) for j, t in enumerate(TIERS)},
-                                      None if q is None else float(q)))
+                                      None if q is None else float(q), typ,
+                                      None if typ is None else bool(typ < fit.threshold)))
         return out
 
     def predict_tier(self, paths: Iterable[PathLike], batch_size: int = 16, num_workers: int = 0,
@@ -225,7 +269,8 @@ class Scorer:
         if self.calibration is None:
             raise CalibrationUnavailable(self.calibration_note)
         result = self.score_paths(paths, batch_size=batch_size, num_workers=num_workers, progress=progress)
-        return TierPredictions(self.tiers_for_scores(result.paths, result.scores), result.failures)
+        return TierPredictions(self.tiers_for_scores(result.paths, result.scores, result.typicality,
+                                                     result.member_scores), result.failures)
 
 
 # A backbone rebuilt for scoring that differs from the checkpoint's: the checkpoint holds the truth.
@@ -316,7 +361,8 @@ def load_scorer(
     _check_spec_blocks(spec, fp, extractor, what, wording)
 
     model = _model_with_head(name, head, ckpt["model_state_dict"], extractor)
-    return Scorer(model, preprocessor, fingerprint=fp, notes=notes, checkpoint=ckpt, checkpoint_path=path)
+    return Scorer(model, preprocessor, fingerprint=fp, notes=notes, checkpoint=ckpt, checkpoint_path=path,
+                  members=ensemble_heads(ckpt, head, extractor.device))
 
 
 def _backbone_choice(fp: dict, backbone: Optional[str], random_init: Optional[bool], what: str,

@@ -19,6 +19,17 @@ class ScoreResult:
     paths: List[str]
     scores: List[float]
     failures: List[Tuple[str, str]] = field(default_factory=list)
+    # Aligned with ``paths``: spread across an ensemble's members (None for one head), typicality in [0, 1]
+    # and whether it is below the checkpoint's threshold (None without a typicality fit).
+    score_std: Optional[List[float]] = None
+    typicality: Optional[List[float]] = None
+    unusual: Optional[List[bool]] = None
+    member_scores: Optional[List[List[float]]] = None
+
+    def extras(self) -> Dict[str, Dict[str, object]]:
+        """path -> the per-drawing fields beside the score that this checkpoint can give."""
+        cols = {"score_std": self.score_std, "typicality": self.typicality, "unusual": self.unusual}
+        return {p: {k: v[i] for k, v in cols.items() if v is not None} for i, p in enumerate(self.paths)}
 
     def ranked(self) -> List[Tuple[int, str, float]]:
         """(rank, path, score), best first; rank 1 is the highest score, ties keep input order."""
@@ -35,8 +46,13 @@ class Comparison:
     path_b: str
     score_a: float
     score_b: float
-    # P(a is the better drawing) under the calibrated model; None without a calibration.
+    # P(a is the better drawing) under the calibrated model (averaged over an ensemble's members); None
+    # without a calibration.
     prob_a_better: Optional[float] = None
+    score_std_a: Optional[float] = None
+    score_std_b: Optional[float] = None
+    typicality_a: Optional[float] = None
+    typicality_b: Optional[float] = None
 
     @property
     def margin(self) -> float:
@@ -65,6 +81,10 @@ class TierPrediction:
     tier: str
     probabilities: Dict[str, float]
     percentile: Optional[float]
+    # An unusual drawing's probabilities are pulled toward the validation split's tier shares (how far:
+    # ``mirip.training.typicality.flatten_unusual``); None when the checkpoint has no typicality fit.
+    typicality: Optional[float] = None
+    unusual: Optional[bool] = None
 
     def as_row(self) -> Dict[str, object]:
         """The scores.csv columns: predicted_tier, p_S, p_A, p_B, p_C, percentile."""

@@ -88,7 +88,8 @@ async def score(request: Request, strict: bool = False):
         if isinstance(s, Unreadable):
             results.append(s.entry())
             continue
-        rows = [{**idents[h], "score": s[h], **next(per_head[h])} for h in range(len(idents))]
+        rows = [{**idents[h], **{k: v for k, v in s[h].items() if k != "members"}, **next(per_head[h])}
+                for h in range(len(idents))]
         primary = {k: v for k, v in rows[0].items() if k not in idents[0]}
         results.append({"index": u.index, "image": u.name, **primary, "heads": rows})
     return {"model": idents[0], "results": results, "failed": len(scores) - len(good), "timing": timing}
@@ -100,11 +101,17 @@ async def compare(request: Request):
         raise RequestError(400, f"compare takes exactly two images (a, b), got {len(uploads)}", images=len(uploads))
     out = []
     for h, (scorer, ident) in enumerate(zip(heads.scorers, heads.identities())):
-        a, b = scores[0][h], scores[1][h]
-        p = scorer.calibration.prob_first_better(a, b) if scorer.calibration is not None else None
+        sa, sb = scores[0][h], scores[1][h]
+        a, b = sa["score"], sb["score"]
+        # P(a better) of an ensemble: the members' probabilities averaged, as scoring files does.
+        p = (sum(scorer.calibration.prob_first_better(x, y) for x, y in zip(sa["members"], sb["members"]))
+             / len(sa["members"]) if scorer.calibration is not None else None)
+        spread = {f"{k}_{side}": v[k] for side, v in (("a", sa), ("b", sb)) for k in ("score_std", "typicality")
+                  if k in v}
         out.append({**ident, "score_a": a, "score_b": b, "better": "a" if a > b else "b" if b > a else "tie",
-                    "prob_a_better": None if p is None else float(p)})
-    lead = {k: out[0][k] for k in ("score_a", "score_b", "better", "prob_a_better")}
+                    "prob_a_better": None if p is None else float(p), **spread})
+    lead = {k: v for k, v in out[0].items() if k in ("score_a", "score_b", "better", "prob_a_better")
+            or k.startswith(("score_std_", "typicality_"))}
     return {"a": uploads[0].name, "b": uploads[1].name, **lead, "model": heads.identities()[0], "heads": out,
             "timing": timing}
 

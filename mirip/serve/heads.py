@@ -18,6 +18,7 @@ import torch
 from mirip.common.feature_spec import FeatureSpec
 from mirip.common.tiers import TIERS
 from mirip.scoring.scorer import SHARED, Scorer, load_scorer
+from mirip.scoring.uncertainty import score_features
 from mirip.store.fingerprint import check_fingerprint, fingerprint_sha256
 
 
@@ -28,7 +29,10 @@ def head_identity(scorer: Scorer, name: str) -> dict:
             "feature_spec": str(FeatureSpec.from_entries(ext.entry_names)),
             "fingerprint_sha256": fingerprint_sha256(scorer.fingerprint), "weights": scorer.weights,
             "backbone": ext.info.name, "image_size": scorer.preprocessor.image_size,
-            "calibrated": scorer.has_tiers}
+            "calibrated": scorer.has_tiers, "ensemble_members": len(scorer.heads),
+            # What the head knows of its training set (the typicality fit); a note when it knows nothing.
+            "training_set": (scorer.typicality.summary() if scorer.typicality is not None
+                             else {"note": scorer.typicality_note})}
 
 
 def _names(paths: Sequence[str]) -> List[str]:
@@ -71,25 +75,42 @@ class HeadSet:
         return [head_identity(s, n) for s, n in zip(self.scorers, self.names)]
 
     @torch.inference_mode()
-    def score_batch(self, images: torch.Tensor) -> List[List[float]]:
-        """Scores of a preprocessed (B, 3, H, W) batch: per image, one score per head (in head order)."""
+    def score_batch(self, images: torch.Tensor) -> List[List[Dict[str, object]]]:
+        """A preprocessed (B, 3, H, W) batch: per image, per head (in head order) a dict of its ``score``,
+        ``members`` (each ensemble member's score), and where the head has them ``score_std`` and
+        ``typicality``. Each is computed image by image, so it does not depend on the batch."""
         feats = self._union.extract_entries(images)
         per_head = []
         for scorer in self.scorers:
-            ext, model = scorer.model.feature_extractor, scorer.model
+            ext = scorer.model.feature_extractor
             parts = [feats[n] for n in ext.entry_names]
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             if ext._scale is not None:
                 x = x * ext._scale.to(x.device)
-            per_head.append(model.score_head(model.projector(x)).reshape(-1).float().cpu())
-        return torch.stack(per_head, dim=1).tolist()
+            d = score_features(scorer.heads, x, scorer.typicality)
+            rows = []
+            for j in range(len(d.scores)):
+                row: Dict[str, object] = {"score": float(d.scores[j]), "members": d.member_scores[:, j].tolist()}
+                if d.score_std is not None:
+                    row["score_std"] = float(d.score_std[j])
+                if d.typicality is not None:
+                    row["typicality"] = float(d.typicality[j])
+                rows.append(row)
+            per_head.append(rows)
+        return [list(image) for image in zip(*per_head)]
 
-    def tier_fields(self, head: int, scores: Sequence[float]) -> List[Dict[str, object]]:
-        """Per score: predicted tier, P(S)..P(C) and percentile, or a note when the head has no calibration."""
+    def tier_fields(self, head: int, scored: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+        """Per scored image (``score_batch``'s dicts of this head): predicted tier, P(S)..P(C) (averaged over
+        an ensemble's members, pulled toward the prior for an unusual drawing), percentile, and the unusual
+        flag; or a note when the head has no calibration."""
         scorer = self.scorers[head]
+        flags = [{"unusual": bool(s["typicality"] < scorer.typicality.threshold)} if "typicality" in s else {}
+                 for s in scored]
         if not scorer.has_tiers:
             return [{"predicted_tier": None, **{f"p_{t}": None for t in TIERS}, "percentile": None,
-                     "calibration_note": scorer.calibration_note} for _ in scores]
-        preds = scorer.tiers_for_scores([""] * len(scores), list(scores))
+                     "calibration_note": scorer.calibration_note, **f} for f in flags]
+        typ = [s["typicality"] for s in scored] if scorer.typicality is not None else None
+        preds = scorer.tiers_for_scores([""] * len(scored), [s["score"] for s in scored], typ,
+                                        [s["members"] for s in scored])
         return [{"predicted_tier": p.tier, **{f"p_{t}": p.probabilities[t] for t in TIERS},
-                 "percentile": p.percentile} for p in preds]
+                 "percentile": p.percentile, **f} for p, f in zip(preds, flags)]

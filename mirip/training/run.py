@@ -42,6 +42,7 @@ from mirip.training.run_data import (SPLITS, RunData, exclusion_note, feature_ke
 from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, write_json
 from mirip.training.trainer import Trainer
 from mirip.training.checkpoint_state import history_to_json
+from mirip.training.typicality import attach_typicality, typicality_for_datasets
 
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
                 "calibration.png")
@@ -171,6 +172,13 @@ def _calibrate_checkpoints(model, trainer: Trainer, datasets, device, out: str, 
     calibrated = calibrate_head(model, datasets, device)
     if os.path.isfile(os.path.join(out, "best.pt")):
         attach_calibration(os.path.join(out, "best.pt"), calibrated)
+    typical, typical_note = typicality_for_datasets(datasets)
+    for path in (last, os.path.join(out, "best.pt")):
+        if os.path.isfile(path):
+            attach_typicality(path, typical, typical_note)
+    if typical is not None:
+        log(f"typicality (Mahalanobis on the head's input features, {typical.num_train} training drawings): "
+            f"unusual below the validation's {typical.threshold:.0%} quantile")
     if calibrated.calibration is not None:
         cal = calibrated.calibration
         log(f"calibration (val split, {cal.num_images} images): slope {cal.slope:.4f}, tier boundaries on the "
