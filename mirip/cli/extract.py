@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         max_image_pixels=args.max_image_pixels, verify=not args.no_verify,
         compile=args.compile, sdpa_backend=args.sdpa_backend, compile_backend=args.compile_backend,
     )
-    config, why = choose_precision(config)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"precision: {config.precision} ({why})")
+        resolved, why = choose_precision(config)
+        print(f"precision: {resolved.precision} ({why})")
     try:
         summary = extract_features(config)
     except KeyboardInterrupt:

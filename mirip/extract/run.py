@@ -137,7 +137,9 @@ def prepare_backbone(extractor: DINOv2FeatureExtractor, config: ExtractConfig, n
 def extract_features(config: ExtractConfig) -> ExtractSummary:
     """Run stage one as configured (one process, or one rank of a ``torchrun`` job); returns the summary."""
     ctx = DistContext.from_env()
-    config, _ = choose_precision(config)  # decided once: the fingerprint, the rerun check and the backbone agree
+    resolved, _ = choose_precision(config)
+    if resolved.precision != (config.precision or default_precision(resolve_device(config.device))):
+        config = resolved  # the existing cache's precision, not the device's: the rerun check and backbone agree
     # Bad metadata is reported before any backbone or GPU work.
     skipped: Dict[str, str] = {}
     paths = list_images(config.image_dir, config.metadata, config.filename_column, encoding=config.encoding,
