@@ -62,3 +62,9 @@ def image_dir(tmp_path):
         make_image(d / f"img_{i}.png", seed=i)
         rows.append({"filename": f"img_{i}.png", "tier": tier})
     return d, pd.DataFrame(rows)
+
+
+# The CPU default precision follows the chip (bf16 with AMX / AVX512-BF16): pinned to "no bf16 units" here, and
+# inherited by the scripts tests run as subprocesses, so no test's numbers depend on the machine it runs on.
+# tests/test_cpu_precision.py lifts it to mock the probe both ways.
+os.environ.setdefault("MIRIP_CPU_BF16", "0")

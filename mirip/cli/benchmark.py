@@ -26,10 +26,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from mirip.cli.options import DefaultsHelpFormatter, plain_warnings
 from mirip.common.atomic import write_atomic
-from mirip.common.devices import PRECISIONS, default_precision, device_defaults, resolve_device
+from mirip.common.devices import PRECISIONS, announce_precision, device_defaults, resolve_device
 from mirip.common.machine import machine_info
 
-BENCHMARKS = ("full_image", "extraction", "training", "sweep", "explain", "serve")
+BENCHMARKS = ("roofline", "full_image", "extraction", "training", "sweep", "explain", "serve")
 
 
 def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, ModuleType], Dict[str, str]]:
@@ -57,8 +57,9 @@ def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, Modu
 
 def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Run mirip's benchmarks (full-image mode, stage-one extraction, stage-two training, sweeps, "
-                    "attribution maps) and write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
+        description="Run mirip's benchmarks (the machine's GEMM roofline in fp32 and bf16 with the backbone's "
+                    "share of it, full-image mode, stage-one extraction, stage-two training, sweeps, attribution maps) and "
+                    "write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
                     "image size, every figure, and whether the seed's 100 ms/pair and 12 GB requirements are met).",
         formatter_class=DefaultsHelpFormatter,
     )
@@ -73,7 +74,7 @@ def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
     common.add_argument("--image-size", type=int, default=None,
                         help="input size in pixels, square (default: 768 on CUDA, 224 on CPU)")
     common.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+                        help="autocast precision (default: bf16 on CUDA and on a CPU with AMX or AVX512-BF16, fp32 on other CPUs)")
     common.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     common.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 keeps CPU figures stable on a busy machine")
@@ -172,7 +173,7 @@ def _main(argv: Optional[List[str]]) -> int:
             parser.error(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
-    args.precision = args.precision or default_precision(args.device)
+    args.precision = announce_precision(args.device, args.precision)
     backbone, image_size = device_defaults(args.device)
     args.backbone = args.backbone or backbone
     args.image_size = args.image_size or image_size

@@ -21,7 +21,7 @@ from mirip.common.devices import PRECISIONS, device_defaults
 from mirip.common.feature_spec import BANK_POOLINGS
 from mirip.common.feature_spec import POOLINGS
 from mirip.extract.config import FEATURE_DTYPES, ExtractConfig
-from mirip.extract.run import extract_features
+from mirip.extract.run import choose_precision, extract_features
 from mirip.ml import compiled
 from mirip.ml.preprocessing import MAX_IMAGE_PIXELS, RESIZE_MODES
 
@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="transformer blocks to pool, 1-based or negative from the last (-1: the last block). "
                             "The cache stores one entry POOLING@L per pooling and layer, e.g. --layers -4 -3 -2 -1 "
                             "--pooling cls mean std stores 12 entries (cls@-4 ... std@-1); unset: the last block only")
-    model.add_argument("--precision", choices=PRECISIONS, default=None, help="(default: bf16 on CUDA, fp32 on CPU)")
+    model.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="(default: bf16 on CUDA and on a CPU with AMX or AVX512-BF16, fp32 on other CPUs; "
+                            "an existing --output cache keeps its own)")
     model.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default="float32", help="dtype stored in the cache")
     model.add_argument("--views", type=_non_negative, default=0, metavar="K",
                        help="also cache K deterministic augmented views per image (flip, crops)")
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         max_image_pixels=args.max_image_pixels, verify=not args.no_verify,
         compile=args.compile, sdpa_backend=args.sdpa_backend, compile_backend=args.compile_backend,
     )
+    if int(os.environ.get("RANK", "0")) == 0:
+        resolved, why = choose_precision(config)
+        print(f"precision: {resolved.precision} ({why})")
     try:
         summary = extract_features(config)
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 
 from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
+from mirip.common.devices import announce_precision, resolve_device
 from mirip.common.metadata_csv import csv_lines, read_metadata_csv
 from mirip.common.tiers import tier_ranks, rank_to_tier
 from mirip.ml.preprocessing import ImageReadError
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                        help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+                        help="autocast precision (default: bf16 on CUDA and on a CPU with AMX or AVX512-BF16, fp32 on other CPUs)")
     parser.add_argument("--backbone", metavar="DIR", default=None,
                         help="use this local backbone directory instead of the checkpoint's (announced)")
     parser.add_argument("--random-init", action="store_true",
@@ -299,6 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("give IMAGES_OR_DIRS to score, or --compare A B")
     if args.batch_size <= 0:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    announce_precision(resolve_device(args.device), args.precision)
     try:
         scorer = load_scorer(args.checkpoint, backbone=args.backbone, random_init=True if args.random_init else None,
                              image_size=args.image_size, device=args.device, precision=args.precision)

@@ -16,6 +16,7 @@ import sys
 from typing import List, Optional
 
 from mirip.cli.options import DefaultsHelpFormatter, plain_warnings
+from mirip.common.devices import announce_precision, resolve_device
 from mirip.serve.config import MB, ServeConfig
 from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="backbone precision (default: bf16 on CUDA, fp32 on CPU)")
+                   help="backbone precision (default: bf16 on CUDA and on a CPU with AMX or AVX512-BF16, fp32 on other CPUs)")
     p.add_argument("--backbone", default=None,
                    help="a local directory holding the checkpoints' backbone (for a machine without the hub)")
     p.add_argument("--random-init", action="store_true",
@@ -108,6 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, CheckpointError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    announce_precision(resolve_device(args.device), args.precision)
     failed: List[str] = []
     server: Optional[uvicorn.Server] = None
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -32,9 +33,58 @@ def device_defaults(device: str) -> tuple:
     return DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
+# Overrides the CPU probe: "1" treats the CPU as bf16-capable, "0" as not. For a chip the probe misreads, and
+# for test suites whose numbers must not depend on the chip they run on.
+CPU_BF16_ENV = "MIRIP_CPU_BF16"
+
+
+def cpu_bf16_support() -> Optional[str]:
+    """The CPU's bf16 matrix units by name ("AMX", "AVX512-BF16"), or None where bf16 only runs emulated.
+
+    DESIGN.md's figures for a 2-core Xeon with both (DINOv2-S/14 at 224 px, batch 8): bf16 2.7x fp32's
+    throughput, features cos >= 0.99995; on a chip without them bf16 is emulated and slower (docs/benchmarks.md)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return f"{CPU_BF16_ENV}={forced}" if forced == "1" else None
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    for name, probe in probes:
+        try:
+            if getattr(torch.cpu, probe)():
+                return name
+        except (AttributeError, RuntimeError):  # an older torch without the probe: assume no bf16 units
+            continue
+    return None
+
+
+def precision_choice(device: str, requested: Optional[str] = None) -> Tuple[str, str]:
+    """(precision, why): the request if any; else bf16 autocast on a GPU (tensor cores, fp32 range), bf16 on a
+    CPU with AMX or AVX512-BF16 (DESIGN.md: 2.7-3.6x fp32 there), fp32 on other CPUs, where bf16 is emulated and slower."""
+    if requested is not None:
+        return check_precision(requested), "asked for with --precision"
+    if str(device).startswith("cuda"):
+        return "bf16", "default on a GPU (tensor cores)"
+    units = cpu_bf16_support()
+    if units:
+        return "bf16", f"default on a CPU with bf16 matrix units ({units}); --precision fp32 for exact fp32"
+    return "fp32", "default on a CPU without AMX or AVX512-BF16, where bf16 is slower than fp32"
+
+
 def default_precision(device: str) -> str:
-    """bf16 autocast on a GPU (tensor cores, fp32 range); fp32 on CPU, where bf16 is slower on most chips."""
-    return "bf16" if str(device).startswith("cuda") else "fp32"
+    """The precision a run on ``device`` gets when none is asked for (``precision_choice``)."""
+    return precision_choice(device)[0]
+
+
+_ANNOUNCED: set = set()
+
+
+def announce_precision(device: str, requested: Optional[str] = None, print_fn=print) -> str:
+    """``precision_choice``, said once per process and choice (a service loading several heads says it once)."""
+    precision, why = precision_choice(device, requested)
+    line = f"precision: {precision} on {device_type(device)} ({why})"
+    if line not in _ANNOUNCED:
+        _ANNOUNCED.add(line)
+        print_fn(line)
+    return precision
 
 
 def check_precision(precision: str) -> str:

@@ -31,7 +31,7 @@ import transformers
 import mirip
 
 from mirip.common.atomic import write_atomic
-from mirip.common.devices import check_precision, default_precision, resolve_device
+from mirip.common.devices import PRECISIONS, check_precision, default_precision, precision_choice, resolve_device
 from mirip.extract.distributed import DistContext, StopRequested, leftover_parts, merge_parts, part_path
 from mirip.store.cache import FeatureCache
 from mirip.store.cache_errors import CacheError
@@ -92,6 +92,23 @@ def open_for_append(output: str, fingerprint: dict, overwrite: bool) -> FeatureC
     return cache
 
 
+def choose_precision(config: ExtractConfig) -> Tuple[ExtractConfig, str]:
+    """(config with its precision decided, why). ``--precision`` wins; without it, an existing ``--output`` cache
+    keeps the precision it was made in (one cache, one precision: a mixed append is refused naming the field),
+    else the device's default (``mirip.common.devices.precision_choice``: bf16 on a CPU with AMX/AVX512-BF16)."""
+    if config.precision is None and config.output and os.path.isfile(config.output) and not config.overwrite:
+        try:
+            with FeatureCache.open(config.output, "r") as cache:
+                stored = cache.fingerprint.get("precision")
+        except (OSError, ValueError):
+            stored = None  # an unreadable cache is reported by the run itself, with its own message
+        if stored in PRECISIONS:
+            return (dataclasses.replace(config, precision=stored),
+                    f"the precision {config.output} was made in (--precision or --overwrite to change it)")
+    precision, why = precision_choice(resolve_device(config.device), config.precision)
+    return dataclasses.replace(config, precision=precision), why
+
+
 def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2FeatureExtractor, Preprocessor]:
     pooling = config.pooling if isinstance(config.pooling, str) else list(config.pooling)
     extractor = DINOv2FeatureExtractor(config.backbone, device=device, random_init=config.random_init,
@@ -125,6 +142,9 @@ def prepare_backbone(extractor: DINOv2FeatureExtractor, config: ExtractConfig, n
 def extract_features(config: ExtractConfig) -> ExtractSummary:
     """Run stage one as configured (one process, or one rank of a ``torchrun`` job); returns the summary."""
     ctx = DistContext.from_env()
+    resolved, _ = choose_precision(config)
+    if resolved.precision != (config.precision or default_precision(resolve_device(config.device))):
+        config = resolved  # the existing cache's precision, not the device's: the rerun check and backbone agree
     # Bad metadata is reported before any backbone or GPU work.
     skipped: Dict[str, str] = {}
     paths = list_images(config.image_dir, config.metadata, config.filename_column, encoding=config.encoding,

@@ -60,8 +60,8 @@ class DINOv2FeatureExtractor(nn.Module):
 
     ``pooling`` picks the CLS token (default; SigLIP, which has none: its attention-pooling head's output;
     CLIP: the CLS token after ``post_layernorm``), the mean of the patch tokens, or both
-    concatenated (``cls_mean``, 2 x hidden). ``precision`` defaults to bf16 autocast on
-    CUDA and fp32 on CPU; outputs are always float32.
+    concatenated (``cls_mean``, 2 x hidden). ``precision`` defaults to bf16 on CUDA and on a
+    CPU with AMX / AVX512-BF16, fp32 elsewhere (``mirip.common.devices.precision_choice``); outputs are float32.
 
     Feature bank: ``layers`` (block indices, 1-based or negative from the last) with ``pooling`` as a list
     of ``cls`` / ``mean`` / ``std`` gives one entry per (pooling, layer), pooling-major; ``entries``

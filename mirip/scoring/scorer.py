@@ -22,6 +22,8 @@ An older checkpoint still scores; ``Scorer.calibration_note`` says why it has no
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -78,6 +80,25 @@ def _collate(items):
     idx = [i for i, _ in good]
     batch = torch.stack([t for _, t in good]) if good else None
     return idx, batch, bad
+
+
+def default_decode_threads() -> int:
+    # PIL's decode and resize release the GIL: a few threads keep a bf16 forward fed without loader processes.
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _threaded_batches(files: _ImageFiles, batch_size: int, threads: int, ahead: int = 2):
+    """``_collate``d batches in file order, decoded by ``threads`` threads up to ``ahead`` batches before the one
+    being scored; a file that fails is reported in its own batch, as with a DataLoader."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="mirip-decode") as pool:
+        pending: deque = deque()
+        for start in range(0, len(files), batch_size):
+            pending.append([pool.submit(files.__getitem__, i)
+                            for i in range(start, min(start + batch_size, len(files)))])
+            if len(pending) > ahead:
+                yield _collate([f.result() for f in pending.popleft()])
+        while pending:
+            yield _collate([f.result() for f in pending.popleft()])
 
 
 class Scorer:
@@ -172,13 +193,23 @@ class Scorer:
         return score_features(self.heads, self.model.embed(images), self.typicality)
 
     def score_paths(self, paths: Iterable[PathLike], batch_size: int = 16, num_workers: int = 0,
-                    progress: bool = True) -> ScoreResult:
-        """Score image files in batches; unreadable files are collected as (path, reason), not raised."""
+                    progress: bool = True, decode_threads: Optional[int] = None) -> ScoreResult:
+        """Score image files in batches; unreadable files are collected as (path, reason), not raised.
+
+        With ``num_workers`` 0 the files are decoded by ``decode_threads`` threads (default: the CPU count, at
+        most 4; 1 decodes in this thread) ahead of the forward; ``num_workers`` > 0 uses DataLoader processes."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        threads = default_decode_threads() if decode_threads is None else int(decode_threads)
+        if threads <= 0:
+            raise ValueError(f"decode_threads must be positive, got {decode_threads}")
         paths = [os.fspath(p) for p in paths]
-        loader = DataLoader(_ImageFiles(paths, self.preprocessor), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=_collate, pin_memory=str(self.device).startswith("cuda"))
+        files = _ImageFiles(paths, self.preprocessor)
+        if num_workers == 0 and threads > 1:
+            loader = _threaded_batches(files, batch_size, threads)
+        else:
+            loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                                pin_memory=str(self.device).startswith("cuda"))
         rows: Dict[int, Tuple] = {}
         failures: Dict[int, str] = {}
         bar = tqdm(total=len(paths), desc="score", unit="img", disable=not progress)
@@ -318,9 +349,9 @@ def load_scorer(
     ``backbone``: a local directory substitutes for the checkpoint's backbone (announced); a different hub
     id is refused. ``random_init``: True substitutes random weights for pretrained ones (announced); None
     follows the checkpoint. ``image_size`` / ``pooling``: if given, must equal the checkpoint's (else refused,
-    naming the field). ``precision`` defaults to bf16 on CUDA and fp32 on CPU. ``share_backbone``: an
-    extractor already loaded (another checkpoint's) whose backbone module this scorer uses instead of loading
-    its own; its fingerprint must agree with this checkpoint's, else ``FingerprintMismatch`` names the field.
+    naming the field). ``precision`` defaults by ``mirip.common.devices.precision_choice`` (the chip's).
+    ``share_backbone``: an extractor already loaded (another checkpoint's) whose backbone module this scorer uses
+    instead of loading its own; its fingerprint must agree with this checkpoint's, else ``FingerprintMismatch`` names the field.
     """
     path = os.fspath(checkpoint_path)
     ckpt = load_checkpoint_file(path)
