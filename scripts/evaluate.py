@@ -3,8 +3,8 @@
 The same as `mirip evaluate` (see `mirip evaluate --help`); kept so that `python scripts/evaluate.py` works as documented.
 """
 
-from mirip.cli.main import leave
 from mirip.cli.evaluate import main
+from mirip.cli.main import leave
 
 if __name__ == "__main__":
     leave(main())

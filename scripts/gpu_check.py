@@ -3,8 +3,8 @@
 The same as `mirip gpu-check` (see `mirip gpu-check --help`); kept so that `python scripts/gpu_check.py` works as documented.
 """
 
-from mirip.cli.main import leave
 from mirip.cli.gpu_check import main
+from mirip.cli.main import leave
 
 if __name__ == "__main__":
     leave(main())

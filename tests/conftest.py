@@ -22,7 +22,7 @@ torch.set_num_threads(1 if "MUTANT_UNDER_TEST" in os.environ else 2)
 def pytest_configure(config):
     # Registered here, not in pyproject: naming the class there would import transformers
     # (and read HF_HUB_OFFLINE) before this file sets the offline environment.
-    config.addinivalue_line("filterwarnings", "ignore::mirip.ml.family_loading.RandomWeightsWarning")
+    config.addinivalue_line("filterwarnings", "ignore::mirip.ml.backbones.RandomWeightsWarning")
 
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=28)

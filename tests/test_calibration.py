@@ -10,7 +10,7 @@ import torch
 
 from mirip.training.calibration import OrdinalCalibration, fit_ordinal, from_checkpoint, logistic_difference_cdf
 from mirip.training.calibration_metrics import (CalibrationError, confusion_matrix, expected_calibration_error,
-    ranked_probability_score, tier_metrics)
+                                                ranked_probability_score, tier_metrics)
 from mirip.training.calibration_reference import ScoreReference, make_score_reference
 
 TRUE_SLOPE = 1.3

@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from mirip.training import calibration as cm
+from mirip.training import calibration as cm, calibration_reference
 from mirip.training.calibration import OrdinalCalibration, fit_ordinal, from_checkpoint, logistic_difference_cdf
 from mirip.training.calibration_metrics import (CalibrationError, confusion_matrix, expected_calibration_error,
-    ranked_probability_score, reliability_bins, tier_metrics)
+                                                ranked_probability_score, reliability_bins, tier_metrics)
 from mirip.training.calibration_reference import ScoreReference, make_score_reference, names_sha256
-from mirip.training import calibration_reference
 
 
 def _exactly(message: str):

@@ -21,8 +21,8 @@ from mirip.ml.preprocessing import Preprocessor
 from mirip.store.cache import FeatureCache, open_cache, write_cache
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
-from mirip.store.fingerprint import (RANDOM_WEIGHTS_NOTE, FingerprintMismatch, check_fingerprint, diff_fingerprints,
-    from_attrs, make_fingerprint, to_attrs, weights_summary)
+from mirip.store.fingerprint import (FingerprintMismatch, RANDOM_WEIGHTS_NOTE, check_fingerprint, diff_fingerprints,
+                                     from_attrs, make_fingerprint, to_attrs, weights_summary)
 from mirip.training.datasets.pair_sampling import count_cross_tier_pairs, sample_pairs, tier_combinations, tier_groups
 
 FP = {"feature_dim": 4, "feature_dtype": "float32", "backbone": "b", "image_size": 28, "mean": [0.1, 0.2, 0.3]}

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from _extract_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
-from mirip.bench import extraction
-from mirip.bench import memory
+from mirip.bench import extraction, memory
 
 
 def test_benchmark_measures_pipeline_and_bare_backbone(tiny_backbone, tmp_path):

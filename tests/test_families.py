@@ -13,14 +13,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from _family_helpers import PREFIX_TOKENS, TINY_FAMILIES, save_tiny, save_tiny_full
-from mirip.ml.backbones import load_backbone
-from mirip.ml.family_loading import shipped_config
-from mirip.ml.families import tap_blocks
-from mirip.ml.family_loading import RandomWeightsWarning
-from mirip.ml.family_loading import IncompleteWeightsError, count_parameters
-from mirip.ml.family_registry import FAMILIES, UnsupportedBackboneError, family_for
-from mirip.ml import family_loading
-from mirip.ml import family_registry
+from mirip.ml import backbones, families
+from mirip.ml.backbones import (IncompleteWeightsError, RandomWeightsWarning, count_parameters, load_backbone,
+                                shipped_config)
+from mirip.ml.families import FAMILIES, UnsupportedBackboneError, family_for, tap_blocks
 
 VISION_TYPES = list(TINY_FAMILIES)
 FAMILY_OF = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers", "dinov3_vit": "dinov3_vit",
@@ -77,7 +73,7 @@ def test_normalisation_per_family():
 
 @pytest.mark.parametrize("model_type", VISION_TYPES + ["clip", "siglip"])
 def test_final_norm_of_last_block_pooled_as_cls_is_the_models_output(tiny_dirs, model_type):
-    model, family, _ = family_loading.load_model(tiny_dirs[model_type])
+    model, family, _ = backbones.load_model(tiny_dirs[model_type])
     model.eval()
     assert family.name == FAMILY_OF.get(model_type, model_type)
     reference = _reference(tiny_dirs[model_type], model_type)
@@ -111,7 +107,7 @@ def test_final_norm_of_last_block_pooled_as_cls_is_the_models_output(tiny_dirs, 
 
 @pytest.mark.parametrize("model_type", VISION_TYPES)
 def test_hooks_see_exactly_the_requested_blocks(tiny_dirs, model_type):
-    model, family, _ = family_loading.load_model(tiny_dirs[model_type])
+    model, family, _ = backbones.load_model(tiny_dirs[model_type])
     model.eval()
     blocks = family.blocks(model)
     assert len(blocks) == 3
@@ -136,7 +132,7 @@ def test_hooks_see_exactly_the_requested_blocks(tiny_dirs, model_type):
 
 
 def test_tap_blocks_rejects_out_of_range_and_removes_hooks_on_error(tiny_dirs):
-    model, family, _ = family_loading.load_model(tiny_dirs["dinov2"])
+    model, family, _ = backbones.load_model(tiny_dirs["dinov2"])
     with pytest.raises(IndexError, match="3 blocks"):
         with tap_blocks(model, [3], family):
             pass
@@ -149,7 +145,7 @@ def test_tap_blocks_rejects_out_of_range_and_removes_hooks_on_error(tiny_dirs):
 def test_siglip_without_head_has_no_cls(tmp_path):
     config = transformers.SiglipVisionConfig(**TINY_FAMILIES["siglip_vision_model"][2], vision_use_head=False)
     transformers.SiglipVisionModel(config).save_pretrained(tmp_path)
-    model, family, _ = family_loading.load_model(str(tmp_path))
+    model, family, _ = backbones.load_model(str(tmp_path))
     with pytest.raises(ValueError, match="no CLS token and no pooling head"):
         family.cls(model, torch.randn(1, 4, 32))
 
@@ -158,7 +154,7 @@ def test_siglip_without_head_has_no_cls(tmp_path):
 
 @pytest.mark.parametrize("model_type", VISION_TYPES)
 def test_other_image_sizes_run_and_native_size_is_unchanged(tiny_dirs, model_type):
-    model, family, _ = family_loading.load_model(tiny_dirs[model_type])
+    model, family, _ = backbones.load_model(tiny_dirs[model_type])
     model.eval()
     family.check_image_size(model, 42, 56)
     with torch.no_grad():
@@ -184,13 +180,13 @@ def test_model_that_cannot_interpolate_names_the_accepted_size(tiny_dirs):
 
 
 def test_describe_records_layout_for_the_fingerprint(tiny_dirs):
-    model, family, _ = family_loading.load_model(tiny_dirs["dinov2_with_registers"])
+    model, family, _ = backbones.load_model(tiny_dirs["dinov2_with_registers"])
     facts = family.describe(model)
     assert facts["family"] == "dinov2_with_registers" and facts["patch_size"] == 14 and facts["num_blocks"] == 3
     assert facts["token_layout"] == {"num_prefix_tokens": 5, "cls_index": 0, "num_register_tokens": 4,
                                      "patch_size": 14}
     json.dumps(facts)  # plain values only
-    siglip, fam, _ = family_loading.load_model(tiny_dirs["siglip"])
+    siglip, fam, _ = backbones.load_model(tiny_dirs["siglip"])
     assert fam.describe(siglip)["cls"] == "attention_pool_head"
     assert fam.describe(siglip)["token_layout"]["cls_index"] == -1
 
@@ -270,14 +266,14 @@ def test_load_backbone_admits_every_family_unless_narrowed(tiny_dirs):
 
 def test_image_normalization_prefers_the_checkpoints_preprocessor_config(tiny_dirs, tmp_path):
     family = FAMILIES["dinov3_vit"]
-    assert family_loading.image_normalization(family, tiny_dirs["dinov3_vit"]) == (family.mean, family.std)
-    assert family_loading.image_normalization(FAMILIES["clip"], None) == (FAMILIES["clip"].mean, FAMILIES["clip"].std)
+    assert backbones.image_normalization(family, tiny_dirs["dinov3_vit"]) == (family.mean, family.std)
+    assert backbones.image_normalization(FAMILIES["clip"], None) == (FAMILIES["clip"].mean, FAMILIES["clip"].std)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(
         {"image_mean": [0.43, 0.411, 0.296], "image_std": [0.213, 0.156, 0.143]}))  # DINOv3 SAT-493M
-    assert family_loading.image_normalization(family, str(tmp_path)) == ((0.43, 0.411, 0.296), (0.213, 0.156, 0.143))
+    assert backbones.image_normalization(family, str(tmp_path)) == ((0.43, 0.411, 0.296), (0.213, 0.156, 0.143))
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5], "image_std": [0.5]}))
     with pytest.raises(ValueError, match="preprocessor_config.json: image_mean and image_std must each be 3"):
-        family_loading.image_normalization(family, str(tmp_path))
+        backbones.image_normalization(family, str(tmp_path))
 
 
 # -- random init -----------------------------------------------------------------------------------------------
@@ -301,7 +297,7 @@ def test_small_shipped_architectures_build_offline(name, family):
         warnings.simplefilter("ignore", RandomWeightsWarning)
         model, info = load_backbone(name, random_init=True, allowed_families=None)
     assert info.family == family and info.hidden_size == 384 and info.pretrained is False
-    assert sum(p.numel() for p in model.parameters()) == count_parameters(family_loading.shipped_config_dict(name))
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(backbones.shipped_config_dict(name))
     with torch.no_grad():
         out = FAMILIES[family].forward(model.eval(), torch.randn(1, 3, 64, 64))
     assert out.last_hidden_state.shape[1] == PREFIX_TOKENS[family] + (64 // info.patch_size) ** 2
@@ -342,26 +338,26 @@ PUBLISHED = [
 
 @pytest.mark.parametrize("name,full,published,tol,source", PUBLISHED)
 def test_shipped_parameter_counts_match_published(name, full, published, tol, source):
-    counted = count_parameters(family_loading.shipped_config_dict(name), full=full)
+    counted = count_parameters(backbones.shipped_config_dict(name), full=full)
     assert abs(counted - published) <= tol * published, f"{name}: {counted:,} vs {published:,.0f} ({source})"
 
 
 @pytest.mark.parametrize("size,hidden", [("small", 384), ("base", 768), ("large", 1024)])
 def test_registers_add_exactly_four_tokens_to_dinov2(size, hidden):
-    plain = count_parameters(family_loading.shipped_config_dict(f"dinov2-{size}"))
-    assert count_parameters(family_loading.shipped_config_dict(f"dinov2-with-registers-{size}")) == plain + 4 * hidden
+    plain = count_parameters(backbones.shipped_config_dict(f"dinov2-{size}"))
+    assert count_parameters(backbones.shipped_config_dict(f"dinov2-with-registers-{size}")) == plain + 4 * hidden
     if size == "large":
         assert plain == 304_368_640  # facebook/dinov2-large, as built by the seed's tests
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", family_loading.shipped_names())
+@pytest.mark.parametrize("name", backbones.shipped_names())
 def test_every_shipped_architecture_builds_at_random_init(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         model, info = load_backbone(name, random_init=True, allowed_families=None)
-    assert sum(p.numel() for p in model.parameters()) == count_parameters(family_loading.shipped_config_dict(name))
-    assert info.family == family_registry.family_for(family_loading.shipped_config_dict(name)["model_type"]).name
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(backbones.shipped_config_dict(name))
+    assert info.family == families.family_for(backbones.shipped_config_dict(name)["model_type"]).name
 
 
 def test_a_dinov2_classifier_checkpoint_gives_its_backbone(tmp_path):
@@ -395,7 +391,7 @@ def test_checkpoints_in_the_older_key_layout_load_completely(tiny_dirs, tmp_path
         assert renamed.keys() != state.keys()
     save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "config.json").write_text(open(os.path.join(src, "config.json")).read())
-    model, family, _ = family_loading.load_model(str(tmp_path))
+    model, family, _ = backbones.load_model(str(tmp_path))
     reference = _reference(src, model_type)
     images = _images(5)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import transformers
 
 from _extract_helpers import extract, make_images, write_metadata
 from _family_helpers import PREFIX_TOKENS, TINY_FAMILIES, save_tiny, save_tiny_full
-from mirip.ml.family_adapter import BackboneFamily
+from mirip.ml.families import BackboneFamily
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import RankingHead
 from mirip.scoring.scorer import load_scorer

@@ -9,7 +9,7 @@ import torch
 
 from _inference_helpers import IMAGE_SIZE, make_cache_and_checkpoint, make_tiered_images, torch_threads
 from conftest import make_image, save_tiny_backbone
-from mirip.ml.family_loading import RandomWeightsWarning
+from mirip.ml.backbones import RandomWeightsWarning
 from mirip.scoring.inputs import find_images
 from mirip.scoring.scorer import Scorer, load_scorer
 from mirip.store.cache import open_cache

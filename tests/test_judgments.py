@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from _stage2_helpers import fake_fingerprint, single_thread
-from mirip.common.metadata_csv import MetadataError
 from mirip.common.judgments import JudgmentsError, read_judgments, write_judgments_csv
+from mirip.common.metadata_csv import MetadataError
 from mirip.judging.suggest import suggest_pairs
 from mirip.store.cache import write_cache
 from mirip.training.judged_pairs import JudgedFeaturePairDataset, JudgedPairs, split_judged

@@ -6,9 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mirip.ml.backbones import load_backbone
-from mirip.ml.family_loading import shipped_config
-from mirip.ml.family_loading import RandomWeightsWarning
+from mirip.ml.backbones import RandomWeightsWarning, load_backbone, shipped_config
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.projector import Projector
 from mirip.ml.ranking_model import PairwiseRankingModel, RankingHead

@@ -9,8 +9,7 @@ import pytest
 
 from _extract_helpers import config, make_images
 from _stage2_helpers import fake_fingerprint, single_thread
-from mirip.common.paths import PathEscapeError
-from mirip.common.paths import normalize_relpath
+from mirip.common.paths import PathEscapeError, normalize_relpath
 from mirip.extract.reader import list_images
 from mirip.extract.run import extract_features
 from mirip.store.cache import write_cache

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mirip.common.feature_spec import (DEFAULT_SPEC, Entry, FeatureSpec, FeatureSpecError, apply_entry_scales,
-    bank_entries, canonical_spec, checkpoint_feature_spec, default_spec, entry_scales, match_entries, parse_entry,
-    resolve_feature_norm, resolve_layer)
+                                       bank_entries, canonical_spec, checkpoint_feature_spec, default_spec,
+                                       entry_scales, match_entries, parse_entry, resolve_feature_norm, resolve_layer)
 
 
 def _raises_exactly(message: str):

@@ -36,7 +36,7 @@ from mirip.extract.config import ExtractConfig
 from mirip.extract.pipeline import run_pipeline
 from mirip.extract.reader import source_facts
 from mirip.extract.run import build_models
-from mirip.ml.family_loading import RandomWeightsWarning
+from mirip.ml.backbones import RandomWeightsWarning
 from mirip.store.cache import FeatureCache
 from mirip.store.fingerprint import make_fingerprint
 

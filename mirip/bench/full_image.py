@@ -18,7 +18,7 @@ import torch
 from mirip.common.devices import default_precision, resolve_device
 from mirip.common.feature_spec import FeatureSpec
 from mirip.common.machine import device_name
-from mirip.ml.family_loading import RandomWeightsWarning
+from mirip.ml.backbones import RandomWeightsWarning
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel
 from mirip.training.benchmarks import PerformanceBenchmarks

@@ -17,7 +17,7 @@ import torch
 
 from mirip.common.machine import sync
 from mirip.ml import compiled as C
-from mirip.ml.family_loading import RandomWeightsWarning
+from mirip.ml.backbones import RandomWeightsWarning
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.ranking_model import PairwiseRankingModel, RankingHead
 from mirip.training.config import TrainingConfig

@@ -39,7 +39,8 @@ from mirip.common.machine import machine_info
 # imported from here too.
 from mirip.bench.gpu_report import summary, to_markdown
 from mirip.bench.gpu_sections import (DEFAULTS, backbone_section, end_to_end_section, extraction_section,
-    full_image_section, head_step_section, serve_section, sweep_section, training_section)
+                                      full_image_section, head_step_section, serve_section, sweep_section,
+                                      training_section)
 
 SECTIONS = ("backbone", "head_step", "training", "sweep", "full_image", "end_to_end", "extraction", "serve")
 

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from mirip.cli.options import DefaultsHelpFormatter
-from mirip.demo.data import IMAGE_FORMATS, IMAGES_DIR, METADATA_NAME, TIERS, make_demo_dataset
+from mirip.demo.data import IMAGES_DIR, IMAGE_FORMATS, METADATA_NAME, TIERS, make_demo_dataset
 
 
 def _int(text: str) -> int:

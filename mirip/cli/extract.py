@@ -18,9 +18,8 @@ import sys
 
 from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
 from mirip.common.devices import PRECISIONS, device_defaults
-from mirip.common.feature_spec import BANK_POOLINGS
-from mirip.common.feature_spec import POOLINGS
-from mirip.extract.config import FEATURE_DTYPES, ExtractConfig
+from mirip.common.feature_spec import BANK_POOLINGS, POOLINGS
+from mirip.extract.config import ExtractConfig, FEATURE_DTYPES
 from mirip.extract.run import choose_precision, extract_features
 from mirip.ml import compiled
 from mirip.ml.preprocessing import MAX_IMAGE_PIXELS, RESIZE_MODES

@@ -19,10 +19,10 @@ import pandas as pd
 from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
 from mirip.common.devices import announce_precision, resolve_device
 from mirip.common.metadata_csv import csv_lines, read_metadata_csv
-from mirip.common.tiers import tier_ranks, rank_to_tier
+from mirip.common.tiers import rank_to_tier, tier_ranks
 from mirip.ml.preprocessing import ImageReadError
-from mirip.scoring.report_html import agreement_summary
 from mirip.scoring.inputs import find_images, match_paths, split_membership
+from mirip.scoring.report_html import agreement_summary
 from mirip.scoring.scorer import Scorer, load_scorer
 from mirip.scoring.scores import ScoreResult
 from mirip.store.checkpoint import CheckpointError

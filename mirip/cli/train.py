@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mirip.cli.options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
-    training_values)
+                               training_values)
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError

@@ -10,16 +10,15 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import torch
 
 from mirip.common.feature_spec import apply_entry_scales, checkpoint_feature_spec
 from mirip.common.judgments import JUDGMENT_COLUMNS, read_judgments
+from mirip.judging.suggest import DEFAULT_WINDOW, suggest_pairs
 from mirip.ml.ranking_model import RankingHead
 from mirip.store.checkpoint import load_checkpoint_file
 from mirip.training.calibration import from_checkpoint, logistic_difference_cdf
 from mirip.training.judged_pairs import all_scores
 from mirip.training.run_data import load_bank_features, read_metadata
-from mirip.judging.suggest import DEFAULT_WINDOW, suggest_pairs
 
 SUGGESTION_COLUMNS = JUDGMENT_COLUMNS + ("p_a_better", "reason")
 

@@ -16,12 +16,10 @@ import torch
 from torch import nn
 
 from mirip.common.devices import autocast_dtype, check_precision, default_precision, device_type, resolve_device
-from mirip.common.feature_spec import (CLS_POOLINGS, POOLINGS, Entry, FeatureSpec, FeatureSpecError, bank_entries,
-    entry_dim, parse_entry)
-from mirip.ml.backbones import load_backbone
-from mirip.ml.families import block_output
-from mirip.ml.family_loading import image_normalization
-from mirip.ml.family_registry import family_of
+from mirip.common.feature_spec import (CLS_POOLINGS, Entry, FeatureSpec, FeatureSpecError, POOLINGS, bank_entries,
+                                       entry_dim, parse_entry)
+from mirip.ml.backbones import image_normalization, load_backbone
+from mirip.ml.families import block_output, family_of
 from mirip.ml.preprocessing import Preprocessor
 
 

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mirip.common.feature_spec import PATCH_POOLINGS
 from mirip.ml.families import block_output
-from mirip.ml.preprocessing import PAPER_WHITE, ImageReadError, resize, source_size, to_tensor
+from mirip.ml.preprocessing import ImageReadError, PAPER_WHITE, resize, source_size, to_tensor
 
 EXACT_POOLINGS = PATCH_POOLINGS  # exact per-patch attribution (see the module docstring)
 

@@ -28,7 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from mirip.common.tiers import TIER_COLOURS, TIER_RANK, TIERS
+from mirip.common.tiers import TIERS, TIER_COLOURS, TIER_RANK
 from mirip.ml.preprocessing import load_image
 from mirip.training.calibration import OrdinalCalibration
 from mirip.training.calibration_metrics import confusion_matrix

@@ -37,10 +37,10 @@ from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor
 from mirip.ml.ranking_model import PairwiseRankingModel
 from mirip.scoring.scores import CalibrationUnavailable, Comparison, ScoreResult, TierPrediction, TierPredictions
-from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
-from mirip.store.fingerprint import (LEGACY_DEFAULTS, FingerprintMismatch, bank_layout, check_fingerprint,
-    make_fingerprint)
 from mirip.scoring.uncertainty import ScoreDetails, ensemble_heads, flattened, score_features, tier_probabilities
+from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
+from mirip.store.fingerprint import (FingerprintMismatch, LEGACY_DEFAULTS, bank_layout, check_fingerprint,
+                                     make_fingerprint)
 from mirip.training.calibration import from_checkpoint
 from mirip.training.typicality import typicality_from_checkpoint
 

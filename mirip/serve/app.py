@@ -22,9 +22,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 import mirip
+from mirip.judging.desk import JudgingDesk
 from mirip.serve.config import ServeConfig
 from mirip.serve.endpoints import ROUTES
-from mirip.judging.desk import JudgingDesk
 from mirip.serve.heads import HeadSet
 from mirip.serve.judge import JUDGE_PATHS, add_judging
 from mirip.serve.service import Service

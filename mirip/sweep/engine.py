@@ -26,9 +26,9 @@ import torch
 from mirip.sweep.grid import HeadConfig
 from mirip.sweep.stacked import StackedHeads, build_head, clip_grad_norm_per_head
 from mirip.sweep.stacked_optim import make_optimizer
+from mirip.training.checkpoint_state import HISTORY_KEYS
 from mirip.training.config import TrainingConfig
 from mirip.training.static_step import StaticStep, persistent_grads, resolve_step_mode, zero_grads_
-from mirip.training.checkpoint_state import HISTORY_KEYS
 
 SCORE_BATCH = 4096
 

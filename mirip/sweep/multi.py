@@ -31,8 +31,7 @@ from mirip.sweep.grid import HeadConfig, SweepGrid
 from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
 from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, describe_best
 from mirip.sweep.settings import SweepSettings
-from mirip.training.run_data import read_metadata
-from mirip.training.run_data import exclusion_note, split_names, union_failed, write_excluded
+from mirip.training.run_data import exclusion_note, read_metadata, split_names, union_failed, write_excluded
 
 
 def cache_labels(paths: Sequence[str]) -> List[str]:

@@ -47,7 +47,7 @@ from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap
 from mirip.sweep.settings import SweepSettings, check_manifest, file_sha256
 from mirip.training.evaluator import Evaluator
 from mirip.training.head_calibration import calibrate_head
-from mirip.training.run_data import (SPLITS, RunData, exclusion_note, failed_images, feature_keys, read_metadata,
+from mirip.training.run_data import (RunData, SPLITS, exclusion_note, failed_images, feature_keys, read_metadata,
                                      scaled_features, split_dataset, split_names, split_positions, write_excluded)
 
 RESULT_COLUMNS = (

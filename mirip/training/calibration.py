@@ -35,9 +35,10 @@ import torch
 # The shared basics and the metrics (calibration_metrics) and the score reference (calibration_reference) live
 # in modules of their own; every name, the private ones the contract tests use too, is imported from here.
 from mirip.common.plain import plain
-from mirip.common.tiers import TIER_COLOURS, TIERS
-from mirip.training.calibration_metrics import (CALIBRATION_VERSION, DEFAULT_BINS, RANK_ORDER, CalibrationError,
-    as_ranks, as_scores, expected_calibration_error, reliability_bins, tier_metrics)
+from mirip.common.tiers import TIERS, TIER_COLOURS
+from mirip.training.calibration_metrics import (CALIBRATION_VERSION, CalibrationError, DEFAULT_BINS, RANK_ORDER,
+                                                as_ranks, as_scores, expected_calibration_error, reliability_bins,
+                                                tier_metrics)
 from mirip.training.calibration_reference import ScoreReference
 
 METHOD = "cumulative_logit"

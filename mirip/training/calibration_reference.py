@@ -12,8 +12,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from mirip.common.tiers import TIERS
-from mirip.training.calibration_metrics import (CALIBRATION_VERSION, RANK_ORDER, CalibrationError, as_ranks,
-    as_scores)
+from mirip.training.calibration_metrics import CALIBRATION_VERSION, CalibrationError, RANK_ORDER, as_ranks, as_scores
 
 
 REFERENCE_LEVELS = tuple(float(p) for p in range(101))  # percent

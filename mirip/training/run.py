@@ -25,23 +25,23 @@ from mirip.ml.ranking_model import RankingHead
 from mirip.store.cache import open_cache
 from mirip.store.checkpoint import load_checkpoint_file
 from mirip.store.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, check_fingerprint,
-    weights_summary)
+                                     weights_summary)
 from mirip.training.baseline import RidgeBaseline
 from mirip.training.calibration import from_checkpoint, save_calibration_plot
+from mirip.training.checkpoint_state import history_to_json
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator, format_metrics
+from mirip.training.head_calibration import (HeadCalibration, IN_SAMPLE, attach_calibration, calibrate_head,
+                                             calibration_title)
 from mirip.training.judged_pairs import (all_scores, attach_judgments, judged_summary, judgments_report,
                                          reference_report)
-from mirip.training.head_calibration import (IN_SAMPLE, HeadCalibration, calibration_title, attach_calibration,
-    calibrate_head)
 from mirip.training.metrics import distinct_pairs, score_metrics
 from mirip.training.run_config import RunConfig
-from mirip.training.run_data import (SPLITS, RunData, exclusion_note, feature_keys, load_run_data, resolve_spec,
+from mirip.training.run_data import (RunData, SPLITS, exclusion_note, feature_keys, load_run_data, resolve_spec,
                                      split_dataset, write_excluded)
 from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, write_json
 from mirip.training.trainer import Trainer
-from mirip.training.checkpoint_state import history_to_json
 from mirip.training.typicality import attach_typicality, typicality_for_datasets
 
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
