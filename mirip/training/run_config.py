@@ -30,6 +30,8 @@ class DataSettings:
     val_ratio: float = 0.1
     test_ratio: float = 0.1
     stratify: bool = True
+    # Rows sharing this column's value (a student, a scene) land in one split; None: split image by image.
+    group_column: Optional[str] = None
     encoding: Optional[str] = None  # of the metadata CSV; None: UTF-8, else CP949 with a notice
     # Rows whose images extraction recorded as unreadable are left out (mirip.training.run_data); True refuses.
     strict_images: bool = False
@@ -49,6 +51,9 @@ class RunConfig(DataSettings):
     # default (its only entry, else cls@-1); a run resolves it and saves the canonical spec in config.json.
     feature: Optional[str] = None
     feature_norm: str = "auto"  # per-entry scaling: auto (entry when the spec has several entries), entry, none
+    # Confidence intervals of the test figures: bootstrap resamples (0: none) and their two-sided level.
+    bootstrap_resamples: int = 1000
+    interval_level: float = 0.95
 
     def __post_init__(self):
         if isinstance(self.training, dict):
@@ -62,6 +67,9 @@ class RunConfig(DataSettings):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.margin < 0:
             raise ValueError(f"margin must be non-negative, got {self.margin}")
+        if self.bootstrap_resamples < 0 or not 0.0 < self.interval_level < 1.0:
+            raise ValueError(f"bootstrap_resamples must be >= 0 and interval_level in (0, 1), got "
+                             f"{self.bootstrap_resamples} and {self.interval_level}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         try:
@@ -91,7 +99,7 @@ class RunConfig(DataSettings):
     def splitter(self) -> DataSplitter:
         return DataSplitter(self.train_ratio, self.val_ratio, self.test_ratio, seed=self.training.seed,
                             stratify_column=self.tier_column if self.stratify else None,
-                            group_column=self.filename_column)
+                            group_column=self.group_column or self.filename_column)
 
     def make_head(self, input_dim: int) -> RankingHead:
         """The head, initialised from ``torch.manual_seed(training.seed)`` (the training-step contract)."""
