@@ -120,11 +120,16 @@ def add_intervals(metrics: Optional[Dict[str, Any]], cfg: BootstrapConfig, score
     return metrics
 
 
+def format_interval(interval: Sequence[float]) -> str:
+    """``[0.64, 0.78]`` (two decimals: the interval is not more exact than that)."""
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def with_interval(value: Any, interval: Optional[Sequence[float]], digits: int = 4) -> str:
     """``0.7100 [0.64, 0.78]``: the figure, then its interval (two decimals: the interval is not more exact)."""
     if not isinstance(value, (int, float)) or value != value:
         return "nan" if isinstance(value, float) else str(value)
     text = f"{value:.{digits}f}"
     if interval and all(v == v for v in interval):
-        text += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+        text += " " + format_interval(interval)
     return text

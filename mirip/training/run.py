@@ -40,7 +40,7 @@ from mirip.training.run_config import RunConfig
 from mirip.training.run_data import (SPLITS, RunData, exclusion_note, feature_keys, load_run_data, resolve_spec,
                                      split_dataset, write_excluded)
 from mirip.training.run_intervals import bootstrap_config, head_intervals, split_units
-from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, write_json
+from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, small_split_warning, write_json
 from mirip.training.trainer import Trainer
 from mirip.training.trainer_checkpoints import history_to_json
 
@@ -215,6 +215,8 @@ def _test_report(cfg: RunConfig, data: RunData, datasets, model, device, trainer
         log(format_metrics(result["model"], result["linear_baseline"],
                            title=f"test split (best epoch {trainer.best_epoch}):"))
     result["warnings"] = quality_warnings(result["model"], result["linear_baseline"], sizes.get("val"))
+    small = small_split_warning(sizes.get("val"), (result["val_evidence"] or {}).get("distinct_pairs"))
+    result["warnings"] += [small] if small else []
     for warning in result["warnings"]:
         log(f"WARNING: {warning}")
     return result
