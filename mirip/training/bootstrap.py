@@ -55,8 +55,8 @@ def percentile_interval(values: np.ndarray, level: float) -> List[float]:
     return [float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))]
 
 
-def _weighted_pair_accuracy(counts: np.ndarray, first: np.ndarray, second: np.ndarray, correct: np.ndarray
-                            ) -> np.ndarray:
+def pair_accuracies(counts: np.ndarray, first: np.ndarray, second: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Pairwise accuracy per resample: a pair counts once per drawn copy of each of its two images."""
     out = np.empty(len(counts))
     for lo in range(0, len(counts), 256):  # blocks keep the (resamples, pairs) weights small
         w = counts[lo:lo + 256][:, first] * counts[lo:lo + 256][:, second]
@@ -82,7 +82,7 @@ def metric_intervals(counts: np.ndarray, scores, ranks, first, second, labels,
     first, second = np.asarray(first, dtype=np.int64), np.asarray(second, dtype=np.int64)
     correct = pair_correct(scores[first], scores[second], labels).astype(np.float64)
     out: Dict[str, Any] = {
-        "accuracy": percentile_interval(_weighted_pair_accuracy(counts, first, second, correct), level)}
+        "accuracy": percentile_interval(pair_accuracies(counts, first, second, correct), level)}
     hi, lo = np.maximum(ranks[first], ranks[second]), np.minimum(ranks[first], ranks[second])
     pairs: Dict[str, List[float]] = {}
     for h in range(3, -1, -1):
@@ -90,7 +90,7 @@ def metric_intervals(counts: np.ndarray, scores, ranks, first, second, labels,
             mask = (hi == h) & (lo == low)
             if mask.any():
                 pairs[f"{rank_to_tier(h)}-{rank_to_tier(low)}"] = percentile_interval(
-                    _weighted_pair_accuracy(counts, first[mask], second[mask], correct[mask]), level)
+                    pair_accuracies(counts, first[mask], second[mask], correct[mask]), level)
     out["tier_pair_accuracy"] = pairs
     out["spearman"] = percentile_interval(_per_resample(counts, lambda i: spearman(scores[i], ranks[i])), level)
     out["kendall"] = percentile_interval(_per_resample(counts, lambda i: kendall_tau_b(scores[i], ranks[i])), level)
