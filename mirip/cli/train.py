@@ -18,6 +18,7 @@ from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
 from mirip.training.bootstrap import with_interval
 from mirip.training.config import TrainingConfig
+from mirip.training.folds import FOLDS_FILE
 from mirip.training.run import OUTPUT_FILES, train
 from mirip.training.run_config import RunConfig
 
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples behind the confidence interval of every test figure (0: none)")
     report.add_argument("--interval-level", type=float, default=0.95, help="two-sided level of the intervals")
+    report.add_argument("--folds", type=int, default=0, metavar="K",
+                        help="first cross-validate: K heads, each trained on the non-test images but one fold and "
+                             "scored on it (folds of whole groups with --group-column); prints mean +- std and the "
+                             "fold table, writes folds.json and fold_<k>/; costs K extra trainings (0: none)")
     run = parser.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
@@ -75,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         margin=args.margin, hidden_dim=args.hidden_dim, projector_dim=args.projector_dim, dropout=args.dropout,
         ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training), feature=args.feature,
         feature_norm=args.feature_norm, bootstrap_resamples=args.bootstrap, interval_level=args.interval_level,
+        folds=args.folds,
     )
 
 
@@ -108,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         if ci:
             print(f"[low, high]: {100 * ci['level']:g}% bootstrap intervals over {ci['units']} "
                   + ("images" if ci["unit"] == "image" else f"groups ({ci['unit'][6:]})"))
+    cv = result.get("cross_validation")
+    if cv:
+        s = cv["summary"]
+        print(f"cross-validated ({cv['folds']} folds, {cv['images']} non-test images): pairwise accuracy "
+              f"{s['accuracy']['mean']:.4f} +- {s['accuracy']['std']:.4f}, Spearman {s['spearman']['mean']:.4f} "
+              f"+- {s['spearman']['std']:.4f} (fold table in {Path(args.output_dir) / FOLDS_FILE})")
     print(f"outputs in {args.output_dir}: " + ", ".join(
-        f for f in OUTPUT_FILES if (Path(args.output_dir) / f).exists()))
+        f for f in OUTPUT_FILES + (FOLDS_FILE,) if (Path(args.output_dir) / f).exists()))
     return 0
 

@@ -33,6 +33,7 @@ from mirip.training.config import TrainingConfig
 from mirip.training.datasets.group_split import describe_gap
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator, format_metrics
+from mirip.training.folds import cross_validate
 from mirip.training.head_calibration import (IN_SAMPLE, HeadCalibration, calibration_title, attach_calibration,
     calibrate_head)
 from mirip.training.metrics import distinct_pairs, score_metrics
@@ -68,7 +69,8 @@ def baseline_metrics(data: RunData, datasets: Dict[str, Optional[FeaturePairData
 
 
 # Settings a resumed run may change: they do not alter what the epochs already run computed.
-RESUMABLE_CHANGES = ("output_dir", "encoding", "bootstrap_resamples", "interval_level", "training.checkpoint_dir", "training.max_epochs", "training.device",
+RESUMABLE_CHANGES = ("output_dir", "encoding", "bootstrap_resamples", "interval_level", "training.checkpoint_dir",
+                     "training.max_epochs", "training.device",
                      "training.wandb_enabled", "training.wandb_project", "training.wandb_run_name")
 
 
@@ -116,6 +118,8 @@ def _prepare_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Tuple[RunC
     if not resume and not overwrite and any(os.path.exists(os.path.join(out, f)) for f in ("best.pt", "last.pt")):
         raise FileExistsError(f"{out} already holds a run (best.pt / last.pt); pass --resume to continue it, "
                               "--overwrite to start over, or choose another output directory")
+    if resume and cfg.folds:
+        raise ValueError("--resume does not continue a cross-validated run (--folds); start it again with --overwrite")
     if resume and not os.path.isfile(last):
         raise FileNotFoundError(f"cannot resume: {last} does not exist")
     os.makedirs(out, exist_ok=True)
@@ -239,10 +243,13 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
     cfg, last = _prepare_output(cfg, resume, overwrite)
     out = cfg.output_dir
     cfg, data, device, features, datasets, sizes = _run_inputs(cfg, resume, last, log)
+    folds = cross_validate(cfg, data, features, progress=progress, log=log) if cfg.folds else None
     model, trainer, history, backbone = _fit(cfg, data, features, datasets, resume=resume, last=last,
                                              progress=progress, log=log)
     calibrated = _calibrate_checkpoints(model, trainer, datasets, device, out, last, log)
     result = _test_report(cfg, data, datasets, model, device, trainer, calibrated, sizes, backbone, log)
+    if folds:
+        result["cross_validation"] = {k: v for k, v in folds.items() if k != "table"}
     write_json(os.path.join(out, "test_metrics.json"), result)
     _save_plots(result, out, history, calibrated, backbone)
     result["history"] = history

@@ -54,6 +54,7 @@ class RunConfig(DataSettings):
     # Confidence intervals of the test figures: bootstrap resamples (0: none) and their two-sided level.
     bootstrap_resamples: int = 1000
     interval_level: float = 0.95
+    folds: int = 0  # > 1: cross-validate the recipe over K folds of the non-test images before the final run
 
     def __post_init__(self):
         if isinstance(self.training, dict):
@@ -70,6 +71,8 @@ class RunConfig(DataSettings):
         if self.bootstrap_resamples < 0 or not 0.0 < self.interval_level < 1.0:
             raise ValueError(f"bootstrap_resamples must be >= 0 and interval_level in (0, 1), got "
                              f"{self.bootstrap_resamples} and {self.interval_level}")
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError(f"folds must be 0 (no cross-validation) or at least 2, got {self.folds}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         try:

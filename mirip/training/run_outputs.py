@@ -64,14 +64,15 @@ def quality_warnings(model: Optional[Dict[str, Any]], baseline: Optional[Dict[st
 SMALL_SPLIT_IMAGES = 30  # below this, a split's accuracy moves by several points per image: too coarse to pick epochs
 
 
-def small_split_warning(val_images: Optional[int], val_pairs: Optional[int], folds: int = 0) -> Optional[str]:
+def small_split_warning(val_images: Optional[int], val_pairs: Optional[int]) -> Optional[str]:
     """A warning when the split that chooses the epoch (and fits the calibration) is too small to trust."""
-    if not val_images or val_images >= SMALL_SPLIT_IMAGES or folds:
+    if not val_images or val_images >= SMALL_SPLIT_IMAGES:
         return None
     return (f"the val split that chose the best epoch has only {val_images} images ({val_pairs} distinct pairs): "
             "its accuracy is noise at that size, so the chosen epoch (and the tier calibration fitted there) is "
-            f"close to a guess. Try: --folds 5 (cross-validation on every non-test image), a larger --val-ratio "
-            f"(at least {SMALL_SPLIT_IMAGES} images), or a fixed --max-epochs with --early-stopping-patience 0")
+            f"close to a guess. Try: a larger --val-ratio (at least {SMALL_SPLIT_IMAGES} images), or a fixed --max-epochs "
+            "with --early-stopping-patience 0; and --folds 5 to see how far the figures move with the drawings "
+            "chosen (cross-validation over every non-test image)")
 
 
 def curves_title(backbone: Dict[str, Any]) -> Optional[str]:
