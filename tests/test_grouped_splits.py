@@ -116,3 +116,30 @@ def test_one_drawing_per_group_keeps_the_seed_split():
     by_image = DataSplitter(stratify_column="tier").split(meta)
     by_student = DataSplitter(stratify_column="tier", group_column="student").split(meta)
     assert all(a.index.equals(b.index) for a, b in zip(by_image, by_student))
+
+
+def test_sweep_and_evaluate_split_by_group_as_the_run_did(tmp_path, capsys):
+    from mirip.cli import evaluate as evaluate_cli
+    from mirip.cli import sweep as sweep_cli
+    from mirip.store.checkpoint import load_checkpoint_file
+
+    feats, meta = _scenes(n_scenes=20, copies=3, dim=8)
+    cache, csv = _write(tmp_path, feats, meta)
+    out = tmp_path / "sweep"
+    assert sweep_cli.main(["--features", cache, "--metadata", csv, "--output-dir", str(out), "--group-column", "scene",
+                           "--margin", "0.5", "--hidden-dim", "8", "--projector-dim", "4", "--learning-rate", "1e-3",
+                           "--max-epochs", "2", "--pairs-per-epoch", "128", "--eval-pairs", "200", "--device", "cpu",
+                           "--no-progress", "--train-ratio", "0.6", "--val-ratio", "0.2", "--test-ratio", "0.2"]) == 0
+    ckpt = next(out.rglob("*.pt"))
+    assert load_checkpoint_file(str(ckpt))["run_config"]["group_column"] == "scene"
+    capsys.readouterr()
+    report = tmp_path / "eval.json"
+    assert evaluate_cli.main(["--checkpoint", str(ckpt), "--features", cache, "--metadata", csv, "--split", "test",
+                              "--bootstrap", "50", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    import json
+
+    result = json.loads(report.read_text())
+    assert result["model"]["num_images"] == 12  # 4 whole scenes of 3
+    assert result["model"]["intervals"]["unit"] == "group:scene" and result["model"]["intervals"]["units"] == 4
+    assert "bootstrap interval, 50 resamples of the 4 groups" in printed
