@@ -110,3 +110,20 @@ def test_no_resamples_means_no_intervals():
                                             (first, second, labels))
     with pytest.raises(ValueError, match="level"):
         BootstrapConfig(level=95)
+
+
+def test_the_sweep_tie_note_names_configurations_inside_the_winners_interval():
+    import pandas as pd
+
+    from mirip.sweep.report import aggregate, tie_note
+
+    rows = [{"margin": m, "hidden_dim": 16, "projector_dim": 8, "learning_rate": 1e-3, "dropout": 0.1,
+             "weight_decay": 0.01, "feature": "cls@-1", "seed": 0, "val_acc": v, "val_acc_low": v - 0.08,
+             "val_acc_high": v + 0.06, "test_acc": 0.5, "spearman": 0.1, "best_epoch": 1, "wall_time_s": 1.0,
+             "checkpoint": f"m{m}.pt"} for m, v in ((0.1, 0.70), (0.5, 0.75), (1.0, 0.60))]
+    note = tie_note(aggregate(pd.DataFrame(rows)))
+    assert note.startswith("1 other configuration(s) have a mean val accuracy inside the winner's 95% interval "
+                           "[0.67, 0.81] (")
+    assert "margin=0.1 " in note and "margin=1 " not in note
+    rows[0]["val_acc"] = 0.66  # just below the winner's low end: no longer inside
+    assert tie_note(aggregate(pd.DataFrame(rows))) == ""

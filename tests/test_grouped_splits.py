@@ -130,6 +130,8 @@ def test_sweep_and_evaluate_split_by_group_as_the_run_did(tmp_path, capsys):
                            "--margin", "0.5", "--hidden-dim", "8", "--projector-dim", "4", "--learning-rate", "1e-3",
                            "--max-epochs", "2", "--pairs-per-epoch", "128", "--eval-pairs", "200", "--device", "cpu",
                            "--no-progress", "--train-ratio", "0.6", "--val-ratio", "0.2", "--test-ratio", "0.2"]) == 0
+    table = pd.read_csv(out / "results.csv")
+    assert (table["val_acc_low"] <= table["val_acc"]).all() and (table["val_acc"] <= table["val_acc_high"]).all()
     ckpt = next(out.rglob("*.pt"))
     assert load_checkpoint_file(str(ckpt))["run_config"]["group_column"] == "scene"
     capsys.readouterr()

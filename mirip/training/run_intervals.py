@@ -3,12 +3,14 @@ and the head's figures with their intervals (see ``mirip.training.bootstrap``)."
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from mirip.training.bootstrap import BootstrapConfig, add_intervals
+from mirip.training.bootstrap import (BootstrapConfig, add_intervals, pair_accuracies, percentile_interval,
+                                     resample_counts)
 from mirip.training.evaluator import score_images
+from mirip.training.metrics import pair_correct
 from mirip.training.run_data import RunData
 
 
@@ -37,3 +39,14 @@ def head_intervals(metrics: Optional[Dict[str, Any]], model, dataset, device, ca
     scores = score_images(model, dataset, device)
     probabilities = calibration.probabilities(scores) if calibration is not None else None
     return add_intervals(metrics, boot, scores, dataset.ranks, dataset.pair_arrays(), units, probabilities, unit_name)
+
+
+def accuracy_interval(model, dataset, device, boot: BootstrapConfig, units=None) -> List[float]:
+    """The pairwise accuracy's interval alone (a sweep's val split per head: cheaper than every figure's)."""
+    if dataset is None or boot.resamples == 0:
+        return [float("nan"), float("nan")]
+    scores = score_images(model, dataset, device)
+    first, second, labels = dataset.pair_arrays()
+    correct = pair_correct(scores[first], scores[second], labels).astype(np.float64)
+    counts = resample_counts(np.arange(len(scores)) if units is None else np.asarray(units), boot.resamples, boot.seed)
+    return percentile_interval(pair_accuracies(counts, first, second, correct), boot.level)
