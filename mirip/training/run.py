@@ -87,7 +87,7 @@ def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path
     if not saved:
         return
     # A run from before feature specs trained on the spec its checkpoint implies, with no normalisation.
-    saved = {"feature_norm": "auto", "strict_images": False, **saved}
+    saved = {"feature_norm": "auto", "strict_images": False, "group_column": None, "folds": 0, **saved}
     if not saved.get("feature"):
         saved["feature"] = saved_spec
     old, new = _flat(saved), _flat(cfg.to_dict())
