@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the run's device, cpu if no CUDA)")
     parser.add_argument("--filename-column", default=None, help="(default: the run's)")
     parser.add_argument("--tier-column", default=None, help="(default: the run's)")
+    parser.add_argument("--group-column", default=None, metavar="COLUMN",
+                        help="metadata column naming each drawing's student or scene: the confidence intervals "
+                             "resample whole groups (default: the run's group column, else images). The split is "
+                             "always rebuilt as the run made it")
+    parser.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                        help="bootstrap resamples behind each figure's interval, 0 for none (default: the run's)")
     add_encoding_option(parser)
     add_strict_images_option(parser)
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the metrics as JSON here")
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_checkpoint(args.checkpoint, args.features, args.metadata, split=args.split,
                                      device=args.device, eval_pairs=args.eval_pairs,
                                      filename_column=args.filename_column, tier_column=args.tier_column,
-                                     encoding=args.encoding, strict_images=args.strict_images)
+                                     encoding=args.encoding, strict_images=args.strict_images,
+                                     group_column=args.group_column, bootstrap_resamples=args.bootstrap)
     except (ValueError, FileNotFoundError, CacheError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

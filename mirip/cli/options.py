@@ -129,5 +129,9 @@ def add_data_options(parser: argparse.ArgumentParser, output_help: str,
     data.add_argument("--test-ratio", type=float, default=0.1, help="share of images for the final test")
     data.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=True,
                       help="keep tier proportions equal across splits")
+    data.add_argument("--group-column", default=None, metavar="COLUMN",
+                      help="metadata column naming who or what a drawing belongs to (student, scene, class): every "
+                           "drawing of a group lands in one split and the confidence intervals resample groups; "
+                           "use it whenever one student or scene has several drawings (default: split by image)")
     add_strict_images_option(data)
     return data

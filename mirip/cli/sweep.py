@@ -122,7 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
     settings = SweepSettings(
         features=args.features[0], metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column, train_ratio=args.train_ratio,
-        val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
+        val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify, group_column=args.group_column,
         encoding=args.encoding, strict_images=args.strict_images,
         training=TrainingConfig(**training), optimizer=args.optimizer, feature_norm=args.feature_norm,
     )

@@ -16,7 +16,9 @@ from mirip.cli.options import (DefaultsHelpFormatter, add_data_options, add_trai
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
+from mirip.training.bootstrap import with_interval
 from mirip.training.config import TrainingConfig
+from mirip.training.folds import FOLDS_FILE
 from mirip.training.run import OUTPUT_FILES, train
 from mirip.training.run_config import RunConfig
 
@@ -59,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     judged.add_argument("--judgment-weight", type=float, default=1.0, metavar="W",
                         help="what one judged pair counts against one tier pair in an epoch's loss (a tie: W/2 "
                              "each way)")
+    report = parser.add_argument_group("report")
+    report.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples behind the confidence interval of every test figure (0: none)")
+    report.add_argument("--interval-level", type=float, default=0.95, help="two-sided level of the intervals")
+    report.add_argument("--folds", type=int, default=0, metavar="K",
+                        help="first cross-validate: K heads, each trained on the non-test images but one fold and "
+                             "scored on it (folds of whole groups with --group-column); prints mean +- std and the "
+                             "fold table, writes folds.json and fold_<k>/; costs K extra trainings (0: none)")
     run = parser.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
@@ -72,10 +82,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         features=args.features, metadata=args.metadata, output_dir=args.output_dir,
         filename_column=args.filename_column, tier_column=args.tier_column,
         train_ratio=args.train_ratio, val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify,
+        group_column=args.group_column,
         encoding=args.encoding, strict_images=args.strict_images,
         margin=args.margin, hidden_dim=args.hidden_dim, projector_dim=args.projector_dim, dropout=args.dropout,
         ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training), feature=args.feature,
         feature_norm=args.feature_norm, judgments=args.judgments, judgment_weight=args.judgment_weight,
+        bootstrap_resamples=args.bootstrap, interval_level=args.interval_level, folds=args.folds,
     )
 
 
@@ -95,14 +107,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbest epoch {result['best_epoch']} of {result['epochs_run']} ({chooser} accuracy "
           f"{result['best_accuracy']:.4f}{on_val})" + (" - stopped early" if result["stopped_early"] else ""))
     if model is not None:
-        print(f"test pairwise accuracy {model['accuracy']:.4f} on {model['distinct_pairs']} distinct pairs of "
-              f"{model['num_images']} images (ridge baseline {base['accuracy']:.4f}), "
-              f"Spearman {model['spearman']:.4f}, Kendall {model['kendall']:.4f} ({model['num_images']} images)")
+        ci, base_ci = model.get("intervals") or {}, base.get("intervals") or {}
+        print(f"test pairwise accuracy {with_interval(model['accuracy'], ci.get('accuracy'))} on "
+              f"{model['distinct_pairs']} distinct pairs of {model['num_images']} images (ridge baseline "
+              f"{with_interval(base['accuracy'], base_ci.get('accuracy'))}), Spearman "
+              f"{with_interval(model['spearman'], ci.get('spearman'))}, Kendall "
+              f"{with_interval(model['kendall'], ci.get('kendall'))} ({model['num_images']} images)")
         if "tier_accuracy" in model:
-            print(f"test tier accuracy {model['tier_accuracy']:.4f} (always {model['majority_tier']}: "
-                  f"{model['majority_tier_accuracy']:.4f}), mean absolute tier error {model['tier_mae']:.4f}, "
-                  f"expected calibration error {model['calibration_error']['value']:.4f}")
+            print(f"test tier accuracy {with_interval(model['tier_accuracy'], ci.get('tier_accuracy'))} (always "
+                  f"{model['majority_tier']}: {model['majority_tier_accuracy']:.4f}), mean absolute tier error "
+                  f"{model['tier_mae']:.4f}, expected calibration error "
+                  f"{with_interval(model['calibration_error']['value'], ci.get('calibration_error'))}")
+        if ci:
+            print(f"[low, high]: {100 * ci['level']:g}% bootstrap intervals over {ci['units']} "
+                  + ("images" if ci["unit"] == "image" else f"groups ({ci['unit'][6:]})"))
+    cv = result.get("cross_validation")
+    if cv:
+        s = cv["summary"]
+        print(f"cross-validated ({cv['folds']} folds, {cv['images']} non-test images): pairwise accuracy "
+              f"{s['accuracy']['mean']:.4f} +- {s['accuracy']['std']:.4f}, Spearman {s['spearman']['mean']:.4f} "
+              f"+- {s['spearman']['std']:.4f} (fold table in {Path(args.output_dir) / FOLDS_FILE})")
     print(f"outputs in {args.output_dir}: " + ", ".join(
-        f for f in OUTPUT_FILES if (Path(args.output_dir) / f).exists()))
+        f for f in OUTPUT_FILES + (FOLDS_FILE,) if (Path(args.output_dir) / f).exists()))
     return 0
 

@@ -41,6 +41,10 @@ def aggregate(rows: pd.DataFrame, extra_keys: Sequence[str] = ()) -> pd.DataFram
         for m in METRICS:
             vals = g[m].to_numpy(dtype=np.float64)
             rec[f"{m}_mean"], rec[f"{m}_std"] = float(np.mean(vals)), _std(vals)
+        if "val_acc_low" in g.columns:  # results from before intervals lack them
+            for end in ("low", "high"):
+                ends = g[f"val_acc_{end}"].to_numpy(dtype=np.float64)
+                rec[f"val_acc_{end}_mean"] = float(np.nanmean(ends)) if np.isfinite(ends).any() else float("nan")
         rec["best_epoch_mean"] = float(g["best_epoch"].mean())
         rec["wall_time_s_mean"] = float(g["wall_time_s"].mean())
         best_run = g.sort_values("val_acc", ascending=False, kind="stable").iloc[0]
@@ -100,8 +104,31 @@ def describe_config(row: Any) -> str:
                     for k in keys)
 
 
+def interval_note(table: pd.DataFrame, shown: int = 5) -> str:
+    """One sentence when other configurations' mean validation accuracy lies inside the winner's 95% interval
+    (bootstrap over the val drawings): validation does not show them to be worse; else ""."""
+    if "val_acc_low_mean" not in table.columns or len(table) < 2:
+        return ""
+    low, high = float(table["val_acc_low_mean"].iloc[0]), float(table["val_acc_high_mean"].iloc[0])
+    if not (low == low and high == high):
+        return ""
+    inside = table.iloc[1:][table["val_acc_mean"].iloc[1:] >= low]
+    if inside.empty:
+        return ""
+    listed = "; ".join(describe_config(r) for _, r in inside.head(shown).iterrows())
+    more = f" and {len(inside) - shown} more" if len(inside) > shown else ""
+    return (f"{len(inside)} other configuration(s) have a mean val accuracy inside the winner's 95% interval "
+            f"[{low:.2f}, {high:.2f}] ({listed}{more}): this validation split does not show them to be worse. "
+            "Prefer the simplest of them, or decide with more validation drawings or more seeds.")
+
+
 def tie_note(table: pd.DataFrame) -> str:
-    """One sentence when the winner ties others on validation (how many, at what value, how it was broken), else ""."""
+    """The winner's ties on validation: exact ones (how many, at what value, how they were broken) and those
+    inside its interval, as sentences; "" when there are none."""
+    return " ".join(n for n in (_exact_tie_note(table), interval_note(table)) if n)
+
+
+def _exact_tie_note(table: pd.DataFrame) -> str:
     tied = validation_ties(table)
     if len(tied) < 2:
         return ""

@@ -45,10 +45,12 @@ from mirip.sweep.engine import HeadOutcome, train_group
 from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepConfigError, SweepGrid, group_configs
 from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
 from mirip.sweep.settings import SweepSettings, check_manifest, file_sha256
+from mirip.training.bootstrap import BootstrapConfig
 from mirip.training.evaluator import Evaluator
 from mirip.training.head_calibration import calibrate_head
 from mirip.training.run_data import (RunData, SPLITS, exclusion_note, failed_images, feature_keys, read_metadata,
                                      scaled_features, split_dataset, split_names, split_positions, write_excluded)
+from mirip.training.run_intervals import accuracy_interval
 
 RESULT_COLUMNS = (
     ("config_id", "seed") + HYPERPARAMETERS
@@ -56,7 +58,7 @@ RESULT_COLUMNS = (
        "early_stopping_patience", "scheduler_t_max", "scheduler_eta_min", "train_ratio", "val_ratio", "test_ratio",
        "stratify")
     + ("best_epoch", "epochs_run", "stopped_early", "val_acc", "val_loss", "test_acc", "spearman", "kendall",
-       "test_pairs", "wall_time_s", "group_size", "checkpoint", "backbone_weights")
+       "test_pairs", "wall_time_s", "group_size", "checkpoint", "backbone_weights", "val_acc_low", "val_acc_high")
 )
 OUTPUT_FILES = ("results.csv", "summary.md", "best.json", "heatmap.png")
 
@@ -158,7 +160,7 @@ class SweepRunner:
         run_data = RunData(data["meta"], features, data["ranks"], data["names"], data["fingerprint"],
                            splits, spec=spec, entry_dims=dims,
                            feature_norm="entry" if scales else "none", feature_scales=scales,
-                           excluded=data["excluded"])
+                           excluded=data["excluded"], split_info=splitter.get_split_info())
         device_features = features.to(self.device)
         datasets = {sp: split_dataset(run_data, sp, device_features, rc.training, train=(sp == "train"))
                     for sp in SPLITS}
@@ -182,6 +184,7 @@ class SweepRunner:
         if test_ds is not None:
             metrics = Evaluator(head, self.device, calibration=calibrated.calibration).evaluate_detailed(test_ds)
         best = outcome.best_epoch
+        val_low, val_high = self._val_interval(head, (datasets or {}).get("val"), data, cfg.seed)
         payload = head_checkpoint(
             state=outcome.state, optimizer_state=outcome.optimizer_state, scheduler_state=outcome.scheduler_state,
             epoch=best, accuracy=outcome.best_val_acc, config=rc.training.to_dict(), head=outcome.head_config,
@@ -208,11 +211,22 @@ class SweepRunner:
             "wall_time_s": time.perf_counter() - t_group, "group_size": group_size,
             "checkpoint": os.path.relpath(ckpt, self.out),
             "backbone_weights": weights_summary(data["fingerprint"])["backbone_weights"],
+            "val_acc_low": val_low, "val_acc_high": val_high,
         })
         # Written last: its presence is what marks the configuration as done.
         write_atomic(self.result_path(cfg), json.dumps(json_safe({"row": row, "history": outcome.history,
                                                                 "test_metrics": metrics}), indent=2))
         return row
+
+    def _val_interval(self, head, val_ds, data: Dict[str, Any], seed: int) -> List[float]:
+        """The head's val accuracy interval, over the val split's groups when the sweep has a group column: what
+        the summary's tie note compares the other configurations against."""
+        column = self.settings.group_column
+        units = None
+        if column and val_ds is not None:
+            group_of = dict(zip(data["names"], data["meta"][column].astype(str)))
+            units = [group_of[n] for n in val_ds.names]
+        return accuracy_interval(head, val_ds, self.device, BootstrapConfig(seed=seed), units)
 
     # --- the run -----------------------------------------------------------------------------
     def _write_manifest(self, data: Dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ class SweepSettings(DataSettings):
         return RunConfig(features=self.features, metadata=self.metadata, output_dir=self.output_dir,
                          filename_column=self.filename_column, tier_column=self.tier_column,
                          train_ratio=self.train_ratio, val_ratio=self.val_ratio, test_ratio=self.test_ratio,
-                         stratify=self.stratify, encoding=self.encoding, strict_images=self.strict_images,
+                         stratify=self.stratify, group_column=self.group_column, encoding=self.encoding, strict_images=self.strict_images,
                          margin=cfg.margin, hidden_dim=cfg.hidden_dim,
                          projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc,
                          feature=feature or cfg.feature, feature_norm=self.feature_norm)
@@ -47,6 +47,8 @@ class SweepSettings(DataSettings):
         """The settings results depend on (apart from the grid): a restart must match them."""
         out = {k: getattr(self, k) for k in DATA_FIELDS}
         out.update({k: v for k, v in self.training.to_dict().items() if k not in GRID_FIELDS + INERT_FIELDS})
+        if self.group_column:  # recorded only when set, so sweeps split by image continue
+            out["group_column"] = self.group_column
         if self.feature_norm != "auto":  # recorded only when set, so sweeps from before feature specs continue
             out["feature_norm"] = self.feature_norm
         return out

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from mirip.common.devices import resolve_device
+from mirip.training.bootstrap import with_interval
 from mirip.training.calibration import OrdinalCalibration
 from mirip.training.calibration_metrics import tier_metrics
 from mirip.training.metrics import score_metrics
@@ -159,16 +160,23 @@ def format_metrics(metrics: Dict[str, Any], baseline: Optional[Dict[str, Any]] =
             return "nan" if v != v else f"{v:.4f}"
         return str(v)
 
+    def cell(figures: Dict[str, Any], key: str, interval: Any = None) -> str:
+        value = figures.get(key)
+        bounds = interval if interval is not None else (figures.get("intervals") or {}).get(key)
+        return with_interval(value, bounds) if bounds and isinstance(value, float) else fmt(value)
+
     header = ["metric", "model"] + (["linear baseline"] if baseline else [])
     table = [header]
     for label, key in rows:
-        table.append([label, fmt(metrics.get(key))] + ([fmt(baseline.get(key))] if baseline else []))
+        table.append([label, cell(metrics, key)] + ([cell(baseline, key)] if baseline else []))
     for pair, entry in (metrics.get("tier_pair_accuracy") or {}).items():
         base = (baseline or {}).get("tier_pair_accuracy", {}).get(pair, {})
         counts = (f"{entry['distinct_pairs']} distinct pairs, {entry['pairs']} sampled" if "distinct_pairs" in entry
                   else f"{entry['pairs']} pairs")
-        table.append([f"  {pair} ({counts})", fmt(entry["accuracy"])]
-                     + ([fmt(base.get("accuracy"))] if baseline else []))
+        pair_ci = ((metrics.get("intervals") or {}).get("tier_pair_accuracy") or {}).get(pair)
+        base_ci = (((baseline or {}).get("intervals") or {}).get("tier_pair_accuracy") or {}).get(pair)
+        table.append([f"  {pair} ({counts})", cell(entry, "accuracy", pair_ci)]
+                     + ([cell(base, "accuracy", base_ci)] if baseline else []))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     evidence = (f"{images} images, {distinct} distinct cross-tier pairs ({metrics.get('total_pairs')} sampled, "
                 "repeats included)" if distinct is not None and images is not None else "")
@@ -177,6 +185,12 @@ def format_metrics(metrics: Dict[str, Any], baseline: Optional[Dict[str, Any]] =
         lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if metrics.get("intervals"):
+        ci = metrics["intervals"]
+        unit = ci["unit"].replace("group:", "groups of column ")
+        lines.append(f"[low, high]: {100 * ci['level']:g}% bootstrap interval, {ci['resamples']} resamples of the "
+                     f"{ci['units']} {unit}{'s' if unit == 'image' else ''} (another draw of drawings like these "
+                     "would land inside it that often)")
     if "tier_accuracy" in metrics:
         lines += ["", format_tier_metrics(metrics)]
     return "\n".join(lines)
@@ -187,13 +201,14 @@ def format_tier_metrics(tiers: Dict[str, Any]) -> str:
     if not tiers.get("num_images") or "tier_accuracy" not in tiers:
         return "tier prediction: no images"
     cal = tiers["calibration_error"]
+    ci = tiers.get("intervals") or {}
     lines = [
         f"tier prediction (calibration fitted on the {tiers.get('calibration_fitted_on', '?')} split), "
         f"{tiers['num_images']} images:",
-        f"  tier accuracy {tiers['tier_accuracy']:.4f}  (always predicting the commonest tier here, "
+        f"  tier accuracy {with_interval(tiers['tier_accuracy'], ci.get('tier_accuracy'))}  (always predicting the commonest tier here, "
         f"{tiers['majority_tier']}: {tiers['majority_tier_accuracy']:.4f})",
         f"  mean absolute tier error {tiers['tier_mae']:.4f}",
-        f"  {cal['name']}, {cal['bins']} bins: {cal['value']:.4f}",
+        f"  {cal['name']}, {cal['bins']} bins: {with_interval(cal['value'], ci.get('calibration_error'))}",
         f"  ranked probability score {tiers['ranked_probability_score']:.4f} (0 is perfect)",
         "  confusion matrix (rows: true tier, columns: predicted tier):",
     ]

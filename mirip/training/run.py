@@ -27,11 +27,14 @@ from mirip.store.checkpoint import load_checkpoint_file
 from mirip.store.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, check_fingerprint,
                                      weights_summary)
 from mirip.training.baseline import RidgeBaseline
+from mirip.training.bootstrap import BootstrapConfig, add_intervals
 from mirip.training.calibration import from_checkpoint, save_calibration_plot
 from mirip.training.checkpoint_state import history_to_json
 from mirip.training.config import TrainingConfig
+from mirip.training.datasets.group_split import describe_gap
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator, format_metrics
+from mirip.training.folds import cross_validate
 from mirip.training.head_calibration import (HeadCalibration, IN_SAMPLE, attach_calibration, calibrate_head,
                                              calibration_title)
 from mirip.training.judged_pairs import (all_scores, attach_judgments, judged_summary, judgments_report,
@@ -40,7 +43,8 @@ from mirip.training.metrics import distinct_pairs, score_metrics
 from mirip.training.run_config import RunConfig
 from mirip.training.run_data import (RunData, SPLITS, exclusion_note, feature_keys, load_run_data, resolve_spec,
                                      split_dataset, write_excluded)
-from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, write_json
+from mirip.training.run_intervals import bootstrap_config, head_intervals, split_units
+from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, small_split_warning, write_json
 from mirip.training.trainer import Trainer
 from mirip.training.typicality import attach_typicality, typicality_for_datasets
 
@@ -49,8 +53,10 @@ OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metri
 
 
 def baseline_metrics(data: RunData, datasets: Dict[str, Optional[FeaturePairDataset]], split: str,
-                     alpha: Optional[float]) -> Tuple[Dict[str, Any], float]:
-    """Ridge fitted on the train split (alpha picked on val), scored on ``split``'s pairs."""
+                     alpha: Optional[float], boot: Optional[BootstrapConfig] = None, units=None,
+                     unit_name: str = "image") -> Tuple[Dict[str, Any], float]:
+    """Ridge fitted on the train split (alpha picked on val), scored on ``split``'s pairs (with ``boot``, their
+    intervals too)."""
     train_rows = data.splits["train"]
     val = datasets.get("val")
     val_args = {}
@@ -59,11 +65,15 @@ def baseline_metrics(data: RunData, datasets: Dict[str, Optional[FeaturePairData
     ridge = RidgeBaseline.fit(data.features[train_rows], data.ranks[train_rows], alpha=alpha, **val_args)
     ds = datasets[split]
     scores = ridge.predict(data.features[data.splits[split]])
-    return score_metrics(scores, ds.ranks, *ds.pair_arrays()), ridge.alpha
+    metrics = score_metrics(scores, ds.ranks, *ds.pair_arrays())
+    if boot is not None:
+        add_intervals(metrics, boot, scores, ds.ranks, ds.pair_arrays(), units, unit_name=unit_name)
+    return metrics, ridge.alpha
 
 
 # Settings a resumed run may change: they do not alter what the epochs already run computed.
-RESUMABLE_CHANGES = ("output_dir", "encoding", "training.checkpoint_dir", "training.max_epochs", "training.device",
+RESUMABLE_CHANGES = ("output_dir", "encoding", "bootstrap_resamples", "interval_level", "training.checkpoint_dir",
+                     "training.max_epochs", "training.device",
                      "training.wandb_enabled", "training.wandb_project", "training.wandb_run_name")
 
 
@@ -80,7 +90,8 @@ def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path
     if not saved:
         return
     # A run from before feature specs trained on the spec its checkpoint implies, with no normalisation.
-    saved = {"feature_norm": "auto", "strict_images": False, "judgments": None, "judgment_weight": 1.0, **saved}
+    saved = {"feature_norm": "auto", "strict_images": False, "judgments": None, "judgment_weight": 1.0,
+             "group_column": None, "folds": 0, **saved}
     if not saved.get("feature"):
         saved["feature"] = saved_spec
     old, new = _flat(saved), _flat(cfg.to_dict())
@@ -111,6 +122,8 @@ def _prepare_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Tuple[RunC
     if not resume and not overwrite and any(os.path.exists(os.path.join(out, f)) for f in ("best.pt", "last.pt")):
         raise FileExistsError(f"{out} already holds a run (best.pt / last.pt); pass --resume to continue it, "
                               "--overwrite to start over, or choose another output directory")
+    if resume and cfg.folds:
+        raise ValueError("--resume does not continue a cross-validated run (--folds); start it again with --overwrite")
     if resume and not os.path.isfile(last):
         raise FileNotFoundError(f"cannot resume: {last} does not exist")
     os.makedirs(out, exist_ok=True)
@@ -136,6 +149,8 @@ def _run_inputs(cfg: RunConfig, resume: bool, last: str, log: Callable[[str], No
     log(f"data: {len(data.names)} images, {features.shape[1]}-d features ({data.features.dtype}; spec {data.spec}"
         + (", per-entry scaling" if data.feature_scales else "") + ") | "
         + " | ".join(f"{s} {n}" for s, n in sizes.items()) + f" | device {device}")
+    if data.split_info.get("group_balance"):
+        log(describe_gap(data.split_info["group_balance"], cfg.group_column))
     if data.excluded:
         log(exclusion_note(data.excluded, write_excluded(cfg.output_dir, data.excluded)))
     return cfg, data, device, features, datasets, sizes
@@ -200,16 +215,23 @@ def _test_report(cfg: RunConfig, data: RunData, datasets, model, device, trainer
                               "calibration_note": calibrated.note,
                               "feature_spec": data.spec, "feature_norm": data.feature_norm,
                               "excluded_images": data.excluded}
+    if data.split_info.get("group_balance"):
+        result["split_balance"] = {"group_column": cfg.group_column, **data.split_info["group_balance"]}
     if datasets["test"] is None:
         log("no test split (test_ratio is 0): nothing to report on held-out data")
         result.update(model=None, linear_baseline=None)
     else:
-        result["model"] = Evaluator(model, device, calibration=calibrated.calibration).evaluate_detailed(
-            datasets["test"])
-        result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(data, datasets, "test", cfg.ridge_alpha)
+        boot, (units, unit_name) = bootstrap_config(cfg), split_units(data, "test", cfg.group_column)
+        result["model"] = head_intervals(
+            Evaluator(model, device, calibration=calibrated.calibration).evaluate_detailed(datasets["test"]),
+            model, datasets["test"], device, calibrated.calibration, units, unit_name, boot)
+        result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(
+            data, datasets, "test", cfg.ridge_alpha, boot if boot.resamples else None, units, unit_name)
         log(format_metrics(result["model"], result["linear_baseline"],
                            title=f"test split (best epoch {trainer.best_epoch}):"))
     result["warnings"] = quality_warnings(result["model"], result["linear_baseline"], sizes.get("val"))
+    small = small_split_warning(sizes.get("val"), (result["val_evidence"] or {}).get("distinct_pairs"))
+    result["warnings"] += [small] if small else []
     for warning in result["warnings"]:
         log(f"WARNING: {warning}")
     return result
@@ -234,11 +256,14 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
     cfg, data, device, features, datasets, sizes = _run_inputs(cfg, resume, last, log)
     judged = (attach_judgments(cfg.judgments, cfg.judgment_weight, data, datasets, cfg.encoding, log)
               if cfg.judgments else None)
+    folds = cross_validate(cfg, data, features, progress=progress, log=log) if cfg.folds else None
     model, trainer, history, backbone = _fit(cfg, data, features, datasets, resume=resume, last=last,
                                              progress=progress, log=log)
     calibrated = _calibrate_checkpoints(model, trainer, datasets, device, out, last, log)
     result = _test_report(cfg, data, datasets, model, device, trainer, calibrated, sizes, backbone, log)
     _judged_results(result, judged, data, model, features, calibrated.calibration, log)
+    if folds:
+        result["cross_validation"] = {k: v for k, v in folds.items() if k != "table"}
     write_json(os.path.join(out, "test_metrics.json"), result)
     _save_plots(result, out, history, calibrated, backbone)
     result["history"] = history
@@ -314,8 +339,13 @@ def _add_calibration(result: Dict[str, Any], calibration, why: Optional[str], sp
 def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split: str = "all",
                         device: Optional[str] = None, eval_pairs: Optional[int] = None,
                         filename_column: Optional[str] = None, tier_column: Optional[str] = None,
-                        encoding: Optional[str] = None, strict_images: bool = False) -> Dict[str, Any]:
+                        encoding: Optional[str] = None, strict_images: bool = False,
+                        group_column: Optional[str] = None, bootstrap_resamples: Optional[int] = None
+                        ) -> Dict[str, Any]:
     """Detailed metrics of a trained head on a cache + metadata: all of it, or one split of the run it came from.
+
+    Every figure comes with its bootstrap interval, resampling the groups of ``group_column`` (default: the
+    run's) or the images; ``bootstrap_resamples`` 0 leaves them out.
 
     A split is rebuilt from the run config stored in the checkpoint, so ``split="test"`` reproduces the
     run's test pairs and numbers. The ridge baseline (fitted on the train split) comes along for splits.
@@ -339,14 +369,20 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     if datasets[split] is None:
         raise ValueError(f"the {split} split is empty")
     calibration, _, why = from_checkpoint(ckpt, checkpoint)
+    boot = bootstrap_config(cfg)
+    if bootstrap_resamples is not None:
+        boot = dataclasses.replace(boot, resamples=int(bootstrap_resamples))
+    units, unit_name = split_units(data, split, group_column or cfg.group_column)
+    metrics = Evaluator(head, dev, calibration=calibration).evaluate_detailed(datasets[split])
     result: Dict[str, Any] = {"checkpoint": checkpoint, "split": split, "epoch": ckpt.get("epoch"),
                               "features_backbone": weights_summary(fingerprint), "feature_spec": spec,
-                              "model": Evaluator(head, dev, calibration=calibration).evaluate_detailed(datasets[split]),
+                              "model": head_intervals(metrics, head, datasets[split], dev, calibration, units,
+                                                      unit_name, boot),
                               "excluded_images": data.excluded}
     _add_calibration(result, calibration, why, split)
     if split != "all" and datasets["train"] is not None:
         result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(
-            data, datasets, split, cfg.ridge_alpha)
+            data, datasets, split, cfg.ridge_alpha, boot if boot.resamples else None, units, unit_name)
     return result
 
 

@@ -30,6 +30,8 @@ class DataSettings:
     val_ratio: float = 0.1
     test_ratio: float = 0.1
     stratify: bool = True
+    # Rows sharing this column's value (a student, a scene) land in one split; None: split image by image.
+    group_column: Optional[str] = None
     encoding: Optional[str] = None  # of the metadata CSV; None: UTF-8, else CP949 with a notice
     # Rows whose images extraction recorded as unreadable are left out (mirip.training.run_data); True refuses.
     strict_images: bool = False
@@ -52,6 +54,10 @@ class RunConfig(DataSettings):
     # Teachers' judged pairs trained beside the tier pairs (mirip.training.judged_pairs); None: tiers only.
     judgments: Optional[str] = None
     judgment_weight: float = 1.0  # what one judged pair counts against one tier pair
+    # Confidence intervals of the test figures: bootstrap resamples (0: none) and their two-sided level.
+    bootstrap_resamples: int = 1000
+    interval_level: float = 0.95
+    folds: int = 0  # > 1: cross-validate the recipe over K folds of the non-test images before the final run
 
     def __post_init__(self):
         if isinstance(self.training, dict):
@@ -67,6 +73,11 @@ class RunConfig(DataSettings):
             raise ValueError(f"judgment_weight must be non-negative, got {self.judgment_weight}")
         if self.margin < 0:
             raise ValueError(f"margin must be non-negative, got {self.margin}")
+        if self.bootstrap_resamples < 0 or not 0.0 < self.interval_level < 1.0:
+            raise ValueError(f"bootstrap_resamples must be >= 0 and interval_level in (0, 1), got "
+                             f"{self.bootstrap_resamples} and {self.interval_level}")
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError(f"folds must be 0 (no cross-validation) or at least 2, got {self.folds}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         try:
@@ -96,7 +107,7 @@ class RunConfig(DataSettings):
     def splitter(self) -> DataSplitter:
         return DataSplitter(self.train_ratio, self.val_ratio, self.test_ratio, seed=self.training.seed,
                             stratify_column=self.tier_column if self.stratify else None,
-                            group_column=self.filename_column)
+                            group_column=self.group_column or self.filename_column)
 
     def make_head(self, input_dim: int) -> RankingHead:
         """The head, initialised from ``torch.manual_seed(training.seed)`` (the training-step contract)."""

@@ -157,6 +157,7 @@ class RunData:
     feature_norm: str = "none"  # resolved: entry or none
     feature_scales: Optional[List[float]] = None  # per spec entry, applied to ``features`` (None: unscaled)
     excluded: Dict[str, str] = field(default_factory=dict)  # name -> reason: rows left out, unreadable images
+    split_info: Dict[str, Any] = field(default_factory=dict)  # DataSplitter.get_split_info(): sizes, group balance
 
 
 def resolve_spec(cache_path: str, spec: Optional[str] = None) -> str:
@@ -208,7 +209,8 @@ def load_run_data(cfg: RunConfig, expected_fingerprint: Optional[Dict[str, Any]]
     features, scales = scaled_features(features, dims, spec, cfg.feature_norm, splits["train"], scales, fit_scales)
     return RunData(meta, features, tier_ranks(meta, cfg.tier_column), names, fingerprint, splits,
                    spec=spec, entry_dims=dims,
-                   feature_norm="entry" if scales else "none", feature_scales=scales, excluded=excluded)
+                   feature_norm="entry" if scales else "none", feature_scales=scales, excluded=excluded,
+                   split_info=splitter.get_split_info())
 
 
 def feature_keys(data: RunData) -> Dict[str, Any]:

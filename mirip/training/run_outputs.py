@@ -10,6 +10,7 @@ import numpy as np
 
 from mirip.common.atomic import write_atomic
 from mirip.common.plain import json_safe
+from mirip.training.bootstrap import format_interval
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -32,9 +33,15 @@ def quality_warnings(model: Optional[Dict[str, Any]], baseline: Optional[Dict[st
         return []
     out: List[str] = []
     acc, ridge = _figure(model.get("accuracy")), _figure((baseline or {}).get("accuracy"))
+    ci, ridge_ci = (model.get("intervals") or {}).get("accuracy"), ((baseline or {}).get("intervals") or {}).get("accuracy")
     pairs = f"{model.get('distinct_pairs', model.get('total_pairs'))} distinct test pairs"
+    if ci:
+        level = f"{100 * model['intervals']['level']:g}% interval"
+        pairs += f"; {level} of the head's accuracy {format_interval(ci)}" + (
+            f", of the baseline's {format_interval(ridge_ci)}" if ridge_ci else "")
     if acc is not None and acc < CHANCE:
-        out.append(f"the head's test pairwise accuracy {acc:.4f} is below chance ({CHANCE}, {pairs}): it orders "
+        maybe = " (its interval reaches chance: it may be noise)" if ci and ci[1] >= CHANCE else ""
+        out.append(f"the head's test pairwise accuracy {acc:.4f} is below chance ({CHANCE}, {pairs}){maybe}: it orders "
                    "drawings backwards more often than not. Try: check that the tier column means S best ... C "
                    "worst; use features from pretrained backbone weights (not --random-init); a lower "
                    "--learning-rate or more --max-epochs; more images per tier")
@@ -52,6 +59,20 @@ def quality_warnings(model: Optional[Dict[str, Any]], baseline: Optional[Dict[st
                    "for the calibration, and improve the pairwise accuracy first; until then, do not rely on the "
                    "predicted tiers")
     return out
+
+
+SMALL_SPLIT_IMAGES = 30  # below this, a split's accuracy moves by several points per image: too coarse to pick epochs
+
+
+def small_split_warning(val_images: Optional[int], val_pairs: Optional[int]) -> Optional[str]:
+    """A warning when the split that chooses the epoch (and fits the calibration) is too small to trust."""
+    if not val_images or val_images >= SMALL_SPLIT_IMAGES:
+        return None
+    return (f"the val split that chose the best epoch has only {val_images} images ({val_pairs} distinct pairs): "
+            "its accuracy is noise at that size, so the chosen epoch (and the tier calibration fitted there) is "
+            f"close to a guess. Try: a larger --val-ratio (at least {SMALL_SPLIT_IMAGES} images), or a fixed --max-epochs "
+            "with --early-stopping-patience 0; and --folds 5 to see how far the figures move with the drawings "
+            "chosen (cross-validation over every non-test image)")
 
 
 def curves_title(backbone: Dict[str, Any]) -> Optional[str]:

@@ -1,7 +1,10 @@
 """DataSplitter: train / val / test splits of *images*, seeded, optionally stratified by tier.
 
-Rows that name the same image (``group_column``, the filename by default) always
-land in the same split, so no image - and hence no pair - is shared between splits.
+Rows that share a value of ``group_column`` always land in the same split: by default the filename (rows
+naming the same image), or a column such as ``student`` or ``scene`` so that no student's drawings are split
+between train and test. Groups of several rows are placed by ``group_split`` (tiers kept as close to the
+requested shares as whole groups allow; ``get_split_info`` says how close); one row per group keeps the
+seed's per-stratum split exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
+from mirip.training.datasets.group_split import assign_groups, share_gap, tier_counts
+
+SPLIT_NAMES = ("train", "val", "test")
 
 def _split_counts(n: int, ratios: Tuple[float, float, float]) -> Tuple[int, int, int]:
     """Largest-remainder rounding: counts that add up to n and are as close to n * ratio as possible."""
@@ -65,11 +71,19 @@ class DataSplitter:
         self.stratify_column = stratify_column
         self.group_column = group_column
         self._sizes: Optional[Dict[str, int]] = None
+        self._gap: Optional[Dict[str, Any]] = None
 
     def _groups(self, data: pd.DataFrame) -> List[np.ndarray]:
         """Row positions per image; one group per row unless a group column says otherwise."""
+        if self.group_column is not None and self.group_column not in data.columns and self.group_column != "filename":
+            raise ValueError(f"group column {self.group_column!r} is not a column of the metadata "
+                             f"(columns: {', '.join(map(str, data.columns))})")
         if self.group_column is None or self.group_column not in data.columns:
             return [np.array([i]) for i in range(len(data))]
+        blank = np.flatnonzero(data[self.group_column].isna().to_numpy())
+        if len(blank):
+            raise ValueError(f"group column {self.group_column!r} is empty on {len(blank)} row(s) (data rows "
+                             f"{', '.join(map(str, blank[:10].tolist()))}, 0-based): every drawing needs its group")
         codes, _ = pd.factorize(data[self.group_column].astype(str), sort=False)
         order = np.argsort(codes, kind="stable")
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
@@ -82,6 +96,8 @@ class DataSplitter:
                 f"(columns: {', '.join(map(str, data.columns))})"
             )
         groups = self._groups(data)
+        if any(len(rows) > 1 for rows in groups):
+            return self._finish(data, self._grouped_parts(data, groups))
         if self.stratify_column is None:
             strata = {None: list(range(len(groups)))}
         else:
@@ -99,6 +115,22 @@ class DataSplitter:
             for part, chosen in zip(parts, np.split(members, [n_train, n_train + n_val])):
                 for g in chosen:
                     part.extend(groups[g].tolist())
+        return self._finish(data, parts)
+
+    def _grouped_parts(self, data: pd.DataFrame, groups: List[np.ndarray]) -> List[List[int]]:
+        """Row positions per split when groups hold several rows: whole groups, tiers balanced by counts."""
+        if self.stratify_column is None:
+            codes, names = np.zeros(len(data), dtype=np.int64), np.array(["all"])
+        else:
+            codes, names = pd.factorize(data[self.stratify_column].astype(str), sort=True)
+        counts = tier_counts(groups, codes, len(names))
+        ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
+        part = assign_groups(counts, ratios, self.seed, SPLIT_NAMES,
+                             what=f"group column {self.group_column!r} ({len(groups)} groups, {len(data)} rows)")
+        self._gap = share_gap(counts, part, ratios, list(names), SPLIT_NAMES)
+        return [[r for g in np.flatnonzero(part == i) for r in groups[g].tolist()] for i in range(3)]
+
+    def _finish(self, data: pd.DataFrame, parts: List[List[int]]) -> Tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         frames = tuple(data.iloc[np.sort(np.array(p, dtype=np.int64))] for p in parts)
         self._sizes = {name: len(f) for name, f in zip(("train_size", "val_size", "test_size"), frames)}
         return frames  # type: ignore[return-value]
@@ -114,4 +146,6 @@ class DataSplitter:
         }
         if self._sizes is not None:
             info.update(self._sizes)
+        if self._gap is not None:
+            info["group_balance"] = self._gap
         return info
