@@ -133,3 +133,30 @@ def test_an_ensemble_run_refuses_resume_and_judgments_with_a_reason(runs, tmp_pa
     assert "already holds a run" in capsys.readouterr().err
     assert train_cli.main([*base, "--output-dir", str(tmp_path / "j"), "--judgments", meta]) == 2
     assert "--judgments" in capsys.readouterr().err and not (tmp_path / "j").exists()
+
+
+@pytest.mark.slow
+def test_on_demo_drawings_members_differ_and_certainty_tracks_accuracy(tiny_backbone, tmp_path, capsys):
+    """The figures of docs/benchmarks.md (run with -s): demo drawings through the tiny random-weight backbone,
+    a 5-member ensemble, its test split."""
+    from mirip.demo.data import make_demo_dataset
+
+    from _inference_helpers import make_cache_and_checkpoint, torch_threads
+
+    meta = make_demo_dataset(tmp_path, num_images=240, image_size=64, image_format="png")
+    with torch_threads(2):
+        cache, _, _, _ = make_cache_and_checkpoint(tiny_backbone, str(tmp_path / "images"), list(meta.filename),
+                                                   str(tmp_path))
+    out, report = tmp_path / "run", tmp_path / "eval.json"
+    assert train_cli.main(["--features", cache, "--metadata", str(tmp_path / "metadata.csv"), "--output-dir",
+                           str(out), "--ensemble", "5", "--max-epochs", "30", "--pairs-per-epoch", "2000",
+                           "--hidden-dim", "64", "--projector-dim", "32", "--learning-rate", "1e-3",
+                           "--device", "cpu", "--no-progress", "--early-stopping-patience", "5"]) == 0
+    assert evaluate_cli.main(["--checkpoint", str(out / "best.pt"), "--features", cache, "--metadata",
+                              str(tmp_path / "metadata.csv"), "--split", "test", "--json", str(report)]) == 0
+    u = json.loads(report.read_text())["uncertainty"]
+    with capsys.disabled():
+        print("\nensemble figures:", json.dumps(u, indent=1))
+    assert u["score_std_mean"] > 0
+    assert u["accuracy"] >= u["mean_member_accuracy"]
+    assert u["most_certain_half_accuracy"] >= u["least_certain_half_accuracy"]
