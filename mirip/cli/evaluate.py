@@ -16,6 +16,7 @@ from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, add_st
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
 from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE
+from mirip.training.ensemble import format_uncertainty
 from mirip.training.evaluator import format_metrics
 from mirip.training.run import evaluate_checkpoint
 from mirip.training.run_data import exclusion_note
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score every image of a metadata file once with a trained head and report pairwise accuracy "
                     "(overall and per tier pair), Spearman and Kendall correlation with the tiers; with the checkpoint's "
                     "score-to-tier calibration also tier accuracy, mean absolute tier error, the confusion matrix "
-                    "and the expected calibration error. The cache must have the fingerprint the head was "
+                    "and the expected calibration error. Whether uncertainty means something: accuracy on the more vs the less certain half of the pairs (an ensemble's score gap in score spreads; one head's score gap), an ensemble's members' accuracies, and the typicality of the drawings (with the checkpoint's typicality fit). The cache must have the fingerprint the head was "
                     "trained on and hold the entries of its feature spec (read from the checkpoint; no flag needed).",
         formatter_class=DefaultsHelpFormatter,
     )
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_metrics(result["model"], result.get("linear_baseline"),
                          title=f"{args.checkpoint} on the {args.split} split (epoch {result['epoch']}, "
                                f"features {result['feature_spec']}):"))
-    for key in ("tier_figures_note", "calibration_note"):
+    print(format_uncertainty(result["uncertainty"]))
+    for key in ("tier_figures_note", "calibration_note", "typicality_note"):
         if result.get(key):
             print(f"NOTE: {result[key]}")
     if args.json:

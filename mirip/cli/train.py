@@ -16,6 +16,7 @@ from mirip.cli.options import (DefaultsHelpFormatter, add_data_options, add_trai
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
+from mirip.sweep.ensemble_training import ensemble_summary, train_ensemble
 from mirip.training.bootstrap import with_interval
 from mirip.training.config import TrainingConfig
 from mirip.training.folds import FOLDS_FILE
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--ensemble", type=_positive(int), default=1, metavar="K",
+                     help="train K heads on seeds --seed..--seed+K-1 over the same split and batches, in one pass, "
+                          "and save them as one checkpoint: scores are their mean, with score_std their spread "
+                          "(writes best.pt, no last.pt: an ensemble run cannot --resume)")
     return parser
 
 
@@ -96,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     plain_warnings()
     try:
         cfg = config_from_args(args)
+        if args.ensemble > 1:
+            if args.resume:
+                raise ValueError("--resume continues a single head's run; an --ensemble run starts over")
+            print(ensemble_summary(train_ensemble(cfg, args.ensemble, overwrite=args.overwrite,
+                                                  progress=not args.no_progress), args.output_dir))
+            return 0
         result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, FileExistsError, CacheError, CheckpointError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -286,6 +286,7 @@ def train_group(
     optimizer: Optional[str] = None,
     on_epoch: Optional[Callable[[int, int], None]] = None,
     on_finished: Optional[Callable[[HeadOutcome], None]] = None,
+    seeds_may_differ: bool = False,
 ) -> List[HeadOutcome]:
     """Train heads that share (seed, hidden_dim, projector_dim) together; one outcome per config, in input order.
 
@@ -294,10 +295,12 @@ def train_group(
     come from each config. ``on_epoch(epoch, heads_trained)`` runs after every epoch and
     ``on_finished(outcome)`` as soon as a head is done, so a caller can save it before the others finish.
     ``optimizer``: ``fused``, ``batched`` or ``plain`` (``mirip.sweep.stacked_optim.make_optimizer``); None picks by device.
+    ``seeds_may_differ``: heads of different seeds share the caller's batches (an ensemble), each seed setting
+    only its head's initial weights and dropout stream.
     """
     if not configs:
         return []
-    keys = {c.shape_key for c in configs}
+    keys = {c.shape_key[1:] if seeds_may_differ else c.shape_key for c in configs}
     if len(keys) != 1:
         raise ValueError(f"a group's configs must share seed, hidden_dim and projector_dim; got {sorted(keys)}")
     tc = training

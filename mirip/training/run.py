@@ -21,7 +21,6 @@ import numpy as np
 from mirip.common.atomic import output_directory
 from mirip.common.devices import resolve_device
 from mirip.common.feature_spec import checkpoint_feature_spec
-from mirip.ml.ranking_model import RankingHead
 from mirip.store.cache import open_cache
 from mirip.store.checkpoint import load_checkpoint_file
 from mirip.store.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_WEIGHTS_NOTE, check_fingerprint,
@@ -33,6 +32,7 @@ from mirip.training.checkpoint_state import history_to_json
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.group_split import describe_gap
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
+from mirip.training.ensemble import EnsembleHead, checkpoint_members, uncertainty_report
 from mirip.training.evaluator import Evaluator, format_metrics
 from mirip.training.folds import cross_validate
 from mirip.training.head_calibration import (HeadCalibration, IN_SAMPLE, attach_calibration, calibrate_head,
@@ -46,7 +46,7 @@ from mirip.training.run_data import (RunData, SPLITS, exclusion_note, feature_ke
 from mirip.training.run_intervals import bootstrap_config, head_intervals, split_units
 from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, small_split_warning, write_json
 from mirip.training.trainer import Trainer
-from mirip.training.typicality import attach_typicality, typicality_for_datasets
+from mirip.training.typicality import attach_typicality, typicality_for_datasets, typicality_from_checkpoint
 
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
                 "calibration.png")
@@ -362,8 +362,8 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
     elif split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use all, train, val or test")
     dev = resolve_device(device or tc.device)
-    head = RankingHead(**ckpt["head"])
-    head.load_head_state_dict(ckpt["model_state_dict"])
+    members = [m.to(dev) for m in checkpoint_members(ckpt)]
+    head = members[0] if len(members) == 1 else EnsembleHead(members)
     feats = data.features.to(dev)
     datasets = {s: split_dataset(data, s, feats, tc, train=False) for s in data.splits}
     if datasets[split] is None:
@@ -380,6 +380,8 @@ def evaluate_checkpoint(checkpoint: str, features: str, metadata: str, *, split:
                                                       unit_name, boot),
                               "excluded_images": data.excluded}
     _add_calibration(result, calibration, why, split)
+    fit, result["typicality_note"] = typicality_from_checkpoint(ckpt, checkpoint)
+    result["uncertainty"] = uncertainty_report(members, datasets[split], dev, fit)
     if split != "all" and datasets["train"] is not None:
         result["linear_baseline"], result["ridge_alpha"] = baseline_metrics(
             data, datasets, split, cfg.ridge_alpha, boot if boot.resamples else None, units, unit_name)
