@@ -20,6 +20,7 @@ is retrained from scratch on tiers + all judgments so far (mirip.training.judged
 Spearman with q, overall and within tier, on the held-out drawings (the scorer's: primary) and on the pool
 (the judged drawings' own scale, what a CJ tool reports), averaged over seeds. Standalone::
 
+    python scripts/benchmark.py --only judgments --device cpu --threads 1   # about 3 minutes on 2 busy cores
     python -m mirip.bench.judgments --quick
 """
 
@@ -45,7 +46,7 @@ STYLE = 0.8  # how much the tier graders reward a style that is not quality
 REPORT_AT = (1, 2, 5, 10)  # judgments per drawing shown in the table
 ACTIVE_FRACTION_GOAL = 0.6
 # (full default, --quick default)
-DEFAULTS = {"drawings": (600, 120), "dim": (64, 16), "rounds": (10, 2), "seeds": (3, 1), "epochs": (15, 3),
+DEFAULTS = {"drawings": (600, 120), "dim": (64, 16), "rounds": (10, 2), "seeds": (3, 1), "epochs": (10, 3),
             "pairs": (2000, 300)}
 
 
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--judgments-rounds", type=int, default=None,
                    help="rounds of one judgment per drawing each (10; --quick 2)")
     g.add_argument("--judgments-seeds", type=int, default=None, help="worlds averaged over (3; --quick 1)")
-    g.add_argument("--judgments-epochs", type=int, default=None, help="epochs per (re)training (15; --quick 3)")
+    g.add_argument("--judgments-epochs", type=int, default=None, help="epochs per (re)training (10; --quick 3)")
     g.add_argument("--judgments-pairs", type=int, default=None, help="tier pairs per epoch (2000; --quick 300)")
     g.add_argument("--judgments-slope", type=float, default=3.0,
                    help="the teacher's logistic slope per standard deviation of latent quality")
