@@ -29,7 +29,7 @@ from mirip.common.atomic import write_atomic
 from mirip.common.devices import PRECISIONS, announce_precision, device_defaults, resolve_device
 from mirip.common.machine import machine_info
 
-BENCHMARKS = ("roofline", "full_image", "extraction", "training", "sweep", "explain", "serve")
+BENCHMARKS = ("roofline", "full_image", "extraction", "training", "sweep", "explain", "serve", "judgments")
 
 
 def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, ModuleType], Dict[str, str]]:
@@ -58,8 +58,9 @@ def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, Modu
 def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run mirip's benchmarks (the machine's GEMM roofline in fp32 and bf16 with the backbone's "
-                    "share of it, full-image mode, stage-one extraction, stage-two training, sweeps, attribution maps) and "
-                    "write benchmark.json and benchmark.md (machine, device, backbone, weights, precision, "
+                    "share of it, full-image mode, stage-one extraction, stage-two training, sweeps, attribution maps, "
+                    "a simulated teacher's judgments) and write benchmark.json and benchmark.md (machine, device, "
+                    "backbone, weights, precision, "
                     "image size, every figure, and whether the seed's 100 ms/pair and 12 GB requirements are met).",
         formatter_class=DefaultsHelpFormatter,
     )
