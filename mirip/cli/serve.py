@@ -10,6 +10,7 @@ Examples, from the repository root (needs the serve extra: pip install -e ".[ser
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -135,6 +136,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"<= {config.max_request_bytes / MB:g} MiB per request", flush=True)
     print("loading the model; GET /health answers 503 until it is ready", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level))
+    if desk is not None:  # after uvicorn's Config, which sets its loggers up
+        from mirip.serve.judge import RedactTokens
+
+        logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal; SIGTERM's default action
     # would then end a service stopped on purpose with 143 (docker stop, systemctl stop): exit 0 instead.
     signal.signal(signal.SIGTERM, _stopped)
