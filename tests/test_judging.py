@@ -151,7 +151,7 @@ def test_answers_undo_export_and_never_the_same_pair_twice(served):
     mine = {a["pair"]["a"]["id"], a["pair"]["b"]["id"]}
     other = next(i for i in range(len(desk.book.names)) if i not in mine)
     assert ana.get(f"/judge/image/{other}").status_code == 404  # a drawing not in ana's pair
-    seen, made, state = set(), [], a
+    seen, made, offers, state = set(), [], [], a
     for choice in ["a", "b", "tie", "skip", "a"]:
         pair = state["pair"]
         key = frozenset((pair["a"]["id"], pair["b"]["id"]))
@@ -159,10 +159,12 @@ def test_answers_undo_export_and_never_the_same_pair_twice(served):
         seen.add(key)
         if choice != "skip":
             made.append(("ana", pair["a"]["name"], pair["b"]["name"], choice))
+            offers.append(pair["offer"])
         state = ana.post("/judge/answer", json={"offer": pair["offer"], "choice": choice}).json()
-    assert state["judged_session"] == 4
+    assert state["judged_total"] == 4
     undone = ana.post("/judge/undo", json={}).json()
-    assert undone["undone"] == {"a": made[-1][1], "b": made[-1][2]}
+    assert {k: undone["undone"][k] for k in "ab"} == {"a": made[-1][1], "b": made[-1][2]}
+    assert undone["undone"]["offer"] == offers[-1]  # the page uncounts it only when it answered that offer
     assert {undone["pair"]["a"]["name"], undone["pair"]["b"]["name"]} == set(made[-1][1:3])
     made.pop()
     assert _rows(db) == made
