@@ -10,7 +10,6 @@ import itertools
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 
