@@ -82,9 +82,21 @@ def test_keys_write_exactly_the_judgments_made(tmp_path):
                 second.quit()
             driver.find_element("id", "btnA").click()  # a click works like the key
             state = _settled(driver, state["done"])
+            assert driver.find_element("id", "session").text == "4"
+            driver.refresh()  # a new page session: its count starts again
+            state = _settled(driver, 0)
+            assert driver.find_element("id", "session").text == "0"
+            body = driver.find_element("tag name", "body")
+            body.send_keys("z")  # undoes the click's judgment, made before the reload: nothing to uncount here
+            state = _settled(driver, state["done"])
+            assert driver.find_element("id", "session").text == "0"
+            a, b = _pair(driver)
+            body.send_keys(Keys.ARROW_RIGHT)
+            state = _settled(driver, state["done"])
+            assert driver.find_element("id", "session").text == "1"
         finally:
             driver.quit()
     con = sqlite3.connect(str(tmp_path / "judgments.sqlite"))
     rows = con.execute("SELECT judge, a, b, winner FROM judgments ORDER BY id").fetchall()
     con.close()
-    assert rows[:3] == made and len(rows) == 4 and rows[3][0] == "ana" and rows[3][3] == "a"
+    assert rows == made + [("ana", a, b, "b")]  # the click's judgment undone after the reload

@@ -19,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 from _judge_helpers import judge_app, make_desk  # noqa: E402
 from _serve_helpers import running  # noqa: E402
 from mirip.judging.desk import read_judges  # noqa: E402
+from mirip.judging.pairs import ModelPairSource  # noqa: E402
 
 JUDGES, EACH = 4, 500
 
@@ -39,8 +40,11 @@ def _judge(url, token, latencies, errors):
 
 
 @pytest.mark.slow
-def test_four_judges_five_hundred_judgments_each(tmp_path):
+@pytest.mark.parametrize("source", ["default", "model"])
+def test_four_judges_five_hundred_judgments_each(tmp_path, source):
     desk = make_desk(tmp_path, n=60)  # 1770 pairs, up to 3 judges each
+    if source == "model":  # suggest_pairs over made-up scores, as serve.py --features sets it up
+        desk.source = ModelPairSource(desk.book, np.random.default_rng(0).normal(size=(3, 60)), seed=0)
     extra = {f"load-judge-{k}-token": f"load{k}" for k in range(JUDGES)}
     desk.judges = {**read_judges(str(tmp_path / "judges.csv")), **extra}
     latencies, errors = [], []
@@ -62,6 +66,7 @@ def test_four_judges_five_hundred_judgments_each(tmp_path):
         assert len(pairs) == EACH == len(set(pairs))
     ms = np.array(latencies) * 1000
     p50, p99 = np.percentile(ms, [50, 99])
-    print(f"\nload: {len(ms)} answers in {wall:.1f} s ({len(ms) / wall:.0f}/s); time to the next pair "
+    print(f"\nload ({source} source): {len(ms)} answers in {wall:.1f} s ({len(ms) / wall:.0f}/s); "
+          f"time to the next pair "
           f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {ms.max():.1f} ms")
     assert p99 <= 100, f"p99 {p99:.1f} ms"

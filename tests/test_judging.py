@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import math
 import sqlite3
 
 import numpy as np
@@ -46,20 +47,49 @@ def test_store_is_wal_durable_refuses_replays_and_undoes(tmp_path):
     assert [j.offer for j in again.all()] == ["o1", "o2"]
 
 
-def test_model_source_asks_the_least_certain_pair_first():
-    names = [f"d{i}" for i in range(30)]
-    scores = np.random.default_rng(3).normal(size=30)
-    book = PairBook(names)
-    prob = lambda a, b: 1 / (1 + np.exp(-(np.asarray(a) - np.asarray(b))))  # noqa: E731
-    source = ModelPairSource(book, scores, prob)
-    # naive: every pair, smallest |p - 0.5|
-    best = min(itertools.combinations(range(30), 2), key=lambda p: abs(prob(scores[p[0]], scores[p[1]]) - 0.5))
-    assert source.next_pairs("ana", 1) == [best]
-    book.record("bo", *best)
-    book.record("bo", best[0], (best[1] + 1) % 30)
-    assert best not in source.next_pairs("ana", 3)  # its drawings' judgments now weigh against it
-    book.offered[source.next_pairs("bo", 1)[0]] = "ana"
-    assert all(book.eligible("bo", p) for p in source.next_pairs("bo", 20))
+def _documented_value(scores, counts, i, j, slope):
+    """suggest_pairs' documented value of one pair, in plain Python: (uncertainty + disagreement) * need."""
+    ps = [1 / (1 + math.exp(-slope * (m[i] - m[j]))) for m in scores]
+    p = sum(ps) / len(ps)
+    sd = math.sqrt(sum((x - p) ** 2 for x in ps) / len(ps))
+    return ((1 - abs(2 * p - 1)) + 2 * sd) / (1 + (counts[i] + counts[j]) / 2)
+
+
+def _naive_best(book, scores, judge, slope):
+    eligible = [p for p in itertools.combinations(range(len(book.names)), 2) if book.eligible(judge, p)]
+    counts = [int(c) for c in book.drawing_counts]
+    return max(eligible, key=lambda p: _documented_value(scores, counts, *p, slope))
+
+
+def test_model_source_asks_the_pair_the_suggestion_engine_values_most():
+    n, slope = 30, 1.6
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(2, n))  # two ensemble members: their disagreement counts too
+    book = PairBook([f"d{i}" for i in range(n)], max_judges_per_pair=2)
+    source = ModelPairSource(book, scores, lambda d: 1 / (1 + np.exp(-slope * d)), seed=0, window=n)
+    for step in range(25):  # judgments by three judges shift the counts; skips and offers bar pairs
+        judge = ("ana", "bo", "cy")[step % 3]
+        best = _naive_best(book, scores, judge, slope)
+        assert source.next_pairs(judge, 1) == [best], step
+        if step % 5 == 4:
+            book.skipped.setdefault(judge, set()).add(best)
+        elif step % 7 == 6:
+            book.offered[best] = "dee"  # open elsewhere: nobody else may have it meanwhile
+        else:
+            book.record(judge, *best)
+    assert all(book.eligible("bo", p) for p in source.next_pairs("bo", 40))
+
+
+def test_model_source_falls_back_when_the_neighbours_are_spent():
+    names = [f"d{i}" for i in range(12)]
+    book = PairBook(names, max_judges_per_pair=1)
+    source = ModelPairSource(book, np.arange(12.0), seed=0, window=1)  # x4 widening: neighbours 4 apart at most
+    for i, j in itertools.combinations(range(12), 2):
+        if j - i <= 4:
+            book.record("bo", i, j)
+    picks = source.next_pairs("ana", 100)
+    left = [p for p in itertools.combinations(range(12), 2) if p[1] - p[0] > 4]
+    assert sorted(picks) == left and book.left("ana") == len(left)
 
 
 def test_a_judge_never_gets_a_pair_judged_skipped_or_offered_elsewhere():
@@ -121,7 +151,7 @@ def test_answers_undo_export_and_never_the_same_pair_twice(served):
     mine = {a["pair"]["a"]["id"], a["pair"]["b"]["id"]}
     other = next(i for i in range(len(desk.book.names)) if i not in mine)
     assert ana.get(f"/judge/image/{other}").status_code == 404  # a drawing not in ana's pair
-    seen, made, state = set(), [], a
+    seen, made, offers, state = set(), [], [], a
     for choice in ["a", "b", "tie", "skip", "a"]:
         pair = state["pair"]
         key = frozenset((pair["a"]["id"], pair["b"]["id"]))
@@ -129,10 +159,12 @@ def test_answers_undo_export_and_never_the_same_pair_twice(served):
         seen.add(key)
         if choice != "skip":
             made.append(("ana", pair["a"]["name"], pair["b"]["name"], choice))
+            offers.append(pair["offer"])
         state = ana.post("/judge/answer", json={"offer": pair["offer"], "choice": choice}).json()
-    assert state["judged_session"] == 4
+    assert state["judged_total"] == 4
     undone = ana.post("/judge/undo", json={}).json()
-    assert undone["undone"] == {"a": made[-1][1], "b": made[-1][2]}
+    assert {k: undone["undone"][k] for k in "ab"} == {"a": made[-1][1], "b": made[-1][2]}
+    assert undone["undone"]["offer"] == offers[-1]  # the page uncounts it only when it answered that offer
     assert {undone["pair"]["a"]["name"], undone["pair"]["b"]["name"]} == set(made[-1][1:3])
     made.pop()
     assert _rows(db) == made
@@ -180,3 +212,17 @@ def test_a_restart_keeps_every_judgment_and_what_each_judge_has_seen(tmp_path):
             state = bo.post("/judge/answer", json={"offer": state["pair"]["offer"], "choice": "b"}).json()
         assert state["pair"] is None and state["left"] == 0
     assert _rows(tmp_path / "judgments.sqlite")[:3] == before
+
+
+def test_suggestions_give_up_at_once_when_every_neighbour_pair_is_barred(monkeypatch):
+    from mirip.judging import suggest
+
+    n = 300
+    scores = np.random.default_rng(1).normal(size=n)
+    first, second = suggest.candidate_pairs(scores, 2)
+    barred = [frozenset((int(i), int(j))) for i, j in zip(first, second)]
+    calls = []
+    real = suggest.candidate_pairs
+    monkeypatch.setattr(suggest, "candidate_pairs", lambda *a: calls.append(1) or real(*a))
+    assert suggest.suggest_pairs(scores, np.zeros(n), barred, 1, window=2) == []
+    assert len(calls) <= 2  # not one pass per raised cap (n passes: seconds for a few thousand drawings)

@@ -10,6 +10,7 @@ Examples, from the repository root (needs the serve extra: pip install -e ".[ser
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -66,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     judging.add_argument("--filename-column", default="filename")
     judging.add_argument("--image-dir", default=None, help="folder the metadata's file names are relative to")
     judging.add_argument("--features", default=None,
-                         help="the feature cache of the drawings: pairs the first --checkpoint is least sure of "
-                              "come first (without it: pairs of the least-judged drawings)")
+                         help="the feature cache of the drawings: pairs come from the suggestion engine over the "
+                              "first --checkpoint's scores (without it: pairs of the least-judged drawings)")
     judging.add_argument("--judgments-db", default="judgments.sqlite", help="the SQLite file judgments go to")
     judging.add_argument("--judges", default=None, help="CSV with columns name,token, one judge a line")
     judging.add_argument("--max-judges-per-pair", type=int, default=3,
@@ -119,6 +120,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if server is not None:
             server.should_exit = True
 
+    stray = [f for f in ("metadata", "image_dir", "features", "judges") if getattr(args, f) is not None]
+    if stray and not args.judge:
+        print("error: " + ", ".join("--" + f.replace("_", "-") for f in stray) + " only mean something with --judge",
+              file=sys.stderr)
+        return 2
     try:
         desk = judging_desk(args) if args.judge else None
     except (FileNotFoundError, ValueError, OSError, CheckpointError) as exc:
@@ -132,6 +138,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"<= {config.max_request_bytes / MB:g} MiB per request", flush=True)
     print("loading the model; GET /health answers 503 until it is ready", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level))
+    if desk is not None:  # after uvicorn's Config, which sets its loggers up
+        from mirip.serve.judge import RedactTokens
+
+        logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal; SIGTERM's default action
     # would then end a service stopped on purpose with 143 (docker stop, systemctl stop): exit 0 instead.
     signal.signal(signal.SIGTERM, _stopped)
@@ -147,12 +157,17 @@ def judging_desk(args):
     --features when given, judgments into --judgments-db."""
     from mirip.common.metadata_csv import read_metadata_csv
     from mirip.judging.desk import JudgingDesk, drawings_under, read_judges
-    from mirip.judging.pairs import ModelPairSource, PairBook, checkpoint_scores
+    from mirip.judging.next_pairs import ensemble_scores
+    from mirip.judging.pairs import ModelPairSource, PairBook
     from mirip.judging.store import JudgmentStore
 
     missing = [f for f in ("metadata", "image_dir", "judges") if getattr(args, f) is None]
     if missing:
         raise ValueError("--judge needs " + ", ".join("--" + f.replace("_", "-") for f in missing))
+    for flag in ("metadata", "judges", "features"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{flag} file not found: {path}")
     frame = read_metadata_csv(args.metadata)
     if args.filename_column not in frame.columns:
         raise ValueError(f"{args.metadata} has no column {args.filename_column!r} (it has {list(frame.columns)})")
@@ -161,15 +176,17 @@ def judging_desk(args):
     book = PairBook(names, args.max_judges_per_pair)
     source = None
     if args.features:
-        scores, probability, note = checkpoint_scores(args.checkpoint[0], args.features, names)
-        if note:
-            print(f"note: {note}; P(a better) from the raw score difference", flush=True)
+        scores, probability, uncalibrated = ensemble_scores(args.checkpoint[:1], args.features, names)
+        if uncalibrated:
+            print(f"note: {uncalibrated[0]} has no calibration; P(a better) from the raw score difference",
+                  flush=True)
         source = ModelPairSource(book, scores, probability)
     desk = JudgingDesk(JudgmentStore(args.judgments_db), book, source, args.image_dir, judges)
     stored = sum(len(v) for v in book.judged.values())
+    how = "suggested from the first head's scores" if source else "of the least-judged drawings"
     print(f"judging: {len(names)} drawings, {len(judges)} judges, {stored} judgments in {args.judgments_db}"
           + (f" ({desk.unknown} of drawings not in the metadata)" if desk.unknown else "")
-          + f"; pairs {'the head is least sure of' if source else 'of the least-judged drawings'}; "
+          + f"; pairs {how}; "
           f"open http://{args.host}:{args.port}/judge?token=...", flush=True)
     return desk
 

@@ -72,7 +72,6 @@ class JudgingDesk:
         self.judges = dict(judges or {})
         self.offers: Dict[str, Offer] = {}
         self.open: Dict[str, str] = {}  # judge -> their one open offer id
-        self.session: Dict[str, int] = {}
         self.unknown = 0  # stored judgments of drawings no longer in the metadata
         self._lock = threading.Lock()
         for judge, pairs in store.pairs_by_judge().items():
@@ -115,7 +114,6 @@ class JudgingDesk:
                 except JudgmentError as exc:
                     raise DeskError(409, str(exc)) from None
                 self.book.record(judge, offer.left, offer.right)
-                self.session[judge] = self.session.get(judge, 0) + 1
             self._release(judge)
             return self._offer_next(judge)
 
@@ -127,13 +125,13 @@ class JudgingDesk:
             if last is None:
                 return {**self._offer_next(judge), "undone": None}
             index = self.book.index
+            undone = {"a": last.a, "b": last.b, "offer": last.offer}
             if last.a in index and last.b in index:
                 left, right = index[last.a], index[last.b]
                 self.book.record(judge, left, right, delta=-1)
-                self.session[judge] = max(0, self.session.get(judge, 0) - 1)
                 if self.book.eligible(judge, ordered(left, right)):
-                    return {**self._make_offer(judge, left, right), "undone": {"a": last.a, "b": last.b}}
-            return {**self._offer_next(judge), "undone": {"a": last.a, "b": last.b}}
+                    return {**self._make_offer(judge, left, right), "undone": undone}
+            return {**self._offer_next(judge), "undone": undone}
 
     def _open_offer(self, judge: str, offer_id: str) -> Offer:
         offer = self.offers.get(offer_id) if isinstance(offer_id, str) else None
@@ -174,8 +172,9 @@ class JudgingDesk:
         pair = None if offer is None else {
             "offer": offer.id, "a": {"id": offer.left, "name": names[offer.left]},
             "b": {"id": offer.right, "name": names[offer.right]}}
-        return {"judge": judge, "pair": pair, "judged_session": self.session.get(judge, 0),
-                "judged_total": len(self.book.judged.get(judge, ())), "left": self.book.left(judge)}
+        # No per-session count here: the page counts what it answered itself, since it opened.
+        return {"judge": judge, "pair": pair, "judged_total": len(self.book.judged.get(judge, ())),
+                "left": self.book.left(judge)}
 
 
 def drawings_under(image_dir: str, names: Sequence[str], where: str) -> List[str]:

@@ -54,14 +54,27 @@ def member_scores(checkpoint: str, features: str, names: List[str]):
     return all_scores(head, feats), (calibration.slope if calibration is not None else None)
 
 
+def ensemble_scores(checkpoints: List[str], features: str, names: List[str]):
+    """(scores of ``names``, (members, N), one row per checkpoint; score difference -> P(a better) under the
+    members' mean calibration slope (1 where none is calibrated); the checkpoints without a calibration)."""
+    members, slopes = zip(*(member_scores(c, features, names) for c in checkpoints))
+    known = [s for s in slopes if s is not None]
+    slope = float(np.mean(known)) if known else 1.0
+    uncalibrated = [c for c, s in zip(checkpoints, slopes) if s is None]
+
+    def probability(d):
+        return logistic_difference_cdf(slope * d)
+
+    return np.stack(members), probability, uncalibrated
+
+
 def suggest_from_files(cfg: SuggestConfig, log=print) -> Dict[str, Any]:
     """Score, count, choose, write ``cfg.output``; a summary of what was done."""
     if cfg.count <= 0:
         raise ValueError(f"--count must be positive, got {cfg.count}")
     meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column, cfg.encoding)
     names = meta[cfg.filename_column].astype(str).tolist()
-    members, slopes = zip(*(member_scores(c, cfg.features, names) for c in cfg.checkpoints))
-    slope = float(np.mean([s for s in slopes if s is not None])) if any(s is not None for s in slopes) else 1.0
+    members, probability, _ = ensemble_scores(cfg.checkpoints, cfg.features, names)
     at = {n: i for i, n in enumerate(names)}
     counts = np.zeros(len(names))
     judged = set()
@@ -72,8 +85,7 @@ def suggest_from_files(cfg: SuggestConfig, log=print) -> Dict[str, Any]:
             counts[at[b]] += 1
             judged.add(frozenset((at[a], at[b])))
     log(f"scored {len(names)} drawings with {len(members)} checkpoint(s); {len(judged)} distinct pairs already judged")
-    picks = suggest_pairs(np.stack(members), counts, judged, cfg.count,
-                          probability=lambda d: logistic_difference_cdf(slope * d),
+    picks = suggest_pairs(members, counts, judged, cfg.count, probability=probability,
                           rng=np.random.default_rng(cfg.seed), window=cfg.window)
     write_suggestions(cfg.output, [(names[i], names[j], reason, p) for i, j, reason, p in picks])
     shown = np.bincount(np.array([[i, j] for i, j, _, _ in picks]).reshape(-1), minlength=len(names)) if picks \

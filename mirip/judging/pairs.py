@@ -1,26 +1,25 @@
 """Which pair a judge sees next: the ``PairSource`` protocol, a default that needs no model, and one that asks
-the pairs a trained head is least sure about.
+the suggestion engine (mirip/judging/suggest.py) over a trained head's scores.
 
 The rules every source keeps (``PairBook.eligible``): a judge never sees a pair they already judged or skipped;
 a pair offered to one judge is offered to no other until it is answered, skipped or abandoned; a pair is
-judged by at most ``max_judges_per_pair`` judges. Re-judging: a pair already judged by someone is offered to
-another judge only when it still ranks first by the source's rule; since every judgment raises its two
-drawings' counts, which both rules penalise, a judged pair comes back only once the fresher pairs near it
-have been asked (in practice: after most pairs of the least-judged drawings), up to the cap.
+judged by at most ``max_judges_per_pair`` judges. Re-judging: a pair someone already judged stays open to the
+other judges, but only comes first when nothing fresher is worth more. Under the model that is
+``suggest_pairs``' value, whose need factor ``1 / (1 + (c_a + c_b) / 2)`` falls with every judgment of either
+drawing (a pair judged once is worth at most half an unjudged pair of equally unsure, unjudged drawings);
+without a model, unjudged pairs always come before judged ones. Either way a pair is asked again only after
+the fresher pairs near it, up to the cap.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Optional, Protocol, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
 import numpy as np
 
+from mirip.judging.suggest import DEFAULT_WINDOW, suggest_pairs
+
 Pair = Tuple[int, int]
-# How much one earlier judgment of either drawing weighs against certainty (|P(a better) - 0.5|) in
-# ModelPairSource: ten judgments of a drawing outweigh a 0.2 difference in certainty.
-FEWEST_WEIGHT = 0.02
-NEIGHBOURS = 8  # a drawing is compared with the NEIGHBOURS nearest drawings in score order, the least certain
 START_POOL = 16  # drawings the default source looks among first (grown when they run out of pairs): 120 pairs
 
 
@@ -60,14 +59,16 @@ class PairBook:
                 and self.offered.get(pair, judge) == judge
                 and self.pair_counts.get(pair, 0) < self.max_judges_per_pair)
 
+    def barred(self, judge: str) -> Set[Pair]:
+        """The pairs ``judge`` may not be offered now: judged or skipped by them, full, or offered to another."""
+        full = {p for p, c in self.pair_counts.items() if c >= self.max_judges_per_pair}
+        busy = {p for p, who in self.offered.items() if who != judge}
+        return self.judged.get(judge, set()) | self.skipped.get(judge, set()) | full | busy
+
     def left(self, judge: str) -> int:
         """Pairs this judge could still be asked (all pairs, less those judged, skipped, full or busy)."""
         n = len(self.names)
-        total = n * (n - 1) // 2
-        full = {p for p, c in self.pair_counts.items() if c >= self.max_judges_per_pair}
-        busy = {p for p, who in self.offered.items() if who != judge}
-        gone = self.judged.get(judge, set()) | self.skipped.get(judge, set()) | full | busy
-        return total - len(gone)
+        return n * (n - 1) // 2 - len(self.barred(judge))
 
 
 class PairSource(Protocol):
@@ -108,69 +109,30 @@ class FewestJudgedPairs:
 
 
 class ModelPairSource:
-    """Pairs whose order the trained head is least sure of: smallest |P(a better) - 0.5| under the checkpoint's
-    calibration, plus ``FEWEST_WEIGHT`` per earlier judgment of either drawing. Candidates are each drawing and
-    its ``NEIGHBOURS`` nearest in score order (the least certain pairs by construction); when none of them is
-    eligible the default source answers."""
+    """The pairs ``suggest_pairs`` values most for ``judge`` (the model's uncertainty under the calibration, the
+    ensemble members' disagreement, the need of the least-judged drawings), every pair ``PairBook.barred`` for
+    the judge passed to it as already judged. Its candidates are each drawing's ``window`` neighbours in score
+    order; when those are spent for this judge, the window widens once (x4), then ``FewestJudgedPairs`` answers.
 
-    def __init__(self, book: PairBook, scores: Sequence[float], probability, seed: Optional[int] = None):
-        scores = np.asarray(scores, dtype=np.float64)
-        if scores.shape != (len(book.names),):
-            raise ValueError(f"{scores.shape[0]} scores for {len(book.names)} drawings")
-        self.book, self.scores, self.fallback = book, scores, FewestJudgedPairs(book, seed)
-        order = np.argsort(scores, kind="stable")
-        first, second = [], []
-        for d in range(1, min(NEIGHBOURS, len(order) - 1) + 1):
-            first.append(order[:-d])
-            second.append(order[d:])
-        i, j = np.concatenate(first), np.concatenate(second)
-        self.i, self.j = np.minimum(i, j), np.maximum(i, j)
-        self.p_a_better = np.asarray(probability(scores[self.i], scores[self.j]), dtype=np.float64)
-        self.gap = np.abs(self.p_a_better - 0.5)
+    ``scores``: (N,) or (members, N); ``probability``: score difference -> P(a better), as ``suggest_pairs``."""
+
+    def __init__(self, book: PairBook, scores, probability: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                 seed: Optional[int] = None, window: int = DEFAULT_WINDOW):
+        scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+        if scores.ndim != 2 or scores.shape[1] != len(book.names):
+            raise ValueError(f"scores of shape {scores.shape} for {len(book.names)} drawings")
+        self.book, self.scores, self.probability, self.window = book, scores, probability, int(window)
+        self.rng = np.random.default_rng(seed)
+        self.fallback = FewestJudgedPairs(book, seed)
 
     def next_pairs(self, judge: str, n: int) -> List[Pair]:
-        counts = self.book.drawing_counts
-        key = self.gap + FEWEST_WEIGHT * (counts[self.i] + counts[self.j])
+        barred = [frozenset(p) for p in self.book.barred(judge)]
         found: List[Pair] = []
-        for k in np.argsort(key, kind="stable"):
-            pair = (int(self.i[k]), int(self.j[k]))
-            if self.book.eligible(judge, pair):
-                found.append(pair)
-                if len(found) == n:
-                    return found
+        for window in (self.window, 4 * self.window):
+            picks = suggest_pairs(self.scores, self.book.drawing_counts, barred, n, probability=self.probability,
+                                  rng=self.rng, window=window)
+            found = [ordered(i, j) for i, j, _, _ in picks]
+            if len(found) == n or window >= len(self.book.names) - 1:
+                return found
         more = [p for p in self.fallback.next_pairs(judge, n) if p not in found]
         return found + more[: n - len(found)]
-
-
-def checkpoint_scores(checkpoint: str, features: str, names: Sequence[str]):
-    """(scores of ``names`` from the cache's features through the checkpoint's head, P(a better) as a function
-    of two score arrays, a note when the checkpoint has no calibration)."""
-    import torch
-
-    from mirip.common.feature_spec import apply_entry_scales, checkpoint_feature_spec
-    from mirip.ml.ranking_model import RankingHead
-    from mirip.store.cache import FeatureCache
-    from mirip.store.checkpoint import load_checkpoint_file
-    from mirip.training.calibration import from_checkpoint, logistic_difference_cdf
-
-    ckpt = load_checkpoint_file(checkpoint)
-    if ckpt.get("head") is None:
-        raise ValueError(f"{checkpoint} has no head dims (key 'head'); it was not written by mirip's Trainer")
-    spec = checkpoint_feature_spec(ckpt)
-    with FeatureCache.open(os.fspath(features)) as cache:
-        rows = cache.rows_for(names)
-        dims = [s.stop - s.start for s in cache.entry_slices(spec)]
-        x = torch.from_numpy(np.asarray(cache.features(rows, spec=spec), dtype=np.float32))
-    x = apply_entry_scales(x, dims, ckpt.get("feature_scales"))
-    head = RankingHead(**ckpt["head"])
-    head.load_head_state_dict(ckpt["model_state_dict"])
-    head.eval()
-    with torch.no_grad():
-        scores = head.get_score(x).reshape(-1).double().numpy()
-    calibration, _, why = from_checkpoint(ckpt, checkpoint)
-    slope = calibration.slope if calibration is not None else 1.0
-
-    def probability(sa, sb):
-        return logistic_difference_cdf(slope * (np.asarray(sa) - np.asarray(sb)))
-
-    return scores, probability, why

@@ -98,6 +98,8 @@ def suggest_pairs(scores, counts, judged: Iterable[frozenset], count: int,
             for i, j, reason, p_a in added:
                 done.add(min(i, j) * n + max(i, j))
             out += added
+        if not len(first) and len(pool) == n:
+            break  # no fresh pair among anyone's neighbours: a higher cap would find none either
         free = np.flatnonzero(used < cap)
         if len(out) < count and (not len(first) or not added or len(free) == len(pool)):
             if len(free) >= 2 and len(free) < len(pool):

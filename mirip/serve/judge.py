@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import html
 import json
+import logging
+import re
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -24,6 +26,19 @@ from mirip.serve.judge_page import PAGE
 COOKIE = "mirip_judge"
 MAX_BODY = 2048  # an answer is ~80 bytes of JSON
 JUDGE_PATHS = ("/judge", "/judgments.csv")
+
+
+_TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*")
+
+
+class RedactTokens(logging.Filter):
+    """Blanks ``token=...`` in the access log's request lines: a judge's token is their password, and
+    ``/judge?token=...`` is how they open the page once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN_IN_QUERY.sub("***", a) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 def _token(request: Request) -> Optional[str]:

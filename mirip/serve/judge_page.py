@@ -43,10 +43,13 @@ PAGE = """<!doctype html>
 </nav>
 <script>
 "use strict";
-const state = window.mirip = { offer: null, pending: true, done: 0, error: null };
+const state = window.mirip = { offer: null, pending: true, done: 0, error: null, session: 0 };
+// "judged this session" counts since this page opened: the offers it answered, less those it undid.
+const mine = new Set();
 const $ = (id) => document.getElementById(id);
 function show(d) {
-  $("session").textContent = d.judged_session;
+  state.session = mine.size;
+  $("session").textContent = mine.size;
   $("left").textContent = d.left;
   const p = d.pair;
   state.offer = p ? p.offer : null;
@@ -58,7 +61,7 @@ function show(d) {
   $("nameA").textContent = p.a.name;  // textContent: a file name is never read as HTML
   $("nameB").textContent = p.b.name;
 }
-async function call(url, body) {
+async function call(url, body, saved) {
   if (state.pending) return;
   state.pending = true;
   try {
@@ -66,12 +69,15 @@ async function call(url, body) {
       headers: body ? { "Content-Type": "application/json" } : {}, body: body ? JSON.stringify(body) : undefined });
     const d = await r.json();
     if (!r.ok) { state.error = d.error; $("message").textContent = d.error || ("error " + r.status); }
-    else { show(d); state.done += 1; }
+    else { if (saved) saved(d); show(d); state.done += 1; }
   } catch (e) { state.error = String(e); $("message").textContent = "not saved, the server did not answer: " + e; }
   finally { state.pending = false; }
 }
-function choose(choice) { if (state.offer) call("/judge/answer", { offer: state.offer, choice: choice }); }
-function undo() { call("/judge/undo", {}); }
+function choose(choice) {
+  const offer = state.offer;
+  if (offer) call("/judge/answer", { offer: offer, choice: choice }, () => { if (choice !== "skip") mine.add(offer); });
+}
+function undo() { call("/judge/undo", {}, (d) => { if (d.undone) mine.delete(d.undone.offer); }); }
 $("sideA").onclick = $("btnA").onclick = () => choose("a");
 $("sideB").onclick = $("btnB").onclick = () => choose("b");
 $("btnTie").onclick = () => choose("tie");
