@@ -3,7 +3,7 @@
 ``tests/data/golden_runs.json`` first held these numbers as computed before stage two's modules were reorganised
 (issue 21); it was re-recorded (issue 27) when the score-offset parameters stopped learning from rounding noise,
 an intended change of every result, on the CI machine kind (AMD EPYC, AVX2; its kernel fingerprint is stored
-with the numbers). ``tests/test_golden_runs.py`` recomputes them with the code as it is now. Regenerate only
+with the numbers). ``tests/training/test_golden_runs.py`` recomputes them with the code as it is now. Regenerate only
 for an intended change of results:
 
     python tests/_golden_runs.py --write

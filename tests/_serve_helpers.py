@@ -7,8 +7,11 @@ import contextlib
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -23,6 +26,9 @@ from mirip.store.checkpoint import save_checkpoint_file
 from mirip.store.fingerprint import make_fingerprint
 from mirip.training.calibration import fit_ordinal
 from mirip.training.calibration_reference import make_score_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "scripts" / "serve.py")
 
 SIZE = 56
 BANK = "cls@-1+mean@-1+mean@1"
@@ -107,3 +113,32 @@ def running(app, ready: bool = True, timeout: float = 60.0):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve_script(args, env_extra=None):
+    """scripts/serve.py ARGS as a user starts it: a child process on this checkout, output piped."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           **(env_extra or {})}
+    return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+def wait_health(url, proc, timeout=90):
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            r = httpx.get(url + "/health", timeout=2)
+            if r.status_code != 503:
+                return r
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    return None

@@ -74,3 +74,26 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def scenes(n_scenes=40, copies=4, dim=64, seed=0):
+    """Copies of one scene are near-duplicates with the scene's tier; the tier signal shared across scenes
+    is weak, so a head can score well on a test copy only by recognising its scene from train."""
+    rng = np.random.default_rng(seed)
+    tiers = [TIERS[s % 4] for s in range(n_scenes)]
+    ranks = np.array([3 - TIERS.index(t) for t in tiers])
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    scene = rng.normal(scale=2.0, size=(n_scenes, dim)) + np.outer(0.4 * ranks, direction)
+    feats = np.repeat(scene, copies, axis=0) + rng.normal(scale=0.2, size=(n_scenes * copies, dim))
+    meta = pd.DataFrame({"filename": [f"s{s:02d}_c{c}.png" for s in range(n_scenes) for c in range(copies)],
+                         "tier": np.repeat(tiers, copies), "scene": np.repeat([f"scene{s}" for s in range(n_scenes)],
+                                                                                copies)})
+    return feats.astype(np.float32), meta
+
+
+def write_scenes(tmp_path, feats, meta):
+    cache, csv = str(tmp_path / "f.h5"), str(tmp_path / "meta.csv")
+    write_cache(cache, fake_fingerprint(feats.shape[1]), meta["filename"].tolist(), feats)
+    meta.to_csv(csv, index=False)
+    return cache, csv

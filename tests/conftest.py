@@ -66,5 +66,22 @@ def image_dir(tmp_path):
 
 # The CPU default precision follows the chip (bf16 with AMX / AVX512-BF16): pinned to "no bf16 units" here, and
 # inherited by the scripts tests run as subprocesses, so no test's numbers depend on the machine it runs on.
-# tests/test_cpu_precision.py lifts it to mock the probe both ways.
+# tests/common/test_devices.py lifts it to mock the probe both ways.
 os.environ.setdefault("MIRIP_CPU_BF16", "0")
+
+
+@pytest.fixture(scope="module")
+def scored_folder(tiny_backbone, tmp_path_factory):
+    """8 tiered images with their checkpoint and one broken file (score.py's tests and the compiled runs')."""
+    from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
+
+    tmp_path = tmp_path_factory.mktemp("scored")
+    d = tmp_path / "images"
+    meta = make_tiered_images(d)
+    with torch_threads(1):
+        _, ckpt, _, _ = make_cache_and_checkpoint(tiny_backbone, str(d), list(meta["filename"]), str(tmp_path))
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (d / "readme.txt").write_text("not an image, not listed")
+    meta_path = tmp_path / "metadata.csv"
+    meta.to_csv(meta_path, index=False)
+    return d, meta, ckpt, meta_path

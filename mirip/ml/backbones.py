@@ -58,7 +58,7 @@ class IncompleteWeightsError(ValueError):
 #   fixed-resolution SigLIP2 checkpoints are SiglipModel checkpoints (model_type "siglip").
 # - clip-vit-large-patch14: openai/clip-vit-large-patch14 (vision 1024 / 4096 / 24 / 16, patch 14, 224 px;
 #   text 768 / 3072 / 12 / 12; projection 768; quick_gelu).
-# tests/test_families.py checks each one's parameter count against its model card.
+# tests/ml/test_families.py checks each one's parameter count against its model card.
 SHIPPED: Dict[str, str] = {
     "dinov2-small": "facebook", "dinov2-base": "facebook", "dinov2-large": "facebook", "dinov2-giant": "facebook",
     "dinov2-with-registers-small": "facebook", "dinov2-with-registers-base": "facebook",

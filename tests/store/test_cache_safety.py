@@ -23,7 +23,7 @@ from mirip.common.atomic import temp_prefix, write_atomic, write_atomic_with
 from mirip.store.cache import FeatureCache, open_cache, write_cache
 from mirip.store.cache_errors import CacheDamaged, CacheError, CacheInUse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mirip.training.config import TrainingConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parser(name):

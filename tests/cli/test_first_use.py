@@ -19,7 +19,7 @@ from mirip.common.metadata_csv import EncodingNotice, MetadataError, read_metada
 from mirip.training.run_data import read_metadata
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KOREAN = pd.DataFrame({"filename": ["소묘_001.png", "수채화_002.png"], "tier": ["S", "A"], "학생": ["김", "이"]})
 
 

@@ -18,8 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from _inference_helpers import IMAGE_SIZE, cached_features, make_cache_and_checkpoint  # noqa: E402
 from _judge_helpers import TOKENS, drawings, judges_file  # noqa: E402
-from _serve_helpers import png_bytes  # noqa: E402
-from test_serve_script import _free_port, _start, _wait_health  # noqa: E402
+from _serve_helpers import free_port, png_bytes, start_serve_script, wait_health  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +55,11 @@ def _least_certain_pair(f, tiny_backbone):
 
 def test_serve_judge_serves_the_page_beside_scoring_and_stops_on_sigterm(judging_files, tiny_backbone):
     f = judging_files
-    port = _free_port()
-    proc = _start([*_args(f), "--port", str(port)])
+    port = free_port()
+    proc = start_serve_script([*_args(f), "--port", str(port)])
     url = f"http://127.0.0.1:{port}"
     try:
-        health = _wait_health(url, proc)
+        health = wait_health(url, proc)
         assert health is not None and health.status_code == 200, proc.stdout.read() if proc.poll() else ""
         assert httpx.get(url + "/judge").status_code == 401
         client = httpx.Client(base_url=url, timeout=10, follow_redirects=True)

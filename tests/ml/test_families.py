@@ -254,7 +254,7 @@ def test_unsupported_model_type_directory_is_refused(tmp_path):
 
 
 def test_load_backbone_admits_every_family_unless_narrowed(tiny_dirs):
-    # The extractor pools every family through its adapter (tests/test_family_extraction.py), so the default
+    # The extractor pools every family through its adapter (tests/extract/test_family_extraction.py), so the default
     # admits all of them; a caller may still narrow the choice.
     for kind in ("siglip", "clip_vision_model", "dinov3_vit"):
         assert load_backbone(tiny_dirs[kind])[1].family == FAMILY_OF.get(kind, kind)

@@ -10,10 +10,10 @@ import re
 import pandas as pd
 import pytest
 
-from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
+from _inference_helpers import torch_threads
 from mirip.scoring.report_html import render_html, tier_agreement
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 score = importlib.import_module("mirip.cli.score")
@@ -23,20 +23,6 @@ score = importlib.import_module("mirip.cli.score")
 def one_thread():
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="module")
-def scored_folder(tiny_backbone, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("scored")
-    d = tmp_path / "images"
-    meta = make_tiered_images(d)
-    with torch_threads(1):
-        _, ckpt, _, _ = make_cache_and_checkpoint(tiny_backbone, str(d), list(meta["filename"]), str(tmp_path))
-    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    (d / "readme.txt").write_text("not an image, not listed")
-    meta_path = tmp_path / "metadata.csv"
-    meta.to_csv(meta_path, index=False)
-    return d, meta, ckpt, meta_path
 
 
 def test_score_folder_with_broken_file(scored_folder, tmp_path, capsys):

@@ -21,7 +21,7 @@ from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.store.cache import open_cache, write_cache
 from mirip.store.cache_errors import CacheError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 LAYERS = 4
 

@@ -23,7 +23,7 @@ from mirip.scoring.scorer import load_scorer
 from mirip.store.cache import open_cache
 from mirip.store.cache_errors import CacheError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Every family, as a vision-only checkpoint and (CLIP, SigLIP) as a full dual-tower checkpoint.
 KINDS = ["dinov2", "dinov2_with_registers", "dinov3_vit", "siglip_vision_model", "clip_vision_model", "siglip", "clip"]
 # Written out by hand, from the model cards / the families' papers, not from mirip.

@@ -18,7 +18,7 @@ from mirip.training.datasets.data_splitter import DataSplitter
 from _extract_helpers import extract, make_images
 from _sweep_helpers import TIER_RANK, one_thread
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--max-epochs", "2", "--pairs-per-epoch", "64", "--eval-pairs", "80", "--batch-size", "16", "--device", "cpu",
         "--no-progress", "--hidden-dim", "16", "--projector-dim", "8"]
 BAD = ("empty.png", "truncated.jpg", "notes.png", "missing.png")

@@ -12,7 +12,7 @@ import pytest
 
 from mirip.bench import full_image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED_KEYS = ("inference_time_per_pair", "inference_time_ms", "memory_usage_bytes", "memory_usage_mb",
              "memory_usage_gb", "device", "batch_size", "image_size", "meets_inference_requirement",
              "meets_memory_requirement", "requirements")

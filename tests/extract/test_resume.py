@@ -19,7 +19,7 @@ from _extract_helpers import SIZE, extract, make_images, noise_image, touch_late
 from mirip.extract.distributed import leftover_parts, merge_parts, part_path
 from mirip.store.cache import FeatureCache, open_cache, write_cache
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
 
 

@@ -12,7 +12,7 @@ import pytest
 from mirip.cli import train as train_cli
 
 from _stage2_helpers import single_thread, write_dataset
-from test_grouped_splits import _scenes, _write
+from _stage2_helpers import scenes, write_scenes
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
 SMALL = ["--max-epochs", "3", "--pairs-per-epoch", "256", "--eval-pairs", "500", "--hidden-dim", "16",
@@ -44,8 +44,8 @@ def test_folds_train_k_heads_on_disjoint_folds_covering_every_non_test_image(tmp
 
 
 def test_folds_by_group_keep_each_scene_in_one_fold(tmp_path):
-    feats, meta = _scenes(n_scenes=24, copies=3, dim=8)
-    cache, csv = _write(tmp_path, feats, meta)
+    feats, meta = scenes(n_scenes=24, copies=3, dim=8)
+    cache, csv = write_scenes(tmp_path, feats, meta)
     out = tmp_path / "run"
     assert train_cli.main(["--features", cache, "--metadata", csv, "--output-dir", str(out), "--folds", "4",
                            "--group-column", "scene", "--val-ratio", "0.2", "--test-ratio", "0.2",

@@ -22,7 +22,7 @@ from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
 from mirip.training.calibration import fit_ordinal
 from mirip.training.calibration_reference import make_score_reference
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name):

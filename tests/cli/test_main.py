@@ -13,7 +13,7 @@ import pytest
 
 from mirip.cli.main import COMMANDS, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_help_lists_every_command_in_pipeline_order(capsys):

@@ -23,7 +23,7 @@ from _extract_helpers import SIZE, extract, make_images, reference_features, scr
 from mirip.ml import compiled as C
 from mirip.store.cache import open_cache
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 
 
@@ -139,8 +139,8 @@ def test_compiled_batches_larger_than_the_compiled_size_run_in_chunks(tiny_backb
 
 
 # --- full-image scoring ------------------------------------------------------------------------------
-# The score script's own fixture: 8 tiered images, their checkpoint, and a broken file (a batch one image short).
-from test_score_script import score, scored_folder  # noqa: E402,F401
+# scored_folder (conftest): 8 tiered images, their checkpoint, and a broken file (a batch one image short).
+from mirip.cli import score  # noqa: E402
 
 
 def test_score_compile_on_equals_eager(scored_folder, tmp_path, capsys):

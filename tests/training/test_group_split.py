@@ -8,39 +8,15 @@ import pandas as pd
 import pytest
 
 from mirip.common.tiers import TIERS
-from mirip.store.cache import write_cache
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.data_splitter import DataSplitter
 from mirip.training.run import train
 from mirip.training.run_config import RunConfig
 from mirip.training.run_data import load_run_data
 
-from _stage2_helpers import fake_fingerprint, single_thread
+from _stage2_helpers import scenes, single_thread, write_scenes
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
-
-
-def _scenes(n_scenes=40, copies=4, dim=64, seed=0):
-    """Copies of one scene are near-duplicates with the scene's tier; the tier signal shared across scenes
-    is weak, so a head can score well on a test copy only by recognising its scene from train."""
-    rng = np.random.default_rng(seed)
-    tiers = [TIERS[s % 4] for s in range(n_scenes)]
-    ranks = np.array([3 - TIERS.index(t) for t in tiers])
-    direction = rng.normal(size=dim)
-    direction /= np.linalg.norm(direction)
-    scene = rng.normal(scale=2.0, size=(n_scenes, dim)) + np.outer(0.4 * ranks, direction)
-    feats = np.repeat(scene, copies, axis=0) + rng.normal(scale=0.2, size=(n_scenes * copies, dim))
-    meta = pd.DataFrame({"filename": [f"s{s:02d}_c{c}.png" for s in range(n_scenes) for c in range(copies)],
-                         "tier": np.repeat(tiers, copies), "scene": np.repeat([f"scene{s}" for s in range(n_scenes)],
-                                                                                copies)})
-    return feats.astype(np.float32), meta
-
-
-def _write(tmp_path, feats, meta):
-    cache, csv = str(tmp_path / "f.h5"), str(tmp_path / "meta.csv")
-    write_cache(cache, fake_fingerprint(feats.shape[1]), meta["filename"].tolist(), feats)
-    meta.to_csv(csv, index=False)
-    return cache, csv
 
 
 def _cfg(cache, csv, out, group=None, **kw):
@@ -52,8 +28,8 @@ def _cfg(cache, csv, out, group=None, **kw):
 
 
 def test_grouped_split_keeps_every_scene_in_one_split(tmp_path):
-    feats, meta = _scenes()
-    cache, csv = _write(tmp_path, feats, meta)
+    feats, meta = scenes()
+    cache, csv = write_scenes(tmp_path, feats, meta)
     data = load_run_data(_cfg(cache, csv, tmp_path / "r", group="scene"))
     scene_of = dict(zip(meta["filename"], meta["scene"]))
     where = {}
@@ -69,8 +45,8 @@ def test_grouped_split_keeps_every_scene_in_one_split(tmp_path):
 
 
 def test_split_by_image_leaks_scenes_and_inflates_test_accuracy(tmp_path):
-    feats, meta = _scenes()
-    cache, csv = _write(tmp_path, feats, meta)
+    feats, meta = scenes()
+    cache, csv = write_scenes(tmp_path, feats, meta)
     leaky = train(_cfg(cache, csv, tmp_path / "leaky"), progress=False, log=lambda m: None)
     grouped = train(_cfg(cache, csv, tmp_path / "grouped", group="scene"), progress=False, log=lambda m: None)
     # The ridge baseline memorises scenes it has seen: near perfect on leaked copies, near chance on new scenes.
@@ -123,8 +99,8 @@ def test_sweep_and_evaluate_split_by_group_as_the_run_did(tmp_path, capsys):
     from mirip.cli import sweep as sweep_cli
     from mirip.store.checkpoint import load_checkpoint_file
 
-    feats, meta = _scenes(n_scenes=20, copies=3, dim=8)
-    cache, csv = _write(tmp_path, feats, meta)
+    feats, meta = scenes(n_scenes=20, copies=3, dim=8)
+    cache, csv = write_scenes(tmp_path, feats, meta)
     out = tmp_path / "sweep"
     assert sweep_cli.main(["--features", cache, "--metadata", csv, "--output-dir", str(out), "--group-column", "scene",
                            "--margin", "0.5", "--hidden-dim", "8", "--projector-dim", "4", "--learning-rate", "1e-3",

@@ -19,7 +19,7 @@ from mirip.training.run_outputs import quality_warnings
 from _stage2_helpers import fake_fingerprint, single_thread, tiered_features
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAN = float("nan")
 
 
@@ -32,7 +32,7 @@ def _train_main():
 
 def _kinds(warnings):
     """Which of the three checks each warning is, read off its wording (the small-split warning, which
-    tests/test_cross_validation.py covers, left out)."""
+    tests/training/test_folds.py covers, left out)."""
     warnings = [w for w in warnings if "chose the best epoch" not in w]
     return sorted("chance" if "below chance" in w else "ridge" if "linear baseline" in w
                   else "tier" if "commonest" in w else "?" for w in warnings)

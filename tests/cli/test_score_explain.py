@@ -15,7 +15,7 @@ from PIL import Image
 from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
 from mirip.scoring.scorer import load_scorer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load_script():

@@ -120,7 +120,7 @@ def test_bad_feature_shape_for_head():
         RankingHead(input_dim=8).get_score(torch.randn(2, 9))
 
 
-@pytest.mark.slow  # ~10 s on 2 cores; the meta-device parameter counts of tests/test_families.py run by default
+@pytest.mark.slow  # ~10 s on 2 cores; the meta-device parameter counts of tests/ml/test_families.py run by default
 def test_dinov2_large_builds_offline_with_random_weights():
     with pytest.warns(RandomWeightsWarning, match="RANDOM weights"):
         model, info = load_backbone("facebook/dinov2-large", random_init=True)

@@ -17,7 +17,7 @@ from mirip.training.run_config import RunConfig
 from _stage2_helpers import fake_fingerprint, single_thread, write_dataset
 
 _one_thread = pytest.fixture(autouse=True)(single_thread)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name):
