@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mirip.cli.options import DefaultsHelpFormatter
+from mirip.cli.options import DefaultsHelpFormatter, positive
 from mirip.demo.data import IMAGES_DIR, IMAGE_FORMATS, METADATA_NAME, TIERS, make_demo_dataset
 
 
@@ -19,13 +19,6 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -50,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", type=Path, default=Path("data/demo"), metavar="DIR", help="output directory")
     parser.add_argument(
-        "--num-images", type=_positive_int, default=200, metavar="N", help="number of images, balanced across the four tiers"
+        "--num-images", type=positive(), default=200, metavar="N", help="number of images, balanced across the four tiers"
     )
-    parser.add_argument("--image-size", type=_positive_int, default=256, metavar="PX", help="width and height of each image in pixels")
+    parser.add_argument("--image-size", type=positive(), default=256, metavar="PX", help="width and height of each image in pixels")
     parser.add_argument("--seed", type=_non_negative_int, default=0, metavar="N", help="random seed (non-negative)")
     parser.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default="jpg", help="image file format")
     return parser

@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, add_strict_images_option, plain_warnings
+from mirip.cli.options import (DefaultsHelpFormatter, add_encoding_option, add_strict_images_option, plain_warnings,
+                               positive)
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
 from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE
@@ -21,13 +22,6 @@ from mirip.training.evaluator import format_metrics
 from mirip.training.run import evaluate_checkpoint
 from mirip.training.run_data import exclusion_note
 from mirip.training.run_outputs import write_json
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
                         help="evaluate every image of the metadata, or one split of the training run rebuilt "
                              "from the checkpoint (then the ridge baseline is shown beside it)")
-    parser.add_argument("--eval-pairs", type=_positive_int, default=None,
+    parser.add_argument("--eval-pairs", type=positive(), default=None,
                         help="number of pairs (default: the run's eval_pairs)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the run's device, cpu if no CUDA)")
     parser.add_argument("--filename-column", default=None, help="(default: the run's)")

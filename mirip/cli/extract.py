@@ -16,23 +16,13 @@ import argparse
 import os
 import sys
 
-from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
+from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings, positive
 from mirip.common.devices import PRECISIONS, device_defaults
 from mirip.common.feature_spec import BANK_POOLINGS, POOLINGS
 from mirip.extract.config import ExtractConfig, FEATURE_DTYPES
 from mirip.extract.run import choose_precision, extract_features
 from mirip.ml import compiled
 from mirip.ml.preprocessing import MAX_IMAGE_PIXELS, RESIZE_MODES
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def _non_negative(text: str) -> int:
@@ -87,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "comes from the family, or from the directory's preprocessor_config.json")
     model.add_argument("--random-init", action="store_true",
                        help="random weights from the built-in architecture (benchmarks and tests only)")
-    model.add_argument("--image-size", type=_positive, default=None, metavar="PX",
+    model.add_argument("--image-size", type=positive(), default=None, metavar="PX",
                        help="(default: 768 on a GPU, 224 on a CPU) square input size in pixels; DINOv2/DINOv3 take any size, CLIP/SigLIP interpolate "
                             "their position embeddings (their native size, e.g. 224 or 384, is what they were "
                             "trained at)")
@@ -109,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default="float32", help="dtype stored in the cache")
     model.add_argument("--views", type=_non_negative, default=0, metavar="K",
                        help="also cache K deterministic augmented views per image (flip, crops)")
-    model.add_argument("--max-image-pixels", type=_positive, default=None, metavar="N",
+    model.add_argument("--max-image-pixels", type=positive(), default=None, metavar="N",
                        help=f"refuse images larger than this many pixels as possible decompression bombs (default: "
                             f"{MAX_IMAGE_PIXELS:,}, twice Pillow's warning threshold; a 12000 x 9000 scan is 108M)")
     run = p.add_argument_group("run")
-    run.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="images per backbone batch")
+    run.add_argument("--batch-size", type=positive(), default=32, metavar="N", help="images per backbone batch")
     run.add_argument("--num-workers", type=_non_negative, default=None, metavar="N",
                      help="DataLoader decoding processes (default: from the CPU count)")
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")

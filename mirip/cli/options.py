@@ -72,6 +72,21 @@ def training_values(args: argparse.Namespace, output_dir: str, skip: Iterable[st
     return values
 
 
+def positive(kind=int):
+    """An argparse type: a number of ``kind`` above zero; anything else is refused saying what was given."""
+    what = "integer" if kind is int else "number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an' if kind is int else 'a'} {what}: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive {what}, got {value}")
+        return value
+    return parse
+
+
 def plain_warnings() -> None:
     """Warnings as the commands' other notes, ``warning: <message>`` on stderr: not Python's default of the
     library's file and line, then a raw source line a user cannot act on."""

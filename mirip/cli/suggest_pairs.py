@@ -12,18 +12,11 @@ import argparse
 import sys
 import time
 
-from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
+from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings, positive
 from mirip.judging.next_pairs import SuggestConfig, suggest_from_files
 from mirip.judging.suggest import DEFAULT_WINDOW
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metadata", required=True, metavar="CSV", help="the drawings to choose among (one row each)")
     parser.add_argument("--judgments", default=None, metavar="CSV",
                         help="pairs already judged: never suggested again, and their drawings count as judged")
-    parser.add_argument("--count", type=_positive_int, default=50, help="how many pairs to suggest")
+    parser.add_argument("--count", type=positive(), default=50, help="how many pairs to suggest")
     parser.add_argument("--output", required=True, metavar="CSV", help="where to write the pairs")
-    parser.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW,
+    parser.add_argument("--window", type=positive(), default=DEFAULT_WINDOW,
                         help="candidates: each drawing with this many neighbours either side in score order")
     parser.add_argument("--seed", type=int, default=0, help="breaks ties and picks which drawing is shown as a")
     parser.add_argument("--filename-column", default="filename", help="metadata column with the image path")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mirip.cli.options import (DefaultsHelpFormatter, add_data_options, add_training_options, plain_warnings,
-                               training_values)
+                               positive, training_values)
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
@@ -22,15 +22,6 @@ from mirip.training.config import TrainingConfig
 from mirip.training.folds import FOLDS_FILE
 from mirip.training.run import OUTPUT_FILES, train
 from mirip.training.run_config import RunConfig
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -49,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-entry scaling fitted on the train split (entry), or none; auto: entry when the "
                             "spec has several entries")
     model.add_argument("--margin", type=float, default=1.0, help="MarginRankingLoss margin")
-    model.add_argument("--hidden-dim", type=_positive(int), default=512, help="Projector hidden width")
-    model.add_argument("--projector-dim", type=_positive(int), default=256, help="Projector output (embedding) dim")
+    model.add_argument("--hidden-dim", type=positive(int), default=512, help="Projector hidden width")
+    model.add_argument("--projector-dim", type=positive(int), default=256, help="Projector output (embedding) dim")
     model.add_argument("--dropout", type=float, default=0.1, help="Projector dropout")
     model.add_argument("--ridge-alpha", type=float, default=None, help="ridge strength of the linear baseline "
                        "(default: picked on the val split)")
@@ -74,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last.pt")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--ensemble", type=_positive(int), default=1, metavar="K",
+    run.add_argument("--ensemble", type=positive(int), default=1, metavar="K",
                      help="train K heads on seeds --seed..--seed+K-1 over the same split and batches, in one pass, "
                           "and save them as one checkpoint: scores are their mean, with score_std their spread "
                           "(writes best.pt, no last.pt: an ensemble run cannot --resume)")
