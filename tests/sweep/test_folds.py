@@ -68,6 +68,7 @@ def test_sweep_folds_cover_non_test_once_by_group_and_rank_by_cv_mean(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "over folds and seeds" in summary and "Cross-validated" in summary
     ranked = [line for line in summary.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert all(int(line.split("|")[9]) == 2 for line in ranked)  # seeds, not fold rows
     assert [float(line.split("|")[10].split("±")[0]) for line in ranked] == pytest.approx(
         [np.mean(means[k]) for k in naive], abs=1e-4)
 
