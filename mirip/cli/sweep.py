@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-entry scaling of each spec, fitted on each seed's train split (entry) or none; "
                             "auto: entry for specs of several entries")
     run = parser.add_argument_group("run")
+    run.add_argument("--folds", type=int, default=0, metavar="K",
+                     help="cross-validate every configuration x seed: K heads, each validated on one of K folds of "
+                          "the non-test images (whole groups with --group-column) and trained on the rest; "
+                          "results.csv gets a fold column and configurations are ranked by their mean val accuracy "
+                          "over folds and seeds; costs K times the training (0: one train/val split per seed)")
     run.add_argument("--optimizer", choices=OPTIMIZERS, default="auto",
                      help="how the stacked heads' AdamW runs: 'fused' (torch's fused kernel per head: one memory "
                           "pass, best on CPU), 'batched' (a few ops over all heads at once, best on GPU), 'plain' "
@@ -125,6 +130,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify, group_column=args.group_column,
         encoding=args.encoding, strict_images=args.strict_images,
         training=TrainingConfig(**training), optimizer=args.optimizer, feature_norm=args.feature_norm,
+        folds=args.folds,
     )
     return grid, settings
 

@@ -24,7 +24,7 @@ def _std(values: np.ndarray) -> float:
 
 
 def aggregate(rows: pd.DataFrame, extra_keys: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per grid point: mean and std over seeds of each metric, best first by mean val accuracy.
+    """One row per grid point: mean and std over seeds (and folds) of each metric, best first by mean val accuracy.
 
     Ties in mean val accuracy keep grid order (a stable sort); test accuracy plays no part in the order.
     ``extra_keys`` are further axes (``cache`` in a multi-cache sweep), kept first in each row.
@@ -36,8 +36,11 @@ def aggregate(rows: pd.DataFrame, extra_keys: Sequence[str] = ()) -> pd.DataFram
     out = []
     for values, g in rows.groupby(keys, sort=False, dropna=False):
         rec: Dict[str, Any] = dict(zip(keys, values))
-        rec["seeds"] = len(g)
-        rec["seed_list"] = sorted(int(s) for s in g["seed"])
+        # A cross-validated sweep has one row per fold: the mean and std run over folds and seeds together.
+        rec["seed_list"] = sorted({int(s) for s in g["seed"]})
+        rec["seeds"] = len(rec["seed_list"])
+        if "fold" in g.columns:
+            rec["folds"] = int(g["fold"].nunique())
         for m in METRICS:
             vals = g[m].to_numpy(dtype=np.float64)
             rec[f"{m}_mean"], rec[f"{m}_std"] = float(np.mean(vals)), _std(vals)
@@ -65,8 +68,9 @@ def summary_markdown(table: pd.DataFrame, title: str = "Sweep summary", notes: S
     lines += [f"{n}" for n in notes] + ([""] if notes else [])
     # A multi-cache sweep has a cache column (the backbone / image size behind each row, listed in the notes).
     cache = "cache" in table.columns
+    over = "folds and seeds" if "folds" in table.columns else "seeds"
     lines += [
-        "Sorted by mean validation pairwise accuracy (best first); ± is the standard deviation over seeds.",
+        f"Sorted by mean validation pairwise accuracy (best first); ± is the standard deviation over {over}.",
         "",
     ] + ([tie_note(table), ""] if tie_note(table) else []) + [
         "| rank | " + ("cache | " if cache else "") + "features | margin | hidden | proj | lr | dropout | wd | seeds | val acc | test acc | Spearman "
@@ -170,7 +174,7 @@ def to_argv(options: Dict[str, Any]) -> List[str]:
 
 
 def best_record(best: Dict[str, Any], settings: Any, features: str, weights: Sequence[str], out: str,
-                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                extra: Optional[Dict[str, Any]] = None, chosen_on: Optional[str] = None) -> Dict[str, Any]:
     """best.json: the winner's configuration and numbers, and the ``scripts/train.py`` command that retrains it
     on ``features`` (``settings``: the sweep's ``SweepSettings``). ``extra`` keys (a multi-cache sweep's cache,
     features and backbone) come right after ``chosen_on``."""
@@ -178,7 +182,8 @@ def best_record(best: Dict[str, Any], settings: Any, features: str, weights: Seq
     fixed.update({k: getattr(settings.training, k) for k in ("device", "save_every_n_epochs")})
     options = train_options(best, fixed)
     return {
-        "chosen_on": "mean validation pairwise accuracy over seeds (test accuracy is reported, never used)",
+        "chosen_on": chosen_on or "mean validation pairwise accuracy over seeds (test accuracy is reported, never used)",
+        **({"folds": best["folds"]} if "folds" in best else {}),
         **(extra or {}),
         "backbone_weights": ", ".join(weights),
         "config": {k: best.get(k) for k in HYPERPARAMETERS},

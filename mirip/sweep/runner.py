@@ -17,6 +17,13 @@ exists; ``sweep.json`` records what the results depend on, and a restart with
 different data or fixed settings is refused rather than mixed into one table
 (unless nothing had finished yet, or with ``overwrite``). An interrupt (Ctrl-C)
 raises ``SweepInterrupted`` with a one-line account of what was kept.
+
+With ``folds`` K (``scripts/sweep.py --folds K``) each configuration x seed trains K heads: fold k validates
+on the k-th of the folds ``mirip.training.folds.fold_rows`` makes of the seed's non-test images (whole groups
+with a group column) and trains on the rest; the test split stays as it is. Folds group like seeds: the heads
+of one fold share its train/val rows and stack. results.csv gets one row per fold (a ``fold`` column, 1-based),
+``splits/seed<S>-fold<k>.json`` which drawings each fold held, and the configurations are ranked by their mean
+val accuracy over folds and seeds.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap
 from mirip.sweep.settings import SweepSettings, check_manifest, file_sha256
 from mirip.training.bootstrap import BootstrapConfig
 from mirip.training.evaluator import Evaluator
+from mirip.training.folds import fold_rows
 from mirip.training.head_calibration import calibrate_head
 from mirip.training.run_data import (RunData, SPLITS, exclusion_note, failed_images, feature_keys, read_metadata,
                                      scaled_features, split_dataset, split_names, split_positions, write_excluded)
@@ -60,6 +68,7 @@ RESULT_COLUMNS = (
     + ("best_epoch", "epochs_run", "stopped_early", "val_acc", "val_loss", "test_acc", "spearman", "kendall",
        "test_pairs", "wall_time_s", "group_size", "checkpoint", "backbone_weights", "val_acc_low", "val_acc_high")
 )
+FOLD_COLUMN = "fold"  # results.csv's extra column in a sweep with folds
 OUTPUT_FILES = ("results.csv", "summary.md", "best.json", "heatmap.png")
 
 
@@ -88,18 +97,25 @@ class SweepRunner:
         self.log = log or (lambda msg: tqdm.write(msg))
         self.device = resolve_device(settings.training.device)
         self.configs = grid.configs()
+        # What trains and is saved: (configuration, fold); fold None without folds (ids and files as before).
+        self.units = [(c, f) for c in self.configs
+                      for f in (range(1, settings.folds + 1) if settings.folds else [None])]
 
     # --- files -------------------------------------------------------------------------------
-    def checkpoint_path(self, cfg: HeadConfig) -> str:
-        return os.path.join(self.out, "checkpoints", f"{cfg.config_id}.pt")
+    @staticmethod
+    def unit_id(cfg: HeadConfig, fold: Optional[int] = None) -> str:
+        return cfg.config_id if fold is None else f"{cfg.config_id}-fold{fold}"
 
-    def result_path(self, cfg: HeadConfig) -> str:
-        return os.path.join(self.out, "results", f"{cfg.config_id}.json")
+    def checkpoint_path(self, cfg: HeadConfig, fold: Optional[int] = None) -> str:
+        return os.path.join(self.out, "checkpoints", f"{self.unit_id(cfg, fold)}.pt")
 
-    def finished(self, cfg: HeadConfig) -> Optional[Dict[str, Any]]:
-        """The stored result row of a configuration, or None if it still has to run."""
-        path = self.result_path(cfg)
-        if not (os.path.isfile(path) and os.path.isfile(self.checkpoint_path(cfg))):
+    def result_path(self, cfg: HeadConfig, fold: Optional[int] = None) -> str:
+        return os.path.join(self.out, "results", f"{self.unit_id(cfg, fold)}.json")
+
+    def finished(self, cfg: HeadConfig, fold: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """The stored result row of a configuration (and fold), or None if it still has to run."""
+        path = self.result_path(cfg, fold)
+        if not (os.path.isfile(path) and os.path.isfile(self.checkpoint_path(cfg, fold))):
             return None
         with open(path) as f:
             row = json.load(f)["row"]
@@ -143,9 +159,10 @@ class SweepRunner:
         return {"meta": meta, "meta_all": meta_all, "names": names, "by_spec": by_spec, "fingerprint": fingerprint,
                 "ranks": tier_ranks(meta, s.tier_column), "specs": specs, "excluded": excluded}
 
-    def _datasets(self, data: Dict[str, Any], seed: int, spec: str) -> Dict[str, Any]:
-        """The (seed, spec)'s split and pair datasets, built exactly as ``scripts/train.py --seed SEED --feature
-        SPEC`` builds them (per-entry scales fitted on the seed's train split)."""
+    def _datasets(self, data: Dict[str, Any], seed: int, spec: str) -> Dict[Optional[int], Dict[str, Any]]:
+        """fold -> the (seed, spec)'s split and pair datasets, built exactly as ``scripts/train.py --seed SEED
+        --feature SPEC`` builds them (per-entry scales fitted on the train split); the only fold is None
+        without folds, else folds 1..K each validate on one fold of the seed's non-test rows."""
         # The split and pairs depend on the seed and the fixed settings only, not on the head's hyperparameters.
         rc = self.settings.run_config(HeadConfig(1.0, 1, 1, 1.0, 0.0, 0.0, seed), feature=spec)
         splitter = rc.splitter()
@@ -155,13 +172,30 @@ class SweepRunner:
         # Which drawings each split holds, per seed: comparable across sweeps (and across caches).
         write_atomic(os.path.join(self.out, "splits", f"seed{seed}.json"), json.dumps(
             {name: [data["names"][i] for i in splits[name]] for name in SPLITS}, indent=1))
+        if not self.settings.folds:
+            return {None: self._split_datasets(data, seed, spec, splits, rc, splitter)}
+        base = self._run_data(data, spec, splits, rc, splitter)
+        pool = np.concatenate([splits["train"], splits["val"]])
+        out = {}
+        for fold, val_rows in enumerate(fold_rows(base, self.settings.folds, self.settings.group_column, seed), 1):
+            fold_splits = {"train": np.sort(np.setdiff1d(pool, val_rows)), "val": val_rows, "test": splits["test"]}
+            write_atomic(os.path.join(self.out, "splits", f"seed{seed}-fold{fold}.json"), json.dumps(
+                {name: [data["names"][i] for i in fold_splits[name]] for name in SPLITS}, indent=1))
+            out[fold] = self._split_datasets(data, seed, spec, fold_splits, rc, splitter)
+        return out
+
+    def _run_data(self, data: Dict[str, Any], spec: str, splits: Dict[str, np.ndarray], rc, splitter) -> RunData:
         features, dims = data["by_spec"][spec]
         features, scales = scaled_features(features, dims, spec, rc.feature_norm, splits["train"])
-        run_data = RunData(data["meta"], features, data["ranks"], data["names"], data["fingerprint"],
-                           splits, spec=spec, entry_dims=dims,
-                           feature_norm="entry" if scales else "none", feature_scales=scales,
-                           excluded=data["excluded"], split_info=splitter.get_split_info())
-        device_features = features.to(self.device)
+        return RunData(data["meta"], features, data["ranks"], data["names"], data["fingerprint"],
+                       splits, spec=spec, entry_dims=dims,
+                       feature_norm="entry" if scales else "none", feature_scales=scales,
+                       excluded=data["excluded"], split_info=splitter.get_split_info())
+
+    def _split_datasets(self, data: Dict[str, Any], seed: int, spec: str, splits: Dict[str, np.ndarray], rc,
+                        splitter) -> Dict[str, Any]:
+        run_data = self._run_data(data, spec, splits, rc, splitter)
+        device_features = run_data.features.to(self.device)
         datasets = {sp: split_dataset(run_data, sp, device_features, rc.training, train=(sp == "train"))
                     for sp in SPLITS}
         datasets["feature_keys"] = feature_keys(run_data)
@@ -172,7 +206,8 @@ class SweepRunner:
 
     # --- per finished head -------------------------------------------------------------------
     def _save(self, outcome: HeadOutcome, test_ds, data: Dict[str, Any], group_size: int, t_group: float,
-              datasets: Optional[Dict[str, Any]] = None, feature_keys: Optional[Dict[str, Any]] = None) -> Dict:
+              datasets: Optional[Dict[str, Any]] = None, feature_keys: Optional[Dict[str, Any]] = None,
+              fold: Optional[int] = None) -> Dict:
         cfg = outcome.config
         spec = self.spec_of(cfg)
         rc = self.settings.run_config(cfg, feature=spec)
@@ -192,10 +227,10 @@ class SweepRunner:
             history={k: v[:best] for k, v in outcome.history.items()}, best_accuracy=outcome.best_val_acc,
             best_epoch=best, epochs_without_improvement=0, best_state=outcome.state, rng_state=outcome.rng_state,
             run_config=rc.to_dict(), **(feature_keys or {}),
-            sweep={"config_id": cfg.config_id, "epochs_run": outcome.epochs_run,
+            sweep={"config_id": cfg.config_id, **({} if fold is None else {"fold": fold}), "epochs_run": outcome.epochs_run,
                    "stopped_early": outcome.stopped_early, "test_metrics": json_safe(metrics)},
             **calibrated.checkpoint_keys())
-        ckpt = self.checkpoint_path(cfg)
+        ckpt = self.checkpoint_path(cfg, fold)
         save_checkpoint_file(ckpt, payload)
         tc = rc.training
         row: Dict[str, Any] = {"config_id": cfg.config_id, **cfg.to_dict(), "feature": spec}
@@ -213,8 +248,10 @@ class SweepRunner:
             "backbone_weights": weights_summary(data["fingerprint"])["backbone_weights"],
             "val_acc_low": val_low, "val_acc_high": val_high,
         })
+        if fold is not None:
+            row[FOLD_COLUMN] = fold
         # Written last: its presence is what marks the configuration as done.
-        write_atomic(self.result_path(cfg), json.dumps(json_safe({"row": row, "history": outcome.history,
+        write_atomic(self.result_path(cfg, fold), json.dumps(json_safe({"row": row, "history": outcome.history,
                                                                 "test_metrics": metrics}), indent=2))
         return row
 
@@ -249,69 +286,73 @@ class SweepRunner:
                 os.remove(path)
 
     def _partition(self) -> tuple:
-        """(config_id -> stored row of every finished configuration, the configurations still to train)."""
+        """(unit id -> stored row of every finished configuration (and fold), the (config, fold)s still to train)."""
         rows: Dict[str, Dict[str, Any]] = {}
-        pending: List[HeadConfig] = []
-        for cfg in self.configs:
-            row = self.finished(cfg)
+        pending: List[tuple] = []
+        for cfg, fold in self.units:
+            row = self.finished(cfg, fold)
             if row is None:
-                pending.append(cfg)
+                pending.append((cfg, fold))
             else:
-                rows[cfg.config_id] = row
+                rows[self.unit_id(cfg, fold)] = row
         return rows, pending
 
     def _announce(self, data: Dict[str, Any], rows: Dict[str, Dict[str, Any]], pending: List[HeadConfig]) -> None:
         dims = ", ".join(f"{spec} ({data['by_spec'][spec][0].shape[1]}-d)" for spec in data["specs"])
         threads = f" ({torch.get_num_threads()} thread(s))" if self.device == "cpu" else ""
-        self.log(f"sweep: {len(self.configs)} configurations ({len(self.grid.seed)} seed(s)), "
+        folds = f" x {self.settings.folds} folds" if self.settings.folds else ""
+        self.log(f"sweep: {len(self.configs)} configurations ({len(self.grid.seed)} seed(s)){folds}, "
                  f"{len(rows)} already finished, {len(pending)} to train on {self.device}{threads}; "
                  f"{len(data['names'])} images, features {dims}")
         if data["excluded"]:
             self.log(exclusion_note(data["excluded"], write_excluded(self.out, data["excluded"])))
 
-    def _train_pending(self, data: Dict[str, Any], pending: List[HeadConfig], rows: Dict[str, Dict[str, Any]],
+    def _train_pending(self, data: Dict[str, Any], pending: List[tuple], rows: Dict[str, Dict[str, Any]],
                        bar) -> None:
-        """Train the pending heads group by group; each head is saved, and its row put in ``rows``, as it finishes."""
+        """Train the pending heads group by group (and fold by fold); each head is saved, and its row put in
+        ``rows``, as it finishes."""
         s = self.settings
         epochs = s.training.max_epochs
         done_count = len(rows)
-        groups = group_configs(pending)
-        sizes = {c.config_id: self._head_size(data, c) for c in pending}
+        sizes = {self.unit_id(c, f): self._head_size(data, c) for c, f in pending}
         timer: Optional[EpochTimer] = None
         # Every (seed, spec)'s split and pairs first: a split that cannot form pairs fails before any training.
         per_seed = {(seed, spec): self._datasets(data, seed, spec)
-                    for seed, spec in dict.fromkeys((c.seed, self.spec_of(c)) for c in pending)}
-        for (seed, spec), datasets in per_seed.items():
-            for key, cfgs in groups.items():
-                if key[0] != seed or self.spec_of(cfgs[0]) != spec:
-                    continue
-                bar.set_postfix_str(f"seed {seed} {spec} h{key[1]}/p{key[2]} x{len(cfgs)}")
-                t_group = time.perf_counter()
+                    for seed, spec in dict.fromkeys((c.seed, self.spec_of(c)) for c, _ in pending)}
+        for (seed, spec), by_fold in per_seed.items():
+            for fold, datasets in by_fold.items():
+                todo = [c for c, f in pending if f == fold and c.seed == seed and self.spec_of(c) == spec]
+                for key, cfgs in group_configs(todo).items():
+                    bar.set_postfix_str(f"seed {seed}{'' if fold is None else f' fold {fold}'} {spec} "
+                                        f"h{key[1]}/p{key[2]} x{len(cfgs)}")
+                    t_group = time.perf_counter()
 
-                def finished(outcome: HeadOutcome, cfgs=cfgs, t_group=t_group, datasets=datasets) -> None:
-                    nonlocal done_count
-                    row = self._save(outcome, datasets["test"], data, len(cfgs), t_group, datasets,
-                                     datasets["feature_keys"])
-                    rows[outcome.config.config_id] = row
-                    done_count += 1
-                    bar.update(epochs - outcome.epochs_run)  # epochs it will not need
-                    self.log(f"[{done_count}/{len(self.configs)}] {outcome.config.describe()}: best epoch "
-                             f"{row['best_epoch']}/{row['epochs_run']}, val {row['val_acc']:.4f}, "
-                             f"test {row['test_acc']:.4f}, spearman {row['spearman']:.4f}")
-                    self._write_tables(rows)
+                    def finished(outcome: HeadOutcome, cfgs=cfgs, t_group=t_group, datasets=datasets,
+                                 fold=fold) -> None:
+                        nonlocal done_count
+                        row = self._save(outcome, datasets["test"], data, len(cfgs), t_group, datasets,
+                                         datasets["feature_keys"], fold)
+                        rows[self.unit_id(outcome.config, fold)] = row
+                        done_count += 1
+                        bar.update(epochs - outcome.epochs_run)  # epochs it will not need
+                        where = "" if fold is None else f" fold {fold}"
+                        self.log(f"[{done_count}/{len(self.units)}] {outcome.config.describe()}{where}: best epoch "
+                                 f"{row['best_epoch']}/{row['epochs_run']}, val {row['val_acc']:.4f}, "
+                                 f"test {row['test_acc']:.4f}, spearman {row['spearman']:.4f}")
+                        self._write_tables(rows)
 
-                timer = timer or EpochTimer(epochs)  # the first group's epoch is timed, once
+                    timer = timer or EpochTimer(epochs)  # the first group's epoch is timed, once
 
-                def on_epoch(epoch: int, trained: int, cfgs=cfgs) -> None:
-                    bar.update(trained)
-                    took = timer.epoch_end(epoch)
-                    if took is not None:
-                        seconds = estimate_seconds(took, sum(sizes[c.config_id] for c in cfgs), sizes.values(),
-                                                   epochs)
-                        self.log(cost_line(len(pending), epochs, seconds, self.device))
+                    def on_epoch(epoch: int, trained: int, cfgs=cfgs, fold=fold) -> None:
+                        bar.update(trained)
+                        took = timer.epoch_end(epoch)
+                        if took is not None:
+                            seconds = estimate_seconds(took, sum(sizes[self.unit_id(c, fold)] for c in cfgs),
+                                                       sizes.values(), epochs)
+                            self.log(cost_line(len(pending), epochs, seconds, self.device))
 
-                train_group(cfgs, datasets["train"], datasets["val"], s.training, self.device, optimizer=s.optimizer,
-                            on_epoch=on_epoch, on_finished=finished)
+                    train_group(cfgs, datasets["train"], datasets["val"], s.training, self.device,
+                                optimizer=s.optimizer, on_epoch=on_epoch, on_finished=finished)
 
     def _head_size(self, data: Dict[str, Any], cfg: HeadConfig) -> int:
         return head_size(int(data["by_spec"][self.spec_of(cfg)][0].shape[1]), cfg.hidden_dim, cfg.projector_dim)
@@ -330,11 +371,11 @@ class SweepRunner:
         except KeyboardInterrupt:
             bar.close()
             raise SweepInterrupted(
-                f"interrupted: {len(rows)} of {len(self.configs)} configuration(s) finished and kept in {self.out}"
+                f"interrupted: {len(rows)} of {len(self.units)} configuration(s) finished and kept in {self.out}"
                 f"{' (results.csv)' if rows else ''}; run the same command again to continue") from None
         bar.close()
         result = self._write_tables(rows, final=True)
-        result.update(trained=len(pending), skipped=len(self.configs) - len(pending),
+        result.update(trained=len(pending), skipped=len(self.units) - len(pending),
                       wall_time_s=time.perf_counter() - t_start)
         if result.get("best"):
             b = result["best"]
@@ -345,15 +386,18 @@ class SweepRunner:
 
     def _write_tables(self, rows: Dict[str, Dict[str, Any]], final: bool = False) -> Dict[str, Any]:
         """results.csv after every finished head; summary, best and heatmap too once everything is in."""
-        ordered = [rows[c.config_id] for c in self.configs if c.config_id in rows]
-        table = pd.DataFrame(ordered, columns=list(RESULT_COLUMNS))
+        ordered = [rows[self.unit_id(c, f)] for c, f in self.units if self.unit_id(c, f) in rows]
+        columns = list(RESULT_COLUMNS) + ([FOLD_COLUMN] if self.settings.folds else [])
+        table = pd.DataFrame(ordered, columns=columns)
         write_atomic(os.path.join(self.out, "results.csv"), table.to_csv(index=False))
         out: Dict[str, Any] = {"results": table, "output_dir": self.out}
         if not final or table.empty:
             return out
         summary = aggregate(table)
-        missing = len(self.configs) - len(ordered)
+        missing = len(self.units) - len(ordered)
         notes = [f"{len(ordered)} runs of {len(summary)} configurations; cache {self.settings.features}."]
+        if self.settings.folds:
+            notes.append(fold_note(self.settings.folds, self.settings.group_column))
         if missing:
             notes.append(f"{missing} run(s) of the grid are missing.")
         weights = sorted(set(table["backbone_weights"].astype(str)))
@@ -361,12 +405,21 @@ class SweepRunner:
             notes.append(f"**{RANDOM_WEIGHTS_NOTE[0].upper() + RANDOM_WEIGHTS_NOTE[1:]}.**")
         write_atomic(os.path.join(self.out, "summary.md"), summary_markdown(summary, notes=notes))
         best = choose_best(summary)
-        best_json = best_record(best, self.settings, self.settings.features, weights, self.out)
+        best_json = best_record(best, self.settings, self.settings.features, weights, self.out,
+                                chosen_on=fold_note(self.settings.folds, self.settings.group_column)
+                                if self.settings.folds else None)
         write_atomic(os.path.join(self.out, "best.json"), json.dumps(json_safe(best_json), indent=2))
         save_heatmap(summary, os.path.join(self.out, "heatmap.png"),
                      title="RANDOM backbone weights (pipeline check, not a trained model)" if "random" in weights else "")
         out.update(summary=summary, best=best_json)
         return out
+
+
+def fold_note(folds: int, group_column: Optional[str]) -> str:
+    by = f" (whole {group_column!r} groups)" if group_column else ""
+    return (f"Cross-validated: each configuration x seed trained {folds} times, validated on each of {folds} folds "
+            f"of the non-test images{by}; ranked by mean validation pairwise accuracy over folds and seeds "
+            "(test accuracy is reported, never used).")
 
 
 def describe_best(best: Dict[str, Any]) -> str:

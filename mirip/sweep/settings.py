@@ -30,6 +30,9 @@ class SweepSettings(DataSettings):
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: Optional[str] = None  # fused / batched / plain AdamW (mirip.sweep.stacked); None: by device
     feature_norm: str = "auto"  # per-entry scaling of each spec (mirip.training.run.RunConfig.feature_norm)
+    # > 1: every configuration is trained K times, validated on each fold of the non-test images in turn
+    # (mirip.training.folds), and ranked by the mean over folds and seeds; 0: one train/val split per seed.
+    folds: int = 0
 
     def run_config(self, cfg: HeadConfig, feature: Optional[str] = None) -> RunConfig:
         """The ``scripts/train.py`` run this head is equal to (same split, pairs, init and step)."""
@@ -49,6 +52,8 @@ class SweepSettings(DataSettings):
         out.update({k: v for k, v in self.training.to_dict().items() if k not in GRID_FIELDS + INERT_FIELDS})
         if self.group_column:  # recorded only when set, so sweeps split by image continue
             out["group_column"] = self.group_column
+        if self.folds:  # recorded only when set, so sweeps without folds continue
+            out["folds"] = self.folds
         if self.feature_norm != "auto":  # recorded only when set, so sweeps from before feature specs continue
             out["feature_norm"] = self.feature_norm
         return out
@@ -57,6 +62,8 @@ class SweepSettings(DataSettings):
         check_config(self.training)
         if self.feature_norm not in FEATURE_NORMS:
             raise SweepConfigError(f"--feature-norm must be one of {', '.join(FEATURE_NORMS)}, got {self.feature_norm!r}")
+        if self.folds < 0 or self.folds == 1:
+            raise SweepConfigError(f"--folds must be 0 (no cross-validation) or at least 2, got {self.folds}")
         ratios = (self.train_ratio, self.val_ratio, self.test_ratio)
         if min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
             raise SweepConfigError(f"split ratios must be non-negative and sum to 1.0, got {ratios}")
