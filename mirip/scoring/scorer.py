@@ -176,7 +176,8 @@ class Scorer:
             "accuracy": self.checkpoint.get("accuracy"),
             "ensemble_members": len(self.heads),
             "typicality": (f"Mahalanobis distance to the {self.typicality.num_train} training drawings' features; "
-                           f"unusual below the validation's {self.typicality.threshold:.0%} quantile"
+                           f"unusual below a typicality of {self.typicality.threshold:.0%} "
+                           "(log-normal tail of the validation distances)"
                            if self.typicality is not None else self.typicality_note),
         }
 

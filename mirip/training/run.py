@@ -193,7 +193,8 @@ def _calibrate_checkpoints(model, trainer: Trainer, datasets, device, out: str, 
             attach_typicality(path, typical, typical_note)
     if typical is not None:
         log(f"typicality (Mahalanobis on the head's input features, {typical.num_train} training drawings): "
-            f"unusual below the validation's {typical.threshold:.0%} quantile")
+            f"unusual below a typicality of {typical.threshold:.0%} "
+            "(log-normal tail of the validation distances)")
     if calibrated.calibration is not None:
         cal = calibrated.calibration
         log(f"calibration (val split, {cal.num_images} images): slope {cal.slope:.4f}, tier boundaries on the "
