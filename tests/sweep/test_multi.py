@@ -43,6 +43,8 @@ def two_caches(tmp_path):
     tiers = list(np.array(list("SABC"))[np.arange(N) % 4])
     meta = tmp_path / "metadata.csv"
     pd.DataFrame({"filename": names, "tier": tiers}).to_csv(meta, index=False)
+    # The hub ids are only names in synthetic caches' fingerprints: no model is loaded (the suite runs with
+    # HF_HUB_OFFLINE=1 and these features are random numbers).
     a = _cache(tmp_path / "dinov2.h5", names, tiers, "facebook/dinov2-large", "dinov2", 12, 1.5, 0)
     b = _cache(tmp_path / "siglip.h5", names, tiers, "google/siglip-so400m-patch14-384", "siglip", 8, 0.3, 1)
     return a, b, str(meta), names
