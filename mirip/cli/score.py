@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings
+from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings, positive
 from mirip.common.devices import announce_precision, resolve_device
 from mirip.common.metadata_csv import csv_lines, read_metadata_csv
 from mirip.common.tiers import rank_to_tier, tier_ranks
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint records (needed to tell its training drawings apart)")
     parser.add_argument("--filename-column", default="filename", help="metadata column with the image path")
     parser.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
+    parser.add_argument("--group-column", default=None, metavar="COL",
+                        help="metadata column naming each drawing's group (student, scene): the tier agreement's "
+                             "interval then resamples whole groups, since drawings of one group are not "
+                             "independent evidence")
+    parser.add_argument("--bootstrap", type=positive(), default=1000, metavar="N",
+                        help="bootstrap resamples behind the tier agreement's 95%% interval")
     add_encoding_option(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
@@ -241,7 +247,11 @@ def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:
     if len(frame):
         _print_ranking(frame, args.top)
     if tiers:
-        for line in agreement_summary(frame.to_dict("records"), splits is not None):
+        if args.group_column:
+            frame = frame.assign(group=_groups(frame["path"], args))
+        for line in agreement_summary(frame.to_dict("records"), splits is not None, resamples=args.bootstrap,
+                                      group_key="group" if args.group_column else None,
+                                      group_name=args.group_column):
             print(line)
     if result.failures:
         print(f"could not read {len(result.failures)} file(s):")
@@ -272,6 +282,18 @@ def _tiers(result: ScoreResult, args: argparse.Namespace) -> Dict[str, str]:
     return tiers
 
 
+def _groups(paths: Sequence[str], args: argparse.Namespace) -> List[str]:
+    """Each scored drawing's group (``--group-column`` of the metadata), matched like its tier; a drawing the
+    metadata does not name is a group of its own."""
+    meta = read_metadata_csv(args.metadata, args.encoding)
+    if args.group_column not in meta.columns:
+        raise ValueError(f"metadata {args.metadata}: no column {args.group_column!r} (--group-column); its columns "
+                         f"are {', '.join(map(str, meta.columns))}")
+    group_of = dict(zip(meta[args.filename_column].astype(str), meta[args.group_column].astype(str)))
+    names = match_paths(list(paths), list(group_of), args.images)
+    return [group_of[names[p]] if p in names else f"(alone) {p}" for p in paths]
+
+
 def _write_explanations(scorer: Scorer, paths: Sequence[str], args: argparse.Namespace) -> Dict[str, str]:
     """Attribution maps of the scored images into args.explain; returns path -> overlay PNG for the report."""
     from mirip.scoring.heatmap import save_explanations
@@ -296,6 +318,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.compare and (args.output or args.html or args.metadata or args.run_metadata or args.explain):
         parser.error("--output, --html, --metadata, --run-metadata and --explain apply to scoring IMAGES_OR_DIRS, "
                      "not to --compare")
+    if args.group_column and not args.metadata:
+        parser.error("--group-column names a column of --metadata; pass the metadata too")
     if not args.compare and not args.images:
         parser.error("give IMAGES_OR_DIRS to score, or --compare A B")
     if args.batch_size <= 0:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from mirip.common.tiers import TIERS, TIER_COLOURS, TIER_RANK
 from mirip.ml.preprocessing import load_image
+from mirip.training.bootstrap import percentile_interval, resample_counts
 from mirip.training.calibration import OrdinalCalibration
 from mirip.training.calibration_metrics import confusion_matrix
 
@@ -158,6 +159,33 @@ def _groups(entries: Sequence[Mapping]) -> List[Tuple[str, List[Mapping]]]:
         groups[_tier(e) or NO_TIER].append(e)
     names = sorted(groups, key=lambda t: -TIER_RANK.get(t, -1))
     return [(t, groups[t]) for t in names]
+
+
+def tier_agreement_interval(scores: Sequence[float], tiers: Sequence[Optional[str]], units: Sequence,
+                            resamples: int, level: float = 0.95, seed: int = 0) -> List[float]:
+    """Percentile bootstrap interval of ``tier_agreement``: ``units`` (each drawing's own index, or its group)
+    drawn with replacement, every drawing weighted by its unit's draws, pairs by the product of their weights.
+
+    Per tier pair the low tier's scores are sorted once; a resample's wins are then its cumulative weights at
+    the same ``searchsorted`` positions, so each resample costs O(N), never a pair list."""
+    scores = np.asarray(scores, dtype=np.float64)
+    counts = resample_counts(units, resamples, seed)  # (resamples, drawings)
+    wins = np.zeros(resamples)
+    pairs = np.zeros(resamples)
+    index = {t: np.flatnonzero(np.asarray([tt == t for tt in tiers])) for t in TIERS}
+    names = [t for t in TIERS if len(index[t])]  # best tier first
+    for i, hi in enumerate(names):
+        for lo in names[i + 1:]:
+            order = index[lo][np.argsort(scores[index[lo]], kind="stable")]
+            low = scores[order]
+            below = np.searchsorted(low, scores[index[hi]], side="left")
+            upto = np.searchsorted(low, scores[index[hi]], side="right")
+            cum = np.concatenate([np.zeros((resamples, 1)), np.cumsum(counts[:, order], axis=1)], axis=1)
+            w_hi = counts[:, index[hi]]
+            wins += (w_hi * (cum[:, below] + 0.5 * (cum[:, upto] - cum[:, below]))).sum(axis=1)
+            pairs += w_hi.sum(axis=1) * cum[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return percentile_interval(np.where(pairs > 0, wins / pairs, np.nan), level)
 
 
 def evaluation_basis(entries: Sequence[Mapping], splits_known: bool) -> Tuple[List[Mapping], str]:
@@ -294,12 +322,22 @@ def _agreement_text(basis: Sequence[Mapping], basis_text: str) -> Optional[str]:
     return f"{agreement:.1%} of {pairs} cross-tier pairs ordered like the tiers ({basis_text})" if pairs else None
 
 
-def agreement_summary(entries: Sequence[Mapping], splits_known: bool) -> List[str]:
-    """The report's agreement figures as console lines: tier agreement, and predicted tiers right when the
-    entries carry predictions; on the same drawings as the report (``evaluation_basis``)."""
+def agreement_summary(entries: Sequence[Mapping], splits_known: bool, resamples: int = 0, level: float = 0.95,
+                      group_key: Optional[str] = None, group_name: Optional[str] = None) -> List[str]:
+    """The report's agreement figures as console lines: tier agreement (with its bootstrap interval over the
+    drawings, or over their ``group_key`` groups, when ``resamples``), and predicted tiers right when the
+    entries carry predictions; on the same drawings as the report (``evaluation_basis``). ``group_name`` is what
+    the line calls the groups (the metadata column)."""
     basis, basis_text = evaluation_basis(entries, splits_known)
     agreement = _agreement_text(basis, basis_text)
     lines = [f"tier agreement: {agreement}"] if agreement else []
+    if agreement and resamples:
+        units = [e.get(group_key) if group_key else i for i, e in enumerate(basis)]
+        low, high = tier_agreement_interval([float(e["score"]) for e in basis], [_tier(e) for e in basis], units,
+                                            resamples, level)
+        over = f"{len(set(map(str, units)))} {group_name or group_key} groups" if group_key else f"{len(basis)} drawings"
+        lines.append(f"  {level:.0%} interval [{low:.1%}, {high:.1%}] (bootstrap over the {over}, {resamples} "
+                     "resamples)")
     predicted = [e for e in basis if _known(e.get("predicted_tier"))]
     if predicted:
         right = sum(1 for e in predicted if str(e["predicted_tier"]) == _tier(e))

@@ -153,3 +153,21 @@ def test_script_help_runs():
     with pytest.raises(SystemExit) as exc:
         score.main(["--help"])
     assert exc.value.code == 0
+
+
+def test_group_column_gives_the_agreement_an_interval_over_groups(scored_folder, tmp_path, capsys):
+    d, meta, ckpt, _ = scored_folder
+    grouped = tmp_path / "grouped.csv"
+    meta.assign(student=[f"s{i // 2}" for i in range(len(meta))]).to_csv(grouped, index=False)
+    args = ["--checkpoint", ckpt, str(d), "--output", str(tmp_path / "s.csv"), "--metadata", str(grouped),
+            "--device", "cpu", "--no-progress", "--bootstrap", "200"]
+    assert score.main(args + ["--group-column", "student"]) == 0
+    out = capsys.readouterr().out
+    assert f"(bootstrap over the {len(meta) // 2} student groups, 200 resamples)" in out
+    assert score.main(args) == 0
+    assert f"(bootstrap over the {len(meta)} drawings, 200 resamples)" in capsys.readouterr().out
+    assert score.main(args + ["--group-column", "class"]) == 2
+    assert "no column 'class' (--group-column)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        score.main(["--checkpoint", ckpt, str(d), "--group-column", "student"])
+    assert "--group-column names a column of --metadata" in capsys.readouterr().err
