@@ -85,3 +85,15 @@ def scored_folder(tiny_backbone, tmp_path_factory):
     meta_path = tmp_path / "metadata.csv"
     meta.to_csv(meta_path, index=False)
     return d, meta, ckpt, meta_path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbone, tmp_path_factory):
+    """8 tiered images, their feature cache and a checkpoint trained on it (``make_cache_and_checkpoint``'s
+    tuple); one per test module."""
+    from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
+
+    root = tmp_path_factory.mktemp("trained")
+    meta = make_tiered_images(root / "images")
+    with torch_threads(1):
+        return make_cache_and_checkpoint(tiny_backbone, str(root / "images"), list(meta["filename"]), str(root))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from _inference_helpers import make_cache_and_checkpoint, make_tiered_images, torch_threads
 from conftest import make_image
 from mirip.common import devices
 from mirip.common.devices import CPU_BF16_ENV, announce_precision, precision_choice
@@ -99,14 +98,6 @@ def test_extraction_into_an_existing_cache_keeps_its_precision(chip, tiny_backbo
                             Preprocessor(image_size=28))
     with pytest.raises(CacheError, match="precision: the cache has 'fp32'"):
         open_for_append(cache, bf16, overwrite=False)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_backbone, tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained-precision")
-    meta = make_tiered_images(root / "images")
-    with torch_threads(1):
-        return make_cache_and_checkpoint(tiny_backbone, str(root / "images"), list(meta["filename"]), str(root))
 
 
 def _spearman(a, b):

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from _inference_helpers import IMAGE_SIZE, make_cache_and_checkpoint, make_tiered_images, torch_threads
+from _inference_helpers import IMAGE_SIZE, make_cache_and_checkpoint, torch_threads
 from conftest import make_image, save_tiny_backbone
 from mirip.ml.backbones import RandomWeightsWarning
 from mirip.scoring.inputs import find_images
@@ -21,14 +21,6 @@ from mirip.store.fingerprint import FingerprintMismatch
 def one_thread():
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_backbone, tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    meta = make_tiered_images(root / "images")
-    with torch_threads(1):
-        return make_cache_and_checkpoint(tiny_backbone, str(root / "images"), list(meta["filename"]), str(root))
 
 
 def test_full_image_scores_equal_cached_feature_scores(trained):
