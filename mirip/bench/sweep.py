@@ -30,9 +30,9 @@ import torch
 from mirip.common.devices import resolve_device
 from mirip.common.machine import sync
 from mirip.ml.ranking_model import RankingHead
-from mirip.sweep.engine import train_group
+from mirip.training.stacked_training import train_group
 from mirip.sweep.grid import SweepGrid, group_configs
-from mirip.sweep.stacked_optim import OPTIMIZERS, default_optimizer
+from mirip.training.stacked_optim import OPTIMIZERS, default_optimizer
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import Evaluator

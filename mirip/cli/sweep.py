@@ -41,7 +41,7 @@ from mirip.sweep.multi import run_multi_sweep
 from mirip.sweep.report import tie_note
 from mirip.sweep.runner import OUTPUT_FILES, run_sweep
 from mirip.sweep.settings import GRID_FIELDS, SweepSettings
-from mirip.sweep.stacked_optim import OPTIMIZERS
+from mirip.training.stacked_optim import OPTIMIZERS
 from mirip.sweep.threads import choose_threads
 from mirip.training.config import TrainingConfig
 

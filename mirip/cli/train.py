@@ -16,7 +16,7 @@ from mirip.cli.options import (DefaultsHelpFormatter, add_data_options, add_trai
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
-from mirip.sweep.ensemble_training import ensemble_summary, train_ensemble
+from mirip.training.ensemble_training import ensemble_summary, train_ensemble
 from mirip.training.bootstrap import with_interval
 from mirip.training.config import TrainingConfig
 from mirip.training.folds import FOLDS_FILE

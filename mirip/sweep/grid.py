@@ -11,53 +11,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from mirip.common.feature_spec import FeatureSpecError, canonical_spec
+from mirip.training.head_config import HeadConfig
 
 
 class SweepConfigError(ValueError):
     """A sweep grid or setting that cannot be trained; the message names the option and the value."""
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """One point of the grid for one seed: everything that differs between the heads of a sweep."""
-
-    margin: float
-    hidden_dim: int
-    projector_dim: int
-    learning_rate: float
-    dropout: float
-    weight_decay: float
-    seed: int
-    feature: Optional[str] = None  # canonical feature spec; None: the cache's default (ids stay as before specs)
-
-    @property
-    def config_id(self) -> str:
-        """A stable, file-name-safe name; repr() of a float round-trips, so distinct values never collide."""
-        base = (f"m{self.margin!r}-h{self.hidden_dim}-p{self.projector_dim}-lr{self.learning_rate!r}"
-                f"-do{self.dropout!r}-wd{self.weight_decay!r}-s{self.seed}")
-        return base if self.feature is None else f"{base}-f{spec_slug(self.feature)}"
-
-    @property
-    def shape_key(self) -> Tuple:
-        """Heads with equal keys have equal parameter shapes and see the same data: they stack."""
-        return (self.seed, self.hidden_dim, self.projector_dim, self.feature)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def describe(self) -> str:
-        return (f"margin={self.margin:g} hidden={self.hidden_dim} proj={self.projector_dim} "
-                f"lr={self.learning_rate:g} dropout={self.dropout:g} wd={self.weight_decay:g} seed={self.seed}"
-                + ("" if self.feature is None else f" feature={self.feature}"))
-
-
-def spec_slug(spec: str) -> str:
-    """A file-name-safe form of a canonical spec: ``cls@-4,-3+mean@-1`` -> ``cls.m4.m3_mean.m1``."""
-    return spec.replace("@", ".").replace(",", ".").replace("-", "m").replace("+", "_")
 
 
 AXES = tuple(f.name for f in fields(HeadConfig))  # grid axes, in HeadConfig order

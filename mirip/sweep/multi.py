@@ -27,7 +27,8 @@ from mirip.common.plain import json_safe
 from mirip.store.cache import open_cache
 from mirip.store.cache_errors import CacheError
 from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
-from mirip.sweep.grid import HeadConfig, SweepGrid
+from mirip.sweep.grid import SweepGrid
+from mirip.training.head_config import HeadConfig
 from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
 from mirip.sweep.runner import OUTPUT_FILES, SweepRunner, describe_best
 from mirip.sweep.settings import SweepSettings

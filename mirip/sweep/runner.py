@@ -2,7 +2,7 @@
 
     metadata.csv + cache.h5 (loaded once: the union of the grid's feature specs' entries)
       -> per seed: the same split and pairs scripts/train.py would use with that seed
-         -> per (feature spec, hidden_dim, projector_dim): the pending heads, stacked (mirip.sweep.engine)
+         -> per (feature spec, hidden_dim, projector_dim): the pending heads, stacked (mirip.training.stacked_training)
             -> per finished head: checkpoints/<id>.pt, then results/<id>.json (the "done" mark)
       -> results.csv, summary.md, best.json, heatmap.png
 
@@ -48,8 +48,9 @@ from mirip.store.cache import open_cache
 from mirip.store.checkpoint import head_checkpoint, save_checkpoint_file
 from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.sweep.cost import EpochTimer, cost_line, estimate_seconds, head_size
-from mirip.sweep.engine import HeadOutcome, train_group
-from mirip.sweep.grid import HYPERPARAMETERS, HeadConfig, SweepConfigError, SweepGrid, group_configs
+from mirip.training.stacked_training import HeadOutcome, train_group
+from mirip.sweep.grid import HYPERPARAMETERS, SweepConfigError, SweepGrid, group_configs
+from mirip.training.head_config import HeadConfig
 from mirip.sweep.report import aggregate, best_record, choose_best, save_heatmap, summary_markdown
 from mirip.sweep.settings import SweepSettings, check_manifest, file_sha256
 from mirip.training.bootstrap import BootstrapConfig

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from mirip.common.feature_spec import FEATURE_NORMS
-from mirip.sweep.grid import HeadConfig, SweepConfigError
+from mirip.sweep.grid import SweepConfigError
+from mirip.training.head_config import HeadConfig
 from mirip.training.config import TrainingConfig
 from mirip.training.run_config import DataSettings, RunConfig
 from mirip.training.trainer import check_config
@@ -28,7 +29,7 @@ class SweepSettings(DataSettings):
     """Everything a sweep holds fixed across heads: the data, the split, and the non-grid training settings."""
 
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    optimizer: Optional[str] = None  # fused / batched / plain AdamW (mirip.sweep.stacked); None: by device
+    optimizer: Optional[str] = None  # fused / batched / plain AdamW (mirip.training.stacked_heads); None: by device
     feature_norm: str = "auto"  # per-entry scaling of each spec (mirip.training.run.RunConfig.feature_norm)
     # > 1: every configuration is trained K times, validated on each fold of the non-test images in turn
     # (mirip.training.folds), and ranked by the mean over folds and seeds; 0: one train/val split per seed.

@@ -15,7 +15,7 @@ import torch
 
 from _golden_runs import _bank, train_run
 from mirip.ml.ranking_model import OFFSET_PARAMETERS, RankingHead
-from mirip.sweep.stacked import PARAM_NAMES, StackedHeads
+from mirip.training.stacked_heads import PARAM_NAMES, StackedHeads
 
 
 @pytest.fixture

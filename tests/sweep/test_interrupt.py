@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mirip.cli import sweep as sweep_script
-from mirip.sweep import cost, engine
+from mirip.sweep import cost
+from mirip.training import stacked_training as engine
 from mirip.sweep.cost import EpochTimer, cost_line, estimate_seconds, format_duration
 from mirip.sweep.threads import idle_cores
 

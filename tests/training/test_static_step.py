@@ -187,7 +187,7 @@ def test_static_step_object_counts_warmup_then_runs_eagerly_on_cpu():
 
 # --- stacked sweep heads ---------------------------------------------------------------------------
 def _group(head_step, optimizer="batched", dropout=(0.0, 0.3)):
-    from mirip.sweep.engine import train_group
+    from mirip.training.stacked_training import train_group
     from mirip.sweep.grid import SweepGrid
 
     feats, ranks = _data(72, dim=10, signal=0.4)
@@ -222,28 +222,28 @@ def test_stacked_static_step_equals_the_eager_stacked_step():
 def test_stacked_static_step_needs_the_batched_optimizer():
     with pytest.raises(ValueError, match="needs the batched optimizer"):
         _group("static", optimizer="fused")
-    from mirip.sweep.engine import sweep_step_mode
+    from mirip.training.stacked_training import group_step_mode
 
     tc = TrainingConfig(device="cuda")  # auto: eager until the graph is verified on a GPU
-    assert sweep_step_mode(tc, "cuda", None) == "eager" and sweep_step_mode(tc, "cpu", None) == "eager"
+    assert group_step_mode(tc, "cuda", None) == "eager" and group_step_mode(tc, "cpu", None) == "eager"
     tc = TrainingConfig(device="cuda", head_step="graph")  # asked for: a graph, with the batched optimizer only
-    assert sweep_step_mode(tc, "cuda", None) == "graph"
+    assert group_step_mode(tc, "cuda", None) == "graph"
     with pytest.raises(ValueError, match="needs the batched optimizer"):
-        sweep_step_mode(tc, "cuda", "fused")
+        group_step_mode(tc, "cuda", "fused")
     monkey = pytest.MonkeyPatch()
     from mirip.training import static_step
 
     monkey.setitem(static_step.AUTO_MODE, "cuda", "graph")  # what the GPU suite measures: auto as a graph
     try:
         tc = TrainingConfig(device="cuda")
-        assert sweep_step_mode(tc, "cuda", None) == "graph" and sweep_step_mode(tc, "cuda", "fused") == "eager"
+        assert group_step_mode(tc, "cuda", None) == "graph" and group_step_mode(tc, "cuda", "fused") == "eager"
     finally:
         monkey.undo()
 
 
 def test_capturable_batched_adamw_equals_the_plain_one():
-    from mirip.sweep.stacked import StackedHeads, build_head
-    from mirip.sweep.stacked_optim import make_optimizer
+    from mirip.training.stacked_heads import StackedHeads, build_head
+    from mirip.training.stacked_optim import make_optimizer
 
     cpu = torch.device("cpu")
     runs = []

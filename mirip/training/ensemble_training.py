@@ -2,7 +2,7 @@
 
 The heads share the run's split and its batches (the split and the pairs come from the run's seed, as a
 single run's do); each member's seed sets its initial weights and dropout stream, so member 0 is the head
-``train.py`` without ``--ensemble`` trains. They train stacked (``mirip.sweep.engine.train_group``), each
+``train.py`` without ``--ensemble`` trains. They train stacked (``mirip.training.stacked_training.train_group``), each
 keeping its own best epoch and early stopping. The score is the members' mean: the calibration and the
 score reference are fitted on it, the test figures are its. The checkpoint format is
 ``mirip.training.ensemble``'s.
@@ -18,8 +18,8 @@ from mirip.common.atomic import output_directory
 from mirip.common.devices import resolve_device
 from mirip.store.checkpoint import head_checkpoint, save_checkpoint_file
 from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
-from mirip.sweep.engine import HeadOutcome, train_group
-from mirip.sweep.grid import HeadConfig
+from mirip.training.stacked_training import HeadOutcome, train_group
+from mirip.training.head_config import HeadConfig
 from mirip.training.calibration import save_calibration_plot
 from mirip.training.checkpoint_state import history_to_json
 from mirip.training.ensemble import EnsembleHead, ensemble_keys, format_uncertainty, head_from_state, uncertainty_report

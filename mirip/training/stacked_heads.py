@@ -21,7 +21,7 @@ What stays per head:
   draw is a fused kernel);
 - early stopping: a stopped head gets no gradient, so AdamW leaves it untouched.
 
-The optimizers are in ``mirip.sweep.stacked_optim``.
+The optimizers are in ``mirip.training.stacked_optim``.
 """
 
 from __future__ import annotations

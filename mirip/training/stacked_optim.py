@@ -1,4 +1,4 @@
-"""The optimizers of ``StackedHeads`` (``mirip.sweep.stacked``): AdamW and
+"""The optimizers of ``StackedHeads`` (``mirip.training.stacked_heads``): AdamW and
 CosineAnnealingLR with each head's own lr, weight decay, moments, step count and schedule, as K separate
 runs would have them: torch's AdamW over per-head param groups (``fused`` / ``plain``) or the same arithmetic
 over the stacked tensors (``batched``, capturable by a CUDA graph). ``make_optimizer`` picks one.
@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # mirip.sweep.stacked imports this module
-    from mirip.sweep.stacked import StackedHeads
+if TYPE_CHECKING:  # mirip.training.stacked_heads imports this module
+    from mirip.training.stacked_heads import StackedHeads
 
 
 OPTIMIZERS = ("auto", "fused", "batched", "plain")

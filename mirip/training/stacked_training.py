@@ -23,9 +23,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from mirip.sweep.grid import HeadConfig
-from mirip.sweep.stacked import StackedHeads, build_head, clip_grad_norm_per_head
-from mirip.sweep.stacked_optim import make_optimizer
+from mirip.training.head_config import HeadConfig
+from mirip.training.stacked_heads import StackedHeads, build_head, clip_grad_norm_per_head
+from mirip.training.stacked_optim import make_optimizer
 from mirip.training.checkpoint_state import HISTORY_KEYS
 from mirip.training.config import TrainingConfig
 from mirip.training.static_step import StaticStep, persistent_grads, resolve_step_mode, zero_grads_
@@ -79,7 +79,7 @@ def _stack(heads: Sequence[_Head], models: Sequence, rng_states, tc: TrainingCon
     return model, opt
 
 
-def sweep_step_mode(training: TrainingConfig, device: str, optimizer: Optional[str]) -> str:
+def group_step_mode(training: TrainingConfig, device: str, optimizer: Optional[str]) -> str:
     """``eager``, ``static`` or ``graph`` for a group: ``auto`` falls back to eager when a non-batched optimizer
     was asked for (only the batched one can be captured); an explicit static/graph with one is an error."""
     mode = resolve_step_mode(getattr(training, "head_step", "auto"), device)
@@ -206,7 +206,7 @@ class _Group:
         self.tc, self.dev = tc, torch.device(device)
         self.t0 = time.perf_counter()
         self.heads, models, rngs = _build_heads(configs, int(train_data.features.shape[1]), self.dev)
-        self.mode = sweep_step_mode(tc, device, optimizer)
+        self.mode = group_step_mode(tc, device, optimizer)
         self.feats = getattr(train_data, "features", None)
         # The static step needs the whole epoch's pair index and the features on the training device.
         self.static = (self.mode != "eager" and callable(getattr(train_data, "epoch_index", None))
@@ -294,7 +294,7 @@ def train_group(
     pairs) built with the group's seed. ``training`` supplies everything but lr, weight decay and seed, which
     come from each config. ``on_epoch(epoch, heads_trained)`` runs after every epoch and
     ``on_finished(outcome)`` as soon as a head is done, so a caller can save it before the others finish.
-    ``optimizer``: ``fused``, ``batched`` or ``plain`` (``mirip.sweep.stacked_optim.make_optimizer``); None picks by device.
+    ``optimizer``: ``fused``, ``batched`` or ``plain`` (``mirip.training.stacked_optim.make_optimizer``); None picks by device.
     ``seeds_may_differ``: heads of different seeds share the caller's batches (an ensemble), each seed setting
     only its head's initial weights and dropout stream.
     """

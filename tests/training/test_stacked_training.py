@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mirip.ml.ranking_model import RankingHead
-from mirip.sweep.engine import _compact, train_group
+from mirip.training.stacked_training import _compact, train_group
 from mirip.sweep.grid import SweepGrid
-from mirip.sweep.stacked import PARAM_NAMES, StackedHeads, build_head, clip_grad_norm_per_head
-from mirip.sweep.stacked_optim import make_optimizer
+from mirip.training.stacked_heads import PARAM_NAMES, StackedHeads, build_head, clip_grad_norm_per_head
+from mirip.training.stacked_optim import make_optimizer
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.trainer import Trainer
