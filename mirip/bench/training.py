@@ -10,7 +10,8 @@ head, alternating, ``--training-repeats`` times; the medians give the ratio
 (goal >= 0.9). Then ``Trainer.fit`` runs the seed's training budget - 100
 epochs x 10,000 pairs at batch 32 with D = 1024 - including validation every
 epoch and best/last checkpoints, and its wall time is recorded (goal on the
-2-core CPU: under 2 minutes). Standalone::
+2-core CPU: under 2 minutes); ``train.py``'s own path (``HeadFit``: the stacked engine with one head) runs
+the same budget right after, for the ratio. Standalone::
 
     python -m mirip.bench.training --device cuda
 """
@@ -35,6 +36,8 @@ from mirip.ml.ranking_model import RankingHead
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pair_sampling import sample_pairs
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
+from mirip.training.head_config import HeadConfig
+from mirip.training.head_fit import HeadFit
 from mirip.training.trainer import Trainer
 
 GOAL_RATIO = 0.9
@@ -178,17 +181,25 @@ def _full_run(args: argparse.Namespace, feats: torch.Tensor, ranks: np.ndarray, 
                               save_every_n_epochs=max(epochs, 1))
     train_ds = FeaturePairDataset(feats, ranks[train_rows], rows=train_rows, num_pairs=pairs, batch_size=batch, seed=0)
     val_ds = FeaturePairDataset(feats, ranks[val_rows], rows=val_rows, num_pairs=pairs, batch_size=batch, seed=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        full_cfg.checkpoint_dir = tmp
-        fit_trainer = Trainer(_head(dim, 0, device), full_cfg, progress=False, log=lambda m: None)
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        fit_trainer.fit(train_ds, val_ds)
-        sync(device)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timings = {}
+    for arm in ("trainer", "head_fit"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = dataclasses.replace(full_cfg, checkpoint_dir=tmp)
+            if arm == "trainer":
+                fitter = Trainer(_head(dim, 0, device), cfg, progress=False, log=lambda m: None)
+            else:
+                fitter = HeadFit(HeadConfig(1.0, 512, 256, cfg.learning_rate, 0.1, cfg.weight_decay, 0), dim, cfg,
+                                 progress=False, log=lambda m: None)
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fitter.fit(train_ds, val_ds)
+            sync(device)
+            timings[arm] = (time.perf_counter() - t0, time.process_time() - c0)
+    (wall, cpu), (hf_wall, hf_cpu) = timings["trainer"], timings["head_fit"]
     return {
         "epochs": epochs, "pairs_per_epoch": pairs, "val_pairs": pairs, "wall_s": wall, "cpu_s": cpu,
         "s_per_epoch": wall / max(epochs, 1), "pairs_per_s": epochs * pairs / wall,
+        "head_fit_wall_s": hf_wall, "head_fit_cpu_s": hf_cpu, "head_fit_over_trainer_wall": hf_wall / wall,
         "goal_s": GOAL_FULL_RUN_S if epochs == 100 and pairs == 10_000 else None,
         "meets_goal": wall < GOAL_FULL_RUN_S if epochs == 100 and pairs == 10_000 else None,
     }
@@ -237,6 +248,8 @@ def to_markdown(result: Dict) -> str:
         f"{fr['wall_s']:.1f} s wall, {fr['cpu_s']:.1f} s CPU ({fr['s_per_epoch']:.2f} s/epoch)"
         + (f"; goal < {fr['goal_s']:.0f} s: {'met' if fr['meets_goal'] else 'NOT met'}" if fr["goal_s"] else "")
         + " |",
+        f"| same budget through train.py's path (HeadFit, stacked engine, one head) | {fr['head_fit_wall_s']:.1f} s "
+        f"wall, {fr['head_fit_cpu_s']:.1f} s CPU: {fr['head_fit_over_trainer_wall']:.2f}x the Trainer's wall time |",
     ]
     return "\n".join(lines) + "\n"
 

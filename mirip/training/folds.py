@@ -18,10 +18,10 @@ import numpy as np
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.group_split import group_folds
 from mirip.training.evaluator import Evaluator
+from mirip.training.head_fit import HeadFit
 from mirip.training.run_config import RunConfig
 from mirip.training.run_data import RunData, split_dataset
 from mirip.training.run_outputs import write_json
-from mirip.training.trainer import Trainer
 
 FOLDS_FILE = "folds.json"
 FOLD_FIGURES = ("accuracy", "spearman", "kendall")
@@ -51,12 +51,11 @@ def _fold_run(cfg: RunConfig, data: RunData, features, val_rows: np.ndarray, fol
     tc: TrainingConfig = dataclasses.replace(cfg.training, checkpoint_dir=out)
     os.makedirs(out, exist_ok=True)
     train_ds, val_ds = (split_dataset(fold_data, s, features, tc, train=(s == "train")) for s in ("train", "val"))
-    model = cfg.make_head(features.shape[1])
-    trainer = Trainer(model, tc, fingerprint=data.fingerprint, extra={"run_config": cfg.to_dict(), "fold": fold},
-                      progress=progress)
+    trainer = HeadFit(cfg.head_config(), features.shape[1], tc, fingerprint=data.fingerprint,
+                      extra={"run_config": cfg.to_dict(), "fold": fold}, progress=progress)
     trainer.fit(train_ds, val_ds)
     trainer.restore_best()
-    metrics = Evaluator(model, tc.device).evaluate_detailed(val_ds)
+    metrics = Evaluator(trainer.model, tc.device).evaluate_detailed(val_ds)
     return {"fold": fold, "train_images": int(len(train_rows)), "val_images": int(len(val_rows)),
             "val_names": [data.names[i] for i in val_rows], "best_epoch": trainer.best_epoch,
             "distinct_pairs": metrics["distinct_pairs"], **{f: metrics[f] for f in FOLD_FIGURES},

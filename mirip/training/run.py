@@ -1,7 +1,7 @@
 """A training run on cached features, start to finish: what ``scripts/train.py`` and ``scripts/evaluate.py`` call.
 
     metadata.csv + cache.h5 -> split by image -> FeaturePairDataset per split
-    -> Trainer.fit (best.pt, last.pt) -> score-to-tier calibration on the val split (into best.pt, last.pt)
+    -> HeadFit.fit (the stacked engine with one head; best.pt, last.pt) -> score-to-tier calibration on the val split (into best.pt, last.pt)
     -> best head + ridge baseline on the test pairs
     -> config.json, history.json, test_metrics.json, curves.png, calibration.png
 
@@ -35,6 +35,7 @@ from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.ensemble import EnsembleHead, checkpoint_members, uncertainty_report
 from mirip.training.evaluator import Evaluator, format_metrics
 from mirip.training.folds import cross_validate
+from mirip.training.head_fit import HeadFit
 from mirip.training.head_calibration import (HeadCalibration, IN_SAMPLE, attach_calibration, calibrate_head,
                                              calibration_title)
 from mirip.training.judged_pairs import (all_scores, attach_judgments, judged_summary, judgments_report,
@@ -45,7 +46,6 @@ from mirip.training.run_data import (RunData, SPLITS, exclusion_note, feature_ke
                                      split_dataset, write_excluded)
 from mirip.training.run_intervals import bootstrap_config, head_intervals, split_units
 from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, small_split_warning, write_json
-from mirip.training.trainer import Trainer
 from mirip.training.typicality import attach_typicality, typicality_for_datasets, typicality_from_checkpoint
 
 OUTPUT_FILES = ("best.pt", "last.pt", "config.json", "history.json", "test_metrics.json", "curves.png",
@@ -161,23 +161,22 @@ def _fit(cfg: RunConfig, data: RunData, features, datasets, *, resume: bool, las
     """Build the head, write config.json, train (resuming from last.pt if asked), write history.json;
     (head, trainer, history, backbone summary)."""
     out, tc = cfg.output_dir, cfg.training
-    model = cfg.make_head(features.shape[1])
     backbone = weights_summary(data.fingerprint)
     if backbone["backbone_weights"] == "random":
         log(f"NOTE: {backbone['backbone']} {RANDOM_WEIGHTS_NOTE}")
     # config.json loads back as a RunConfig (unknown keys are ignored); the backbone line is for readers.
     write_json(os.path.join(out, "config.json"), {**cfg.to_dict(), "features_backbone": backbone})
-    trainer = Trainer(model, tc, fingerprint=data.fingerprint, extra={"run_config": cfg.to_dict(), **feature_keys(data)},
-                      progress=progress)
+    trainer = HeadFit(cfg.head_config(), features.shape[1], tc, fingerprint=data.fingerprint,
+                      extra={"run_config": cfg.to_dict(), **feature_keys(data)}, progress=progress)
     if resume:
         trainer.load_checkpoint(last)
         log(f"resuming from {last} after epoch {trainer.epoch}")
     history = trainer.fit(datasets["train"], datasets["val"])
     write_json(os.path.join(out, "history.json"), history_to_json(history))
-    return model, trainer, history, backbone
+    return trainer.model, trainer, history, backbone
 
 
-def _calibrate_checkpoints(model, trainer: Trainer, datasets, device, out: str, last: str,
+def _calibrate_checkpoints(model, trainer: HeadFit, datasets, device, out: str, last: str,
                            log: Callable[[str], None]) -> HeadCalibration:
     """Each checkpoint gets the calibration of its own head: last.pt the last epoch's, best.pt the best's.
     Leaves the best head in ``model`` and returns its calibration."""
@@ -204,7 +203,7 @@ def _calibrate_checkpoints(model, trainer: Trainer, datasets, device, out: str, 
     return calibrated
 
 
-def _test_report(cfg: RunConfig, data: RunData, datasets, model, device, trainer: Trainer,
+def _test_report(cfg: RunConfig, data: RunData, datasets, model, device, trainer: HeadFit,
                  calibrated: HeadCalibration, sizes: Dict[str, int], backbone: Dict[str, Any],
                  log: Callable[[str], None]) -> Dict[str, Any]:
     """The run's result: training outcome, calibration, and the best head and ridge baseline on the test split."""

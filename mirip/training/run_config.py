@@ -9,12 +9,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-import torch
 
 from mirip.common.feature_spec import FEATURE_NORMS, canonical_spec
-from mirip.ml.ranking_model import RankingHead
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.data_splitter import DataSplitter
+from mirip.training.head_config import HeadConfig
 
 
 @dataclass
@@ -109,7 +108,8 @@ class RunConfig(DataSettings):
                             stratify_column=self.tier_column if self.stratify else None,
                             group_column=self.group_column or self.filename_column)
 
-    def make_head(self, input_dim: int) -> RankingHead:
-        """The head, initialised from ``torch.manual_seed(training.seed)`` (the training-step contract)."""
-        torch.manual_seed(self.training.seed)
-        return RankingHead(input_dim, self.projector_dim, self.margin, self.hidden_dim, self.dropout)
+    def head_config(self) -> HeadConfig:
+        """The run's head: its dims, margin, dropout, lr, weight decay and seed (initialised from that seed)."""
+        tc = self.training
+        return HeadConfig(self.margin, self.hidden_dim, self.projector_dim, tc.learning_rate, self.dropout,
+                          tc.weight_decay, tc.seed)

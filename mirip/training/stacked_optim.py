@@ -46,6 +46,20 @@ def _check_lengths(model: StackedHeads, learning_rates, weight_decays) -> None:
                          f"{len(learning_rates)} and {len(weight_decays)}")
 
 
+def _merged_scheduler_state(states: Sequence[dict]) -> dict:
+    """One scheduler state for K heads from K single runs' (the same epoch): their per-group lists side by side."""
+    out = dict(states[0])
+    for key in ("base_lrs", "_last_lr"):
+        if isinstance(out.get(key), list):
+            out[key] = [float(s[key][0]) for s in states]
+    return out
+
+
+def _saved_state(optimizer_state: dict, i: int):
+    state = optimizer_state.get("state") or {}
+    return state.get(i, state.get(str(i)))
+
+
 def _scheduler_subset(state: dict, keep: Sequence[int]) -> dict:
     out = dict(state)
     for key in ("base_lrs", "_last_lr"):
@@ -104,6 +118,25 @@ class StackedOptimizer:
     def head_scheduler_state(self, k: int) -> dict:
         """Head k's CosineAnnealingLR state as a single run's scheduler would hold it."""
         return _scheduler_subset(self.scheduler.state_dict(), [k])
+
+    def load_head_states(self, optimizer_states: Sequence[dict], scheduler_states: Sequence[dict]) -> None:
+        """Continue K single runs: head k takes ``optimizer_states[k]`` (a single head's AdamW state dict, as
+        ``head_optimizer_state`` or a Trainer checkpoint holds it) and its scheduler state."""
+        for k, saved in enumerate(optimizer_states):
+            group = saved["param_groups"][0]
+            for i, view in enumerate(self.views[k]):
+                st = _saved_state(saved, i)
+                if not st:
+                    continue
+                # As torch's load_state_dict casts: moments to the parameter, the step a float32 scalar (on the
+                # parameter's device for the fused kernel).
+                self.optimizer.state[view] = {
+                    n: (t.to(device=view.device if self.fused else "cpu", dtype=torch.float32) if n == "step"
+                        else t.to(device=view.device, dtype=view.dtype)) if torch.is_tensor(t) else t
+                    for n, t in st.items()}
+            self.optimizer.param_groups[k]["lr"] = float(group["lr"])
+            self.optimizer.param_groups[k]["initial_lr"] = float(group.get("initial_lr", group["lr"]))
+        self.scheduler.load_state_dict(_merged_scheduler_state(scheduler_states))
 
     def select(self, model: StackedHeads, keep: Sequence[int]) -> "StackedOptimizer":
         """This optimizer for ``model``, a stack of heads ``keep``: moments, steps, lrs and schedule carried over."""
@@ -236,6 +269,28 @@ class BatchedAdamW:
 
     def head_scheduler_state(self, k: int) -> dict:
         return _scheduler_subset(self.scheduler.state_dict(), [k])
+
+    def load_head_states(self, optimizer_states: Sequence[dict], scheduler_states: Sequence[dict]) -> None:
+        """Continue K single runs (``StackedOptimizer.load_head_states``); they must have taken the same steps."""
+        steps = set()
+        for k, saved in enumerate(optimizer_states):
+            for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq)):
+                st = _saved_state(saved, i)
+                if st:
+                    steps.add(int(float(st["step"])))
+                    m[k].copy_(st["exp_avg"])
+                    v[k].copy_(st["exp_avg_sq"])
+            group = saved["param_groups"][0]
+            self._placeholder.param_groups[k]["lr"] = float(group["lr"])
+            self._placeholder.param_groups[k]["initial_lr"] = float(group.get("initial_lr", group["lr"]))
+        if len(steps) > 1:
+            raise ValueError(f"heads resumed into one batched optimizer must have taken the same steps, got {steps}")
+        self.step_count = steps.pop() if steps else 0
+        self.scheduler.load_state_dict(_merged_scheduler_state(scheduler_states))
+        self._decay = None
+        if self.capturable:
+            self._lr64 = None
+            self._per_epoch()
 
     def select(self, model: StackedHeads, keep: Sequence[int]) -> "BatchedAdamW":
         groups = self._placeholder.param_groups

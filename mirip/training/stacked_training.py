@@ -57,6 +57,25 @@ class HeadOutcome:
                 "margin": float(self.config.margin)}
 
 
+@dataclass
+class HeadStart:
+    """Where a head resumes: what a resumable checkpoint (``last.pt``) holds of it, after ``epochs_done`` epochs.
+
+    The best epoch's weights come back (``best_state``); its optimizer state and RNG do not (a checkpoint keeps
+    them only for the last epoch), so a resumed head's outcome carries them only if a later epoch is best."""
+
+    epochs_done: int
+    state: Dict[str, torch.Tensor]
+    optimizer_state: dict
+    scheduler_state: dict
+    rng_state: Dict[str, object]
+    history: Dict[str, List[float]]
+    best_acc: float
+    best_epoch: int
+    bad_epochs: int
+    best_state: Optional[Dict[str, torch.Tensor]] = None
+
+
 class _Head:
     """Book-keeping of one head while it trains (its slot in the stack changes when others leave)."""
 
@@ -68,7 +87,50 @@ class _Head:
         self.best_loss = math.nan
         self.best_epoch = 0
         self.bad_epochs = 0
+        self.improved = False  # in the epoch just recorded
         self.best: Optional[dict] = None
+
+    def resume(self, start: HeadStart) -> None:
+        self.history = {k: list(start.history.get(k, [])) for k in HISTORY_KEYS}
+        self.best_acc, self.best_epoch, self.bad_epochs = float(start.best_acc), int(start.best_epoch), \
+            int(start.bad_epochs)
+        val_loss = self.history["val_loss"]
+        self.best_loss = val_loss[self.best_epoch - 1] if 0 < self.best_epoch <= len(val_loss) else math.nan
+        if start.best_state:
+            self.best = {"state": {k: v.detach().to("cpu", copy=True) for k, v in start.best_state.items()},
+                         "optimizer": {}, "scheduler": {}, "rng": {}}
+
+
+class HeadEpoch:
+    """One head right after an epoch (validated, its schedule stepped): what a checkpoint of it needs.
+
+    The state accessors copy on call, so a caller that writes no checkpoint this epoch pays nothing."""
+
+    def __init__(self, group: "_Group", slot: int):
+        self._group, self._slot = group, slot
+        self._head = group.heads[group.slots[slot]]
+        self.config = self._head.config
+        self.history = self._head.history
+        self.epochs_done = len(self._head.history["train_loss"])
+        self.improved = self._head.improved
+        self.best_acc, self.best_epoch, self.bad_epochs = self._head.best_acc, self._head.best_epoch, \
+            self._head.bad_epochs
+        self.stopped_early = 0 < group.tc.early_stopping_patience <= self._head.bad_epochs
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        return self._group.model.head_state_dict(self._slot)
+
+    def best_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        return (self._head.best or {}).get("state")
+
+    def optimizer_state(self) -> dict:
+        return self._group.opt.head_optimizer_state(self._slot)
+
+    def scheduler_state(self) -> dict:
+        return self._group.opt.head_scheduler_state(self._slot)
+
+    def rng_state(self) -> Dict[str, object]:
+        return _rng_snapshot(self._group.model, self._slot, self._head, self._group.dev)
 
 
 def _stack(heads: Sequence[_Head], models: Sequence, rng_states, tc: TrainingConfig, optimizer: Optional[str],
@@ -202,16 +264,19 @@ class _Group:
     head sits in which slot of the stack (slots change when stopped heads leave)."""
 
     def __init__(self, configs: Sequence[HeadConfig], train_data, tc: TrainingConfig, device: str,
-                 optimizer: Optional[str]):
+                 optimizer: Optional[str], starts: Optional[Sequence[HeadStart]] = None):
         self.tc, self.dev = tc, torch.device(device)
         self.t0 = time.perf_counter()
         self.heads, models, rngs = _build_heads(configs, int(train_data.features.shape[1]), self.dev)
+        self.start_epoch = _resume(self.heads, models, rngs, starts, self.dev) if starts else 0
         self.mode = group_step_mode(tc, device, optimizer)
         self.feats = getattr(train_data, "features", None)
         # The static step needs the whole epoch's pair index and the features on the training device.
         self.static = (self.mode != "eager" and callable(getattr(train_data, "epoch_index", None))
                        and isinstance(self.feats, torch.Tensor) and self.feats.device == self.dev)
         self.model, self.opt = _stack(self.heads, models, rngs, tc, optimizer, capturable=self.static)
+        if starts:
+            self.opt.load_head_states([s.optimizer_state for s in starts], [s.scheduler_state for s in starts])
         self.group_step = self._new_group_step()
         self.slots = list(range(len(self.heads)))  # slot in the stack -> index into heads
         self.outcomes: Dict[int, HeadOutcome] = {}
@@ -230,15 +295,22 @@ class _Group:
         return self.group_step.loss_sum, self.group_step.correct, seen
 
     def record(self, epoch: int, lrs: List[float], train_loss, train_acc, val_loss, val_acc) -> List[int]:
-        """Append each head's epoch to its history, keep its best; returns the slots that stop early now."""
+        """Append each head's epoch to its history, keep its best; returns the slots that stop early now.
+
+        Without validation (``val_loss`` / ``val_acc`` None) the train accuracy picks the best epoch, as the
+        Trainer does, and the history's val lists stay empty."""
         done: List[int] = []
         for slot, i in enumerate(self.slots):
             h = self.heads[i]
-            for key, value in zip(HISTORY_KEYS, (train_loss[slot], val_loss[slot], train_acc[slot], val_acc[slot],
-                                                 lrs[slot])):
-                h.history[key].append(value)
-            if val_acc[slot] > h.best_acc:
-                h.best_acc, h.best_loss, h.best_epoch, h.bad_epochs = val_acc[slot], val_loss[slot], epoch + 1, 0
+            values = (train_loss[slot], None if val_loss is None else val_loss[slot], train_acc[slot],
+                      None if val_acc is None else val_acc[slot], lrs[slot])
+            for key, value in zip(HISTORY_KEYS, values):
+                if value is not None:
+                    h.history[key].append(value)
+            score, loss = (train_acc[slot], train_loss[slot]) if val_acc is None else (val_acc[slot], val_loss[slot])
+            h.improved = score > h.best_acc
+            if h.improved:
+                h.best_acc, h.best_loss, h.best_epoch, h.bad_epochs = score, loss, epoch + 1, 0
                 h.best = {
                     "state": self.model.head_state_dict(slot),
                     "optimizer": self.opt.head_optimizer_state(slot),
@@ -287,6 +359,8 @@ def train_group(
     on_epoch: Optional[Callable[[int, int], None]] = None,
     on_finished: Optional[Callable[[HeadOutcome], None]] = None,
     seeds_may_differ: bool = False,
+    starts: Optional[Sequence[HeadStart]] = None,
+    after_epoch: Optional[Callable[[List[HeadEpoch]], None]] = None,
 ) -> List[HeadOutcome]:
     """Train heads that share (seed, hidden_dim, projector_dim) together; one outcome per config, in input order.
 
@@ -297,6 +371,10 @@ def train_group(
     ``optimizer``: ``fused``, ``batched`` or ``plain`` (``mirip.training.stacked_optim.make_optimizer``); None picks by device.
     ``seeds_may_differ``: heads of different seeds share the caller's batches (an ensemble), each seed setting
     only its head's initial weights and dropout stream.
+    ``val_data`` None: each head's train accuracy picks its best epoch (the Trainer's rule without a val loader).
+    ``starts``: one ``HeadStart`` per config (all after the same number of epochs): the group continues from
+    there exactly as the uninterrupted run would. ``after_epoch(heads)`` gets every head still training after
+    each epoch (before stopped heads leave the stack), e.g. to write its checkpoints.
     """
     if not configs:
         return []
@@ -304,18 +382,28 @@ def train_group(
     if len(keys) != 1:
         raise ValueError(f"a group's configs must share seed, hidden_dim and projector_dim; got {sorted(keys)}")
     tc = training
-    group = _Group(configs, train_data, tc, device, optimizer)
-    for epoch in range(tc.max_epochs):
+    if starts is not None and len(starts) != len(configs):
+        raise ValueError(f"need one start per config: {len(configs)} configs, {len(starts)} starts")
+    group = _Group(configs, train_data, tc, device, optimizer, starts)
+    patience = tc.early_stopping_patience
+    if group.start_epoch >= tc.max_epochs or all(0 < patience <= h.bad_epochs for h in group.heads):
+        for i, h in enumerate(group.heads):  # resumed after the end: nothing left to train
+            group.finish(i, group.start_epoch, 0 < patience <= h.bad_epochs, on_finished)
+        return [group.outcomes[i] for i in range(len(group.heads))]
+    for epoch in range(group.start_epoch, tc.max_epochs):
         train_data.set_epoch(epoch)
         lrs = group.opt.lrs()
         loss_sum, correct, seen = group.train_epoch(train_data)
         if seen == 0:
             raise ValueError("the training data yielded no batches")
-        val_loss, val_acc = _validate(group.model, val_data)
+        val = _validate(group.model, val_data) if val_data is not None else None
         group.opt.epoch_end()
         # One device sync per epoch for all heads' numbers.
         train_loss_l, train_acc_l = (loss_sum / seen).tolist(), (correct.double() / seen).tolist()
-        done = group.record(epoch, lrs, train_loss_l, train_acc_l, val_loss.tolist(), val_acc.tolist())
+        done = group.record(epoch, lrs, train_loss_l, train_acc_l, *((None, None) if val is None else
+                                                                      (val[0].tolist(), val[1].tolist())))
+        if after_epoch is not None:
+            after_epoch([HeadEpoch(group, slot) for slot in range(len(group.slots))])
         for slot in done:
             group.finish(group.slots[slot], epoch + 1, True, on_finished)
         if on_epoch is not None:
@@ -326,6 +414,26 @@ def train_group(
         if i not in group.outcomes:
             group.finish(i, tc.max_epochs, False, on_finished)
     return [group.outcomes[i] for i in range(len(group.heads))]
+
+
+def _resume(heads: Sequence[_Head], models: Sequence, rngs: List, starts: Sequence[HeadStart],
+            dev: torch.device) -> int:
+    """Put each start's weights, RNG and book-keeping into a freshly built head; returns the epochs done."""
+    done = {int(s.epochs_done) for s in starts}
+    if len(done) != 1:
+        raise ValueError(f"heads resumed together must have run the same epochs, got {sorted(done)}")
+    for i, (head, start) in enumerate(zip(heads, starts)):
+        models[i].load_head_state_dict(start.state)
+        rng = start.rng_state or {}
+        if rng.get("torch") is not None:
+            head.cpu_rng = rng["torch"].detach().cpu().clone()
+            if dev.type != "cuda":
+                rngs[i] = head.cpu_rng.clone()  # on a CPU the dropout stream is the CPU RNG
+        cuda = rng.get("cuda") or []
+        if dev.type == "cuda" and cuda:
+            rngs[i] = cuda[dev.index or 0 if len(cuda) > (dev.index or 0) else 0].detach().cpu().clone()
+        head.resume(start)
+    return done.pop()
 
 
 def _rng_snapshot(model: StackedHeads, slot: int, head: _Head, dev: torch.device) -> Dict[str, object]:

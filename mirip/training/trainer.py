@@ -1,6 +1,9 @@
 """Trainer: fits a ranking head on cached features, or the full-image model on image pairs, with the same code.
 
-Training-step contract (a sweep that trains stacked heads reproduces exactly this):
+Training-step contract. ``train.py`` (``mirip.training.head_fit``), ``--ensemble`` and sweeps train heads on cached
+features with the stacked engine (``mirip.training.stacked_training``), which reproduces this step to float rounding
+(the same epochs, pairs, accuracies and RNG streams; tests/training/test_head_fit.py); the Trainer is the seed's
+single-model API and the full-image trainer:
 
 - Head init is the caller's: ``torch.manual_seed(config.seed)`` right before building
   the ``RankingHead``. The Trainer never re-initialises the model.
@@ -105,6 +108,17 @@ def batch_correct(score1: torch.Tensor, score2: torch.Tensor, labels: torch.Tens
     return (torch.sign(score1 - score2).reshape(-1) == labels.to(score1.dtype).reshape(-1)).sum()
 
 
+def start_wandb(config: TrainingConfig):
+    """A Weights & Biases run for ``config`` (its project, run name and settings)."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ImportError(
+            "wandb_enabled=True but wandb is not installed: `pip install wandb`, or turn wandb logging off"
+        ) from exc
+    return wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=config.to_dict())
+
+
 class Trainer:
     """``Trainer(model, config)``: ``fit``, ``train_epoch``, ``validate``, ``save_checkpoint``, ``load_checkpoint``.
 
@@ -154,7 +168,7 @@ class Trainer:
         self.epochs_without_improvement = 0
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
         self.stopped_early = False
-        self._wandb = self._init_wandb() if config.wandb_enabled else None
+        self._wandb = start_wandb(config) if config.wandb_enabled else None
 
     # --- one epoch ---------------------------------------------------------------------------
     def _to_device(self, batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -343,17 +357,6 @@ class Trainer:
         if self._wandb is not None:
             self._wandb.summary["best_accuracy"] = self.best_accuracy
         return self.history
-
-    # --- logging -----------------------------------------------------------------------------
-    def _init_wandb(self):
-        try:
-            import wandb
-        except ImportError as exc:
-            raise ImportError(
-                "wandb_enabled=True but wandb is not installed: `pip install wandb`, or turn wandb logging off"
-            ) from exc
-        return wandb.init(project=self.config.wandb_project, name=self.config.wandb_run_name,
-                          config=self.config.to_dict())
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def _save_epoch_checkpoints(self, improved: bool, accuracy: float) -> None:
