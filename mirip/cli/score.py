@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
@@ -21,12 +21,15 @@ from mirip.common.devices import announce_precision, resolve_device
 from mirip.common.metadata_csv import csv_lines, read_metadata_csv
 from mirip.common.tiers import rank_to_tier, tier_ranks
 from mirip.ml.preprocessing import ImageReadError
-from mirip.scoring.inputs import find_images, match_paths, split_membership
+from mirip.scoring.inputs import match_paths, split_membership
 from mirip.scoring.report_html import agreement_summary
-from mirip.scoring.scorer import Scorer, load_scorer
-from mirip.scoring.scores import ScoreResult
+from mirip.scoring.scorer import ScoreResult, Scorer, load_scorer
 from mirip.store.checkpoint import CheckpointError
 from mirip.store.fingerprint import FingerprintMismatch
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+PathLike = Union[str, os.PathLike]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +227,36 @@ def run_compare(scorer: Scorer, a: str, b: str) -> int:
     else:
         print("no probability: the checkpoint holds no calibration")
     return 0
+
+
+def find_images(inputs: Iterable[PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[List[str], List[str]]:
+    """Expand files and directories (recursively, image extensions only, sorted) into image paths.
+
+    Returns (images, missing): a named file is always included (so a broken one is reported, not skipped);
+    a path that does not exist goes to ``missing``.
+    """
+    images: List[str] = []
+    missing: List[str] = []
+    seen = set()
+    exts = tuple(e.lower() for e in extensions)
+    for item in inputs:
+        item = os.fspath(item)
+        if os.path.isdir(item):
+            found = []
+            for root, dirs, files in os.walk(item):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [os.path.join(root, f) for f in files if f.lower().endswith(exts) and not f.startswith(".")]
+            candidates = sorted(found)
+        elif os.path.exists(item):
+            candidates = [item]
+        else:
+            missing.append(item)
+            continue
+        for c in candidates:
+            if c not in seen:
+                seen.add(c)
+                images.append(c)
+    return images, missing
 
 
 def run_scoring(scorer: Scorer, args: argparse.Namespace) -> int:

@@ -1,15 +1,12 @@
-"""What a scoring run reads besides the checkpoint: image files found in folders, the metadata name of each
-file, and which split of the checkpoint's run each drawing was in."""
+"""What a scoring run reads besides the checkpoint and the images: the metadata name of each file, and which
+split of the checkpoint's run each drawing was in."""
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mirip.training.calibration_reference import names_sha256
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-PathLike = Union[str, os.PathLike]
 
 
 def match_paths(paths: Sequence[str], names: Sequence[str], roots: Sequence[str]) -> Dict[str, str]:
@@ -94,33 +91,3 @@ def _rebuilt_split(checkpoint: dict, run_cfg: dict, path: str, encoding: Optiona
 
 def _by_name(by_split: Dict[str, List[str]]) -> Dict[str, str]:
     return {name: split for split, chosen in by_split.items() for name in chosen}
-
-
-def find_images(inputs: Iterable[PathLike], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Tuple[List[str], List[str]]:
-    """Expand files and directories (recursively, image extensions only, sorted) into image paths.
-
-    Returns (images, missing): a named file is always included (so a broken one is reported, not skipped);
-    a path that does not exist goes to ``missing``.
-    """
-    images: List[str] = []
-    missing: List[str] = []
-    seen = set()
-    exts = tuple(e.lower() for e in extensions)
-    for item in inputs:
-        item = os.fspath(item)
-        if os.path.isdir(item):
-            found = []
-            for root, dirs, files in os.walk(item):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [os.path.join(root, f) for f in files if f.lower().endswith(exts) and not f.startswith(".")]
-            candidates = sorted(found)
-        elif os.path.exists(item):
-            candidates = [item]
-        else:
-            missing.append(item)
-            continue
-        for c in candidates:
-            if c not in seen:
-                seen.add(c)
-                images.append(c)
-    return images, missing

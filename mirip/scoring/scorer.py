@@ -24,8 +24,10 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -35,14 +37,175 @@ from mirip.common.feature_spec import FeatureSpec, FeatureSpecError, checkpoint_
 from mirip.common.tiers import TIERS
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor
-from mirip.ml.ranking_model import PairwiseRankingModel
-from mirip.scoring.scores import CalibrationUnavailable, Comparison, ScoreResult, TierPrediction, TierPredictions
-from mirip.scoring.uncertainty import ScoreDetails, ensemble_heads, flattened, score_features, tier_probabilities
+from mirip.ml.ranking_model import PairwiseRankingModel, RankingHead
 from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.store.fingerprint import (FingerprintMismatch, LEGACY_DEFAULTS, bank_layout, check_fingerprint,
                                      make_fingerprint)
-from mirip.training.calibration import from_checkpoint
-from mirip.training.typicality import typicality_from_checkpoint
+from mirip.training.calibration import OrdinalCalibration, from_checkpoint
+from mirip.training.calibration_metrics import CalibrationError
+from mirip.training.typicality import TypicalityFit, flatten_unusual, typicality_from_checkpoint
+
+# What scoring returns: scores with the files that failed, a comparison of two drawings, tier predictions.
+
+
+@dataclass
+class ScoreResult:
+    """Scores of the images that could be read, and (path, reason) for those that could not."""
+
+    paths: List[str]
+    scores: List[float]
+    failures: List[Tuple[str, str]] = field(default_factory=list)
+    # Aligned with ``paths``: spread across an ensemble's members (None for one head), typicality in [0, 1]
+    # and whether it is below the checkpoint's threshold (None without a typicality fit).
+    score_std: Optional[List[float]] = None
+    typicality: Optional[List[float]] = None
+    unusual: Optional[List[bool]] = None
+    member_scores: Optional[List[List[float]]] = None
+
+    def extras(self) -> Dict[str, Dict[str, object]]:
+        """path -> the per-drawing fields beside the score that this checkpoint can give."""
+        cols = {"score_std": self.score_std, "typicality": self.typicality, "unusual": self.unusual}
+        return {p: {k: v[i] for k, v in cols.items() if v is not None} for i, p in enumerate(self.paths)}
+
+    def ranked(self) -> List[Tuple[int, str, float]]:
+        """(rank, path, score), best first; rank 1 is the highest score, ties keep input order."""
+        order = sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
+        return [(r + 1, self.paths[i], self.scores[i]) for r, i in enumerate(order)]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    path_a: str
+    path_b: str
+    score_a: float
+    score_b: float
+    # P(a is the better drawing) under the calibrated model (averaged over an ensemble's members); None
+    # without a calibration.
+    prob_a_better: Optional[float] = None
+    score_std_a: Optional[float] = None
+    score_std_b: Optional[float] = None
+    typicality_a: Optional[float] = None
+    typicality_b: Optional[float] = None
+
+    @property
+    def margin(self) -> float:
+        return abs(self.score_a - self.score_b)
+
+    @property
+    def prediction(self) -> int:
+        """1 if A is better, -1 if B is better, 0 for a tie (the seed's ``predict_pair`` convention)."""
+        return 1 if self.score_a > self.score_b else -1 if self.score_a < self.score_b else 0
+
+    @property
+    def better(self) -> Optional[str]:
+        return {1: self.path_a, -1: self.path_b}.get(self.prediction)
+
+
+class CalibrationUnavailable(CalibrationError):
+    """Tier predictions asked of a checkpoint that holds no score-to-tier calibration."""
+
+
+@dataclass(frozen=True)
+class TierPrediction:
+    """One drawing: its score, most probable tier, P(tier) for S, A, B, C, and percentile among training drawings."""
+
+    path: str
+    score: float
+    tier: str
+    probabilities: Dict[str, float]
+    percentile: Optional[float]
+    # An unusual drawing's probabilities are pulled toward the validation split's tier shares (how far:
+    # ``mirip.training.typicality.flatten_unusual``); None when the checkpoint has no typicality fit.
+    typicality: Optional[float] = None
+    unusual: Optional[bool] = None
+
+    def as_row(self) -> Dict[str, object]:
+        """The scores.csv columns: predicted_tier, p_S, p_A, p_B, p_C, percentile."""
+        row: Dict[str, object] = {"predicted_tier": self.tier}
+        row.update({f"p_{t}": self.probabilities[t] for t in TIERS})
+        row["percentile"] = self.percentile
+        return row
+
+
+@dataclass
+class TierPredictions:
+    """Predictions of the images that could be read, and (path, reason) for those that could not."""
+
+    predictions: List[TierPrediction]
+    failures: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+    def __iter__(self):
+        return iter(self.predictions)
+
+
+# How sure a score is. An ensemble checkpoint (``mirip.training.ensemble``) stores K heads trained on different
+# seeds; its ``model_state_dict`` is the first member's, so a reader that knows nothing of ensembles still scores
+# with one head. Scoring runs the backbone once and every member's projector and score head on the same
+# features: the mean is the score, the standard deviation across members ``score_std``, and tier probabilities
+# are the members' probabilities averaged.
+
+@dataclass
+class ScoreDetails:
+    """Per drawing of a batch: mean score, spread across members (None for one head), typicality (None
+    without a fit) and each member's score (K, B)."""
+
+    scores: np.ndarray
+    score_std: Optional[np.ndarray]
+    typicality: Optional[np.ndarray]
+    member_scores: np.ndarray
+
+
+def ensemble_heads(ckpt: Dict[str, Any], head: Dict[str, Any], device) -> List[RankingHead]:
+    """The checkpoint's further members as heads on ``device`` (empty for a single-head checkpoint)."""
+    states = (ckpt.get("ensemble") or {}).get("member_states") or []
+    heads = []
+    for state in states[1:]:  # member 0 is model_state_dict, already in the scorer's model
+        h = RankingHead(int(head["input_dim"]), int(head["projector_output_dim"]), float(head.get("margin", 1.0)),
+                        int(head["hidden_dim"]), float(head.get("dropout", 0.1)))
+        h.load_head_state_dict(state)
+        heads.append(h.to(device).eval())
+    return heads
+
+
+@torch.inference_mode()
+def score_features(heads, feats: torch.Tensor, fit: Optional[TypicalityFit]) -> ScoreDetails:
+    """Every head's score of the same features, their mean and spread, and the features' typicality."""
+    per = torch.stack([h.score_head(h.projector(feats)).reshape(-1).float().cpu() for h in heads]).double().numpy()
+    std = per.std(axis=0, ddof=1) if len(heads) > 1 else None
+    typ = fit.typicality(feats.double().cpu().numpy()) if fit is not None else None
+    return ScoreDetails(per.mean(axis=0), std, typ, per)
+
+
+def tier_probabilities(calibration: OrdinalCalibration, member_scores: np.ndarray) -> np.ndarray:
+    """(B, 4) P(S)..P(C): each member's calibrated probabilities, averaged over members."""
+    member_scores = np.atleast_2d(np.asarray(member_scores, dtype=np.float64))
+    return np.mean([calibration.probabilities(row) for row in member_scores], axis=0)
+
+
+def prior(calibration: OrdinalCalibration) -> np.ndarray:
+    """P(S)..P(C) of the validation split the calibration was fitted on: what is known without looking."""
+    counts = np.array([calibration.tier_counts.get(t, 0) for t in TIERS], dtype=np.float64)
+    return counts / counts.sum() if counts.sum() > 0 else np.full(4, 0.25)
+
+
+def flattened(calibration: OrdinalCalibration, probs: np.ndarray, typicality: Optional[np.ndarray],
+              fit: Optional[TypicalityFit]) -> np.ndarray:
+    """``probs`` with every unusual drawing's row pulled toward the prior (``flatten_unusual``)."""
+    if fit is None or typicality is None:
+        return probs
+    out = np.array(probs, dtype=np.float64)
+    p0 = prior(calibration)
+    for i, t in enumerate(typicality):
+        if t < fit.threshold:
+            out[i] = flatten_unusual(out[i], p0, float(t), fit.threshold)
+    return out
+
 
 # Fields of the fingerprint that decide the features' numbers (besides the backbone's identity). Which entries
 # (layers, poolings) the head sees comes from the checkpoint's feature spec, checked entry by entry.
@@ -272,7 +435,7 @@ class Scorer:
                          member_scores: Optional[Sequence[Sequence[float]]] = None) -> List[TierPrediction]:
         """Tier predictions for scores already computed (e.g. by ``score_paths``). With ``member_scores`` (per
         drawing, each member's score) the probabilities are the members' averaged; with ``typicality`` an
-        unusual drawing's probabilities are pulled toward the prior (``mirip.scoring.uncertainty.flattened``)."""
+        unusual drawing's probabilities are pulled toward the prior (``flattened``)."""
         if self.calibration is None:
             raise CalibrationUnavailable(self.calibration_note)
         if not len(scores):

@@ -17,8 +17,7 @@ import torch
 
 from mirip.common.feature_spec import FeatureSpec
 from mirip.common.tiers import TIERS
-from mirip.scoring.scorer import SHARED, Scorer, load_scorer
-from mirip.scoring.uncertainty import score_features
+from mirip.scoring.scorer import SHARED, Scorer, load_scorer, score_features
 from mirip.store.fingerprint import check_fingerprint, fingerprint_sha256
 
 

@@ -16,7 +16,8 @@ import transformers
 from mirip.common.feature_spec import format1_entry
 from mirip.common.package import package_version
 
-package_version()  # a folder shadowing the package fails here, named, not when a fingerprint is made
+# Read once: a folder shadowing the package fails here, named, not when a fingerprint is made.
+MIRIP_VERSION = package_version()
 
 # Format 2: a feature bank (feature_entries / feature_entry_blocks / feature_entry_dims / backbone_layers);
 # a format-1 file (no such fields) reads as a bank of one entry, ``<pooling>@-1``. Format 3: per-row checksums
@@ -96,7 +97,7 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
         "precision": extractor.precision,
         "feature_dtype": feature_dtype,
         "views": int(views),
-        "mirip_version": package_version(),
+        "mirip_version": MIRIP_VERSION,
         "torch_version": str(torch.__version__),  # TorchVersion is a str subclass h5py cannot store
         "transformers_version": transformers.__version__,
     }

@@ -1,6 +1,6 @@
 """An ensemble of ranking heads in one checkpoint, and whether its spread means something.
 
-Format (what ``mirip.scoring.uncertainty`` reads): ``ensemble = {"member_states": [head state per member],
+Format (what ``mirip.scoring.scorer`` reads): ``ensemble = {"member_states": [head state per member],
 "seeds": [...], "member_val_accuracy": [...]}``; ``model_state_dict`` is member 0's, so a reader that knows
 nothing of ensembles still scores with one head. The calibration and the score reference of an ensemble
 checkpoint are fitted on the members' mean score, which is the ensemble's score.

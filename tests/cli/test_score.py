@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from _inference_helpers import torch_threads
+from conftest import make_image
 from mirip.scoring.report_html import render_html, tier_agreement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -171,3 +172,15 @@ def test_group_column_gives_the_agreement_an_interval_over_groups(scored_folder,
     with pytest.raises(SystemExit):
         score.main(["--checkpoint", ckpt, str(d), "--group-column", "student"])
     assert "--group-column names a column of --metadata" in capsys.readouterr().err
+
+
+def test_find_images(tmp_path):
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    make_image(tmp_path / "a" / "2.png")
+    make_image(tmp_path / "a" / "sub" / "1.JPG", fmt="JPEG")
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    (tmp_path / "a" / ".hidden.png").write_text("x")
+    single = make_image(tmp_path / "one.png")
+    images, missing = score.find_images([tmp_path / "a", single, tmp_path / "a" / "2.png", tmp_path / "nope"])
+    assert images == [str(tmp_path / "a" / "2.png"), str(tmp_path / "a" / "sub" / "1.JPG"), single]
+    assert missing == [str(tmp_path / "nope")]

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from _inference_helpers import IMAGE_SIZE, make_cache_and_checkpoint, torch_threads
-from conftest import make_image, save_tiny_backbone
+from conftest import save_tiny_backbone
 from mirip.ml.backbones import RandomWeightsWarning
-from mirip.scoring.inputs import find_images
 from mirip.scoring.scorer import Scorer, load_scorer
 from mirip.store.cache import open_cache
 from mirip.store.checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint_file
@@ -176,15 +175,3 @@ def test_checkpoint_without_head_config_is_refused(trained, tmp_path):
     save_checkpoint_file(bad, payload)
     with pytest.raises(CheckpointError, match="no head config"):
         load_scorer(bad, device="cpu")
-
-
-def test_find_images(tmp_path):
-    (tmp_path / "a" / "sub").mkdir(parents=True)
-    make_image(tmp_path / "a" / "2.png")
-    make_image(tmp_path / "a" / "sub" / "1.JPG", fmt="JPEG")
-    (tmp_path / "a" / "notes.txt").write_text("x")
-    (tmp_path / "a" / ".hidden.png").write_text("x")
-    single = make_image(tmp_path / "one.png")
-    images, missing = find_images([tmp_path / "a", single, tmp_path / "a" / "2.png", tmp_path / "nope"])
-    assert images == [str(tmp_path / "a" / "2.png"), str(tmp_path / "a" / "sub" / "1.JPG"), single]
-    assert missing == [str(tmp_path / "nope")]

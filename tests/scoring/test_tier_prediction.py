@@ -17,7 +17,7 @@ from _stage2_helpers import write_dataset
 from mirip.common.tiers import TIER_RANK
 from mirip.scoring.report_html import disagreements, render_html
 from mirip.scoring.scorer import load_scorer
-from mirip.scoring.scores import CalibrationUnavailable
+from mirip.scoring.scorer import CalibrationUnavailable
 from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
 from mirip.training.calibration import fit_ordinal
 from mirip.training.calibration_reference import make_score_reference
