@@ -25,6 +25,11 @@ class EncodingNotice(UserWarning):
     """A CSV was not UTF-8 and was read with the fallback encoding."""
 
 
+# What an empty file should have held, by the ``what`` a reader names its file with.
+EXPECTED_LAYOUT = {"metadata": "(e.g. filename,tier) and one row per image",
+                   "judgments": "(a,b,winner or winner,loser) and one row per judged pair"}
+
+
 def read_metadata_csv(path: Union[str, os.PathLike], encoding: Optional[str] = None, what: str = "metadata",
                       **read_csv_kwargs) -> pd.DataFrame:
     """``pd.read_csv`` with encoding detection and errors that say which file and what to do.
@@ -89,6 +94,6 @@ def _read(name: str, encoding: str, what: str, kwargs: dict, detecting: bool = F
                             "pass --encoding with the file's encoding") from None
     except pd.errors.EmptyDataError:
         raise MetadataError(f"{what} file {name} is empty: expected a CSV with a header row "
-                            "(e.g. filename,tier) and one row per image") from None
+                            f"{EXPECTED_LAYOUT.get(what, EXPECTED_LAYOUT['metadata'])}") from None
     except pd.errors.ParserError as exc:
         raise MetadataError(f"{what} file {name} is not a readable CSV: {exc}") from None
