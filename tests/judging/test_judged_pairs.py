@@ -70,8 +70,9 @@ def test_every_bad_row_refused_at_once_with_its_line(tmp_path):
     assert "line 2:" not in text
 
 
-@pytest.mark.parametrize("text, match", [("x,y,z\n1,2,3\n", "expected a,b,winner"), ("", r"empty: expected a CSV with a header row \(a,b,winner or winner,loser\)"),
-                                          ("a,b,winner\n", "no judged pairs")])
+@pytest.mark.parametrize("text, match", [("x,y,z\n1,2,3\n", "expected a,b,winner"),
+                                         ("", r"empty: expected a CSV with a header row \(a,b,winner or winner,loser\)"),
+                                         ("a,b,winner\n", "no judged pairs")])
 def test_unusable_files_refused(tmp_path, text, match):
     with pytest.raises(MetadataError, match=match):  # JudgmentsError is one
         read_judgments(_write(tmp_path / "j.csv", text))
