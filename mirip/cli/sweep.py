@@ -36,6 +36,7 @@ from mirip.common.devices import resolve_device
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
+from mirip.sweep.best_ensemble import check_ensemble_request, save_best_ensemble
 from mirip.sweep.grid import SweepConfigError, SweepGrid
 from mirip.sweep.multi import run_multi_sweep
 from mirip.sweep.report import tie_note
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="delete the finished results of a sweep run in --output-dir with other settings and "
                           "start over (without it such a directory is refused; one where nothing had finished "
                           "starts over anyway)")
+    run.add_argument("--save-ensemble", action="store_true",
+                     help="after the sweep, train the best configuration as an ensemble of K = len(--seeds) heads "
+                          "(seeds first..first+K-1 on the first seed's split, as train.py --ensemble K does) into "
+                          "<output-dir>/best_ensemble/: one best.pt that score.py scores with score_std; best.json "
+                          "records it and the equivalent train.py command")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -155,13 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         grid, settings = settings_from_args(args)
+        if args.save_ensemble:
+            check_ensemble_request(grid)
         _set_threads(args, settings)
         if len(args.features) > 1:
             result = run_multi_sweep(grid, settings, args.features, progress=not args.no_progress, log=print,
                                      overwrite=args.overwrite)
         else:
             result = run_sweep(grid, settings, progress=not args.no_progress, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, CacheError, CheckpointError) as exc:
+        if args.save_ensemble and result.get("best"):
+            result["best"]["ensemble"] = save_best_ensemble(result["best"], settings, grid,
+                                                            progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError, CacheError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
@@ -178,5 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         if summary is not None and len(summary) and tie_note(summary):
             print(tie_note(summary))
         print(f"train it: {best['train_command']}")
+        if "ensemble" in best:
+            print(f"its ensemble: {best['ensemble']['checkpoint']} (train.py equivalent: "
+                  f"{best['ensemble']['train_command']})")
     return 0
 
