@@ -55,7 +55,11 @@ class EnsemblePlan:
 
 
 def check_ensemble_request(grid: SweepGrid) -> None:
-    """Refuse ``--save-ensemble`` before any training when the sweep cannot give it two members."""
+    """Refuse ``--save-ensemble`` before any training when the sweep cannot give it two members, or its heads
+    train on judged pairs (an ensemble run does not)."""
+    if grid.judgment_weight != (None,):
+        raise SweepConfigError("--save-ensemble: an ensemble does not train on --judgments (train.py --ensemble "
+                               "refuses them too); sweep the judgment weight without --save-ensemble")
     if len(grid.seed) < 2:
         raise SweepConfigError(f"--save-ensemble trains one member per sweep seed and an ensemble needs at least 2; "
                                f"got --seeds {' '.join(map(str, grid.seed))}")
