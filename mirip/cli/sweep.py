@@ -36,6 +36,7 @@ from mirip.common.devices import resolve_device
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
+from mirip.sweep.best_ensemble import check_ensemble_request, save_best_ensemble
 from mirip.sweep.grid import SweepConfigError, SweepGrid
 from mirip.sweep.multi import run_multi_sweep
 from mirip.sweep.report import tie_note
@@ -54,6 +55,9 @@ GRID_OPTIONS = (  # (flag, dest, type, default, help)
     ("--dropout", "dropout", float, [0.1], "Projector dropout rates"),
     ("--weight-decay", "weight_decay", float, [DEFAULTS.weight_decay], "AdamW weight decays"),
     ("--seeds", "seed", int, [DEFAULTS.seed], "seeds: each one its own split, init, dropout and pairs"),
+    ("--judgment-weight", "judgment_weight", float, None, "what one judged pair counts against one tier pair, "
+     "each weight its own group of heads (they see other pairs); needs --judgments; 0: judged pairs reported, not "
+     "trained on (default with --judgments: 1)"),
     ("--feature", "feature", str, [None], "feature specs, e.g. cls@-1 'cls@-4,-3,-2,-1+mean@-1' 'mean@-1+std@-1': "
      "each its own group of heads (its own input dim); default: the cache's only entry, else cls@-1"),
 )
@@ -93,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help=help_text)
     fixed = parser.add_argument_group("fixed training settings (TrainingConfig; one value for every head)")
     add_training_options(fixed, skip=SKIPPED, help_text=FIXED_HELP)
+    fixed.add_argument("--judgments", default=None, metavar="CSV",
+                       help="teachers' judged pairs (a,b,winner or winner,loser; paths as in the metadata) trained "
+                            "beside the tier pairs at each --judgment-weight, as train.py --judgments does; a pair "
+                            "across splits is not used. results.csv and summary.md gain each head's agreement with "
+                            "the judged pairs inside val and test")
     fixed.add_argument("--feature-norm", choices=FEATURE_NORMS, default="auto",
                        help="per-entry scaling of each spec, fitted on each seed's train split (entry) or none; "
                             "auto: entry for specs of several entries")
@@ -114,13 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="delete the finished results of a sweep run in --output-dir with other settings and "
                           "start over (without it such a directory is refused; one where nothing had finished "
                           "starts over anyway)")
+    run.add_argument("--save-ensemble", action="store_true",
+                     help="after the sweep, train the best configuration as an ensemble of K = len(--seeds) heads "
+                          "(seeds first..first+K-1 on the first seed's split, as train.py --ensemble K does) into "
+                          "<output-dir>/best_ensemble/: one best.pt that score.py scores with score_std; best.json "
+                          "records it and the equivalent train.py command")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple:
     """(SweepGrid, SweepSettings); raises SweepConfigError on a bad grid before anything is read."""
-    grid = SweepGrid(**{dest: tuple(getattr(args, dest)) for _, dest, *_ in GRID_OPTIONS})
+    values = {dest: getattr(args, dest) for _, dest, *_ in GRID_OPTIONS}
+    if values["judgment_weight"] is None:  # train.py's default weight with judgments; no axis without them
+        values["judgment_weight"] = [1.0] if args.judgments else [None]
+    grid = SweepGrid(**{dest: tuple(v) for dest, v in values.items()})
     if args.wandb_enabled:
         raise SweepConfigError("--wandb-enabled: wandb logging is not supported by sweeps (one run per head)")
     training = training_values(args, args.output_dir, skip=SKIPPED)
@@ -130,8 +147,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify, group_column=args.group_column,
         encoding=args.encoding, strict_images=args.strict_images,
         training=TrainingConfig(**training), optimizer=args.optimizer, feature_norm=args.feature_norm,
-        folds=args.folds,
+        folds=args.folds, judgments=args.judgments,
     )
+    settings.check_grid(grid.judgment_weight)
     return grid, settings
 
 
@@ -155,13 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         grid, settings = settings_from_args(args)
+        if args.save_ensemble:
+            check_ensemble_request(grid)
         _set_threads(args, settings)
         if len(args.features) > 1:
             result = run_multi_sweep(grid, settings, args.features, progress=not args.no_progress, log=print,
                                      overwrite=args.overwrite)
         else:
             result = run_sweep(grid, settings, progress=not args.no_progress, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, CacheError, CheckpointError) as exc:
+        if args.save_ensemble and result.get("best"):
+            result["best"]["ensemble"] = save_best_ensemble(result["best"], settings, grid,
+                                                            progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError, CacheError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
@@ -178,5 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         if summary is not None and len(summary) and tie_note(summary):
             print(tie_note(summary))
         print(f"train it: {best['train_command']}")
+        if "ensemble" in best:
+            print(f"its ensemble: {best['ensemble']['checkpoint']} (train.py equivalent: "
+                  f"{best['ensemble']['train_command']})")
     return 0
 

@@ -1,10 +1,11 @@
 """The grid of a sweep: which values each hyperparameter takes, checked before any training starts.
 
 A sweep trains one head per point of the grid (margin x hidden dim x projector
-dim x learning rate x dropout x weight decay x feature spec) for every seed.
-Points that share a seed, parameter shapes (hidden dim, projector dim) and a
-feature spec (so the same input dim and batches) form a *group*: their heads
-are stacked and trained together over the same batches.
+dim x learning rate x dropout x weight decay x feature spec x judgment weight)
+for every seed. Points that share a seed, parameter shapes (hidden dim, projector
+dim), a feature spec (so the same input dim) and a judgment weight (so the same
+batches: judged pairs are mixed into the tier pairs by weight) form a *group*:
+their heads are stacked and trained together over the same batches.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def _check_values(axis: str, values: Sequence) -> Tuple:
         if dups:
             raise SweepConfigError(f"--feature: spec(s) listed more than once: {', '.join(dups)}")
         return values
+    if axis == "judgment_weight" and values == (None,):
+        return values  # no judgments: heads train on tier pairs only
     if not values:
         raise SweepConfigError(f"{option}: the grid is empty; give at least one value")
     dups = sorted({v for v in values if values.count(v) > 1}, key=values.index)
@@ -73,6 +76,8 @@ def _check_values(axis: str, values: Sequence) -> Tuple:
                 raise SweepConfigError(f"{option}: a learning rate must be positive, got {v:g}")
             if axis == "weight_decay" and v < 0:
                 raise SweepConfigError(f"{option}: a weight decay must be non-negative, got {v:g}")
+            if axis == "judgment_weight" and v < 0:
+                raise SweepConfigError(f"{option}: a judgment weight must be non-negative, got {v:g}")
             if axis == "dropout" and not 0.0 <= v < 1.0:
                 raise SweepConfigError(f"{option}: a dropout must be in [0, 1), got {v:g}")
         out.append(v)
@@ -91,6 +96,7 @@ class SweepGrid:
     weight_decay: Tuple[float, ...] = (0.01,)
     seed: Tuple[int, ...] = (42,)
     feature: Tuple[Optional[str], ...] = (None,)  # feature specs; (None,): the cache's default spec
+    judgment_weight: Tuple[Optional[float], ...] = (None,)  # (None,): no judged pairs (sweep without --judgments)
 
     def __post_init__(self) -> None:
         for axis in AXES:
@@ -101,7 +107,8 @@ class SweepGrid:
 
     def configs(self) -> List[HeadConfig]:
         """Every point x seed, seeds outermost, then shapes, so one group's heads are neighbours."""
-        order = ("seed", "feature", "hidden_dim", "projector_dim", "margin", "learning_rate", "dropout", "weight_decay")
+        order = ("seed", "feature", "judgment_weight", "hidden_dim", "projector_dim", "margin", "learning_rate",
+                 "dropout", "weight_decay")
         out = []
         for values in itertools.product(*(getattr(self, a) for a in order)):
             out.append(HeadConfig(**dict(zip(order, values))))
@@ -115,7 +122,8 @@ class SweepGrid:
 
 
 def group_configs(configs: Iterable[HeadConfig]) -> Dict[Tuple, List[HeadConfig]]:
-    """{(seed, hidden_dim, projector_dim, feature): configs}, in first-seen order: each group trains as one stack."""
+    """{(seed, hidden_dim, projector_dim, feature, judgment_weight): configs}, in first-seen order: each group
+    trains as one stack."""
     groups: Dict[Tuple[int, int, int], List[HeadConfig]] = {}
     for cfg in configs:
         groups.setdefault(cfg.shape_key, []).append(cfg)

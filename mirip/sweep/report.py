@@ -48,6 +48,11 @@ def aggregate(rows: pd.DataFrame, extra_keys: Sequence[str] = ()) -> pd.DataFram
             for end in ("low", "high"):
                 ends = g[f"val_acc_{end}"].to_numpy(dtype=np.float64)
                 rec[f"val_acc_{end}_mean"] = float(np.nanmean(ends)) if np.isfinite(ends).any() else float("nan")
+        if "val_judged_agreement" in g.columns:  # a sweep with judgments
+            for split in ("val", "test"):
+                vals = g[f"{split}_judged_agreement"].to_numpy(dtype=np.float64)
+                rec[f"{split}_judged_agreement_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() \
+                    else float("nan")
         rec["best_epoch_mean"] = float(g["best_epoch"].mean())
         rec["wall_time_s_mean"] = float(g["wall_time_s"].mean())
         best_run = g.sort_values("val_acc", ascending=False, kind="stable").iloc[0]
@@ -68,21 +73,29 @@ def summary_markdown(table: pd.DataFrame, title: str = "Sweep summary", notes: S
     lines += [f"{n}" for n in notes] + ([""] if notes else [])
     # A multi-cache sweep has a cache column (the backbone / image size behind each row, listed in the notes).
     cache = "cache" in table.columns
+    judged = "val_judged_agreement_mean" in table.columns
     over = "folds and seeds" if "folds" in table.columns else "seeds"
     lines += [
         f"Sorted by mean validation pairwise accuracy (best first); ± is the standard deviation over {over}.",
         "",
-    ] + ([tie_note(table), ""] if tie_note(table) else []) + [
-        "| rank | " + ("cache | " if cache else "") + "features | margin | hidden | proj | lr | dropout | wd | seeds | val acc | test acc | Spearman "
-        "| best epoch |",
-        "| ---: | " + ("--- | " if cache else "") + "--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- "
-        "| --- | ---: |",
+    ] + ([tie_note(table), ""] if tie_note(table) else []) + ([
+        "Judgment weight: what one teacher-judged pair counts against one tier pair in training (0: judged pairs "
+        "reported, not trained on); val judged agreement: how often the head orders the judged pairs inside the "
+        "val split as the judges did (mean over seeds; ties between drawings not scored).", ""] if judged else []) + [
+        "| rank | " + ("cache | " if cache else "") + "features | margin | hidden | proj | lr | dropout | wd | "
+        + ("judgment weight | " if judged else "") + "seeds | val acc | "
+        + ("val judged agreement | " if judged else "") + "test acc | Spearman | best epoch |",
+        "| ---: | " + ("--- | " if cache else "") + "--- | ---: | ---: | ---: | ---: | ---: | ---: | "
+        + ("---: | " if judged else "") + "---: | --- | " + ("---: | " if judged else "") + "--- | --- | ---: |",
     ]
     for i, r in table.iterrows():
         lines.append(
             f"| {i + 1} | " + (f"`{r['cache']}` | " if cache else "") + f"`{r.get('feature')}` | {r['margin']:g} | {int(r['hidden_dim'])} | {int(r['projector_dim'])} | "
-            f"{r['learning_rate']:g} | {r['dropout']:g} | {r['weight_decay']:g} | {int(r['seeds'])} | "
-            f"{_pm(r['val_acc_mean'], r['val_acc_std'])} | {_pm(r['test_acc_mean'], r['test_acc_std'])} | "
+            f"{r['learning_rate']:g} | {r['dropout']:g} | {r['weight_decay']:g} | "
+            + (f"{r['judgment_weight']:g} | " if judged else "") + f"{int(r['seeds'])} | "
+            f"{_pm(r['val_acc_mean'], r['val_acc_std'])} | "
+            + (f"{_pm(r['val_judged_agreement_mean'], float('nan'))} | " if judged else "")
+            + f"{_pm(r['test_acc_mean'], r['test_acc_std'])} | "
             f"{_pm(r['spearman_mean'], r['spearman_std'])} | {r['best_epoch_mean']:.1f} |"
         )
     return "\n".join(lines) + "\n"

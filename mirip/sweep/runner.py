@@ -57,12 +57,13 @@ from mirip.training.bootstrap import BootstrapConfig
 from mirip.training.evaluator import Evaluator
 from mirip.training.folds import fold_rows
 from mirip.training.head_calibration import calibrate_head
+from mirip.training.judged_pairs import all_scores, judged_agreement, judged_training_set, load_judged_pairs, split_judged
 from mirip.training.run_data import (RunData, SPLITS, exclusion_note, failed_images, feature_keys, read_metadata,
                                      scaled_features, split_dataset, split_names, split_positions, write_excluded)
 from mirip.training.run_intervals import accuracy_interval
 
 RESULT_COLUMNS = (
-    ("config_id", "seed") + HYPERPARAMETERS
+    ("config_id", "seed") + tuple(h for h in HYPERPARAMETERS if h != "judgment_weight")
     + ("batch_size", "max_epochs", "pairs_per_epoch", "eval_pairs", "pair_balance", "gradient_clip_norm",
        "early_stopping_patience", "scheduler_t_max", "scheduler_eta_min", "train_ratio", "val_ratio", "test_ratio",
        "stratify")
@@ -70,6 +71,10 @@ RESULT_COLUMNS = (
        "test_pairs", "wall_time_s", "group_size", "checkpoint", "backbone_weights", "val_acc_low", "val_acc_high")
 )
 FOLD_COLUMN = "fold"  # results.csv's extra column in a sweep with folds
+# results.csv's extra columns in a sweep with judgments: the weight, and the head's agreement with the judged
+# pairs inside val and test (as train.py --judgments reports it, mirip.training.judged_pairs.judgments_report).
+JUDGED_COLUMNS = ("judgment_weight", "val_judged_agreement", "val_judged_pairs", "test_judged_agreement",
+                  "test_judged_pairs", "judged_across_splits")
 OUTPUT_FILES = ("results.csv", "summary.md", "best.json", "heatmap.png")
 
 
@@ -85,6 +90,7 @@ class SweepRunner:
                  splits: Optional[Dict[int, Dict[str, List[str]]]] = None,
                  excluded: Optional[Dict[str, str]] = None, overwrite: bool = False):
         settings.check()
+        settings.check_grid(grid.judgment_weight)
         self.overwrite = overwrite  # replace finished results of a sweep run here with other settings
         # seed -> {split: image names}, made once from the metadata by a multi-cache sweep (mirip.sweep.multi)
         # so that every cache trains and is tested on the same drawings; None: made here, the same way.
@@ -157,8 +163,10 @@ class SweepRunner:
                                    for sl in slices[spec]])
             by_spec[spec] = (torch.from_numpy(np.ascontiguousarray(picked[:, cols])),
                              [sl.stop - sl.start for sl in slices[spec]])
+        judged = (load_judged_pairs(s.judgments, names, list(excluded), s.encoding) if s.judgments else None)
         return {"meta": meta, "meta_all": meta_all, "names": names, "by_spec": by_spec, "fingerprint": fingerprint,
-                "ranks": tier_ranks(meta, s.tier_column), "specs": specs, "excluded": excluded}
+                "ranks": tier_ranks(meta, s.tier_column), "specs": specs, "excluded": excluded,
+                "judged": judged[0] if judged else None}
 
     def _datasets(self, data: Dict[str, Any], seed: int, spec: str) -> Dict[Optional[int], Dict[str, Any]]:
         """fold -> the (seed, spec)'s split and pair datasets, built exactly as ``scripts/train.py --seed SEED
@@ -200,6 +208,8 @@ class SweepRunner:
         datasets = {sp: split_dataset(run_data, sp, device_features, rc.training, train=(sp == "train"))
                     for sp in SPLITS}
         datasets["feature_keys"] = feature_keys(run_data)
+        if data["judged"] is not None:  # the judged pairs inside each split; those across splits are counted only
+            datasets["judged"], datasets["judged_across"] = split_judged(data["judged"], splits, len(data["names"]))
         for sp in ("train", "val"):
             if datasets[sp] is None:
                 raise SweepConfigError(f"seed {seed}: the {sp} split is empty; raise --{sp}-ratio")
@@ -251,6 +261,8 @@ class SweepRunner:
         })
         if fold is not None:
             row[FOLD_COLUMN] = fold
+        if datasets is not None and "judged" in datasets:
+            row.update(judged_columns(head, datasets))
         # Written last: its presence is what marks the configuration as done.
         write_atomic(self.result_path(cfg, fold), json.dumps(json_safe({"row": row, "history": outcome.history,
                                                                 "test_metrics": metrics}), indent=2))
@@ -272,6 +284,8 @@ class SweepRunner:
         s = self.settings
         manifest = {"fixed": s.fixed(), "fingerprint": data["fingerprint"], "metadata_sha256": file_sha256(s.metadata),
                     "features": os.path.abspath(s.features), "metadata": os.path.abspath(s.metadata)}
+        if s.judgments:  # recorded only when set, so sweeps without judgments continue
+            manifest["judgments_sha256"] = file_sha256(s.judgments)
         manifest_path = os.path.join(self.out, "sweep.json")
         finished = glob.glob(os.path.join(self.out, "results", "*.json"))
         note = check_manifest(manifest_path, manifest, len(finished), self.overwrite)
@@ -352,7 +366,7 @@ class SweepRunner:
                                                        sizes.values(), epochs)
                             self.log(cost_line(len(pending), epochs, seconds, self.device))
 
-                    train_group(cfgs, datasets["train"], datasets["val"], s.training, self.device,
+                    train_group(cfgs, train_set(datasets, key[4]), datasets["val"], s.training, self.device,
                                 optimizer=s.optimizer, on_epoch=on_epoch, on_finished=finished)
 
     def _head_size(self, data: Dict[str, Any], cfg: HeadConfig) -> int:
@@ -388,7 +402,8 @@ class SweepRunner:
     def _write_tables(self, rows: Dict[str, Dict[str, Any]], final: bool = False) -> Dict[str, Any]:
         """results.csv after every finished head; summary, best and heatmap too once everything is in."""
         ordered = [rows[self.unit_id(c, f)] for c, f in self.units if self.unit_id(c, f) in rows]
-        columns = list(RESULT_COLUMNS) + ([FOLD_COLUMN] if self.settings.folds else [])
+        columns = (list(RESULT_COLUMNS) + ([FOLD_COLUMN] if self.settings.folds else [])
+                   + (list(JUDGED_COLUMNS) if self.settings.judgments else []))
         table = pd.DataFrame(ordered, columns=columns)
         write_atomic(os.path.join(self.out, "results.csv"), table.to_csv(index=False))
         out: Dict[str, Any] = {"results": table, "output_dir": self.out}
@@ -416,6 +431,30 @@ class SweepRunner:
         return out
 
 
+def train_set(datasets: Dict[str, Any], weight: Optional[float]):
+    """The train split's pairs for heads of judgment weight ``weight``: the tier pairs with the split's judged
+    pairs mixed in, as ``train.py --judgments J --judgment-weight W`` trains (weight 0 or None: tier pairs only,
+    as there)."""
+    if not weight or "judged" not in datasets:
+        return datasets["train"]
+    return judged_training_set(datasets["train"], datasets["judged"]["train"], weight)
+
+
+def judged_columns(head, datasets: Dict[str, Any]) -> Dict[str, Any]:
+    """The head's agreement with the judged pairs inside val and test (decisive pairs; ties counted, not scored)."""
+    out: Dict[str, Any] = {"judged_across_splits": datasets["judged_across"]}
+    for split in ("val", "test"):
+        ds = datasets.get(split)
+        agreement = {"agreement": None, "pairs": 0}
+        if ds is not None:
+            features = ds.image_features().to(next(head.parameters()).device)
+            agreement = judged_agreement(all_scores(head, features), datasets["judged"][split])
+        out[f"{split}_judged_agreement"] = (float("nan") if agreement["agreement"] is None
+                                            else agreement["agreement"])
+        out[f"{split}_judged_pairs"] = agreement["pairs"]
+    return out
+
+
 def fold_note(folds: int, group_column: Optional[str]) -> str:
     by = f" (whole {group_column!r} groups)" if group_column else ""
     return (f"Cross-validated: each configuration x seed trained {folds} times, validated on each of {folds} folds "
@@ -426,7 +465,8 @@ def fold_note(folds: int, group_column: Optional[str]) -> str:
 def describe_best(best: Dict[str, Any]) -> str:
     c = best.get("config", best)
     return (f"margin={c['margin']:g} hidden={c['hidden_dim']} proj={c['projector_dim']} lr={c['learning_rate']:g} "
-            f"dropout={c['dropout']:g} wd={c['weight_decay']:g} feature={c.get('feature')}")
+            f"dropout={c['dropout']:g} wd={c['weight_decay']:g} feature={c.get('feature')}"
+            + ("" if c.get("judgment_weight") is None else f" judgment_weight={c['judgment_weight']:g}"))
 
 
 def run_sweep(grid: SweepGrid, settings: SweepSettings, **kwargs) -> Dict[str, Any]:

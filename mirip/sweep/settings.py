@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from mirip.common.feature_spec import FEATURE_NORMS
 from mirip.sweep.grid import SweepConfigError
@@ -34,6 +34,9 @@ class SweepSettings(DataSettings):
     # > 1: every configuration is trained K times, validated on each fold of the non-test images in turn
     # (mirip.training.folds), and ranked by the mean over folds and seeds; 0: one train/val split per seed.
     folds: int = 0
+    # Teachers' judged pairs (mirip.training.judged_pairs), trained beside the tier pairs at each of the grid's
+    # judgment weights; None: tier pairs only.
+    judgments: Optional[str] = None
 
     def run_config(self, cfg: HeadConfig, feature: Optional[str] = None) -> RunConfig:
         """The ``scripts/train.py`` run this head is equal to (same split, pairs, init and step)."""
@@ -45,7 +48,9 @@ class SweepSettings(DataSettings):
                          stratify=self.stratify, group_column=self.group_column, encoding=self.encoding, strict_images=self.strict_images,
                          margin=cfg.margin, hidden_dim=cfg.hidden_dim,
                          projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc,
-                         feature=feature or cfg.feature, feature_norm=self.feature_norm)
+                         feature=feature or cfg.feature, feature_norm=self.feature_norm,
+                         judgments=self.judgments if cfg.judgment_weight is not None else None,
+                         judgment_weight=1.0 if cfg.judgment_weight is None else cfg.judgment_weight)
 
     def fixed(self) -> Dict[str, Any]:
         """The settings results depend on (apart from the grid): a restart must match them."""
@@ -57,7 +62,19 @@ class SweepSettings(DataSettings):
             out["folds"] = self.folds
         if self.feature_norm != "auto":  # recorded only when set, so sweeps from before feature specs continue
             out["feature_norm"] = self.feature_norm
+        if self.judgments:  # recorded only when set, so sweeps without judgments continue
+            out["judgments"] = self.judgments
         return out
+
+    def check_grid(self, weights: Tuple[Optional[float], ...]) -> None:
+        """Judgment weights are an axis only with a judgments file, and a judgments file needs weights."""
+        if self.judgments is None and weights != (None,):
+            raise SweepConfigError("--judgment-weight needs --judgments (the judged pairs the weight applies to)")
+        if self.judgments is not None and None in weights:
+            raise SweepConfigError("--judgments needs numeric --judgment-weight values (0: report agreement with "
+                                   "the judged pairs without training on them)")
+        if self.judgments is not None and not os.path.isfile(self.judgments):
+            raise SweepConfigError(f"--judgments: no such file: {self.judgments}")
 
     def check(self) -> None:
         check_config(self.training)
@@ -96,6 +113,8 @@ def _manifest_diffs(path: str, manifest: Dict[str, Any]) -> List[str]:
                 diffs.append(f"{section}.{k}: was {a.get(k)!r}, now {b.get(k)!r}")
     if old.get("metadata_sha256") != manifest.get("metadata_sha256"):
         diffs.append("the metadata file's contents changed")
+    if old.get("judgments_sha256") != manifest.get("judgments_sha256"):
+        diffs.append("the judgments file's contents changed")
     return diffs
 
 
