@@ -80,7 +80,7 @@ def vit_flops_per_image(hidden: int, layers: int, mlp_hidden: int, patch: int, i
     return float(embed + layers * per_block)
 
 
-def _model_flops(extractor: DINOv2FeatureExtractor, image_size: int) -> float:
+def model_flops(extractor: DINOv2FeatureExtractor, image_size: int) -> float:
     cfg = extractor.backbone.config
     hidden = int(cfg.hidden_size)
     mlp = int(getattr(cfg, "intermediate_size", 0) or hidden * float(getattr(cfg, "mlp_ratio", 4)))
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     random_init = bool(getattr(args, "random_init", False))
     models = {p: DINOv2FeatureExtractor(backbone, device=device, random_init=random_init, precision=p)
               for p in DTYPES}
-    flops = _model_flops(models["fp32"], size)
+    flops = model_flops(models["fp32"], size)
     gemm: Dict[str, List[float]] = {p: [] for p in DTYPES}
     forward: Dict[str, Dict[int, List[float]]] = {p: {b: [] for b in batches} for p in DTYPES}
     gen = torch.Generator().manual_seed(0)

@@ -6,6 +6,7 @@ Each benchmark is a module ``mirip.bench.<name>`` with ``add_arguments(parser)``
     python scripts/benchmark.py --only full_image --backbone facebook/dinov2-large --random-init \\
         --image-size 768 --precision bf16 --device cuda --output-dir runs/bench
     python scripts/benchmark.py --random-init --quick      # CPU: DINOv2-small at 224 px, a few minutes
+    python scripts/benchmark.py --only engines --random-init --device cpu   # torch vs OpenVINO, same run
 
 Without --backbone / --image-size the defaults follow the device, as in the demo: DINOv2-large at 768 px on
 a GPU, DINOv2-small at 224 px on a CPU. Results are written after every benchmark, so a stopped run keeps
@@ -29,7 +30,10 @@ from mirip.common.atomic import write_atomic
 from mirip.common.devices import PRECISIONS, announce_precision, device_defaults, resolve_device
 from mirip.common.machine import machine_info
 
-BENCHMARKS = ("roofline", "full_image", "extraction", "training", "sweep", "explain", "serve", "judgments")
+BENCHMARKS = ("roofline", "engines", "full_image", "extraction", "training", "sweep", "explain", "serve", "judgments")
+# Run only when named in --only: engines converts the model to OpenVINO (an optional extra) and times every engine
+# at four batch sizes, minutes on a CPU that a default run should not spend.
+OPT_IN = ("engines",)
 
 
 def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, ModuleType], Dict[str, str]]:
@@ -58,15 +62,17 @@ def load_benchmarks(names: Tuple[str, ...] = BENCHMARKS) -> Tuple[Dict[str, Modu
 def build_parser(modules: Dict[str, ModuleType]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run mirip's benchmarks (the machine's GEMM roofline in fp32 and bf16 with the backbone's "
-                    "share of it, full-image mode, stage-one extraction, stage-two training, sweeps, attribution maps, "
+                    "share of it, torch vs OpenVINO on the scoring model when asked for, full-image mode, stage-one "
+                    "extraction, stage-two training, sweeps, attribution maps, "
                     "a simulated teacher's judgments) and write benchmark.json and benchmark.md (machine, device, "
                     "backbone, weights, precision, "
                     "image size, every figure, and whether the seed's 100 ms/pair and 12 GB requirements are met).",
         formatter_class=DefaultsHelpFormatter,
     )
     common = parser.add_argument_group("common")
-    common.add_argument("--only", default=",".join(BENCHMARKS),
-                        help="comma-separated benchmarks to run, from: " + ", ".join(BENCHMARKS))
+    common.add_argument("--only", default=",".join(n for n in BENCHMARKS if n not in OPT_IN),
+                        help="comma-separated benchmarks to run, from: " + ", ".join(BENCHMARKS)
+                             + " (" + ", ".join(OPT_IN) + " only when named)")
     common.add_argument("--backbone", default=None,
                         help="hub id or local backbone directory (default: facebook/dinov2-large on CUDA, "
                              "facebook/dinov2-small on CPU)")

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mirip.bench import roofline
-from mirip.bench.roofline import _model_flops, gemm_tflops
+from mirip.bench.roofline import model_flops, gemm_tflops
 from mirip.cli import benchmark as bench_script
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 
@@ -24,7 +24,7 @@ def test_flop_count_matches_torchs_counter(tiny_backbone, size):
     # The counter sees the linear layers and the patch conv; CPU attention (SDPA) it leaves out: Q K^T and
     # attention @ V, 2 * T^2 * H multiply-adds per block, added here by hand.
     attention = cfg.num_hidden_layers * 2 * 2 * tokens ** 2 * cfg.hidden_size
-    assert _model_flops(ext, size) == pytest.approx(counter.get_total_flops() / 2 + attention, rel=1e-9)
+    assert model_flops(ext, size) == pytest.approx(counter.get_total_flops() / 2 + attention, rel=1e-9)
 
 
 def test_gemm_rate_counts_two_flops_per_multiply_add(monkeypatch):
