@@ -204,6 +204,15 @@ def test_spread_embedding_is_the_top_principal_components():
     for c in range(2):  # each axis up to its sign
         assert min(np.abs(got[:, c] - want[:, c]).max(), np.abs(got[:, c] + want[:, c]).max()) < 1e-8
     assert spread_embedding(x, 0) is None
+    # Wide features (the power-iteration route): a planted 3-d signal among 200 noise dims.
+    wide = rng.normal(size=(400, 200))
+    wide[:, :3] += rng.normal(size=(400, 3)) * [6.0, 4.0, 3.0]
+    wide = wide @ np.linalg.qr(rng.normal(size=(200, 200)))[0]  # not along the coordinate axes
+    got = spread_embedding(wide, 3)
+    centred = wide - wide.mean(axis=0)
+    want = centred @ np.linalg.svd(centred, full_matrices=False)[2][:3].T
+    for c in range(3):
+        assert abs(np.corrcoef(got[:, c], want[:, c])[0, 1]) > 0.999
 
 
 def test_suggestions_never_repeat_a_judged_pair_and_cover_drawings_evenly():
