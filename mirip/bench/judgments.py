@@ -15,7 +15,8 @@ per standard deviation of q; no ties).
 
 Both arms start from the same tier-trained head. A round adds one judgment per drawing (N/2 pairs) of the
 pool (the drawings the teacher sees): ``active`` asks mirip.judging.suggest.suggest_pairs' picks under the
-current head's scores, ``random`` asks uniformly random pairs not judged before; after each round the head
+current head's scores, as suggest_pairs.py does by default (window SUGGEST_WINDOW, spread over the pool
+features' top SPREAD_COMPONENTS principal axes: the features alone, never the quality), ``random`` asks uniformly random pairs not judged before; after each round the head
 is retrained from scratch on tiers + all judgments so far (mirip.training.judged_pairs, as train.py does).
 Spearman with q, overall and within tier, on the held-out drawings (the scorer's: primary) and on the pool
 (the judged drawings' own scale, what a CJ tool reports), averaged over seeds. Standalone::
@@ -35,7 +36,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from mirip.judging.suggest import suggest_pairs
+from mirip.judging.suggest import SPREAD_COMPONENTS, SUGGEST_WINDOW, spread_embedding, suggest_pairs
 from mirip.ml.ranking_model import RankingHead
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
@@ -141,9 +142,11 @@ def run_arm(world, arm: str, start: np.ndarray, rounds: int, slope: float, weigh
     done: set = set()
     counts = np.zeros(n)
     scores, out = start, []
+    embedding = spread_embedding(world["features"][pool], SPREAD_COMPONENTS) if arm == "active" else None
     for k in range(rounds):
         if arm == "active":
-            picks = [(i, j) for i, j, _, _ in suggest_pairs(scores[pool], counts, done, n // 2, rng=rng)]
+            picks = [(i, j) for i, j, _, _ in suggest_pairs(scores[pool], counts, done, n // 2, rng=rng,
+                                                            window=SUGGEST_WINDOW, embedding=embedding)]
             done.update(frozenset(p) for p in picks)
         else:
             picks = _random_pairs(n, n // 2, done, rng)

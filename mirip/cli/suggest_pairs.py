@@ -14,7 +14,7 @@ import time
 
 from mirip.cli.options import DefaultsHelpFormatter, add_encoding_option, plain_warnings, positive
 from mirip.judging.next_pairs import SuggestConfig, suggest_from_files
-from mirip.judging.suggest import DEFAULT_WINDOW
+from mirip.judging.suggest import SPREAD_COMPONENTS, SUGGEST_WINDOW
 from mirip.store.cache_errors import CacheError
 from mirip.store.checkpoint import CheckpointError
 
@@ -36,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pairs already judged: never suggested again, and their drawings count as judged")
     parser.add_argument("--count", type=positive(), default=50, help="how many pairs to suggest")
     parser.add_argument("--output", required=True, metavar="CSV", help="where to write the pairs")
-    parser.add_argument("--window", type=positive(), default=DEFAULT_WINDOW,
+    parser.add_argument("--window", type=positive(), default=SUGGEST_WINDOW,
                         help="candidates: each drawing with this many neighbours either side in score order")
+    parser.add_argument("--spread-components", type=int, default=SPREAD_COMPONENTS, metavar="K",
+                        help="favour pairs far apart on the features' top K principal axes, so the judgments "
+                             "cover the feature space (0: the model's uncertainty and the judgment counts alone)")
     parser.add_argument("--seed", type=int, default=0, help="breaks ties and picks which drawing is shown as a")
     parser.add_argument("--filename-column", default="filename", help="metadata column with the image path")
     parser.add_argument("--tier-column", default="tier", help="metadata column with the tier (S/A/B/C)")
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     plain_warnings()
     cfg = SuggestConfig(checkpoints=args.checkpoint, features=args.features, metadata=args.metadata,
                         output=args.output, judgments=args.judgments, count=args.count, window=args.window,
+                        components=args.spread_components,
                         seed=args.seed, filename_column=args.filename_column, tier_column=args.tier_column,
                         encoding=args.encoding)
     start = time.perf_counter()

@@ -13,7 +13,7 @@ import numpy as np
 
 from mirip.common.feature_spec import apply_entry_scales, checkpoint_feature_spec
 from mirip.common.judgments import JUDGMENT_COLUMNS, read_judgments
-from mirip.judging.suggest import DEFAULT_WINDOW, suggest_pairs
+from mirip.judging.suggest import SPREAD_COMPONENTS, SUGGEST_WINDOW, spread_embedding, suggest_pairs
 from mirip.ml.ranking_model import RankingHead
 from mirip.store.checkpoint import load_checkpoint_file
 from mirip.training.calibration import from_checkpoint, logistic_difference_cdf
@@ -33,23 +33,29 @@ class SuggestConfig:
     output: str
     judgments: Optional[str] = None
     count: int = 50
-    window: int = DEFAULT_WINDOW
+    window: int = SUGGEST_WINDOW
+    components: int = SPREAD_COMPONENTS  # principal axes of the features the pairs spread over; 0: none
     seed: int = 0
     filename_column: str = "filename"
     tier_column: str = "tier"
     encoding: Optional[str] = None
 
 
-def member_scores(checkpoint: str, features: str, names: List[str]):
-    """(scores of ``names`` under one checkpoint's head, its calibration slope or None)."""
+def checkpoint_features(checkpoint: str, features: str, names: List[str]):
+    """(the checkpoint, the cached features of ``names`` as its head reads them)."""
     ckpt = load_checkpoint_file(checkpoint)
     if ckpt.get("head") is None:
         raise ValueError(f"{checkpoint} has no head dims (key 'head'); it was not written by mirip's Trainer")
-    head = RankingHead(**ckpt["head"])
-    head.load_head_state_dict(ckpt["model_state_dict"])
     feats, _, _, dims = load_bank_features(features, names, checkpoint_feature_spec(ckpt), ckpt.get("fingerprint"),
                                            ignore_layout=True)
-    feats = apply_entry_scales(feats.float(), dims, ckpt.get("feature_scales"))
+    return ckpt, apply_entry_scales(feats.float(), dims, ckpt.get("feature_scales"))
+
+
+def member_scores(checkpoint: str, features: str, names: List[str]):
+    """(scores of ``names`` under one checkpoint's head, its calibration slope or None)."""
+    ckpt, feats = checkpoint_features(checkpoint, features, names)
+    head = RankingHead(**ckpt["head"])
+    head.load_head_state_dict(ckpt["model_state_dict"])
     calibration, _, _ = from_checkpoint(ckpt, checkpoint)
     return all_scores(head, feats), (calibration.slope if calibration is not None else None)
 
@@ -72,6 +78,8 @@ def suggest_from_files(cfg: SuggestConfig, log=print) -> Dict[str, Any]:
     """Score, count, choose, write ``cfg.output``; a summary of what was done."""
     if cfg.count <= 0:
         raise ValueError(f"--count must be positive, got {cfg.count}")
+    if cfg.components < 0:
+        raise ValueError(f"--spread-components must be 0 (off) or more, got {cfg.components}")
     meta = read_metadata(cfg.metadata, cfg.filename_column, cfg.tier_column, cfg.encoding)
     names = meta[cfg.filename_column].astype(str).tolist()
     members, probability, _ = ensemble_scores(cfg.checkpoints, cfg.features, names)
@@ -84,9 +92,13 @@ def suggest_from_files(cfg: SuggestConfig, log=print) -> Dict[str, Any]:
             counts[at[a]] += 1
             counts[at[b]] += 1
             judged.add(frozenset((at[a], at[b])))
+    embedding = None
+    if cfg.components > 0:
+        embedding = spread_embedding(checkpoint_features(cfg.checkpoints[0], cfg.features, names)[1].numpy(),
+                                     cfg.components)
     log(f"scored {len(names)} drawings with {len(members)} checkpoint(s); {len(judged)} distinct pairs already judged")
     picks = suggest_pairs(members, counts, judged, cfg.count, probability=probability,
-                          rng=np.random.default_rng(cfg.seed), window=cfg.window)
+                          rng=np.random.default_rng(cfg.seed), window=cfg.window, embedding=embedding)
     write_suggestions(cfg.output, [(names[i], names[j], reason, p) for i, j, reason, p in picks])
     shown = np.bincount(np.array([[i, j] for i, j, _, _ in picks]).reshape(-1), minlength=len(names)) if picks \
         else np.zeros(len(names), dtype=int)

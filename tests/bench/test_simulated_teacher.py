@@ -49,8 +49,10 @@ def test_rounds_accumulate_fresh_pairs_one_judgment_per_drawing(monkeypatch, arm
     keys = {frozenset((int(a), int(b))) for a, b in zip(first, second)}
     assert len(keys) == len(first), "a pair was asked twice"
     assert all(a != b for a, b in zip(first, second))
-    if arm == "active":  # suggestions spread: every drawing judged once per round
-        assert np.bincount(np.concatenate([first, second]), minlength=n).tolist() == [3] * n
+    if arm == "active":  # suggestions spread: every drawing about once per round (when the last free
+        # drawings were already judged against each other, the cap rises and one of them meets a used one)
+        shown = np.bincount(np.concatenate([first, second]), minlength=n)
+        assert 2 <= shown.min() and shown.max() <= 4 and (shown == 3).mean() >= 0.9
 
 
 def test_quick_run_through_the_section_interface(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from _stage2_helpers import fake_fingerprint, single_thread
 from mirip.common.judgments import JudgmentsError, read_judgments, write_judgments_csv
 from mirip.common.metadata_csv import MetadataError
-from mirip.judging.suggest import suggest_pairs
+from mirip.judging.suggest import spread_embedding, suggest_pairs
 from mirip.store.cache import write_cache
 from mirip.training.judged_pairs import JudgedFeaturePairDataset, JudgedPairs, split_judged
 
@@ -174,12 +174,55 @@ def test_best_suggestion_matches_a_naive_search_over_all_pairs():
     assert f"{p_a:.2f}" in reason
 
 
+def test_spread_suggestion_matches_a_naive_search_scaled_by_distance():
+    rng = np.random.default_rng(9)
+    n = 25
+    scores = rng.normal(size=(2, n))
+    counts = rng.integers(0, 3, size=n).astype(float)
+    judged = {frozenset(map(int, rng.choice(n, 2, replace=False))) for _ in range(30)}
+    embedding = rng.normal(size=(n, 3)) * [3.0, 1.0, 0.2]
+    slope = 1.3
+    picks = suggest_pairs(scores, counts, judged, 1, probability=lambda d: 1 / (1 + np.exp(-slope * d)),
+                          window=n, embedding=embedding)
+    fresh = [(i, j) for i, j in itertools.combinations(range(n), 2) if frozenset((i, j)) not in judged]
+    dist = {(i, j): math.sqrt(sum((embedding[i][c] - embedding[j][c]) ** 2 for c in range(3))) for i, j in fresh}
+    mean = sum(dist.values()) / len(dist)
+    values = {k: _naive_value(scores, counts, *k, slope)[0] * dist[k] / mean for k in fresh}
+    best = max(values, key=values.get)
+    assert frozenset(picks[0][:2]) == frozenset(best)
+    with pytest.raises(ValueError, match=r"embedding of shape \(24, 3\) for 25 drawings"):
+        suggest_pairs(scores, counts, judged, 1, embedding=embedding[:-1])
+
+
+def test_spread_embedding_is_the_top_principal_components():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 6)) * [5.0, 0.5, 3.0, 1.0, 0.2, 2.0] + 7.0
+    got = spread_embedding(x, 2)
+    centred = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)  # the other route: an SVD of the data itself
+    want = centred @ vt[:2].T
+    assert got.shape == (200, 2)
+    for c in range(2):  # each axis up to its sign
+        assert min(np.abs(got[:, c] - want[:, c]).max(), np.abs(got[:, c] + want[:, c]).max()) < 1e-8
+    assert spread_embedding(x, 0) is None
+    # Wide features (the power-iteration route): a planted 3-d signal among 200 noise dims.
+    wide = rng.normal(size=(400, 200))
+    wide[:, :3] += rng.normal(size=(400, 3)) * [6.0, 4.0, 3.0]
+    wide = wide @ np.linalg.qr(rng.normal(size=(200, 200)))[0]  # not along the coordinate axes
+    got = spread_embedding(wide, 3)
+    centred = wide - wide.mean(axis=0)
+    want = centred @ np.linalg.svd(centred, full_matrices=False)[2][:3].T
+    for c in range(3):
+        assert abs(np.corrcoef(got[:, c], want[:, c])[0, 1]) > 0.999
+
+
 def test_suggestions_never_repeat_a_judged_pair_and_cover_drawings_evenly():
     rng = np.random.default_rng(2)
     n = 200
     scores = rng.normal(size=n)
     judged = {frozenset((int(a), int(b))) for a, b in zip(np.argsort(scores)[:-1], np.argsort(scores)[1:])}
-    picks = suggest_pairs(scores, np.zeros(n), judged, n // 2, rng=rng)
+    picks = suggest_pairs(scores, np.zeros(n), judged, n // 2, rng=rng, window=32,
+                          embedding=rng.normal(size=(n, 4)))
     keys = [frozenset((i, j)) for i, j, _, _ in picks]
     assert len(picks) == n // 2 and len(set(keys)) == len(keys) and not set(keys) & judged
     shown = np.bincount(np.array([[i, j] for i, j, _, _ in picks]).reshape(-1), minlength=n)
@@ -187,7 +230,7 @@ def test_suggestions_never_repeat_a_judged_pair_and_cover_drawings_evenly():
     assert (shown == 1).all()
     # The least-judged drawings are preferred: with half the drawings judged often, they appear less.
     counts = np.where(np.arange(n) < n // 2, 10.0, 0.0)
-    picks = suggest_pairs(scores, counts, set(), n // 4, rng=rng)
+    picks = suggest_pairs(scores, counts, set(), n // 4, rng=rng, embedding=rng.normal(size=(n, 4)))
     used = np.array([[i, j] for i, j, _, _ in picks]).reshape(-1)
     assert (used >= n // 2).mean() > 0.9
 
@@ -212,3 +255,5 @@ def test_suggest_command_writes_fillable_pairs_never_already_judged(tmp_path):
     frame["winner"] = "a"  # the teacher's answers: the file goes straight back into training
     frame.to_csv(out, index=False)
     assert len(read_judgments(out, known=pd.read_csv(meta)["filename"])) == 40
+    assert suggest(["--checkpoint", str(run / "best.pt"), "--features", cache, "--metadata", meta,
+                    "--count", "5", "--spread-components", "-1", "--output", str(out)]) == 2
