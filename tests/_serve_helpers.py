@@ -24,8 +24,8 @@ from mirip.ml.preprocessing import Preprocessor
 from mirip.ml.ranking_model import RankingHead
 from mirip.store.checkpoint import save_checkpoint_file
 from mirip.store.fingerprint import make_fingerprint
-from mirip.training.calibration import fit_ordinal
-from mirip.training.calibration_reference import make_score_reference
+from mirip.training.calibration_fit import fit_ordinal
+from mirip.training.calibration_fit import make_score_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "scripts" / "serve.py")

@@ -92,8 +92,8 @@ def demo_checkpoint(tiny_backbone, tmp_path, monkeypatch):
 
     from _inference_helpers import make_cache_and_checkpoint, make_tiered_images
     from conftest import make_image
-    from mirip.training.calibration import fit_ordinal
-    from mirip.training.calibration_reference import make_score_reference
+    from mirip.training.calibration_fit import fit_ordinal
+    from mirip.training.calibration_fit import make_score_reference
     from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
     from mirip.scoring.scorer import load_scorer
 

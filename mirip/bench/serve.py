@@ -49,8 +49,8 @@ def write_checkpoint(args, path: str) -> None:
     """A calibrated head on the benchmark's backbone, saved the way stage two saves one."""
     import torch
 
-    from mirip.training.calibration import fit_ordinal
-    from mirip.training.calibration_reference import make_score_reference
+    from mirip.training.calibration_fit import fit_ordinal
+    from mirip.training.calibration_fit import make_score_reference
     from mirip.store.checkpoint import save_checkpoint_file
     from mirip.store.fingerprint import make_fingerprint
     from mirip.ml.feature_extractor import DINOv2FeatureExtractor

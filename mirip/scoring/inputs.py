@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mirip.training.calibration_reference import names_sha256
+from mirip.training.calibration import names_sha256
 
 
 def match_paths(paths: Sequence[str], names: Sequence[str], roots: Sequence[str]) -> Dict[str, str]:

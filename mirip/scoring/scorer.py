@@ -42,7 +42,7 @@ from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
 from mirip.store.fingerprint import (FingerprintMismatch, LEGACY_DEFAULTS, bank_layout, check_fingerprint,
                                      make_fingerprint)
 from mirip.training.calibration import OrdinalCalibration, from_checkpoint
-from mirip.training.calibration_metrics import CalibrationError
+from mirip.training.calibration import CalibrationError
 from mirip.training.typicality import TypicalityFit, flatten_unusual, typicality_from_checkpoint
 
 # What scoring returns: scores with the files that failed, a comparison of two drawings, tier predictions.

@@ -15,38 +15,53 @@ that lacks a tier, still gives finite numbers).
 ``ScoreReference`` (checkpoint key ``score_reference``): quantiles of the training split's scores, overall
 and per tier, so a new score gets its percentile among the training drawings with no data at hand.
 
-The figures of a calibration on labelled scores are in ``mirip.training.calibration_metrics``, the score reference in
-``mirip.training.calibration_reference``; this module fits and reads the calibration.
-
-Calibration error is reported as the **expected calibration error** (top label: the predicted tier's
-probability against how often the predicted tier is right, in equal-width bins) and, beside it, the
-ranked probability score (a proper score for ordered classes; lower is better).
+This module is what reading a checkpoint needs (the two objects, their checks, ``from_checkpoint``): the
+scoring path stops here. Fitting them and the calibration plot are ``mirip.training.calibration_fit``; the
+figures of a calibration on labelled scores (expected calibration error, ranked probability score, confusion
+matrix) are ``mirip.training.calibration_metrics``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
-# The shared basics and the metrics (calibration_metrics) and the score reference (calibration_reference) live
-# in modules of their own; every name, the private ones the contract tests use too, is imported from here.
 from mirip.common.plain import plain
-from mirip.common.tiers import TIERS, TIER_COLOURS
-from mirip.training.calibration_metrics import (CALIBRATION_VERSION, CalibrationError, DEFAULT_BINS, RANK_ORDER,
-                                                as_ranks, as_scores, expected_calibration_error, reliability_bins,
-                                                tier_metrics)
-from mirip.training.calibration_reference import ScoreReference
 
+CALIBRATION_VERSION = 1  # of the stored calibration and score reference (their ``version`` key)
+# Internal order: rank 0..3 = C, B, A, S. Everything returned to users is in TIERS order (S, A, B, C).
+RANK_ORDER = ("C", "B", "A", "S")
 METHOD = "cumulative_logit"
 METHOD_TEXT = ("ordinal logistic (cumulative logit) model: P(tier <= k | score) = sigmoid(threshold_k - slope * score), "
                "one slope, three ordered thresholds, maximum likelihood")
 PRIOR_SD = 5.0
 NO_CALIBRATION = ("checkpoint {path} has no score-to-tier calibration (it was written before mirip stored one): "
                   "scores only, no tier columns; retrain with scripts/train.py to get tier predictions")
+
+
+class CalibrationError(ValueError):
+    """Scores and tiers from which no calibration can be fitted, or a malformed stored calibration."""
+
+
+def as_scores(scores: Any, what: str = "scores") -> np.ndarray:
+    arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(arr)):
+        bad = np.flatnonzero(~np.isfinite(arr))[:5].tolist()
+        raise CalibrationError(f"{what} must be finite numbers; positions {bad} are not")
+    return arr
+
+
+def as_ranks(ranks: Any, n: int) -> np.ndarray:
+    arr = np.asarray(ranks).reshape(-1)
+    if arr.size != n:
+        raise CalibrationError(f"need one tier rank per score: {n} scores, {arr.size} ranks")
+    if arr.size and (arr.min() < 0 or arr.max() > 3 or not np.all(arr == np.round(arr))):
+        raise CalibrationError("tier ranks must be integers 0..3 (C=0, B=1, A=2, S=3)")
+    return arr.astype(np.int64)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -162,81 +177,69 @@ class OrdinalCalibration:
             raise CalibrationError(f"stored calibration is malformed ({exc!r})") from None
 
 
-def _initial_params(z: np.ndarray, y: np.ndarray) -> List[float]:
-    """Thresholds from the cumulative tier frequencies, slope from the sign of the score-tier correlation."""
-    cum = np.array([(y <= k).mean() for k in range(3)])
-    cum = np.clip(cum, 0.02, 0.98)
-    th = np.log(cum / (1 - cum))
-    th = np.maximum.accumulate(th)
-    gaps = np.maximum(np.diff(th), 0.1)
-    corr = np.corrcoef(z, y)[0, 1] if np.std(y) > 0 else 1.0
-    slope = 1.0 if not np.isfinite(corr) or corr >= 0 else -1.0
-    return [float(th[0]), float(np.log(gaps[0])), float(np.log(gaps[1])), slope]
+# --- the percentile reference ------------------------------------------------------------------
+REFERENCE_LEVELS = tuple(float(p) for p in range(101))  # percent
 
 
-def _neg_log_posterior(params: torch.Tensor, z: torch.Tensor, y: torch.Tensor, prior_sd: float) -> torch.Tensor:
-    a0, d1, d2, b = params[0], params[1], params[2], params[3]
-    t1 = a0 + torch.exp(d1)
-    t2 = t1 + torch.exp(d2)
-    big = torch.tensor(1e4, dtype=z.dtype)  # stands in for -inf / +inf at the outer ends
-    cuts = torch.stack([-big, a0, t1, t2, big])
-    upper = cuts[y + 1] - b * z
-    lower = cuts[y] - b * z
-    # log(sigmoid(u) - sigmoid(l)) = log sigmoid(u) + log(1 - e^(l - u)) - softplus(l), stable at both ends.
-    logp = torch.nn.functional.logsigmoid(upper) + torch.log(-torch.expm1(lower - upper)) \
-        - torch.nn.functional.softplus(lower)
-    prior = (a0 ** 2 + t1 ** 2 + t2 ** 2 + b ** 2) / (2 * prior_sd ** 2)
-    return -(logp.sum()) + prior
+@dataclass(frozen=True)
+class ScoreReference:
+    """Quantiles of the training split's scores at ``levels`` percent, overall and per tier."""
+
+    levels: Tuple[float, ...]
+    overall: Tuple[float, ...]
+    per_tier: Dict[str, Optional[Tuple[float, ...]]]
+    counts: Dict[str, int]
+    split: str = "train"
+    images_sha256: Optional[str] = None  # of the sorted image names, so a rebuilt split can be checked
+
+    def percentile(self, scores: Any, tier: Optional[str] = None) -> np.ndarray:
+        """Percent of the reference drawings (all, or those of ``tier``) scoring at or below each score, 0..100.
+
+        Linear between stored quantiles; 0 below the lowest and 100 above the highest; NaN for a tier absent
+        from the reference. Equal stored quantiles (ties) count as the middle of their levels.
+        """
+        s = as_scores(scores)
+        q = self.overall if tier is None else self.per_tier.get(tier)
+        if q is None:
+            return np.full(s.shape, np.nan)
+        values, levels = _strictly_increasing(np.asarray(q, dtype=np.float64), np.asarray(self.levels))
+        if values.size == 1:
+            return np.where(s < values[0], 0.0, np.where(s > values[0], 100.0, 50.0))
+        return np.interp(s, values, levels, left=0.0, right=100.0)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"version": CALIBRATION_VERSION, "split": self.split, "levels": list(self.levels),
+                "overall": list(self.overall),
+                "per_tier": {t: (list(v) if v is not None else None) for t, v in self.per_tier.items()},
+                "counts": dict(self.counts), "images_sha256": self.images_sha256}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ScoreReference":
+        try:
+            levels = tuple(float(x) for x in d["levels"])
+            overall = tuple(float(x) for x in d["overall"])
+            per_tier = {t: (tuple(float(x) for x in v) if v is not None else None)
+                        for t, v in (d.get("per_tier") or {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(f"stored score reference is malformed ({exc!r})") from None
+        if len(levels) != len(overall) or any(v is not None and len(v) != len(levels) for v in per_tier.values()):
+            raise CalibrationError("stored score reference: quantile lists and levels differ in length")
+        return cls(levels, overall, per_tier, {k: int(v) for k, v in (d.get("counts") or {}).items()},
+                   str(d.get("split", "train")), d.get("images_sha256"))
 
 
-def fit_ordinal(scores: Any, ranks: Any, *, fitted_on: str = "val", prior_sd: float = PRIOR_SD,
-                bins: int = DEFAULT_BINS) -> OrdinalCalibration:
-    """Fit the cumulative-logit model to (score, tier rank) pairs; ranks C=0, B=1, A=2, S=3.
+def _strictly_increasing(values: np.ndarray, levels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Collapse runs of equal quantiles into one point at the mean of their levels (np.interp needs increasing x)."""
+    uniq, start = np.unique(values, return_index=True)
+    if uniq.size == values.size:
+        return values, levels
+    ends = np.append(start[1:], values.size)
+    return uniq, np.array([levels[a:b].mean() for a, b in zip(start, ends)])
 
-    Scores are standardised for the fit (the prior and the optimiser see unit-scale numbers) and the
-    slope and thresholds converted back to the raw score scale. Needs at least two drawings of two
-    different tiers and scores that are not all equal.
-    """
-    s = as_scores(scores)
-    y = as_ranks(ranks, s.size)
-    present = sorted(set(y.tolist()))
-    if s.size < 2 or len(present) < 2:
-        raise CalibrationError(f"cannot calibrate on the {fitted_on} split: it needs drawings of at least two tiers, "
-                               f"found {s.size} drawing(s) of {len(present)} tier(s)")
-    mean, sd = float(s.mean()), float(s.std())
-    if not sd > 1e-12:
-        raise CalibrationError(f"cannot calibrate on the {fitted_on} split: every drawing has the same score")
-    z = torch.from_numpy((s - mean) / sd)
-    yt = torch.from_numpy(y)
-    params = torch.tensor(_initial_params(z.numpy(), y), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
-                            history_size=20, line_search_fn="strong_wolfe")
 
-    def closure():
-        opt.zero_grad()
-        loss = _neg_log_posterior(params, z, yt, prior_sd) / s.size
-        loss.backward()
-        return loss
-
-    previous = float("inf")
-    for _ in range(5):  # LBFGS stops at max_iter; a restart from where it stopped finishes hard fits
-        loss = float(opt.step(closure).detach())
-        if previous - loss < 1e-12:
-            break
-        previous = loss
-    with torch.no_grad():
-        a0, d1, d2, b = params.tolist()
-        th_std = np.array([a0, a0 + math.exp(d1), a0 + math.exp(d1) + math.exp(d2)])
-        nll = float(_neg_log_posterior(params, z, yt, float("inf")))
-    slope = b / sd
-    # threshold - b * (s - mean) / sd = (threshold + slope * mean) - slope * s
-    thresholds = tuple(float(t + slope * mean) for t in th_std)
-    counts = {t: int((y == RANK_ORDER.index(t)).sum()) for t in TIERS}
-    cal = OrdinalCalibration(slope=slope, thresholds=thresholds, fitted_on=fitted_on, num_images=int(s.size),
-                             tier_counts=counts, log_likelihood=-nll, prior_sd=prior_sd)
-    metrics = tier_metrics(cal.probabilities(s), y, bins=bins)
-    metrics.pop("reliability", None)
-    return OrdinalCalibration(**{**cal.__dict__, "metrics": metrics})
+def names_sha256(names: Sequence[str]) -> str:
+    """A fingerprint of a set of image names (sorted, newline-joined, UTF-8)."""
+    return hashlib.sha256("\n".join(sorted(str(n) for n in names)).encode("utf-8")).hexdigest()
 
 
 # --- reading a checkpoint ----------------------------------------------------------------------
@@ -255,67 +258,3 @@ def from_checkpoint(ckpt: Mapping[str, Any], path: str = "checkpoint"
     except CalibrationError as exc:
         return None, None, f"checkpoint {path}: {exc}; scores only, no tier columns"
     return cal, ref, None
-
-
-# --- the picture -------------------------------------------------------------------------------
-def save_calibration_plot(path: str, calibration: OrdinalCalibration,
-                          splits: Mapping[str, Tuple[Any, Any]], title: Optional[str] = None,
-                          bins: int = DEFAULT_BINS) -> bool:
-    """A reliability diagram (per split given: name -> (scores, ranks)) beside P(tier | score) with the
-    scores per tier; False (and nothing written) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    from mirip.common.atomic import write_atomic_with
-
-    fig, (ax_rel, ax_p) = plt.subplots(1, 2, figsize=(11, 5.5))
-    ax_rel.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfectly calibrated")
-    for (name, (scores, ranks)), style in zip(splits.items(), ("o-", "s--", "^:")):
-        probs = calibration.probabilities(scores)
-        table = reliability_bins(probs, ranks, bins)
-        ece = expected_calibration_error(probs, ranks, bins)
-        fitted = " (fitted here: in-sample)" if name == calibration.fitted_on else ""
-        ax_rel.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], style,
-                    label=f"{name} split, {len(np.asarray(ranks))} drawings, ECE {ece:.3f}{fitted}")
-    ax_rel.set_xlim(0, 1)
-    ax_rel.set_ylim(0, 1.02)
-    ax_rel.set_xlabel("probability of the predicted tier")
-    ax_rel.set_ylabel("how often the predicted tier is right")
-    ax_rel.set_title("reliability (top label)")
-    # Below the axes: a badly calibrated split's points can lie anywhere in the square, under any corner.
-    ax_rel.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
-    ax_rel.grid(alpha=0.3)
-
-    all_scores = np.concatenate([np.asarray(s, dtype=np.float64).reshape(-1) for s, _ in splits.values()])
-    lo, hi = float(all_scores.min()), float(all_scores.max())
-    pad = 0.1 * (hi - lo or 1.0)
-    grid = np.linspace(lo - pad, hi + pad, 300)
-    probs = calibration.probabilities(grid)
-    colours = TIER_COLOURS
-    for j, t in enumerate(TIERS):
-        ax_p.plot(grid, probs[:, j], color=colours[t], lw=2, ls=("-", "--", "-.", ":")[j], label=f"P({t})")
-    name = calibration.fitted_on if calibration.fitted_on in splits else next(iter(splits))
-    scores, ranks = splits[name]
-    ranks = np.asarray(ranks).reshape(-1)
-    for t in TIERS:
-        sel = np.asarray(scores, dtype=np.float64).reshape(-1)[ranks == RANK_ORDER.index(t)]
-        ax_p.plot(sel, np.full(sel.shape, -0.04 - 0.03 * TIERS.index(t)), "|", color=colours[t], ms=8)
-    ax_p.set_ylim(-0.16, 1.02)
-    ax_p.set_xlabel("score")
-    ax_p.set_ylabel("probability")
-    ax_p.set_title(f"P(tier | score); ticks: {name} split drawings by tier")
-    ax_p.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(TIERS), frameon=False)
-    ax_p.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, color="#a00000" if "RANDOM" in title else "black")
-    fig.tight_layout()
-    write_atomic_with(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
-    return True
-
-
-__all__ = ["OrdinalCalibration", "fit_ordinal", "logistic_difference_cdf", "from_checkpoint", "save_calibration_plot", "NO_CALIBRATION"]

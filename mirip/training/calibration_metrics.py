@@ -1,7 +1,5 @@
 """How good a calibration's tier predictions are, on labelled scores: top-label reliability and expected
-calibration error, ranked probability score, confusion matrix, tier accuracy (``tier_metrics``); and what
-every part of the calibration shares: the rank order C=0 < B=1 < A=2 < S=3, the checks of scores and ranks
-given, and ``CalibrationError``. ``mirip.training.calibration`` is the import path for all of it.
+calibration error, ranked probability score, confusion matrix, tier accuracy (``tier_metrics``).
 """
 
 from __future__ import annotations
@@ -11,33 +9,10 @@ from typing import Any, Dict, List
 import numpy as np
 
 from mirip.common.tiers import TIERS
+from mirip.training.calibration import as_ranks
 
-CALIBRATION_VERSION = 1  # of the stored calibration and score reference (their ``version`` key)
-# Internal order: rank 0..3 = C, B, A, S. Everything returned to users is in TIERS order (S, A, B, C).
-RANK_ORDER = ("C", "B", "A", "S")
 ECE_NAME = "expected calibration error (top label, equal-width bins)"
 DEFAULT_BINS = 10
-
-
-class CalibrationError(ValueError):
-    """Scores and tiers from which no calibration can be fitted, or a malformed stored calibration."""
-
-
-def as_scores(scores: Any, what: str = "scores") -> np.ndarray:
-    arr = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(arr)):
-        bad = np.flatnonzero(~np.isfinite(arr))[:5].tolist()
-        raise CalibrationError(f"{what} must be finite numbers; positions {bad} are not")
-    return arr
-
-
-def as_ranks(ranks: Any, n: int) -> np.ndarray:
-    arr = np.asarray(ranks).reshape(-1)
-    if arr.size != n:
-        raise CalibrationError(f"need one tier rank per score: {n} scores, {arr.size} ranks")
-    if arr.size and (arr.min() < 0 or arr.max() > 3 or not np.all(arr == np.round(arr))):
-        raise CalibrationError("tier ranks must be integers 0..3 (C=0, B=1, A=2, S=3)")
-    return arr.astype(np.int64)
 
 
 # --- figures of a calibration on labelled scores -----------------------------------------------------

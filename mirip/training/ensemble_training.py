@@ -20,7 +20,7 @@ from mirip.store.checkpoint import head_checkpoint, save_checkpoint_file
 from mirip.store.fingerprint import RANDOM_WEIGHTS_NOTE, weights_summary
 from mirip.training.stacked_training import HeadOutcome, train_group
 from mirip.training.head_config import HeadConfig
-from mirip.training.calibration import save_calibration_plot
+from mirip.training.calibration_fit import save_calibration_plot
 from mirip.training.checkpoint_state import history_to_json
 from mirip.training.ensemble import EnsembleHead, ensemble_keys, format_uncertainty, head_from_state, uncertainty_report
 from mirip.training.evaluator import Evaluator, format_metrics

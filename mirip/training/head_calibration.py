@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
-from mirip.training.calibration import OrdinalCalibration, fit_ordinal
-from mirip.training.calibration_metrics import CalibrationError
-from mirip.training.calibration_reference import ScoreReference, make_score_reference
+from mirip.training.calibration import OrdinalCalibration
+from mirip.training.calibration_fit import fit_ordinal
+from mirip.training.calibration import CalibrationError
+from mirip.training.calibration import ScoreReference
+from mirip.training.calibration_fit import make_score_reference
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.evaluator import score_images
 

@@ -1,7 +1,8 @@
 """A training run on cached features, start to finish: what ``scripts/train.py`` and ``scripts/evaluate.py`` call.
 
     metadata.csv + cache.h5 -> split by image -> FeaturePairDataset per split
-    -> HeadFit.fit (the stacked engine with one head; best.pt, last.pt) -> score-to-tier calibration on the val split (into best.pt, last.pt)
+    -> HeadFit.fit (the stacked engine with one head; best.pt, last.pt)
+    -> score-to-tier calibration on the val split (into best.pt, last.pt)
     -> best head + ridge baseline on the test pairs
     -> config.json, history.json, test_metrics.json, curves.png, calibration.png
 
@@ -27,7 +28,8 @@ from mirip.store.fingerprint import (ENVIRONMENT_FIELDS, LAYOUT_FIELDS, RANDOM_W
                                      weights_summary)
 from mirip.training.baseline import RidgeBaseline
 from mirip.training.bootstrap import BootstrapConfig, add_intervals
-from mirip.training.calibration import from_checkpoint, save_calibration_plot
+from mirip.training.calibration import from_checkpoint
+from mirip.training.calibration_fit import save_calibration_plot
 from mirip.training.checkpoint_state import history_to_json
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.group_split import describe_gap

@@ -22,14 +22,16 @@ from _inference_helpers import make_tiered_images, torch_threads
 
 import mirip
 from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
-from mirip.training.calibration import fit_ordinal
+from mirip.training.calibration_fit import fit_ordinal, make_score_reference
 
 score = importlib.import_module("mirip.cli.score")
 
 LIBRARY = os.path.dirname(os.path.abspath(mirip.__file__))
 CLI = os.path.join(LIBRARY, "cli")
-# The issue asks for 12; the path measured here is 14 (down from 18), and this bound keeps it from growing back.
-MAX_FILES = 14
+# The issue asks for 12 (it counted 19 then). Measured now, with a calibration and a percentile reference as train.py
+# writes them: 13 - the 12 of a score with its tier and percentile, plus the typicality check (training/typicality.py)
+# that came after the count was set. This bound keeps the path from growing back.
+MAX_FILES = 13
 
 
 def library_files_run(call) -> set:
@@ -72,10 +74,12 @@ def three_images(trained, tmp_path):
 
 @pytest.fixture
 def calibrated(trained, tmp_path):
-    """The trained checkpoint with a score-to-tier calibration, as scripts/train.py writes one, so the tier
+    """The trained checkpoint with a score-to-tier calibration and a percentile reference, as scripts/train.py
+    writes them, so the tier
     columns' code is on the path too."""
     ckpt = load_checkpoint_file(trained[1])
     ckpt["calibration"] = fit_ordinal(np.linspace(-2.0, 2.0, 8), np.repeat([0, 1, 2, 3], 2)).to_dict()
+    ckpt["score_reference"] = make_score_reference(np.linspace(-2.0, 2.0, 8), np.repeat([0, 1, 2, 3], 2)).to_dict()
     path = str(tmp_path / "calibrated.pt")
     save_checkpoint_file(path, ckpt)
     return path
@@ -87,7 +91,8 @@ def test_a_score_reads_through_few_library_files(calibrated, three_images, tmp_p
             "--device", "cpu", "--batch-size", "2", "--no-progress"]
     with torch_threads(1):
         files = library_files_run(lambda: score.main(argv))
-    assert "predicted_tier" in (tmp_path / "scores.csv").read_text()
+    written = (tmp_path / "scores.csv").read_text()
+    assert "predicted_tier" in written and "percentile" in written
     listing = "\n  ".join(sorted(files))
     assert len(files) <= MAX_FILES, f"a score runs code in {len(files)} library files:\n  {listing}"
     # The measurement itself: the files every score must pass through are seen.

@@ -19,8 +19,8 @@ from mirip.scoring.report_html import disagreements, render_html
 from mirip.scoring.scorer import load_scorer
 from mirip.scoring.scorer import CalibrationUnavailable
 from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
-from mirip.training.calibration import fit_ordinal
-from mirip.training.calibration_reference import make_score_reference
+from mirip.training.calibration_fit import fit_ordinal
+from mirip.training.calibration_fit import make_score_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from mirip.training.calibration import OrdinalCalibration, fit_ordinal, from_checkpoint, logistic_difference_cdf
-from mirip.training.calibration_metrics import (CalibrationError, confusion_matrix, expected_calibration_error,
+from mirip.training.calibration import OrdinalCalibration, from_checkpoint, logistic_difference_cdf
+from mirip.training.calibration_fit import fit_ordinal
+from mirip.training.calibration import CalibrationError
+from mirip.training.calibration_metrics import (confusion_matrix, expected_calibration_error,
                                                 ranked_probability_score, tier_metrics)
-from mirip.training.calibration_reference import ScoreReference, make_score_reference
+from mirip.training.calibration import ScoreReference
+from mirip.training.calibration_fit import make_score_reference
 
 TRUE_SLOPE = 1.3
 TRUE_THRESHOLDS = np.array([-1.5, 0.8, 2.9])
@@ -195,7 +198,7 @@ def test_calibration_plot_legends_cover_no_point(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mirip.training.calibration import fit_ordinal, save_calibration_plot
+    from mirip.training.calibration_fit import fit_ordinal, save_calibration_plot
 
     rng = np.random.default_rng(0)
     ranks = np.repeat(np.arange(4), 30)

@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from mirip.training import calibration as cm, calibration_reference
-from mirip.training.calibration import OrdinalCalibration, fit_ordinal, from_checkpoint, logistic_difference_cdf
-from mirip.training.calibration_metrics import (CalibrationError, confusion_matrix, expected_calibration_error,
+from mirip.training import calibration as cm, calibration_fit
+from mirip.training.calibration import OrdinalCalibration, from_checkpoint, logistic_difference_cdf
+from mirip.training.calibration_fit import fit_ordinal
+from mirip.training.calibration import CalibrationError
+from mirip.training.calibration_metrics import (confusion_matrix, expected_calibration_error,
                                                 ranked_probability_score, reliability_bins, tier_metrics)
-from mirip.training.calibration_reference import ScoreReference, make_score_reference, names_sha256
+from mirip.training.calibration import ScoreReference, names_sha256
+from mirip.training.calibration_fit import make_score_reference
 
 
 def _exactly(message: str):
@@ -281,24 +284,24 @@ def test_the_fit_starts_from_the_tier_frequencies_and_the_sign_of_the_correlatio
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     # P(rank <= k) = 2/6, 4/6, 4/6: the third gap is raised to 0.1.
     want = [logit(2 / 6), math.log(logit(4 / 6) - logit(2 / 6)), math.log(0.1), 1.0]
-    np.testing.assert_allclose(cm._initial_params(z, y), want, rtol=1e-12)
-    np.testing.assert_allclose(cm._initial_params(-z, y)[3], -1.0)
+    np.testing.assert_allclose(calibration_fit._initial_params(z, y), want, rtol=1e-12)
+    np.testing.assert_allclose(calibration_fit._initial_params(-z, y)[3], -1.0)
     # Frequencies clipped to 0.02 .. 0.98 (all C: P(rank <= 0) = 1 -> 0.98); a running maximum keeps them ordered.
-    got = cm._initial_params(np.array([0.0, 1.0]), np.array([0, 0]))
+    got = calibration_fit._initial_params(np.array([0.0, 1.0]), np.array([0, 0]))
     np.testing.assert_allclose(got, [logit(0.98), math.log(0.1), math.log(0.1), 1.0], rtol=1e-12)
-    got = cm._initial_params(np.array([0.0, 1.0, 2.0]), np.array([3, 3, 3]))
+    got = calibration_fit._initial_params(np.array([0.0, 1.0, 2.0]), np.array([3, 3, 3]))
     np.testing.assert_allclose(got, [logit(0.02), math.log(0.1), math.log(0.1), 1.0], rtol=1e-12)
     # No score spread: no correlation, slope +1. A negative correlation of tiers spread by less than 1: slope -1;
     # no correlation at all: +1. One tier only: +1, and no division by a zero spread.
     with np.errstate(invalid="ignore"):  # corrcoef of a constant: NaN (fit_ordinal never passes one)
-        assert cm._initial_params(np.zeros(4), np.array([0, 1, 2, 3]))[3] == 1.0
-    assert cm._initial_params(np.array([2.0, 1.0, 0.0, -1.0]), np.array([0, 0, 1, 1]))[3] == -1.0
-    assert cm._initial_params(np.array([-1.0, 1.0, 1.0, -1.0]), np.array([0, 0, 1, 1]))[3] == 1.0
+        assert calibration_fit._initial_params(np.zeros(4), np.array([0, 1, 2, 3]))[3] == 1.0
+    assert calibration_fit._initial_params(np.array([2.0, 1.0, 0.0, -1.0]), np.array([0, 0, 1, 1]))[3] == -1.0
+    assert calibration_fit._initial_params(np.array([-1.0, 1.0, 1.0, -1.0]), np.array([0, 0, 1, 1]))[3] == 1.0
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cm._initial_params(np.array([0.0, 1.0, 2.0]), np.array([2, 2, 2]))[3] == 1.0
+        assert calibration_fit._initial_params(np.array([0.0, 1.0, 2.0]), np.array([2, 2, 2]))[3] == 1.0
 
 
 def test_the_negative_log_posterior_term_by_term():
@@ -312,10 +315,10 @@ def test_the_negative_log_posterior_term_by_term():
             cdf = [0.0] + [_sig(t - 1.7 * zi) for t in th] + [1.0]
             nll -= math.log(cdf[yi + 1] - cdf[yi])
         prior = sum(v * v for v in th + [1.7]) / (2 * prior_sd ** 2)
-        got = float(cm._neg_log_posterior(params, z, y, prior_sd))
+        got = float(calibration_fit._neg_log_posterior(params, z, y, prior_sd))
         assert got == pytest.approx(nll + prior, rel=1e-12)
     # The outer tiers stay finite far out (no log of zero).
-    far = cm._neg_log_posterior(params, torch.tensor([60.0, -60.0], dtype=torch.float64), torch.tensor([3, 0]), 1.0)
+    far = calibration_fit._neg_log_posterior(params, torch.tensor([60.0, -60.0], dtype=torch.float64), torch.tensor([3, 0]), 1.0)
     assert torch.isfinite(far)
 
 
@@ -438,7 +441,7 @@ def test_percentile_interpolates_between_quantiles_and_collapses_ties():
     np.testing.assert_allclose(two.percentile([0.5, 1.0, 1.25, 2.0, 2.5]), [0.0, 0.0, 25.0, 100.0, 100.0])
     inner = ScoreReference(levels=(10.0, 50.0, 90.0), overall=(1.0, 2.0, 4.0), per_tier={}, counts={})
     np.testing.assert_allclose(inner.percentile([0.0, 1.0, 1.5, 3.0, 4.0, 5.0]), [0.0, 10.0, 30.0, 70.0, 90.0, 100.0])
-    v, l = calibration_reference._strictly_increasing(np.array([1.0, 2.0, 2.0, 2.0, 3.0, 3.0]), np.array([0.0, 10, 20, 40, 50, 70]))
+    v, l = cm._strictly_increasing(np.array([1.0, 2.0, 2.0, 2.0, 3.0, 3.0]), np.array([0.0, 10, 20, 40, 50, 70]))
     assert v.tolist() == [1.0, 2.0, 3.0] and l.tolist() == [0.0, 70 / 3, 60.0]
 
 

@@ -15,7 +15,7 @@ import torch
 from mirip.cli import evaluate as evaluate_cli
 from mirip.cli import train as train_cli
 from mirip.ml.ranking_model import RankingHead
-from mirip.training.calibration import fit_ordinal
+from mirip.training.calibration_fit import fit_ordinal
 from mirip.training.config import TrainingConfig
 from mirip.training.run_config import RunConfig
 from mirip.training.run_data import load_run_data, split_dataset

@@ -24,7 +24,7 @@ from mirip.ml.preprocessing import Preprocessor
 from mirip.ml.ranking_model import RankingHead
 from mirip.scoring.scorer import load_scorer
 from mirip.store.checkpoint import load_checkpoint_file, save_checkpoint_file
-from mirip.training.calibration import fit_ordinal
+from mirip.training.calibration_fit import fit_ordinal
 from mirip.training.typicality import TypicalityFit, fit_typicality
 
 
