@@ -144,14 +144,21 @@ def judged_training_set(train: FeaturePairDataset, judged: JudgedPairs, weight: 
 
 
 # --- what a run reports ------------------------------------------------------------------------------
+def judged_hits(scores: np.ndarray, pairs: JudgedPairs) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first, second, hit) of the decisive judged pairs: 1 where the score order agrees with the judged winner,
+    0 where it does not, 1/2 for a score tie."""
+    decisive = pairs.outcome != 0.5
+    first, second = pairs.first[decisive], pairs.second[decisive]
+    diff = scores[first] - scores[second]
+    won = np.where(pairs.outcome[decisive] == 1.0, 1.0, -1.0)
+    return first, second, np.where(diff == 0, 0.5, (np.sign(diff) == won).astype(float))
+
+
 def judged_agreement(scores: np.ndarray, pairs: JudgedPairs) -> Dict[str, Any]:
     """How often the score order agrees with the judged winner, over decisive pairs (a score tie counts half);
     ties between drawings are counted, not scored."""
-    decisive = pairs.outcome != 0.5
-    diff = scores[pairs.first[decisive]] - scores[pairs.second[decisive]]
-    won = np.where(pairs.outcome[decisive] == 1.0, 1.0, -1.0)
-    hits = np.where(diff == 0, 0.5, (np.sign(diff) == won).astype(float))
-    return {"pairs": int(decisive.sum()), "ties": int((~decisive).sum()),
+    hits = judged_hits(scores, pairs)[2]
+    return {"pairs": int(len(hits)), "ties": int(len(pairs) - len(hits)),
             "agreement": float(hits.mean()) if len(hits) else None}
 
 
@@ -274,7 +281,8 @@ def judged_summary(report: Dict[str, Any], reference: Optional[Dict[str, Any]]) 
     for split in ("val", "test"):
         a = report.get(f"{split}_agreement")
         if a and a["agreement"] is not None:
-            parts.append(f"{split} agreement with judged pairs {a['agreement']:.3f} ({a['pairs']} pairs)")
+            interval = (f" [{a['interval'][0]:.3f}, {a['interval'][1]:.3f}]" if a.get("interval") else "")
+            parts.append(f"{split} agreement with judged pairs {a['agreement']:.3f}{interval} ({a['pairs']} pairs)")
     for split, r in (reference or {}).items():
         if r.get("within") is not None:
             parts.append(f"{split} within-tier Spearman with the reference order {r['within']:.3f}")

@@ -46,7 +46,7 @@ from mirip.training.metrics import distinct_pairs, score_metrics
 from mirip.training.run_config import RunConfig
 from mirip.training.run_data import (RunData, SPLITS, exclusion_note, feature_keys, load_run_data, resolve_spec,
                                      split_dataset, write_excluded)
-from mirip.training.run_intervals import bootstrap_config, head_intervals, split_units
+from mirip.training.run_intervals import add_judged_intervals, bootstrap_config, head_intervals, split_units
 from mirip.training.run_outputs import curves_title, quality_warnings, save_curves, small_split_warning, write_json
 from mirip.training.typicality import attach_typicality, typicality_for_datasets, typicality_from_checkpoint
 
@@ -263,7 +263,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
                                              progress=progress, log=log)
     calibrated = _calibrate_checkpoints(model, trainer, datasets, device, out, last, log)
     result = _test_report(cfg, data, datasets, model, device, trainer, calibrated, sizes, backbone, log)
-    _judged_results(result, judged, data, model, features, calibrated.calibration, log)
+    _judged_results(result, cfg, judged, data, model, features, calibrated.calibration, log)
     if folds:
         result["cross_validation"] = {k: v for k, v in folds.items() if k != "table"}
     write_json(os.path.join(out, "test_metrics.json"), result)
@@ -272,7 +272,7 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
     return result
 
 
-def _judged_results(result: Dict[str, Any], judged, data: RunData, model, features, calibration,
+def _judged_results(result: Dict[str, Any], cfg: RunConfig, judged, data: RunData, model, features, calibration,
                     log: Callable[[str], None]) -> None:
     """The judged pairs' figures (when the run had judgments) and the reference order's (when the metadata has one)."""
     scores = all_scores(model, features)
@@ -281,6 +281,7 @@ def _judged_results(result: Dict[str, Any], judged, data: RunData, model, featur
         result["reference_order"] = reference
     if judged is not None:
         result["judgments"] = judgments_report(judged, scores, data, calibration)
+        add_judged_intervals(result["judgments"], judged, scores, data, bootstrap_config(cfg), cfg.group_column)
         log(judged_summary(result["judgments"], reference))
 
 

@@ -8,8 +8,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from mirip.training.bootstrap import (BootstrapConfig, add_intervals, pair_accuracies, percentile_interval,
-    resample_counts)
+                                      resample_counts)
 from mirip.training.evaluator import score_images
+from mirip.training.judged_pairs import judged_hits
 from mirip.training.metrics import pair_correct
 from mirip.training.run_data import RunData
 
@@ -50,3 +51,22 @@ def accuracy_interval(model, dataset, device, boot: BootstrapConfig, units=None)
     correct = pair_correct(scores[first], scores[second], labels).astype(np.float64)
     counts = resample_counts(np.arange(len(scores)) if units is None else np.asarray(units), boot.resamples, boot.seed)
     return percentile_interval(pair_accuracies(counts, first, second, correct), boot.level)
+
+
+def add_judged_intervals(report: Dict[str, Any], judged, scores: np.ndarray, data: RunData, boot: BootstrapConfig,
+                         group_column: Optional[str]) -> None:
+    """Each held-out split's agreement with the judged pairs (``report["val_agreement"]``, ``["test_agreement"]``)
+    gains its bootstrap interval: the split's drawings (or groups) resampled as for the other figures, a judged
+    pair counting once per drawn copy of each of its drawings."""
+    if boot.resamples == 0:
+        return
+    for split in ("val", "test"):
+        agreement = report.get(f"{split}_agreement")
+        if not agreement or agreement.get("agreement") is None:
+            continue
+        rows = data.splits[split]
+        units, unit_name = split_units(data, split, group_column)
+        counts = resample_counts(np.arange(len(rows)) if units is None else units, boot.resamples, boot.seed)
+        first, second, hits = judged_hits(scores[rows], judged.by_split[split])
+        agreement["interval"] = percentile_interval(pair_accuracies(counts, first, second, hits), boot.level)
+        agreement.update(interval_level=boot.level, interval_unit=unit_name)

@@ -142,6 +142,8 @@ def test_model_follows_contradicting_judgments_as_their_weight_rises(tmp_path):
         agreement[weight] = report["judges"]["kim"]["agreement_with_model"]
         assert report["across_splits"] + sum(report["per_split"].values()) == report["pairs"]
         assert report["test_agreement"]["pairs"] == report["per_split"]["test"]
+        low, high = report["test_agreement"]["interval"]  # train.py's default bootstrap gives it an interval
+        assert low <= report["test_agreement"]["agreement"] <= high
     assert agreement[0.0] < 0.3  # tiers alone: the judged order is the tiers' reverse
     assert agreement[0.0] <= agreement[3.0] <= agreement[8.0]
     assert agreement[8.0] > 0.8
