@@ -125,6 +125,7 @@ def test_pair_weights_scale_the_epochs_copies():
     pairs.reliability = np.ones(n)
     assert all(np.array_equal(a, b) for a, b in zip(plain, expand_judged(pairs, 1.5, seed=3, epoch=1)))
     pairs.reliability = np.where(np.arange(n) < n // 2, 0.0, 0.5)
+    assert pairs.subset(np.arange(n) % 2 == 1).reliability.tolist() == pairs.reliability[1::2].tolist()
     counts = np.zeros(n)
     for epoch in range(40):
         np.add.at(counts, expand_judged(pairs, 1.5, seed=3, epoch=epoch)[0], 1)
