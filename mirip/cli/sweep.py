@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "beside the tier pairs at each --judgment-weight, as train.py --judgments does; a pair "
                             "across splits is not used. results.csv and summary.md gain each head's agreement with "
                             "the judged pairs inside val and test")
+    fixed.add_argument("--judge-reliability", action="store_true",
+                       help="also weigh each judged pair by its judge's reliability, fitted on each split's train "
+                            "judged pairs, as train.py --judge-reliability does (needs --judgments)")
     fixed.add_argument("--feature-norm", choices=FEATURE_NORMS, default="auto",
                        help="per-entry scaling of each spec, fitted on each seed's train split (entry) or none; "
                             "auto: entry for specs of several entries")
@@ -147,7 +150,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple:
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, stratify=args.stratify, group_column=args.group_column,
         encoding=args.encoding, strict_images=args.strict_images,
         training=TrainingConfig(**training), optimizer=args.optimizer, feature_norm=args.feature_norm,
-        folds=args.folds, judgments=args.judgments,
+        folds=args.folds, judgments=args.judgments, judge_reliability=args.judge_reliability,
     )
     settings.check_grid(grid.judgment_weight)
     return grid, settings

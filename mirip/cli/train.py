@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     judged.add_argument("--judgment-weight", type=float, default=1.0, metavar="W",
                         help="what one judged pair counts against one tier pair in an epoch's loss (a tie: W/2 "
                              "each way)")
+    judged.add_argument("--judge-reliability", action="store_true",
+                        help="also weigh each judged pair by its judge's reliability: a noisy Bradley-Terry fit on "
+                             "the train split's judged pairs gives each judge q (1 always right, 0.5 a coin flip, "
+                             "0 always against the order), shrunk toward the pool for judges with few judgments; "
+                             "weight clip(2q-1, 0, 1). Unnamed judges are one judge")
     report = parser.add_argument_group("report")
     report.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples behind the confidence interval of every test figure (0: none)")
@@ -83,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         margin=args.margin, hidden_dim=args.hidden_dim, projector_dim=args.projector_dim, dropout=args.dropout,
         ridge_alpha=args.ridge_alpha, training=TrainingConfig(**training), feature=args.feature,
         feature_norm=args.feature_norm, judgments=args.judgments, judgment_weight=args.judgment_weight,
+        judge_reliability=args.judge_reliability,
         bootstrap_resamples=args.bootstrap, interval_level=args.interval_level, folds=args.folds,
     )
 

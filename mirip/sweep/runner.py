@@ -57,7 +57,8 @@ from mirip.training.bootstrap import BootstrapConfig
 from mirip.training.evaluator import Evaluator
 from mirip.training.folds import fold_rows
 from mirip.training.head_calibration import calibrate_head
-from mirip.training.judged_pairs import all_scores, judged_agreement, judged_training_set, load_judged_pairs, split_judged
+from mirip.training.judged_pairs import (all_scores, judged_agreement, judged_training_set, load_judged_pairs,
+                                         split_judged, weigh_by_reliability)
 from mirip.training.run_data import (RunData, SPLITS, exclusion_note, failed_images, feature_keys, read_metadata,
                                      scaled_features, split_dataset, split_names, split_positions, write_excluded)
 from mirip.training.run_intervals import accuracy_interval
@@ -210,6 +211,8 @@ class SweepRunner:
         datasets["feature_keys"] = feature_keys(run_data)
         if data["judged"] is not None:  # the judged pairs inside each split; those across splits are counted only
             datasets["judged"], datasets["judged_across"] = split_judged(data["judged"], splits, len(data["names"]))
+            if self.settings.judge_reliability:  # fitted on this split's train judgments, as train.py fits them
+                weigh_by_reliability(datasets["judged"]["train"], data["ranks"][splits["train"]])
         for sp in ("train", "val"):
             if datasets[sp] is None:
                 raise SweepConfigError(f"seed {seed}: the {sp} split is empty; raise --{sp}-ratio")

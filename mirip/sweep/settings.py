@@ -37,6 +37,9 @@ class SweepSettings(DataSettings):
     # Teachers' judged pairs (mirip.training.judged_pairs), trained beside the tier pairs at each of the grid's
     # judgment weights; None: tier pairs only.
     judgments: Optional[str] = None
+    # Each judged pair also weighted by its judge's reliability, fitted on each split's train judged pairs
+    # (train.py --judge-reliability).
+    judge_reliability: bool = False
 
     def run_config(self, cfg: HeadConfig, feature: Optional[str] = None) -> RunConfig:
         """The ``scripts/train.py`` run this head is equal to (same split, pairs, init and step)."""
@@ -50,7 +53,8 @@ class SweepSettings(DataSettings):
                          projector_dim=cfg.projector_dim, dropout=cfg.dropout, training=tc,
                          feature=feature or cfg.feature, feature_norm=self.feature_norm,
                          judgments=self.judgments if cfg.judgment_weight is not None else None,
-                         judgment_weight=1.0 if cfg.judgment_weight is None else cfg.judgment_weight)
+                         judgment_weight=1.0 if cfg.judgment_weight is None else cfg.judgment_weight,
+                         judge_reliability=self.judge_reliability and cfg.judgment_weight is not None)
 
     def fixed(self) -> Dict[str, Any]:
         """The settings results depend on (apart from the grid): a restart must match them."""
@@ -64,10 +68,14 @@ class SweepSettings(DataSettings):
             out["feature_norm"] = self.feature_norm
         if self.judgments:  # recorded only when set, so sweeps without judgments continue
             out["judgments"] = self.judgments
+        if self.judge_reliability:  # recorded only when set, so sweeps without it continue
+            out["judge_reliability"] = True
         return out
 
     def check_grid(self, weights: Tuple[Optional[float], ...]) -> None:
         """Judgment weights are an axis only with a judgments file, and a judgments file needs weights."""
+        if self.judge_reliability and self.judgments is None:
+            raise SweepConfigError("--judge-reliability weighs judged pairs by their judge: it needs --judgments")
         if self.judgments is None and weights != (None,):
             raise SweepConfigError("--judgment-weight needs --judgments (the judged pairs the weight applies to)")
         if self.judgments is not None and None in weights:

@@ -27,6 +27,7 @@ from scipy.stats import spearmanr
 from mirip.common.judgments import read_judgments
 from mirip.training.calibration import logistic_difference_cdf
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
+from mirip.training.judge_reliability import JudgeReliability, estimate_reliability
 
 # The demo data's latent quality column (mirip.demo.data): a known order to measure against.
 REFERENCE_COLUMN = "latent_quality"
@@ -43,13 +44,17 @@ class JudgedPairs:
     outcome: np.ndarray
     judges: List[str]
     dropped: int = 0  # pairs naming a drawing the run left out (unreadable image)
+    # Each pair's judge-reliability weight (mirip.training.judge_reliability), multiplying the judgment weight;
+    # None: every pair at the judgment weight.
+    reliability: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.first)
 
     def subset(self, keep: np.ndarray) -> "JudgedPairs":
         return JudgedPairs(self.first[keep], self.second[keep], self.outcome[keep],
-                           [j for j, k in zip(self.judges, keep) if k], self.dropped)
+                           [j for j, k in zip(self.judges, keep) if k], self.dropped,
+                           None if self.reliability is None else self.reliability[keep])
 
 
 def judged_positions(frame: pd.DataFrame, names: Sequence[str]) -> JudgedPairs:
@@ -93,7 +98,8 @@ def split_judged(pairs: JudgedPairs, splits: Mapping[str, np.ndarray], num_drawi
 
 def expand_judged(pairs: JudgedPairs, weight: float, seed: int, epoch: int) -> Tuple[np.ndarray, ...]:
     """One epoch's judged training pairs as (first, second, labels ±1): decisive pairs at weight W, each tie as
-    both orders at W/2; fractional weights by a draw from (seed, epoch)."""
+    both orders at W/2, each times its judge's reliability weight when the pairs carry one; fractional weights
+    by a draw from (seed, epoch)."""
     decisive = pairs.outcome != 0.5
     ties = ~decisive
     first = np.concatenate([pairs.first[decisive], pairs.first[ties], pairs.first[ties]])
@@ -101,6 +107,9 @@ def expand_judged(pairs: JudgedPairs, weight: float, seed: int, epoch: int) -> T
     labels = np.concatenate([np.where(pairs.outcome[decisive] == 1.0, 1, -1), np.ones(ties.sum()),
                              -np.ones(ties.sum())]).astype(np.int64)
     weights = np.concatenate([np.full(decisive.sum(), weight), np.full(2 * ties.sum(), weight / 2)])
+    if pairs.reliability is not None:
+        r = pairs.reliability
+        weights = weights * np.concatenate([r[decisive], r[ties], r[ties]])
     rng = np.random.default_rng([int(seed), int(epoch), 7])
     copies = np.floor(weights).astype(np.int64) + (rng.random(len(weights)) < weights - np.floor(weights))
     take = np.repeat(np.arange(len(weights)), copies)
@@ -216,21 +225,38 @@ class RunJudgments:
     info: Dict[str, Any]
 
 
+def weigh_by_reliability(train_pairs: JudgedPairs, train_ranks: np.ndarray) -> JudgeReliability:
+    """Fit the judges' reliabilities on the train split's judged pairs alone (positions into the train rows, whose
+    tiers anchor the fit), set each pair's weight by its judge (in place); the fit."""
+    fit = estimate_reliability(train_pairs.first, train_pairs.second, train_pairs.outcome, train_pairs.judges,
+                               train_ranks)
+    train_pairs.reliability = fit.pair_weights(train_pairs.judges)
+    return fit
+
+
 def attach_judgments(path: str, weight: float, data, datasets: Dict[str, Optional[FeaturePairDataset]],
-                     encoding: Optional[str] = None, log: Callable[[str], None] = print) -> RunJudgments:
+                     encoding: Optional[str] = None, log: Callable[[str], None] = print,
+                     reliability: bool = False) -> RunJudgments:
     """Read the run's judgments, split them by the run's split, mix the train split's into its pairs (in
-    ``datasets``, in place) and say in one line what was used and what was not."""
+    ``datasets``, in place; with ``reliability``, each weighted by its judge's fitted reliability) and say in one
+    line what was used and what was not."""
     pairs, repeats = load_judged_pairs(path, data.names, list(data.excluded), encoding)
     by_split, across = split_judged(pairs, data.splits, len(data.names))
+    fit = weigh_by_reliability(by_split["train"], data.ranks[data.splits["train"]]) if reliability else None
     if datasets.get("train") is not None and weight > 0:
         datasets["train"] = judged_training_set(datasets["train"], by_split["train"], weight)
     info = {"file": path, "weight": float(weight), "pairs": len(pairs) + pairs.dropped, "repeated_pairs": repeats,
             "across_splits": across, "with_unreadable_images": pairs.dropped,
             "per_split": {s: len(p) for s, p in by_split.items()}}
+    if fit is not None:
+        info["judge_reliability"] = fit.report()
     log(f"judgments: {info['pairs']} judged pairs from {path} ({repeats} repeats kept as evidence) | "
         + " | ".join(f"{s} {n}" for s, n in info["per_split"].items())
         + f" | {across} across splits, not used" + (f" | {pairs.dropped} with unreadable images" if pairs.dropped else "")
-        + f" | weight {weight:g} per judged pair (margin loss, ties as both orders at half weight)")
+        + f" | weight {weight:g} per judged pair" + (" x its judge's reliability weight" if fit else "")
+        + " (margin loss, ties as both orders at half weight)")
+    if fit is not None:
+        log(fit.summary())
     return RunJudgments(pairs, by_split, info)
 
 
@@ -254,6 +280,11 @@ def judgments_report(judged: RunJudgments, scores: np.ndarray, data, calibration
             continue
         report[f"{split}_agreement"] = judged_agreement(scores[rows], judged.by_split[split])
     report["judges"] = judges_report(scores, judged.pairs, lambda d: logistic_difference_cdf(slope * d))
+    fitted = judged.info.get("judge_reliability")
+    if fitted is not None:  # judges with no train-split pairs were not fitted, nor trained on
+        for judge, row in report["judges"].items():
+            row.update({"reliability_q": fitted.get(judge, {}).get("q"),
+                        "reliability_weight": fitted.get(judge, {}).get("weight")})
     report["judges_note"] = ("misfit: mean squared standardised residual under the model's P(a better) "
                              + ("from the calibration's slope" if calibration is not None else
                                 "with slope 1 (no calibration)")
@@ -290,4 +321,8 @@ def judged_summary(report: Dict[str, Any], reference: Optional[Dict[str, Any]]) 
                 key=lambda x: x[1], default=None)
     if worst is not None and len(report["judges"]) > 1:
         parts.append(f"highest judge misfit {worst[0]} {worst[1]:.2f}")
+    fitted = report.get("judge_reliability")
+    if fitted:
+        parts.append("judge reliability weights " + ", ".join(f"{j} {r['weight']:.2f} (q {r['q']:.2f})"
+                                                             for j, r in fitted.items()))
     return "judgments: " + ("; ".join(parts) if parts else "no judged pairs within val or test")

@@ -93,6 +93,7 @@ def _check_resume_config(saved: Optional[Dict[str, Any]], cfg: "RunConfig", path
         return
     # A run from before feature specs trained on the spec its checkpoint implies, with no normalisation.
     saved = {"feature_norm": "auto", "strict_images": False, "judgments": None, "judgment_weight": 1.0,
+             "judge_reliability": False,
              "group_column": None, "folds": 0, **saved}
     if not saved.get("feature"):
         saved["feature"] = saved_spec
@@ -256,8 +257,8 @@ def _train(cfg: RunConfig, *, resume: bool, overwrite: bool, progress: bool, log
     cfg, last = _prepare_output(cfg, resume, overwrite)
     out = cfg.output_dir
     cfg, data, device, features, datasets, sizes = _run_inputs(cfg, resume, last, log)
-    judged = (attach_judgments(cfg.judgments, cfg.judgment_weight, data, datasets, cfg.encoding, log)
-              if cfg.judgments else None)
+    judged = (attach_judgments(cfg.judgments, cfg.judgment_weight, data, datasets, cfg.encoding, log,
+                               reliability=cfg.judge_reliability) if cfg.judgments else None)
     folds = cross_validate(cfg, data, features, progress=progress, log=log) if cfg.folds else None
     model, trainer, history, backbone = _fit(cfg, data, features, datasets, resume=resume, last=last,
                                              progress=progress, log=log)

@@ -53,6 +53,9 @@ class RunConfig(DataSettings):
     # Teachers' judged pairs trained beside the tier pairs (mirip.training.judged_pairs); None: tiers only.
     judgments: Optional[str] = None
     judgment_weight: float = 1.0  # what one judged pair counts against one tier pair
+    # Each judged pair also weighted by its judge's reliability, fitted on the train split's judged pairs
+    # (mirip.training.judge_reliability).
+    judge_reliability: bool = False
     # Confidence intervals of the test figures: bootstrap resamples (0: none) and their two-sided level.
     bootstrap_resamples: int = 1000
     interval_level: float = 0.95
@@ -68,6 +71,8 @@ class RunConfig(DataSettings):
         for name in ("hidden_dim", "projector_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.judge_reliability and not self.judgments:
+            raise ValueError("--judge-reliability weighs judged pairs by their judge: it needs --judgments")
         if not self.judgment_weight >= 0:
             raise ValueError(f"judgment_weight must be non-negative, got {self.judgment_weight}")
         if self.margin < 0:

@@ -117,6 +117,35 @@ def test_a_sweep_head_at_weight_w_is_train_py_with_judgments_at_w(judged_data, t
     assert row["judged_across_splits"] == report["across_splits"]
 
 
+@pytest.mark.slow
+def test_a_sweep_with_judge_reliability_is_train_py_with_it(judged_data, tmp_path):
+    features, metadata, judgments = judged_data
+    frame = pd.read_csv(judgments)
+    coin = np.arange(len(frame)) % 3 == 0  # a third of the pairs from a judge who flips a coin
+    frame["judge"] = np.where(coin, "coin", "kim")
+    frame.loc[coin, "winner"] = np.random.default_rng(2).choice(["a", "b"], size=int(coin.sum()))
+    frame.to_csv(judgments, index=False)
+    common = ["--features", features, "--metadata", metadata, "--judgments", judgments, "--judgment-weight", "1.5",
+              "--margin", "0.5", *FAST]
+    states = {}
+    for flag in ([], ["--judge-reliability"]):
+        out = tmp_path / f"sweep{len(flag)}"
+        assert sweep_script.main(common + ["--output-dir", str(out), "--seeds", "4", "--optimizer", "plain",
+                                           *flag]) == 0
+        states[len(flag)] = load_checkpoint_file(out / pd.read_csv(out / "results.csv").checkpoint[0])
+    best = json.loads((out / "best.json").read_text())
+    assert "--judge-reliability" in best["train_argv"]
+    alone = tmp_path / "alone"
+    assert train_script.main(common + ["--output-dir", str(alone), "--seed", "4", "--bootstrap", "0",
+                                       "--judge-reliability"]) == 0
+    theirs = load_checkpoint_file(alone / "best.pt")
+    for name, value in theirs["model_state_dict"].items():
+        if name not in PAIR_INVARIANT:
+            torch.testing.assert_close(states[1]["model_state_dict"][name], value, rtol=1e-3, atol=1e-4)
+    assert any(not torch.allclose(states[0]["model_state_dict"][n], v, atol=1e-3)
+               for n, v in theirs["model_state_dict"].items() if n not in PAIR_INVARIANT)  # the flag changed it
+
+
 def test_heads_of_other_weights_train_in_other_groups_and_no_weight_keeps_the_ids():
     grid = SweepGrid(margin=(0.5, 1.0), judgment_weight=(0.0, 2.0), seed=(3,))
     groups = group_configs(grid.configs())
@@ -130,6 +159,7 @@ def test_heads_of_other_weights_train_in_other_groups_and_no_weight_keeps_the_id
                                                              "non-negative, got -0.5"),
     (["--judgments", "J", "--seeds", "1", "2", "--save-ensemble"], "--save-ensemble: an ensemble does not train on"),
     (["--judgments", "missing.csv"], "--judgments: no such file"),
+    (["--judge-reliability"], "--judge-reliability weighs judged pairs by their judge: it needs --judgments"),
 ])
 def test_bad_judgment_options_are_refused_before_training(judged_data, tmp_path, capsys, extra, message):
     features, metadata, judgments = judged_data
