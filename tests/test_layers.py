@@ -185,3 +185,34 @@ def test_pooling_names_are_spelt_out_only_in_the_vocabulary():
                 if len(items) >= 2 and len(items) == len(value.elts) and set(items) <= names:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+# Import name -> the distribution pyproject.toml declares it under (dependencies or a user-facing extra).
+DECLARED_IMPORTS = {"torch": "torch", "transformers": "transformers", "pandas": "pandas", "PIL": "pillow",
+                    "h5py": "h5py", "numpy": "numpy", "tqdm": "tqdm", "matplotlib": "matplotlib", "wandb": "wandb",
+                    "fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "python-multipart", "httpx": "httpx",
+                    "selenium": "selenium", "openvino": "openvino",
+                    # installed by a declared package that requires it
+                    "huggingface_hub": "transformers", "starlette": "fastapi"}
+
+
+def test_the_library_imports_only_what_pyproject_declares_for_users():
+    """Every third-party import in mirip/ is a dependency or a user-facing extra, never the tests' own tools
+    (scipy, the reference the rank metrics are tested against, is a dev extra: a plain install lacks it)."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    deps = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    extras = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    user_extras = "\n".join(line for line in extras.splitlines() if not line.startswith("dev"))
+    undeclared = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top == "mirip" or top in sys.stdlib_module_names:
+                    continue
+                dist = DECLARED_IMPORTS.get(top)
+                if dist is None or f'"{dist}' not in deps + user_extras:
+                    undeclared.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not undeclared, "imports of packages pyproject.toml does not declare for users:\n" + "\n".join(undeclared)

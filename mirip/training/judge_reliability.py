@@ -10,7 +10,7 @@ answers at random otherwise, so
 flip, below 0.5 a judge who answers against the order (the same formula with ``2 q_j - 1`` written as the
 probability of answering by the order, extended below zero so a contradicting judge is recognised rather
 than merged with a coin flipper). Item scores ``s`` and all ``q_j`` are fitted together by maximum
-likelihood (L-BFGS-B, analytic gradient; ties count half a win each way), with each drawing's score under a
+likelihood (L-BFGS; ties count half a win each way), with each drawing's score under a
 N(tier rank - mean, TIER_PRIOR_SD^2) prior: it keeps scores finite when the judgments are perfectly
 consistent, and it fixes which way the scale runs - the likelihood alone cannot tell an accurate judge from
 one who always contradicts when both judged as much, since (q, s) and (1 - q, -s) fit equally well.
@@ -26,11 +26,12 @@ is not one to learn from, in either direction).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy.optimize import minimize
+import torch
 
 TIER_PRIOR_SD = 1.0  # score units (a logit) per drawing around its tier's rank
 PRIOR_JUDGMENTS = 10  # judgments' worth of the pooled q added to each judge's own
@@ -54,45 +55,56 @@ def noisy_bt_loglik(scores: np.ndarray, q: np.ndarray, first: np.ndarray, second
     return float(np.sum(outcome * _log(p) + (1 - outcome) * _log(1 - p)))
 
 
-def _objective(params: np.ndarray, m: int, first, second, outcome, judge, prior_mean, fixed_scores):
-    """Negative log-posterior and its gradient in (scores, logit q)."""
-    if fixed_scores is None:
-        s, u = params[:m], params[m:]
-    else:
-        s, u = fixed_scores, params
-    q = _sigmoid(u)
-    sig = _sigmoid(s[first] - s[second])
+def _neg_log_posterior(s: torch.Tensor, v: torch.Tensor, first, second, outcome, judge, prior_mean,
+                       with_prior: bool) -> torch.Tensor:
+    """Negative log-posterior in (scores, v); ``q = sigmoid(B tanh(v / B))`` keeps each q within sigmoid(+-B)."""
+    q = torch.sigmoid(_LOGIT_BOUND * torch.tanh(v / _LOGIT_BOUND))
+    sig = torch.sigmoid(s[first] - s[second])
     qj = q[judge]
-    p = np.clip(qj * sig + (1 - qj) * (1 - sig), 1e-12, 1 - 1e-12)
-    value = -np.sum(outcome * np.log(p) + (1 - outcome) * np.log(1 - p))
-    dp = -(outcome / p - (1 - outcome) / (1 - p))  # d(-loglik)/dp
-    grad_u = np.bincount(judge, dp * (2 * sig - 1), minlength=len(q)) * q * (1 - q)
-    if fixed_scores is not None:
-        return value, grad_u
-    dd = dp * (2 * qj - 1) * sig * (1 - sig)
-    grad_s = np.bincount(first, dd, minlength=m) - np.bincount(second, dd, minlength=m)
-    value += 0.5 * np.sum((s - prior_mean) ** 2) / TIER_PRIOR_SD ** 2
-    grad_s += (s - prior_mean) / TIER_PRIOR_SD ** 2
-    return value, np.concatenate([grad_s, grad_u])
+    p = (qj * sig + (1 - qj) * (1 - sig)).clamp(1e-12, 1 - 1e-12)
+    value = -(outcome * torch.log(p) + (1 - outcome) * torch.log1p(-p)).sum()
+    if with_prior:
+        value = value + 0.5 * ((s - prior_mean) ** 2).sum() / TIER_PRIOR_SD ** 2
+    return value
 
 
 def fit_noisy_bt(first: np.ndarray, second: np.ndarray, outcome: np.ndarray, judge: np.ndarray, num_items: int,
                  num_judges: int, anchor: Optional[np.ndarray] = None,
                  scores: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(item scores, q per judge) maximising the noisy Bradley-Terry posterior. ``anchor``: each item's tier rank
-    (the prior's centre, after subtracting its mean; None: 0). ``scores`` given: only the q are fitted."""
-    first, second, judge = (np.asarray(x, dtype=np.int64) for x in (first, second, judge))
-    outcome = np.asarray(outcome, dtype=np.float64)
+    (the prior's centre, after subtracting its mean; None: 0). ``scores`` given: only the q are fitted.
+
+    L-BFGS (torch's, with a strong-Wolfe line search, in float64) as the tier calibration is fitted: torch is
+    already a dependency, a general optimiser library is not."""
+    first, second, judge = (torch.from_numpy(np.asarray(x, dtype=np.int64)) for x in (first, second, judge))
+    outcome_t = torch.from_numpy(np.asarray(outcome, dtype=np.float64))
     prior = np.zeros(num_items) if anchor is None else np.asarray(anchor, np.float64) - np.mean(anchor)
-    u0 = np.full(num_judges, np.log(Q_START / (1 - Q_START)))
-    fixed = None if scores is None else np.asarray(scores, dtype=np.float64)
-    x0 = u0 if fixed is not None else np.concatenate([prior.copy(), u0])
-    bounds = ([] if fixed is not None else [(None, None)] * num_items) + [(-_LOGIT_BOUND, _LOGIT_BOUND)] * num_judges
-    res = minimize(_objective, x0, args=(num_items, first, second, outcome, judge, prior, fixed), jac=True,
-                   method="L-BFGS-B", bounds=bounds, options={"maxiter": 2000, "gtol": 1e-8, "ftol": 1e-12})
-    if fixed is not None:
-        return fixed, _sigmoid(res.x)
-    return res.x[:num_items], _sigmoid(res.x[num_items:])
+    prior_t = torch.from_numpy(prior)
+    v0 = _LOGIT_BOUND * math.atanh(math.log(Q_START / (1 - Q_START)) / _LOGIT_BOUND)
+    fixed = None if scores is None else torch.from_numpy(np.asarray(scores, dtype=np.float64))
+    start = np.full(num_judges, v0) if fixed is not None else np.concatenate([prior, np.full(num_judges, v0)])
+    params = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=2000, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        s, v = (fixed, params) if fixed is not None else (params[:num_items], params[num_items:])
+        loss = _neg_log_posterior(s, v, first, second, outcome_t, judge, prior_t, fixed is None)
+        loss.backward()
+        return loss
+
+    previous = float("inf")
+    for _ in range(5):  # LBFGS stops at max_iter; a restart from where it stopped finishes hard fits
+        loss = float(opt.step(closure).detach())
+        if previous - loss < 1e-12:
+            break
+        previous = loss
+    with torch.no_grad():
+        v = params if fixed is not None else params[num_items:]
+        q = torch.sigmoid(_LOGIT_BOUND * torch.tanh(v / _LOGIT_BOUND)).numpy().copy()
+        s = fixed.numpy() if fixed is not None else params[:num_items].numpy().copy()
+    return s, q
 
 
 def shrunk_q(q: np.ndarray, counts: np.ndarray, prior_judgments: float = PRIOR_JUDGMENTS) -> np.ndarray:

@@ -22,12 +22,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 
 from mirip.common.judgments import read_judgments
 from mirip.training.calibration import logistic_difference_cdf
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
 from mirip.training.judge_reliability import JudgeReliability, estimate_reliability
+from mirip.training.metrics import spearman
 
 # The demo data's latent quality column (mirip.demo.data): a known order to measure against.
 REFERENCE_COLUMN = "latent_quality"
@@ -179,11 +179,11 @@ def within_tier_spearman(scores: np.ndarray, ranks: np.ndarray, reference: np.nd
     for r in sorted(set(ranks.tolist()), reverse=True):
         mask = ranks == r
         if mask.sum() >= 3:
-            by_tier[int(r)] = float(spearmanr(scores[mask], reference[mask])[0])
+            by_tier[int(r)] = float(spearman(scores[mask], reference[mask]))
             sizes[int(r)] = int(mask.sum())
     total = sum(sizes.values())
     within = sum(by_tier[r] * sizes[r] for r in by_tier) / total if total else None
-    return {"overall": float(spearmanr(scores, reference)[0]), "within": within, "by_tier": by_tier}
+    return {"overall": float(spearman(scores, reference)), "within": within, "by_tier": by_tier}
 
 
 def judges_report(scores: np.ndarray, pairs: JudgedPairs,
