@@ -19,10 +19,19 @@ current head's scores, as suggest_pairs.py does by default (window SUGGEST_WINDO
 features' top SPREAD_COMPONENTS principal axes: the features alone, never the quality), ``random`` asks uniformly random pairs not judged before; after each round the head
 is retrained from scratch on tiers + all judgments so far (mirip.training.judged_pairs, as train.py does).
 Spearman with q, overall and within tier, on the held-out drawings (the scorer's: primary) and on the pool
-(the judged drawings' own scale, what a CJ tool reports), averaged over seeds. Standalone::
+(the judged drawings' own scale, what a CJ tool reports), averaged over seeds.
+
+With ``--judgments-noisy-judges K`` the run asks instead whether ``train.py --judge-reliability`` helps: each
+round's pairs (uniformly random, unjudged) are shared at random among ``--judgments-judges`` judges, K of whom
+answer at random (``--judgments-noisy-kind random``) or against the latent order (``contrary``: the teacher's
+logistic with the slope negated), the rest as the teacher above. Two arms retrain on the same judged pairs,
+from the same start, with the same seed and budget: ``plain`` (every pair at the judgment weight) and
+``reliability`` (each pair times its judge's weight from a noisy Bradley-Terry fit of the pool's judgments
+anchored at the pool's tiers - ``weigh_by_reliability``, as train.py fits the train split's). Standalone::
 
     python scripts/benchmark.py --only judgments --device cpu --threads 1   # about 3 minutes on 2 busy cores
     python -m mirip.bench.judgments --quick
+    python scripts/benchmark.py --only judgments --judgments-noisy-judges 1 --judgments-noisy-kind contrary
 """
 
 from __future__ import annotations
@@ -40,12 +49,14 @@ from mirip.judging.suggest import SPREAD_COMPONENTS, SUGGEST_WINDOW, spread_embe
 from mirip.ml.ranking_model import RankingHead
 from mirip.training.config import TrainingConfig
 from mirip.training.datasets.pairwise_dataset import FeaturePairDataset
-from mirip.training.judged_pairs import JudgedPairs, all_scores, judged_training_set, within_tier_spearman
+from mirip.training.judged_pairs import (JudgedPairs, all_scores, judged_training_set, weigh_by_reliability,
+                                        within_tier_spearman)
 from mirip.training.trainer import Trainer
 
 STYLE = 0.8  # how much the tier graders reward a style that is not quality
 REPORT_AT = (1, 2, 5, 10)  # judgments per drawing shown in the table
 ACTIVE_FRACTION_GOAL = 0.6
+NOISY_KINDS = ("random", "contrary")
 # (full default, --quick default)
 DEFAULTS = {"drawings": (600, 120), "dim": (64, 16), "rounds": (10, 2), "seeds": (3, 1), "epochs": (10, 3),
             "pairs": (2000, 300)}
@@ -64,6 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--judgments-slope", type=float, default=3.0,
                    help="the teacher's logistic slope per standard deviation of latent quality")
     g.add_argument("--judgments-weight", type=float, default=1.0, help="judgment weight W (train.py's)")
+    g.add_argument("--judgments-judges", type=int, default=3,
+                   help="judges sharing each round's pairs at random (with --judgments-noisy-judges)")
+    g.add_argument("--judgments-noisy-judges", type=int, default=0,
+                   help="K > 0: K of the judges answer noisily (--judgments-noisy-kind), and the run compares "
+                        "retraining without vs with train.py --judge-reliability's weights on the same random "
+                        "pairs, instead of suggested vs random pairs")
+    g.add_argument("--judgments-noisy-kind", choices=NOISY_KINDS, default="random",
+                   help="random: a noisy judge flips a coin; contrary: answers against the latent order "
+                        "(the teacher's logistic, slope negated)")
     g.add_argument("--judgments-png", default=None,
                    help="where the curve goes (default: judgments_curve.png in --output-dir)")
 
@@ -162,6 +182,56 @@ def run_arm(world, arm: str, start: np.ndarray, rounds: int, slope: float, weigh
     return out
 
 
+def judge_names(judges: int, noisy: int, kind: str) -> List[str]:
+    """The noisy judges first (``random1``, ``contrary1``, ...), then the teacher-like ones (``teacher1``, ...)."""
+    return [f"{kind}{i + 1}" for i in range(noisy)] + [f"teacher{i + 1}" for i in range(judges - noisy)]
+
+
+def judge_round(quality: np.ndarray, first: np.ndarray, second: np.ndarray, slope: float, names: List[str],
+                noisy: int, kind: str, rng: np.random.Generator) -> tuple:
+    """(outcomes, judge of each pair): the pairs dealt evenly at random among ``names``; the first ``noisy``
+    answer by ``kind``, the others as ``teacher``."""
+    who = rng.permutation(np.arange(len(first)) % len(names))
+    honest = teacher(quality, first, second, slope, rng)
+    if kind == "random":
+        noise = (rng.random(len(first)) < 0.5).astype(np.float64)
+    else:
+        noise = teacher(quality, first, second, -slope, rng)
+    return np.where(who < noisy, noise, honest), [names[w] for w in who]
+
+
+RELIABILITY_ARMS = ("plain", "reliability")
+
+
+def run_reliability_arms(world, rounds: int, slope: float, weight: float, epochs: int, pairs: int, seed: int,
+                         names: List[str], noisy: int, kind: str, log=print) -> tuple:
+    """({arm: measurements after each round}, the judges' fit after each round): both arms on the same random
+    pairs and answers, the reliability arm's pairs weighted by their judge's fitted reliability."""
+    pool = world["pool"]
+    n = len(pool)
+    quality, ranks = world["quality"][pool], world["ranks"][pool]
+    rng = np.random.default_rng([seed, 13])
+    first, second, outcome, who = np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), []
+    done: set = set()
+    out: Dict[str, list] = {arm: [] for arm in RELIABILITY_ARMS}
+    fits = []
+    for k in range(rounds):
+        a, b = (np.array(x, dtype=np.int64) for x in zip(*_random_pairs(n, n // 2, done, rng)))
+        answers, judges = judge_round(quality, a, b, slope, names, noisy, kind, rng)
+        first, second = np.concatenate([first, a]), np.concatenate([second, b])
+        outcome, who = np.concatenate([outcome, answers]), who + judges
+        plain = JudgedPairs(first, second, outcome, list(who))
+        weighted = JudgedPairs(first, second, outcome, list(who))
+        fit = weigh_by_reliability(weighted, ranks)  # train.py's: fitted on the pool's judgments, its tiers anchor
+        fits.append(fit.report())
+        for arm, judged in zip(RELIABILITY_ARMS, (plain, weighted)):
+            out[arm].append(_measure(world, train_scores(world, judged, weight, epochs, pairs, seed)))
+        log(f"  seed {seed}: {k + 1} judgment(s) per drawing, held-out within-tier Spearman plain "
+            f"{out['plain'][-1]['held_out']['within']:.3f}, reliability {out['reliability'][-1]['held_out']['within']:.3f}"
+            " | " + ", ".join(f"{j} q {r['q']:.2f}" for j, r in fits[-1].items()))
+    return out, fits
+
+
 def _mean(rows: List[List[Dict[str, dict]]], where: str, what: str) -> List[float]:
     return [float(np.mean([seed_rows[k][where][what] for seed_rows in rows])) for k in range(len(rows[0]))]
 
@@ -177,6 +247,12 @@ def run(args: argparse.Namespace) -> dict:
     slope, weight = float(args.judgments_slope), float(args.judgments_weight)
     if n < 16 or rounds < 1 or seeds < 1:
         raise ValueError(f"--judgments-drawings must be >= 16, rounds and seeds >= 1 (got {n}, {rounds}, {seeds})")
+    judges, noisy = int(getattr(args, "judgments_judges", 3)), int(getattr(args, "judgments_noisy_judges", 0))
+    if noisy:
+        if not 0 < noisy <= judges:
+            raise ValueError(f"--judgments-noisy-judges must be between 0 and --judgments-judges ({judges}), "
+                             f"got {noisy}")
+        return run_reliability(args, n, dim, rounds, seeds, epochs, pairs, slope, weight, judges, noisy)
     t0 = time.perf_counter()
     starts, arms = [], {"active": [], "random": []}
     for seed in range(seeds):
@@ -207,6 +283,44 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_reliability(args: argparse.Namespace, n: int, dim: int, rounds: int, seeds: int, epochs: int, pairs: int,
+                    slope: float, weight: float, judges: int, noisy: int) -> dict:
+    """Plain vs reliability-weighted retraining on the same noisy judges' pairs, averaged over seeds."""
+    kind = str(getattr(args, "judgments_noisy_kind", "random"))
+    names = judge_names(judges, noisy, kind)
+    t0 = time.perf_counter()
+    starts, arms, fits = [], {arm: [] for arm in RELIABILITY_ARMS}, []
+    for seed in range(seeds):
+        world = make_world(n, dim, seed)
+        starts.append(_measure(world, train_scores(world, None, weight, epochs, pairs, seed)))
+        print(f"  seed {seed}: tiers alone, held-out within-tier Spearman {starts[-1]['held_out']['within']:.3f}",
+              flush=True)
+        measured, fitted = run_reliability_arms(world, rounds, slope, weight, epochs, pairs, seed, names, noisy, kind)
+        for arm in RELIABILITY_ARMS:
+            arms[arm].append(measured[arm])
+        fits.append(fitted)
+    result = {"mode": "judge_reliability", "judges": names, "noisy_judges": noisy, "noisy_kind": kind,
+              "drawings": n, "pool": len(world["pool"]), "held_out": len(world["held_out"]), "dim": dim,
+              "rounds": rounds, "seeds": seeds, "epochs": epochs, "tier_pairs_per_epoch": pairs, "slope": slope,
+              "weight": weight, "style": STYLE, "threads": torch.get_num_threads(), "curves": {},
+              "q": {j: {what: [float(np.mean([f[k][j][what] for f in fits])) for k in range(rounds)]
+                        for what in ("q_fitted", "q", "weight")} for j in names},
+              "q_by_seed": [[{j: r["q"] for j, r in f[k].items()} for k in range(rounds)] for f in fits]}
+    for where in ("held_out", "pool"):
+        tiers = {w: float(np.mean([s[where][w] for s in starts])) for w in ("overall", "within")}
+        result["curves"][where] = {"tiers_alone": tiers, **{
+            arm: {w: _mean(rows, where, w) for w in ("overall", "within")} for arm, rows in arms.items()}}
+    result["wall_s"] = time.perf_counter() - t0
+    png = getattr(args, "judgments_png", None) or os.path.join(getattr(args, "output_dir", "."),
+                                                               f"judgments_reliability_{kind}.png")
+    result["png"] = plot_curves(result, png)
+    return result
+
+
+_ARM_LABELS = {"active": "active pairs", "random": "random pairs", "plain": "unweighted",
+               "reliability": "judge reliability weights"}
+
+
 def plot_curves(result: dict, path: str) -> str:
     """Within-tier Spearman against judgments per drawing, both arms and tiers alone, held out and pool."""
     import matplotlib
@@ -219,15 +333,17 @@ def plot_curves(result: dict, path: str) -> str:
     for ax, where in zip(axes, ("held_out", "pool")):
         c = result["curves"][where]
         start = c["tiers_alone"]["within"]
-        for arm, style in (("active", "o-"), ("random", "s--")):
-            ax.plot(x, [start] + c[arm]["within"], style, label=f"{arm} pairs")
+        for arm, style in zip([a for a in c if a != "tiers_alone"], ("o-", "s--")):
+            ax.plot(x, [start] + c[arm]["within"], style, label=_ARM_LABELS.get(arm, arm))
         ax.axhline(start, color="grey", lw=1, label="tiers alone")
         ax.set_title(f"{'held-out drawings' if where == 'held_out' else 'judged pool'}")
         ax.set_xlabel("judgments per drawing")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("within-tier Spearman with latent quality")
     axes[0].legend()
-    fig.suptitle(f"simulated teacher (slope {result['slope']:g}), {result['drawings']} drawings, "
+    noisy = (f", {result['noisy_judges']} of {len(result['judges'])} judges {result['noisy_kind']}"
+             if result.get("mode") == "judge_reliability" else "")
+    fig.suptitle(f"simulated teacher (slope {result['slope']:g}){noisy}, {result['drawings']} drawings, "
                  f"mean of {result['seeds']} seed(s)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -246,6 +362,8 @@ def _goal_line(result: dict, where: str) -> str:
 
 
 def to_markdown(result: dict) -> str:
+    if result.get("mode") == "judge_reliability":
+        return reliability_markdown(result)
     shown = [k for k in REPORT_AT if k <= result["rounds"]]
     lines = ["### Judgments: simulated teacher, suggested pairs vs random pairs", "",
              f"{result['drawings']} synthetic drawings ({result['pool']} judged pool, {result['held_out']} held out), "
@@ -266,6 +384,39 @@ def to_markdown(result: dict) -> str:
                 f"{c[arm]['within'][k - 1]:.3f} ({c[arm]['overall'][k - 1]:.3f})" for k in shown) + " |")
     lines += ["", f"Held-out (primary): {_goal_line(result, 'held_out')}.", "",
               f"Judged pool: {_goal_line(result, 'pool')}.", "", f"Curve: `{result['png']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def reliability_markdown(result: dict) -> str:
+    """The plain vs reliability-weighted table, the fitted q per judge, and whether the weights helped."""
+    shown = [k for k in REPORT_AT if k <= result["rounds"]]
+    lines = [f"### Judgments: {result['noisy_judges']} of {len(result['judges'])} judges {result['noisy_kind']}, "
+             "retrained without vs with judge reliability weights", "",
+             f"{result['drawings']} synthetic drawings ({result['pool']} judged pool, {result['held_out']} held out), "
+             f"{result['dim']}-d features, tiers = quartiles of quality + {result['style']} x style; random pairs "
+             f"dealt evenly among judges {', '.join(result['judges'])}; teacher-like judges answer "
+             f"P(a better) = sigmoid({result['slope']:g} x (q_a - q_b)); judgment weight {result['weight']:g}; "
+             f"each round retrains both arms from scratch ({result['epochs']} epochs x "
+             f"{result['tier_pairs_per_epoch']} tier pairs + the judged pairs); mean of {result['seeds']} seed(s); "
+             f"{result['wall_s']:.0f} s wall, {result['threads']} CPU threads.", "",
+             "| drawings | arm | " + " | ".join(f"{k}/drawing within (overall)" for k in shown) + " |",
+             "| --- | --- |" + " ---: |" * len(shown)]
+    for where in ("held_out", "pool"):
+        c = result["curves"][where]
+        t = c["tiers_alone"]
+        lines.append(f"| {where} | tiers alone | {t['within']:.3f} ({t['overall']:.3f}) |" + " |" * (len(shown) - 1))
+        for arm in RELIABILITY_ARMS:
+            lines.append(f"| {where} | {_ARM_LABELS[arm]} | " + " | ".join(
+                f"{c[arm]['within'][k - 1]:.3f} ({c[arm]['overall'][k - 1]:.3f})" for k in shown) + " |")
+    lines += ["", "| judge | " + " | ".join(f"q at {k}/drawing (weight)" for k in shown) + " |",
+              "| --- |" + " ---: |" * len(shown)]
+    for judge, q in result["q"].items():
+        lines.append(f"| {judge} | " + " | ".join(f"{q['q'][k - 1]:.3f} ({q['weight'][k - 1]:.3f})"
+                                                 for k in shown) + " |")
+    final = {arm: result["curves"]["held_out"][arm]["within"][-1] for arm in RELIABILITY_ARMS}
+    lines += ["", f"Held-out within-tier Spearman after {result['rounds']} per drawing: unweighted "
+                  f"{final['plain']:.3f}, reliability weights {final['reliability']:.3f} "
+                  f"({final['reliability'] - final['plain']:+.3f}). Curve: `{result['png']}`."]
     return "\n".join(lines) + "\n"
 
 

@@ -71,3 +71,78 @@ def test_quick_run_through_the_section_interface(tmp_path):
         assert set(result["goals"][where]) >= {"beats_tiers_alone", "active_fraction", "active_within_goal"}
     text = bench.to_markdown(result)
     assert "| held_out | active |" in text and "sigmoid(3 x (q_a - q_b))" in text
+
+
+@pytest.mark.parametrize("kind", ["random", "contrary"])
+def test_noisy_judges_answer_by_their_kind_and_share_the_pairs(kind):
+    rng = np.random.default_rng(0)
+    quality = rng.normal(size=400)
+    first, second = rng.integers(0, 400, 30_000), rng.integers(0, 400, 30_000)
+    keep = first != second
+    first, second = first[keep], second[keep]
+    names = bench.judge_names(3, 1, kind)
+    assert names == [f"{kind}1", "teacher1", "teacher2"]
+    won, judges = bench.judge_round(quality, first, second, 3.0, names, 1, kind, np.random.default_rng(1))
+    judges = np.array(judges)
+    by_order = won == (quality[first] > quality[second])  # the answer follows the latent order
+    counts = {n: int((judges == n).sum()) for n in names}
+    assert max(counts.values()) - min(counts.values()) <= 1, counts
+    honest = by_order[judges != names[0]].mean()
+    noisy = by_order[judges == names[0]].mean()
+    assert honest > 0.75
+    if kind == "random":
+        assert abs(noisy - 0.5) < 0.02
+    else:  # the teacher's mirror image
+        assert abs(noisy - (1 - honest)) < 0.02
+
+
+def test_reliability_arms_differ_only_by_the_judges_weights(monkeypatch):
+    world = bench.make_world(80, 4, seed=0)
+    calls = []
+
+    def fake_train(world_, judged, weight, epochs, pairs, seed):
+        calls.append((judged, weight, epochs, pairs, seed))
+        return np.random.default_rng(len(calls)).normal(size=len(world_["quality"]))
+
+    monkeypatch.setattr(bench, "train_scores", fake_train)
+    names = bench.judge_names(3, 1, "contrary")
+    measured, fits = bench.run_reliability_arms(world, 3, 6.0, 1.0, 2, 10, 5, names, 1, "contrary",
+                                                log=lambda m: None)
+    n = len(world["pool"])
+    assert len(calls) == 6 and [len(v) for v in measured.values()] == [3, 3] and len(fits) == 3
+    for k in range(3):
+        (plain, *plain_rest), (weighted, *weighted_rest) = calls[2 * k], calls[2 * k + 1]
+        assert plain_rest == weighted_rest == [1.0, 2, 10, 5]  # same budget and seed
+        assert len(plain) == (k + 1) * (n // 2)
+        for field in ("first", "second", "outcome"):
+            assert np.array_equal(getattr(plain, field), getattr(weighted, field))
+        assert plain.judges == weighted.judges
+        assert plain.reliability is None
+        # Each pair carries its judge's weight: the contrary judge's pairs stop training, the others' do not.
+        judges = np.array(weighted.judges)
+        for judge, row in fits[k].items():
+            assert np.all(weighted.reliability[judges == judge] == row["weight"])
+        assert np.all(weighted.reliability[judges == "contrary1"] == 0.0)
+        assert np.all(weighted.reliability[judges != "contrary1"] > 0.5)
+
+
+def test_noisy_judges_run_through_the_section_interface(tmp_path):
+    modules, _ = load_benchmarks(("judgments",))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output-dir")
+    modules["judgments"].add_arguments(parser)
+    args = parser.parse_args(["--quick", "--output-dir", str(tmp_path), "--judgments-drawings", "48",
+                              "--judgments-dim", "8", "--judgments-epochs", "1", "--judgments-pairs", "64",
+                              "--judgments-noisy-judges", "1", "--judgments-noisy-kind", "random"])
+    result = bench.run(args)
+    assert os.path.getsize(result["png"]) > 0
+    assert set(result["q"]) == {"random1", "teacher1", "teacher2"}
+    for where in ("held_out", "pool"):
+        assert set(result["curves"][where]) == {"tiers_alone", "plain", "reliability"}
+        assert len(result["curves"][where]["reliability"]["within"]) == 2
+    text = bench.to_markdown(result)
+    assert "| held_out | judge reliability weights |" in text and "| random1 |" in text
+    args.judgments_noisy_judges = 4
+    with pytest.raises(ValueError, match="--judgments-noisy-judges"):
+        bench.run(args)
