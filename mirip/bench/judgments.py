@@ -226,9 +226,10 @@ def run_reliability_arms(world, rounds: int, slope: float, weight: float, epochs
         fits.append(fit.report())
         for arm, judged in zip(RELIABILITY_ARMS, (plain, weighted)):
             out[arm].append(_measure(world, train_scores(world, judged, weight, epochs, pairs, seed)))
+        within = {arm: out[arm][-1]["held_out"]["within"] for arm in RELIABILITY_ARMS}
         log(f"  seed {seed}: {k + 1} judgment(s) per drawing, held-out within-tier Spearman plain "
-            f"{out['plain'][-1]['held_out']['within']:.3f}, reliability {out['reliability'][-1]['held_out']['within']:.3f}"
-            " | " + ", ".join(f"{j} q {r['q']:.2f}" for j, r in fits[-1].items()))
+            f"{within['plain']:.3f}, reliability {within['reliability']:.3f} | "
+            + ", ".join(f"{j} q {r['q']:.2f}" for j, r in fits[-1].items()))
     return out, fits
 
 
