@@ -21,7 +21,7 @@ want="$(cat "$root/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first and pinned: a bare `torch` requirement would pull a ~5 GB CUDA build.
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev,plot,serve,judge]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev,plot,serve,judge,openvino]"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple, Union
 from mirip.common.devices import PRECISIONS
 from mirip.common.feature_spec import EXTRACT_POOLINGS
 from mirip.ml import compiled
+from mirip.ml.openvino_engine import ENGINES
 from mirip.ml.preprocessing import RESIZE_MODES
 
 
@@ -51,6 +52,10 @@ class ExtractConfig:
     compile: str = "auto"  # off / auto (CUDA only, from the break-even image count on) / on
     sdpa_backend: str = "auto"  # auto (torch's own choice; measured when compiling on CUDA), flash, cudnn, ...
     compile_backend: str = "inductor"  # torch.compile backend (tests use "eager": tracing without code generation)
+    # torch, or openvino (mirip.ml.openvino_engine: CPU only, IR cached in engine_cache); recorded in the
+    # fingerprint's ``engine`` field, and ``precision`` is then the plugin's.
+    engine: str = "torch"
+    engine_cache: Optional[str] = None
 
     def __post_init__(self):
         checks = [
@@ -70,6 +75,11 @@ class ExtractConfig:
              f"compile must be one of {compiled.COMPILE_MODES}, got {self.compile!r}"),
             (self.sdpa_backend in compiled.SDPA_CHOICES,
              f"sdpa_backend must be one of {compiled.SDPA_CHOICES}, got {self.sdpa_backend!r}"),
+            (self.engine in ENGINES, f"engine must be one of {ENGINES}, got {self.engine!r}"),
+            (self.engine == "torch" or self.compile != "on",
+             "--compile on compiles the torch backbone; --engine openvino replaces it: pass one of them"),
+            (self.engine == "torch" or self.precision in (None, "fp32", "bf16"),
+             f"--engine openvino runs fp32 or bf16 (--precision), not {self.precision}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -43,6 +43,7 @@ from mirip.extract.reader import list_images, source_facts
 from mirip.extract.summary import ExtractSummary
 from mirip.ml import compiled
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.ml.openvino_engine import attach_openvino
 from mirip.ml.preprocessing import Preprocessor
 from mirip.store.fingerprint import ENVIRONMENT_FIELDS, make_fingerprint
 
@@ -110,13 +111,17 @@ def choose_precision(config: ExtractConfig) -> Tuple[ExtractConfig, str]:
 
 
 def build_models(config: ExtractConfig, device: Optional[str]) -> Tuple[DINOv2FeatureExtractor, Preprocessor]:
+    """The run's extractor (with ``config.engine`` attached) and preprocessing."""
     pooling = config.pooling if isinstance(config.pooling, str) else list(config.pooling)
+    openvino = config.engine == "openvino"  # converts an fp32 torch copy; the plugin runs config.precision
     extractor = DINOv2FeatureExtractor(config.backbone, device=device, random_init=config.random_init,
-                                       pooling=pooling, precision=config.precision,
+                                       pooling=pooling, precision="fp32" if openvino else config.precision,
                                        layers=None if config.layers is None else [int(l) for l in config.layers])
     # Refused here, before any image is read, if the backbone cannot take this size.
     extractor.check_image_size(config.image_size)
     preprocessor = extractor.preprocessor(config.image_size, config.resize_mode, max_pixels=config.max_image_pixels)
+    if openvino:
+        attach_openvino(extractor, config.image_size, config.engine_cache, config.precision)
     return extractor, preprocessor
 
 

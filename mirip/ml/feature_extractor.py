@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -98,6 +98,9 @@ class DINOv2FeatureExtractor(nn.Module):
         self._checked_size: Optional[tuple] = None
         self.entry_scales: Optional[List[float]] = None
         self._scale: Optional[torch.Tensor] = None
+        # Another engine's bank (mirip.ml.openvino_engine): (B, 3, H, W) -> (B, D) unscaled, used by ``extract``
+        # while frozen; None runs torch. Explanations run the torch backbone themselves either way.
+        self.engine: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.frozen = True
         self.freeze()
         if trainable:
@@ -138,6 +141,7 @@ class DINOv2FeatureExtractor(nn.Module):
                 other.__dict__[key] = copy.copy(self.__dict__[key])
         other._set_entries(self._entries("cls", None, entries))
         other._checked_size = None
+        other.engine = None  # an engine computes this extractor's entries, not the other's
         other.set_entry_scales(None)
         return other
 
@@ -289,6 +293,9 @@ class DINOv2FeatureExtractor(nn.Module):
         if tuple(images.shape[2:]) != self._checked_size:
             self.check_image_size(*images.shape[2:])
             self._checked_size = tuple(images.shape[2:])
+        if self.engine is not None and self.frozen:
+            features = self.engine(images)
+            return features * self._scale if self._scale is not None else features
         images = images.to(self.device, dtype=self.weight_dtype, non_blocking=True)
         if not self.frozen:
             with self._autocast():

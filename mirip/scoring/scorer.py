@@ -36,6 +36,7 @@ from mirip.common.devices import check_precision, default_precision, resolve_dev
 from mirip.common.feature_spec import FeatureSpec, FeatureSpecError, checkpoint_feature_spec, match_entries
 from mirip.common.tiers import TIERS
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.ml.openvino_engine import ENGINES
 from mirip.ml.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, Preprocessor
 from mirip.ml.ranking_model import PairwiseRankingModel, RankingHead
 from mirip.store.checkpoint import CheckpointError, load_checkpoint_file
@@ -333,7 +334,8 @@ class Scorer:
             "resize_mode": self.preprocessor.resize_mode,
             "pooling": ext.pooling,
             "feature_spec": str(FeatureSpec.from_entries(ext.entry_names)),
-            "precision": ext.precision,
+            "precision": runs_in(ext)[1],
+            "engine": runs_in(ext)[0],
             "device": str(self.device),
             "epoch": self.checkpoint.get("epoch"),
             "accuracy": self.checkpoint.get("accuracy"),
@@ -507,6 +509,8 @@ def load_scorer(
     device: Optional[str] = None,
     precision: Optional[str] = None,
     share_backbone: Optional[DINOv2FeatureExtractor] = None,
+    engine: str = "torch",
+    engine_cache: Optional[str] = None,
 ) -> Scorer:
     """Rebuild the full-image model a checkpoint was trained for.
 
@@ -516,7 +520,16 @@ def load_scorer(
     naming the field). ``precision`` defaults by ``mirip.common.devices.precision_choice`` (the chip's).
     ``share_backbone``: an extractor already loaded (another checkpoint's) whose backbone module this scorer uses
     instead of loading its own; its fingerprint must agree with this checkpoint's, else ``FingerprintMismatch`` names the field.
+    ``engine``: "torch", or "openvino" (``mirip.ml.openvino_engine``: the backbone + bank compiled for the CPU, its
+    IR cached under ``engine_cache``; ``precision`` is then the plugin's hint, the torch copy converted is fp32).
+    A checkpoint trained on features of one engine scores with the other (features agree to cos >= 0.9999,
+    measured; announced in ``notes``).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if engine == "openvino" and share_backbone is not None:
+        raise ValueError("an OpenVINO engine is attached to a whole backbone's bank, not to a shared one "
+                         "(mirip.serve.heads.HeadSet attaches it to the heads' union)")
     path = os.fspath(checkpoint_path)
     ckpt = load_checkpoint_file(path)
     what = f"checkpoint {path}"
@@ -540,11 +553,9 @@ def load_scorer(
         extractor, wording = share_backbone.sharing_backbone(spec), SHARED
     else:
         device = resolve_device(device)
+        torch_precision = "fp32" if engine == "openvino" else precision or default_precision(device)
         extractor = DINOv2FeatureExtractor(name, device=device, random_init=rand, entries=spec,
-                                           precision=check_precision(precision or default_precision(device)))
-    if fp.get("precision") and fp["precision"] != extractor.precision:
-        notes.append(f"features were made in {fp['precision']}, scoring runs in {extractor.precision}: "
-                     "scores agree within that precision's tolerance")
+                                           precision=check_precision(torch_precision))
     extractor.set_entry_scales(ckpt.get("feature_scales"))
     preprocessor = _preprocessor_from(fp, extractor)
     extractor.check_image_size(preprocessor.image_size)
@@ -554,10 +565,37 @@ def load_scorer(
     if int(head["input_dim"]) != extractor.output_dim:
         raise FingerprintMismatch({"feature_dim": (int(head["input_dim"]), extractor.output_dim)}, what, **wording)
     _check_spec_blocks(spec, fp, extractor, what, wording)
+    if engine == "openvino":  # after every check: a checkpoint refused costs no conversion
+        from mirip.ml.openvino_engine import attach_openvino
+
+        attach_openvino(extractor, preprocessor.image_size, engine_cache, precision)
+    notes += engine_notes(fp, extractor)
 
     model = _model_with_head(name, head, ckpt["model_state_dict"], extractor)
     return Scorer(model, preprocessor, fingerprint=fp, notes=notes, checkpoint=ckpt, checkpoint_path=path,
                   members=ensemble_heads(ckpt, head, extractor.device))
+
+
+def runs_in(extractor: DINOv2FeatureExtractor) -> Tuple[str, str]:
+    """(engine, precision) an extractor's features are computed in."""
+    if extractor.engine is not None:
+        return "openvino", extractor.engine.info.precision
+    return "torch", extractor.precision
+
+
+def engine_notes(fp: dict, extractor: DINOv2FeatureExtractor) -> List[str]:
+    """What differs between how a checkpoint's features were made and how they are computed now: allowed
+    (features agree within the precision's tolerance; across engines to cos >= 0.9999, measured) and said."""
+    engine, precision = runs_in(extractor)
+    notes = []
+    if fp.get("precision") and fp["precision"] != precision:
+        notes.append(f"features were made in {fp['precision']}, scoring runs in {precision}: "
+                     "scores agree within that precision's tolerance")
+    made = fp.get("engine", LEGACY_DEFAULTS["engine"])
+    if made != engine:
+        notes.append(f"features were made with the {made} engine, scoring runs on {engine}: features agree to "
+                     "cos >= 0.9999 (measured, docs/benchmarks.md), so the head's scores hold")
+    return notes
 
 
 def _backbone_choice(fp: dict, backbone: Optional[str], random_init: Optional[bool], what: str,

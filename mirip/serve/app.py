@@ -122,7 +122,8 @@ def create_app(config: ServeConfig, load: Optional[Callable[[], HeadSet]] = None
     if load is None:
         def load():
             return HeadSet.load(config.checkpoints, backbone=config.backbone, random_init=config.random_init,
-                                device=config.device, precision=config.precision)
+                                device=config.device, precision=config.precision, engine=config.engine,
+                                engine_cache=config.engine_cache)
     service = Service(config, load, on_failed)
 
     @asynccontextmanager

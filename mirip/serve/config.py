@@ -27,6 +27,8 @@ class ServeConfig:
     backbone: Optional[str] = None
     random_init: Optional[bool] = None
     precision: Optional[str] = None
+    engine: str = "torch"  # or "openvino": the heads' shared backbone pass compiled for the CPU
+    engine_cache: Optional[str] = None  # where openvino keeps converted models (None: its default)
     max_batch_size: int = 16
     batch_timeout_ms: float = 10.0
     max_queue: int = 256
@@ -47,6 +49,10 @@ class ServeConfig:
             raise ValueError(f"max_images (--max-images) is {self.max_images} but max_queue (--max-queue) is "
                              f"{self.max_queue}: a request of more images than the queue holds could never be "
                              "admitted; lower --max-images or raise --max-queue")
+        if self.engine not in ("torch", "openvino"):
+            raise ValueError(f"engine must be torch or openvino, got {self.engine!r}")
+        if self.engine == "openvino" and self.precision == "fp16":
+            raise ValueError("--engine openvino runs fp32 or bf16 (--precision), not fp16")
         if self.batch_timeout_ms < 0:
             raise ValueError(f"batch_timeout_ms must be >= 0, got {self.batch_timeout_ms}")
         if self.api_key is not None and not self.api_key.strip():

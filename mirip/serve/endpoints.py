@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 import mirip
+from mirip.scoring.scorer import runs_in
 from mirip.serve.batcher import NeverFits, Overloaded
 from mirip.serve.service import Service, memory
 from mirip.serve.uploads import RequestError, Unreadable, decode_all, read_uploads
@@ -44,7 +45,8 @@ async def info(request: Request):
     primary = heads.primary
     return {"service": "mirip", "version": mirip.__version__, "heads": heads.identities(),
             "backbone": primary.model.feature_extractor.info.name, "weights": primary.weights,
-            "device": str(primary.device), "precision": primary.model.feature_extractor.precision,
+            "device": str(primary.device), "precision": runs_in(heads.scoring_extractor)[1],
+            "engine": runs_in(heads.scoring_extractor)[0],
             "preprocessing": primary.preprocessor.config(), "notes": primary.notes,
             "batching": {"max_batch_size": config.max_batch_size, "batch_timeout_ms": config.batch_timeout_ms,
                          "max_queue": config.max_queue, "waiting": service.batcher.waiting,

@@ -6,6 +6,9 @@ module (``load_scorer(share_backbone=...)``), refused with the mismatching field
 its features came from another backbone or preprocessing. Scoring runs the backbone once for the union of
 the heads' entries and gives each head its own entries, in its order and with its scales: the very numbers
 its own ``Scorer`` would compute.
+
+With the OpenVINO engine (``--engine openvino``) that one pass over the union runs compiled
+(``mirip.ml.openvino_engine``); the torch backbone stays loaded for ``/explain``, which needs its gradients.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 
 from mirip.common.feature_spec import FeatureSpec
 from mirip.common.tiers import TIERS
-from mirip.scoring.scorer import SHARED, Scorer, load_scorer, score_features
+from mirip.ml.openvino_engine import ENGINES, attach_openvino
+from mirip.scoring.scorer import SHARED, Scorer, engine_notes, load_scorer, score_features
 from mirip.store.fingerprint import check_fingerprint, fingerprint_sha256
 
 
@@ -44,7 +48,8 @@ def _names(paths: Sequence[str]) -> List[str]:
 class HeadSet:
     """The heads a service scores with; ``scorers[0]`` is the primary one (its preprocessing is everyone's)."""
 
-    def __init__(self, scorers: Sequence[Scorer], names: Optional[Sequence[str]] = None):
+    def __init__(self, scorers: Sequence[Scorer], names: Optional[Sequence[str]] = None, engine: str = "torch",
+                 engine_cache: Optional[str] = None, engine_precision: Optional[str] = None):
         if not scorers:
             raise ValueError("no checkpoint to serve")
         self.scorers = list(scorers)
@@ -59,16 +64,36 @@ class HeadSet:
         union = list(dict.fromkeys(n for s in self.scorers for n in s.model.feature_extractor.entry_names))
         # One extractor over the shared backbone that reads every head's entries in one pass (unscaled).
         self._union = ext if union == ext.entry_names and ext.entry_scales is None else ext.sharing_backbone(union)
+        self.engine = engine
+        if engine == "openvino":
+            if self._union is ext:  # the primary scorer's own extractor stays torch
+                self._union = ext.sharing_backbone(union)
+            self.engine_info = attach_openvino(self._union, self.preprocessor.image_size, engine_cache,
+                                               engine_precision)
+            for scorer in self.scorers:
+                scorer.notes += engine_notes(scorer.fingerprint or {}, self._union)
+        elif engine != "torch":
+            raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
 
     @classmethod
-    def load(cls, checkpoints: Sequence[str], **kwargs) -> "HeadSet":
-        """Load the first checkpoint's backbone and every checkpoint's head onto it (``load_scorer``'s kwargs)."""
+    def load(cls, checkpoints: Sequence[str], engine: str = "torch", engine_cache: Optional[str] = None,
+             **kwargs) -> "HeadSet":
+        """Load the first checkpoint's backbone and every checkpoint's head onto it (``load_scorer``'s kwargs);
+        ``engine`` "openvino" runs the heads' shared pass compiled (``precision`` is then the plugin's hint)."""
         if not checkpoints:
             raise ValueError("give at least one checkpoint")
+        hint = None
+        if engine == "openvino":  # the torch copy is converted in fp32; the plugin picks (or is told) its own
+            hint, kwargs = kwargs.get("precision"), {**kwargs, "precision": "fp32"}
         first = load_scorer(checkpoints[0], **kwargs)
         shared = {k: v for k, v in kwargs.items() if k in ("backbone", "random_init")}
         rest = [load_scorer(p, share_backbone=first.model.feature_extractor, **shared) for p in checkpoints[1:]]
-        return cls([first, *rest], _names(list(checkpoints)))
+        return cls([first, *rest], _names(list(checkpoints)), engine, engine_cache, hint)
+
+    @property
+    def scoring_extractor(self):
+        """The extractor whose one pass feeds every head (with its engine, if any)."""
+        return self._union
 
     def identities(self) -> List[dict]:
         return [head_identity(s, n) for s, n in zip(self.scorers, self.names)]

@@ -26,9 +26,12 @@ CACHE_FORMAT_VERSION = 3
 # Fields added after caches already existed, with the value those older caches implicitly have: a cache
 # without "color_management" ignored embedded ICC profiles, so it reads as "none" and is refused beside a
 # cache made with profiles converted to sRGB ("icc-to-srgb"), naming the field.
-LEGACY_DEFAULTS = {"color_management": "none"}
-# Fields that record the software, not the numbers' meaning: compared only when appending to a cache.
-ENVIRONMENT_FIELDS = ("mirip_version", "torch_version", "transformers_version")
+LEGACY_DEFAULTS = {"color_management": "none", "engine": "torch"}
+# Fields that record the software, not the numbers' meaning: compared only when appending to a cache. ``engine``
+# (torch / openvino) is one: features of the two agree to cos >= 0.9999 (measured), so a head trained on one
+# engine's cache scores with the other (announced), but one cache's rows all come from one engine. Caches from
+# before the field read as torch.
+ENVIRONMENT_FIELDS = ("mirip_version", "torch_version", "transformers_version", "engine")
 # The backbone family's facts (backbone_family, token_layout, cls_pooling: which family, which tokens are CLS /
 # registers / patches, and what ``cls`` pools). Caches and checkpoints from before families were recorded are all
 # DINOv2 (nothing else could be extracted), so a fingerprint without these fields reads as DINOv2's
@@ -69,7 +72,9 @@ class FingerprintMismatch(ValueError):
 
 
 def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", views: int = 0) -> dict:
-    """The fingerprint of features made by ``extractor`` (a DINOv2FeatureExtractor) from ``preprocessor``."""
+    """The fingerprint of features made by ``extractor`` (a DINOv2FeatureExtractor) from ``preprocessor``; with
+    an OpenVINO engine attached, ``engine`` says so and ``precision`` is what its plugin runs."""
+    engine = getattr(extractor, "engine", None)
     info = extractor.info
     pre = preprocessor.config()
     facts = extractor.family_facts()
@@ -94,7 +99,8 @@ def make_fingerprint(extractor, preprocessor, feature_dtype: str = "float32", vi
         "feature_entry_blocks": [int(b) for b in extractor.entry_blocks],
         "feature_entry_dims": [int(d) for d in extractor.entry_dims],
         "backbone_layers": int(extractor.num_layers),
-        "precision": extractor.precision,
+        "precision": engine.info.precision if engine is not None else extractor.precision,
+        "engine": "torch" if engine is None else "openvino",
         "feature_dtype": feature_dtype,
         "views": int(views),
         "mirip_version": MIRIP_VERSION,

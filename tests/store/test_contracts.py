@@ -75,7 +75,7 @@ def test_make_fingerprint_names_every_field_exactly():
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "color_management": "icc-to-srgb", "pooling": "cls_mean",
         "feature_entries": ["cls_mean@-1"], "feature_entry_blocks": [3], "feature_entry_dims": [16],
         "backbone_layers": 3, "backbone_family": "fam", "token_layout": {"num_prefix_tokens": 2},
-        "cls_pooling": "token", "precision": "bf16", "feature_dtype": "float32", "views": 0, "mirip_version": mirip.__version__,
+        "cls_pooling": "token", "precision": "bf16", "engine": "torch", "feature_dtype": "float32", "views": 0, "mirip_version": mirip.__version__,
         "torch_version": str(torch.__version__), "transformers_version": transformers.__version__,
     }
     assert type(fp["torch_version"]) is str  # not TorchVersion, which h5py cannot store
