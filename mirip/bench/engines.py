@@ -28,6 +28,7 @@ from mirip.common.feature_spec import DEFAULT_SPEC
 from mirip.common.machine import device_name
 from mirip.ml.backbones import RandomWeightsWarning
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.ml.openvino_engine import convert, import_openvino
 
 ENGINE_BAR = 1.3
 COS_FLOOR = 0.9999
@@ -54,37 +55,6 @@ def _opt(args: argparse.Namespace, name: str):
         return value
     full, quick = DEFAULTS[name]
     return quick if getattr(args, "quick", False) else full
-
-
-def import_openvino():
-    """The openvino module; ImportError with the install hint where the optional extra is missing."""
-    try:
-        import openvino
-    except ImportError as exc:
-        raise ImportError(f"openvino is not installed (pip install 'mirip[openvino]'): {exc}") from None
-    return openvino
-
-
-class _Extract(torch.nn.Module):
-    """``extractor.extract`` as a module's forward, the shape ``ov.convert_model`` traces."""
-
-    def __init__(self, extractor: DINOv2FeatureExtractor):
-        super().__init__()
-        self.extractor = extractor
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.extractor.extract(images)
-
-
-def convert_to_openvino(extractor: DINOv2FeatureExtractor, image_size: int, example_batch: int = 2):
-    """The extractor's forward (backbone + feature bank) as an OpenVINO model, batch dynamic, size fixed."""
-    ov = import_openvino()
-    example = torch.zeros(example_batch, 3, image_size, image_size)
-    with warnings.catch_warnings(), torch.no_grad():
-        # The trace's warnings are about Python-level checks (shapes, sizes) that hold for every batch.
-        warnings.simplefilter("ignore")
-        return ov.convert_model(_Extract(extractor).eval(), example_input=example,
-                                input=[(-1, 3, image_size, image_size)])
 
 
 def openvino_bf16_support() -> Optional[str]:
@@ -130,7 +100,7 @@ def build_engines(args: argparse.Namespace, size: int) -> tuple:
             skipped["torch bf16"] = "no AMX/AVX512-BF16 (bf16 would run emulated, ~100x slower than fp32 here)"
     try:
         t0 = time.perf_counter()
-        model = convert_to_openvino(fp32, size)
+        model = convert(fp32, size)
         print(f"  OpenVINO conversion {time.perf_counter() - t0:.1f} s", flush=True)
         default = OpenVINOFeatures(model, torch.get_num_threads())
         engines[f"openvino {default.precision}"] = default

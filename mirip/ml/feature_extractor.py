@@ -268,10 +268,15 @@ class DINOv2FeatureExtractor(nn.Module):
         self._scale = torch.cat([torch.full((d,), float(x), dtype=torch.float32)
                                  for d, x in zip(self.entry_dims, scales)])
 
-    def _extract(self, images: torch.Tensor) -> torch.Tensor:
+    def bank_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The bank's entries side by side, unscaled, from images already on the device in the weights' dtype:
+        the graph ``extract`` runs (and an engine such as OpenVINO converts)."""
         pooled = self._forward_entries(images)
         parts = [pooled[name].float() for name in self.entry_names]
-        features = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _extract(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.bank_features(images)
         if self._scale is not None:
             features = features * self._scale.to(features.device)
         return features

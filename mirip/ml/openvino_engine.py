@@ -90,8 +90,7 @@ class _Bank(torch.nn.Module):
         self.extractor = extractor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = self.extractor._forward_entries(images)
-        return torch.cat([pooled[n].float() for n in self.extractor.entry_names], dim=1)
+        return self.extractor.bank_features(images)
 
 
 def convert(extractor: DINOv2FeatureExtractor, image_size: int, example_batch: int = 2):

@@ -14,6 +14,7 @@ from mirip.common.tiers import TIERS, TIER_COLOURS
 from mirip.training.calibration import (CalibrationError, OrdinalCalibration, PRIOR_SD, RANK_ORDER, REFERENCE_LEVELS,
                                         ScoreReference, as_ranks, as_scores, names_sha256)
 from mirip.training.calibration_metrics import DEFAULT_BINS, expected_calibration_error, reliability_bins, tier_metrics
+from mirip.training.lbfgs import minimize_lbfgs
 
 
 def _initial_params(z: np.ndarray, y: np.ndarray) -> List[float]:
@@ -63,21 +64,7 @@ def fit_ordinal(scores: Any, ranks: Any, *, fitted_on: str = "val", prior_sd: fl
     z = torch.from_numpy((s - mean) / sd)
     yt = torch.from_numpy(y)
     params = torch.tensor(_initial_params(z.numpy(), y), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = _neg_log_posterior(params, z, yt, prior_sd) / s.size
-        loss.backward()
-        return loss
-
-    previous = float("inf")
-    for _ in range(5):  # LBFGS stops at max_iter; a restart from where it stopped finishes hard fits
-        loss = float(opt.step(closure).detach())
-        if previous - loss < 1e-12:
-            break
-        previous = loss
+    minimize_lbfgs(lambda: _neg_log_posterior(params, z, yt, prior_sd) / s.size, params, max_iter=500)
     with torch.no_grad():
         a0, d1, d2, b = params.tolist()
         th_std = np.array([a0, a0 + math.exp(d1), a0 + math.exp(d1) + math.exp(d2)])

@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from mirip.training.lbfgs import minimize_lbfgs
+
 TIER_PRIOR_SD = 1.0  # score units (a logit) per drawing around its tier's rank
 PRIOR_JUDGMENTS = 10  # judgments' worth of the pooled q added to each judge's own
 Q_START = 0.75  # judges start as mostly right: the fit begins on the side of the majority's order
@@ -74,8 +76,8 @@ def fit_noisy_bt(first: np.ndarray, second: np.ndarray, outcome: np.ndarray, jud
     """(item scores, q per judge) maximising the noisy Bradley-Terry posterior. ``anchor``: each item's tier rank
     (the prior's centre, after subtracting its mean; None: 0). ``scores`` given: only the q are fitted.
 
-    L-BFGS (torch's, with a strong-Wolfe line search, in float64) as the tier calibration is fitted: torch is
-    already a dependency, a general optimiser library is not."""
+    L-BFGS as the tier calibration is fitted (``mirip.training.lbfgs``): torch is already a dependency, a
+    general optimiser library is not."""
     first, second, judge = (torch.from_numpy(np.asarray(x, dtype=np.int64)) for x in (first, second, judge))
     outcome_t = torch.from_numpy(np.asarray(outcome, dtype=np.float64))
     prior = np.zeros(num_items) if anchor is None else np.asarray(anchor, np.float64) - np.mean(anchor)
@@ -84,22 +86,11 @@ def fit_noisy_bt(first: np.ndarray, second: np.ndarray, outcome: np.ndarray, jud
     fixed = None if scores is None else torch.from_numpy(np.asarray(scores, dtype=np.float64))
     start = np.full(num_judges, v0) if fixed is not None else np.concatenate([prior, np.full(num_judges, v0)])
     params = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=2000, tolerance_grad=1e-10, tolerance_change=1e-14,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
+    def loss():
         s, v = (fixed, params) if fixed is not None else (params[:num_items], params[num_items:])
-        loss = _neg_log_posterior(s, v, first, second, outcome_t, judge, prior_t, fixed is None)
-        loss.backward()
-        return loss
+        return _neg_log_posterior(s, v, first, second, outcome_t, judge, prior_t, fixed is None)
 
-    previous = float("inf")
-    for _ in range(5):  # LBFGS stops at max_iter; a restart from where it stopped finishes hard fits
-        loss = float(opt.step(closure).detach())
-        if previous - loss < 1e-12:
-            break
-        previous = loss
+    minimize_lbfgs(loss, params, max_iter=2000)
     with torch.no_grad():
         v = params if fixed is not None else params[num_items:]
         q = torch.sigmoid(_LOGIT_BOUND * torch.tanh(v / _LOGIT_BOUND)).numpy().copy()

@@ -12,6 +12,7 @@ from transformers import Dinov2Model
 from mirip.bench import engines
 from mirip.cli import benchmark as bench_script
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
+from mirip.ml.openvino_engine import convert
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                     reason="openvino is not installed (pip install 'mirip[openvino]')")
@@ -29,7 +30,7 @@ def converted(tiny_backbone):
     """One conversion (seconds) shared by the tests: the tiny backbone's cls@-1+mean@-1 at 28 px."""
     pytest.importorskip("openvino")
     ext = DINOv2FeatureExtractor(tiny_backbone, device="cpu", precision="fp32", entries="cls@-1+mean@-1")
-    return engines.convert_to_openvino(ext, 28, example_batch=2)
+    return convert(ext, 28, example_batch=2)
 
 
 def _run_section(backbone, out, *extra):
@@ -62,7 +63,7 @@ def test_section_times_every_engine_against_the_same_runs_baseline(tiny_backbone
         assert (extractor.model_name, extractor.entry_names, image_size) == (tiny_backbone, ["cls@-1", "mean@-1"], 28)
         return converted
 
-    monkeypatch.setattr(engines, "convert_to_openvino", reuse)
+    monkeypatch.setattr(engines, "convert", reuse)  # the name the section calls
     monkeypatch.setenv("MIRIP_CPU_BF16", "1")  # a chip with bf16 units: the baseline becomes torch bf16
     r = _run_section(tiny_backbone, tmp_path, "--engines-feature", "cls@-1+mean@-1")
     ov_name = next(n for n in r["cosine"] if n.startswith("openvino"))
