@@ -14,6 +14,10 @@ from mirip.cli import benchmark as bench_script
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 from mirip.ml.openvino_engine import convert
 
+# OpenVINO runs in this test process: scripts/test.sh gives these tests a pytest process of their own
+# (pyproject.toml's openvino marker).
+pytestmark = pytest.mark.openvino
+
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                     reason="openvino is not installed (pip install 'mirip[openvino]')")
 

@@ -21,6 +21,10 @@ from _serve_helpers import bank_checkpoint, free_port, start_serve_script, wait_
 from mirip.extract.run import extract_features  # noqa: E402
 from mirip.store.cache import FeatureCache  # noqa: E402
 
+# OpenVINO runs in this test process: scripts/test.sh gives these tests a pytest process of their own
+# (pyproject.toml's openvino marker).
+pytestmark = pytest.mark.openvino
+
 score = importlib.import_module("mirip.cli.score")
 
 

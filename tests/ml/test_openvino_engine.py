@@ -14,6 +14,10 @@ from _inference_helpers import torch_threads  # noqa: E402
 from mirip.ml import openvino_engine  # noqa: E402
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor  # noqa: E402
 
+# OpenVINO runs in this test process: scripts/test.sh gives these tests a pytest process of their own
+# (pyproject.toml's openvino marker).
+pytestmark = pytest.mark.openvino
+
 SIZE = 28
 SPEC = "cls@1+mean@-1"
 
