@@ -374,8 +374,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--compile on compiles the torch backbone; --engine openvino replaces it: pass one of them")
     if args.engine == "openvino" and args.precision == "fp16":
         parser.error("--engine openvino runs fp32 or bf16 (--precision), not fp16")
-    if args.engine == "torch":  # openvino says its plugin's precision in its own line
-        announce_precision(resolve_device(args.device), args.precision)
     try:
         scorer = load_scorer(args.checkpoint, backbone=args.backbone, random_init=True if args.random_init else None,
                              image_size=args.image_size, device=args.device, precision=args.precision,
@@ -383,6 +381,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (FileNotFoundError, CheckpointError, FingerprintMismatch, OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.engine == "torch":  # openvino says its plugin's precision in its own line
+        announce_precision(resolve_device(args.device), args.precision, features=scorer.fingerprint.get("precision"))
     _print_header(scorer)
     if args.compile == "on":
         from mirip.ml.compiled import CompileFailed, describe

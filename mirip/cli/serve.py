@@ -105,8 +105,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               'pip install -e ".[serve]"', file=sys.stderr)
         return 2
     try:
-        for path in args.checkpoint:  # fail now on a missing or corrupt file, before the backbone loads
-            load_checkpoint_file(path)
+        # Fail now on a missing or corrupt file, before the backbone loads; the first head's features set the
+        # precision the shared backbone runs in (load_scorer's default).
+        made_in = [(load_checkpoint_file(path).get("fingerprint") or {}).get("precision") for path in args.checkpoint]
         config = ServeConfig(
             checkpoints=list(args.checkpoint), host=args.host, port=args.port, device=args.device,
             backbone=args.backbone, random_init=True if args.random_init else None, precision=args.precision,
@@ -120,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.engine == "torch":  # openvino says its plugin's precision when it is built
-        announce_precision(resolve_device(args.device), args.precision)
+        announce_precision(resolve_device(args.device), args.precision, features=made_in[0])
     failed: List[str] = []
     server: Optional[uvicorn.Server] = None
 

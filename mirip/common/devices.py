@@ -56,11 +56,22 @@ def cpu_bf16_support() -> Optional[str]:
     return None
 
 
-def precision_choice(device: str, requested: Optional[str] = None) -> Tuple[str, str]:
-    """(precision, why): the request if any; else bf16 autocast on a GPU (tensor cores, fp32 range), bf16 on a
-    CPU with AMX or AVX512-BF16 (DESIGN.md: 2.7-3.6x fp32 there), fp32 on other CPUs, where bf16 is emulated and slower."""
+# Scoring follows the precision a head's features were made in: a head trained on fp32 features and scored in bf16
+# changed 5% of the demo's predicted tiers (Spearman 0.994) although every feature kept cos >= 0.99996
+# (docs/benchmarks.md, "Parity on the demo").
+FOLLOWED_FEATURE_PRECISIONS = ("fp32", "bf16")
+
+
+def precision_choice(device: str, requested: Optional[str] = None,
+                     features: Optional[str] = None) -> Tuple[str, str]:
+    """(precision, why): the request if any; else, when scoring a head, the precision its features were made in
+    (``features``: fp32 or bf16); else bf16 autocast on a GPU (tensor cores, fp32 range), bf16 on a CPU with AMX
+    or AVX512-BF16 (DESIGN.md: 2.7-3.6x fp32 there), fp32 on other CPUs, where bf16 is emulated and slower."""
     if requested is not None:
         return check_precision(requested), "asked for with --precision"
+    if features in FOLLOWED_FEATURE_PRECISIONS:
+        return features, ("the precision the checkpoint's features were made in, so its scores and tiers hold; "
+                          "--precision to choose another")
     if str(device).startswith("cuda"):
         return "bf16", "default on a GPU (tensor cores)"
     units = cpu_bf16_support()
@@ -77,9 +88,10 @@ def default_precision(device: str) -> str:
 _ANNOUNCED: set = set()
 
 
-def announce_precision(device: str, requested: Optional[str] = None, print_fn=print) -> str:
+def announce_precision(device: str, requested: Optional[str] = None, print_fn=print,
+                       features: Optional[str] = None) -> str:
     """``precision_choice``, said once per process and choice (a service loading several heads says it once)."""
-    precision, why = precision_choice(device, requested)
+    precision, why = precision_choice(device, requested, features)
     line = f"precision: {precision} on {device_type(device)} ({why})"
     if line not in _ANNOUNCED:
         _ANNOUNCED.add(line)

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mirip.common.devices import check_precision, default_precision, resolve_device
+from mirip.common.devices import check_precision, precision_choice, resolve_device
 from mirip.common.feature_spec import FeatureSpec, FeatureSpecError, checkpoint_feature_spec, match_entries
 from mirip.common.tiers import TIERS
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
@@ -517,7 +517,8 @@ def load_scorer(
     ``backbone``: a local directory substitutes for the checkpoint's backbone (announced); a different hub
     id is refused. ``random_init``: True substitutes random weights for pretrained ones (announced); None
     follows the checkpoint. ``image_size`` / ``pooling``: if given, must equal the checkpoint's (else refused,
-    naming the field). ``precision`` defaults by ``mirip.common.devices.precision_choice`` (the chip's).
+    naming the field). ``precision`` defaults to the precision the checkpoint's features were made in (fp32 or
+    bf16), else the chip's (``mirip.common.devices.precision_choice``).
     ``share_backbone``: an extractor already loaded (another checkpoint's) whose backbone module this scorer uses
     instead of loading its own; its fingerprint must agree with this checkpoint's, else ``FingerprintMismatch`` names the field.
     ``engine``: "torch", or "openvino" (``mirip.ml.openvino_engine``: the backbone + bank compiled for the CPU, its
@@ -553,7 +554,8 @@ def load_scorer(
         extractor, wording = share_backbone.sharing_backbone(spec), SHARED
     else:
         device = resolve_device(device)
-        torch_precision = "fp32" if engine == "openvino" else precision or default_precision(device)
+        torch_precision = ("fp32" if engine == "openvino" else
+                           precision_choice(device, precision, fp.get("precision"))[0])
         extractor = DINOv2FeatureExtractor(name, device=device, random_init=rand, entries=spec,
                                            precision=check_precision(torch_precision))
     extractor.set_entry_scales(ckpt.get("feature_scales"))

@@ -105,6 +105,26 @@ def _spearman(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def test_scoring_follows_the_precision_the_heads_features_were_made_in(chip, trained, capsys):
+    """On a bf16 chip an fp32-trained head still scores in fp32 unless --precision says otherwise: bf16 scoring
+    of fp32 features changed 5% of the demo's tiers (docs/benchmarks.md)."""
+    from mirip.cli import score
+
+    _, ckpt, _, paths = trained
+    chip(amx=True)  # the chip's default would be bf16
+    assert precision_choice("cpu", None, "fp32")[0] == "fp32"
+    assert precision_choice("cpu", None, "bf16")[0] == "bf16"
+    assert precision_choice("cpu", None, None)[0] == "bf16"  # no head: the chip's
+    assert precision_choice("cpu", "bf16", "fp32")[0] == "bf16"  # asked for
+    assert load_scorer(ckpt, device="cpu").model.feature_extractor.precision == "fp32"
+    asked = load_scorer(ckpt, device="cpu", precision="bf16")
+    assert asked.model.feature_extractor.precision == "bf16"
+    assert any("features were made in fp32, scoring runs in bf16" in n for n in asked.notes)
+    devices._ANNOUNCED.clear()
+    assert score.main(["--checkpoint", ckpt, paths[0], "--device", "cpu", "--no-progress"]) == 0
+    assert "precision: fp32 on cpu (the precision the checkpoint's features were made in" in capsys.readouterr().out
+
+
 def test_fp32_checkpoint_scored_in_bf16_is_announced_and_agrees(trained):
     _, ckpt, _, paths = trained
     fp32 = load_scorer(ckpt, device="cpu", precision="fp32")
