@@ -104,11 +104,13 @@ class _Head:
 class HeadEpoch:
     """One head right after an epoch (validated, its schedule stepped): what a checkpoint of it needs.
 
-    The state accessors copy on call, so a caller that writes no checkpoint this epoch pays nothing."""
+    The state accessors copy on first call and keep the copy: a caller that writes no checkpoint this epoch pays
+    nothing, and one that writes several (best.pt, checkpoint_epoch_N.pt, last.pt) copies each state once."""
 
     def __init__(self, group: "_Group", slot: int):
         self._group, self._slot = group, slot
         self._head = group.heads[group.slots[slot]]
+        self._copies: Dict[str, object] = {}
         self.config = self._head.config
         self.history = self._head.history
         self.epochs_done = len(self._head.history["train_loss"])
@@ -117,20 +119,25 @@ class HeadEpoch:
             self._head.bad_epochs
         self.stopped_early = 0 < group.tc.early_stopping_patience <= self._head.bad_epochs
 
+    def _once(self, name: str, make):
+        if name not in self._copies:
+            self._copies[name] = make()
+        return self._copies[name]
+
     def state(self) -> Dict[str, torch.Tensor]:
-        return self._group.model.head_state_dict(self._slot)
+        return self._once("state", lambda: self._group.model.head_state_dict(self._slot))
 
     def best_state(self) -> Optional[Dict[str, torch.Tensor]]:
         return (self._head.best or {}).get("state")
 
     def optimizer_state(self) -> dict:
-        return self._group.opt.head_optimizer_state(self._slot)
+        return self._once("optimizer", lambda: self._group.opt.head_optimizer_state(self._slot))
 
     def scheduler_state(self) -> dict:
-        return self._group.opt.head_scheduler_state(self._slot)
+        return self._once("scheduler", lambda: self._group.opt.head_scheduler_state(self._slot))
 
     def rng_state(self) -> Dict[str, object]:
-        return _rng_snapshot(self._group.model, self._slot, self._head, self._group.dev)
+        return self._once("rng", lambda: _rng_snapshot(self._group.model, self._slot, self._head, self._group.dev))
 
 
 def _stack(heads: Sequence[_Head], models: Sequence, rng_states, tc: TrainingConfig, optimizer: Optional[str],
