@@ -35,8 +35,6 @@ from typing import Any, Callable, Dict
 from mirip.common.atomic import write_atomic
 from mirip.common.devices import default_precision, resolve_device
 from mirip.common.machine import machine_info
-# The sections (gpu_sections) and the report (gpu_report) live in modules of their own; their names are
-# imported from here too.
 from mirip.bench.gpu_report import summary, to_markdown
 from mirip.bench.gpu_sections import (DEFAULTS, backbone_section, end_to_end_section, extraction_section,
                                       full_image_section, head_step_section, serve_section, sweep_section,

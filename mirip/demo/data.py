@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageEnhance, ImageFilter
 
-# The pictures themselves are drawn in mirip.demo.drawing; draw_picture is imported from here as before.
+# The pictures themselves are drawn in mirip.demo.drawing.
 from mirip.demo.drawing import draw_picture
 
 TIERS: tuple[str, ...] = ("S", "A", "B", "C")

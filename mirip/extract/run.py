@@ -35,7 +35,6 @@ from mirip.common.devices import PRECISIONS, check_precision, default_precision,
 from mirip.extract.distributed import DistContext, StopRequested, leftover_parts, merge_parts, part_path
 from mirip.store.cache import FeatureCache
 from mirip.store.cache_errors import CacheError
-# The run's pieces, each in a module of its own; their names are imported from here too.
 from mirip.extract.config import ExtractConfig, Item
 from mirip.extract.pipeline import RunStats, run_pipeline
 from mirip.extract.plan import PathRepair, Plan, make_plan, repair_path_list, verify_complete

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mirip.ml.ranking_model import OFFSET_PARAMETERS, RankingHead, zero_offset_gradient
-# The stacked heads' optimizers live in stacked_optim; imported from here as before.
 
 # RankingHead parameter names, in its state-dict order (also the order its optimizer sees them).
 PARAM_NAMES = (
