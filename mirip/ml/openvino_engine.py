@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from mirip.common.atomic import write_atomic
 from mirip.common.package import package_version
 from mirip.ml.feature_extractor import DINOv2FeatureExtractor
 
@@ -152,8 +153,7 @@ def build_openvino(extractor: DINOv2FeatureExtractor, image_size: int, cache_dir
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f"bank.tmp{os.getpid()}.xml")
         ov.save_model(model, tmp, compress_to_fp16=False)  # fp16 weights would change the features
-        with open(os.path.join(folder, "key.json"), "w") as f:
-            json.dump(key, f, indent=1, sort_keys=True, default=str)
+        write_atomic(os.path.join(folder, "key.json"), json.dumps(key, indent=1, sort_keys=True, default=str))
         os.replace(tmp[:-4] + ".bin", ir_path[:-4] + ".bin")  # the weights first: an .xml is only ever complete
         os.replace(tmp, ir_path)
     else:
